@@ -1,0 +1,144 @@
+"""Typed, nested model configs and the registry of named sizes.
+
+Everything here is plain data: building a config allocates no weights, so `owl model summary` can
+count the parameters of a 7B model on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Variant = Literal["owl1", "owl2"]
+ImageMode = Literal["pad", "resize"]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT layout (ViT-L/14 by default)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    layer_norm_eps: float = 1e-5
+    num_channels: int = 3
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches plus the CLS token."""
+        return self.num_patches + 1
+
+
+@dataclass(frozen=True)
+class AbstractorConfig:
+    """Visual abstractor: learnable queries cross-attending to image tokens."""
+
+    num_queries: int = 64
+    width: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    ffn_dim: int = 2816
+    layer_norm_eps: float = 1e-6
+    # Owl2: fixed sin-cos 1-D query and 2-D grid(+CLS) key embeddings. Owl1: none.
+    positional_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """LLaMA decoder, optionally with the modality-adaptive module (Owl2)."""
+
+    vocab_size: int = 32000
+    hidden: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    ffn_dim: int = 11008
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    # Owl2: per-modality input norm, post-attention norm, k_proj and v_proj in every layer.
+    modality_adaptive: bool = True
+    tie_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+
+@dataclass(frozen=True)
+class OwlConfig:
+    """The composed model: vision encoder -> abstractor -> decoder."""
+
+    name: str
+    variant: Variant
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # How images are brought to a square before resizing: the authors trained Owl2 with `pad`.
+    image_mode: ImageMode = "pad"
+    activation_checkpointing: bool = False
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens one image occupies in the decoder sequence: queries + the end-of-image vector."""
+        return self.abstractor.num_queries + 1
+
+    @property
+    def image_placeholder(self) -> str:
+        return "<|image|>" if self.variant == "owl2" else "<image>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OwlConfig:
+        """Build from a (possibly partial) nested dict; unknown keys are an error naming their path."""
+        return _from_dict(cls, data, path="")
+
+    def replace(self, **overrides: Any) -> OwlConfig:
+        """Copy with overrides; nested sections may be given as dicts of their fields."""
+        return OwlConfig.from_dict(_deep_merge(self.to_dict(), overrides))
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.rstrip('.') or 'model'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{path.rstrip('.') or 'model'}: unknown field(s) {unknown}; allowed: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        kwargs[name] = _from_dict(sub, value, f"{path}{name}.") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (OwlConfig, "vision"): VisionConfig,
+    (OwlConfig, "abstractor"): AbstractorConfig,
+    (OwlConfig, "decoder"): DecoderConfig,
+}
