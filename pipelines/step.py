@@ -4,7 +4,11 @@ A step is a function `run(ctx, cfg, inputs) -> Manifest`:
 - `ctx.out_dir` is the step's own directory `<storage>/steps/<step>/<key>/`; the step writes every
   output file under it and lists them in the returned manifest (`Manifest.add_file`). The runner
   writes the manifest last, atomically: that is the commit marker.
-- `inputs` maps each upstream step name to its committed output (directory + manifest).
+- `inputs` maps each *role* the step declares to the committed output (directory + manifest) of
+  the upstream step that fills it, e.g. stage 2 gets {"data": tokenize_instructions,
+  "init": stage1, "tokenizer": tokenizer}. Roles per step are listed in `pipelines/dag.py`.
+- Paths in a step's config may start with `@<role>/` (e.g. `@shapes/captions.parquet`): they are
+  relative to that input's directory; `resolve_path` turns them into real paths.
 - The step is pure: same inputs + config + code version -> same outputs. It does not talk to
   MLflow; it returns statistics, curves and info in the manifest and the runner records them.
 - A step may use Ray (tasks, Ray Data, Ray Train): the runner has connected to the cluster.
@@ -53,3 +57,13 @@ class StepContext:
     # Called by long steps to report progress: (done, total or None, message).
     progress: Callable[[float, float | None, str], None] = lambda done, total, msg: None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_path(path: str, inputs: dict[str, StepInput]) -> str:
+    """`@role/rel/path` -> the path inside that input's directory; anything else is returned as is."""
+    if not path.startswith("@"):
+        return path
+    role, _, rel = path[1:].partition("/")
+    if role not in inputs:
+        raise ValueError(f"{path}: refers to input {role!r}, but this step's inputs are {sorted(inputs)}")
+    return str(inputs[role].dir / rel)
