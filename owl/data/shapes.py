@@ -1,0 +1,369 @@
+"""The synthetic "shapes" source: small scenes of coloured shapes, written in the formats users bring.
+
+A scene holds one to `max_shapes` shapes (circle, square, triangle), each in its own colour slot at
+its own position (left, right, top, bottom, centre) on a plain background. From scenes we write:
+- `captions.parquet`: url (`file://` path of a PNG/JPEG under images/), caption, similarity,
+  punsafe, pwatermark: a LAION-style URL list;
+- `instructions.json`: LLaVA conversations (`<image>` in the first human turn) with colour, shape,
+  count and position questions and short answers;
+- `text_instructions.json`: Alpaca records of small deterministic text tasks;
+- `benchmarks/{vqa,caption,multiple_choice,text}.jsonl` (+ benchmarks/images/): held-out items
+  from scenes whose layout never appears in the training files.
+Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+# Centre of each position as a fraction of the image side.
+POSITIONS = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "centre": (0.5, 0.5),
+}
+BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (225, 230, 240))
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+VQA_SUFFIX = "Answer the question using a single word or phrase."
+# Facts for the text-only tasks: small enough for a tiny model to learn.
+WORLD_COLOURS = {
+    "sky": "blue",
+    "grass": "green",
+    "sun": "yellow",
+    "snow": "white",
+    "coal": "black",
+    "cherry": "red",
+    "orange": "orange",
+    "plum": "purple",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    colour: str  # a key of COLOURS
+    position: str  # a key of POSITIONS
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+    background: int  # index into BACKGROUNDS
+    scale: float  # shape size as a fraction of the image side
+
+    @property
+    def layout(self) -> frozenset[Shape]:
+        """What the scene shows, ignoring rendering details: held-out scenes differ in this."""
+        return frozenset(self.shapes)
+
+
+@dataclass
+class ShapesConfig:
+    seed: int = 0
+    image_size: int = 32
+    num_caption_images: int = 1000
+    num_instruction_images: int = 500
+    num_text: int = 500
+    num_eval: int = 50  # items per benchmark type
+    max_shapes: int = 3
+    jpeg_every: int = 4  # every n-th training image is written as JPEG, the others as PNG
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_shapes <= len(POSITIONS):
+            raise ValueError(f"max_shapes={self.max_shapes}: must be in 1..{len(POSITIONS)}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size={self.image_size}: must be >= 16 to draw shapes")
+
+
+@dataclass
+class ShapesOutput:
+    files: list[str] = field(default_factory=list)  # relative to the output folder
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def sample_scene(rng: random.Random, max_shapes: int) -> Scene:
+    num = rng.randint(1, max_shapes)
+    positions = rng.sample(sorted(POSITIONS), num)
+    shapes = tuple(
+        Shape(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), pos) for pos in sorted(positions)
+    )
+    return Scene(shapes, background=rng.randrange(len(BACKGROUNDS)), scale=rng.uniform(0.22, 0.3))
+
+
+def render_scene(scene: Scene, size: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    half = scene.scale * size / 2
+    for shape in scene.shapes:
+        fx, fy = POSITIONS[shape.position]
+        cx, cy = fx * size, fy * size
+        box = (cx - half, cy - half, cx + half, cy + half)
+        colour = COLOURS[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse(box, fill=colour)
+        elif shape.kind == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon(
+                [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour
+            )
+    return image
+
+
+def _where(position: str) -> str:
+    return {"left": "on the left", "right": "on the right", "top": "at the top",
+            "bottom": "at the bottom", "centre": "in the centre"}[position]  # fmt: skip
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def captions(scene: Scene) -> list[str]:
+    """Reference captions (colour, shape, position and count), the first one is the canonical one."""
+    items = [f"{_article(s.colour)} {s.colour} {s.kind} {_where(s.position)}" for s in scene.shapes]
+    num = len(scene.shapes)
+    count = f"{NUMBER_WORDS[num]} shape{'s' if num > 1 else ''}"
+    return [
+        f"{count}: {_join(items)}.",
+        f"{_join(items).capitalize()}.",
+        f"A picture of {count}, {_join(items)}.",
+    ]
+
+
+def qa_pairs(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every question the scene answers unambiguously: (kind, question, short answer)."""
+    num = len(scene.shapes)
+    pairs = [("count", "How many shapes are there?", str(num))]
+    for s in scene.shapes:
+        where = _where(s.position)
+        pairs.append(("shape", f"What shape is {where}?", s.kind))
+        pairs.append(("colour", f"What colour is the shape {where}?", s.colour))
+        same = [t for t in scene.shapes if (t.kind, t.colour) == (s.kind, s.colour)]
+        if len(same) == 1:
+            pairs.append(("position", f"Where is the {s.colour} {s.kind}?", s.position))
+    for kind in SHAPES:
+        n = sum(s.kind == kind for s in scene.shapes)
+        pairs.append(("count", f"How many {kind}s are there?", str(n)))
+    for colour in sorted({s.colour for s in scene.shapes}):
+        n = sum(s.colour == colour for s in scene.shapes)
+        pairs.append(("count", f"How many {colour} shapes are there?", str(n)))
+    return pairs
+
+
+def yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    present = rng.choice(scene.shapes)
+    absent_colour = rng.choice(
+        [c for c in sorted(COLOURS) if c not in {s.colour for s in scene.shapes}]
+    )
+    return [
+        ("yes_no", f"Is there {_article(present.colour)} {present.colour} {present.kind}?", "yes"),
+        ("yes_no", f"Is there {_article(absent_colour)} {absent_colour} {present.kind}?", "no"),
+    ]
+
+
+# ---- text-only tasks -------------------------------------------------------------------------
+
+
+def text_task(rng: random.Random) -> dict[str, str]:
+    """One Alpaca record of a small deterministic task."""
+    kind = rng.randrange(5)
+    words = [rng.choice(sorted(WORLD_COLOURS)) for _ in range(rng.randint(2, 5))]
+    if kind == 0:
+        letter = rng.choice(string.ascii_lowercase[:-1])
+        return {"instruction": f"What letter comes after {letter}?", "input": "",
+                "output": chr(ord(letter) + 1)}  # fmt: skip
+    if kind == 1:
+        return {"instruction": "Repeat the words.", "input": " ".join(words),
+                "output": " ".join(words)}  # fmt: skip
+    if kind == 2:
+        return {"instruction": "How many words are in the text?", "input": " ".join(words),
+                "output": str(len(words))}  # fmt: skip
+    if kind == 3:
+        thing = words[0]
+        return {"instruction": f"What colour is the {thing}?", "input": "",
+                "output": WORLD_COLOURS[thing]}  # fmt: skip
+    return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
+            "output": " ".join(reversed(words))}  # fmt: skip
+
+
+def alpaca_prompt(record: dict[str, str]) -> str:
+    return record["instruction"] + (f"\n{record['input']}" if record["input"] else "")
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def _save(image: Image.Image, path: Path, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def _training_scenes(rng: random.Random, num: int, max_shapes: int, held_out: set) -> list[Scene]:
+    scenes: list[Scene] = []
+    attempts = 0
+    while len(scenes) < num:
+        attempts += 1
+        if attempts > 100 * (num + 10):
+            raise ValueError(
+                f"cannot draw {num} training scenes outside the {len(held_out)} held-out layouts "
+                "with max_shapes={max_shapes}: raise max_shapes or lower num_eval"
+            )
+        scene = sample_scene(rng, max_shapes)
+        if scene.layout not in held_out:
+            scenes.append(scene)
+    return scenes
+
+
+def _write_images(out: Path, folder: str, prefix: str, scenes: list[Scene], cfg: ShapesConfig,
+                  jpeg_every: int) -> list[str]:  # fmt: skip
+    """Render and save scenes; returns their paths relative to `out`."""
+    paths = []
+    for i, scene in enumerate(scenes):
+        is_jpeg = jpeg_every > 0 and i % jpeg_every == jpeg_every - 1
+        rel = f"{folder}/{prefix}{i:06d}.{'jpg' if is_jpeg else 'png'}"
+        _save(render_scene(scene, cfg.image_size), out / rel, "JPEG" if is_jpeg else "PNG")
+        paths.append(rel)
+    return paths
+
+
+def _write_captions(out: Path, scenes: list[Scene], paths: list[str], rng: random.Random) -> None:
+    rows = {
+        "url": [(out / p).resolve().as_uri() for p in paths],
+        "caption": [captions(s)[rng.randrange(3)] for s in scenes],
+        "similarity": [round(rng.uniform(0.3, 0.45), 4) for _ in scenes],
+        "punsafe": [round(rng.uniform(0.0, 0.05), 4) for _ in scenes],
+        "pwatermark": [round(rng.uniform(0.0, 0.2), 4) for _ in scenes],
+    }
+    pq.write_table(pa.table(rows), out / "captions.parquet")
+
+
+def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
+    pairs = qa_pairs(scene) + yes_no_pairs(scene, rng)
+    chosen = rng.sample(pairs, min(len(pairs), rng.randint(1, 3)))
+    if rng.random() < 0.25:
+        chosen.insert(0, ("caption", "Describe the image briefly.", captions(scene)[0]))
+    turns = []
+    for i, (_, question, answer) in enumerate(chosen):
+        turns.append({"from": "human", "value": f"<image>\n{question}" if i == 0 else question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in records]
+    path.write_text("".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def _vqa_answers(question_kind: str, answer: str) -> list[str]:
+    """Ten annotator answers as in VQAv2: mostly the short answer, some phrased differently."""
+    if question_kind == "position":
+        return [answer] * 7 + [_where(answer)] * 3
+    if question_kind == "count":
+        return [answer] * 8 + [NUMBER_WORDS[int(answer)]] * 2
+    return [answer] * 10
+
+
+def _benchmark_records(scenes: list[Scene], images: list[str], rng: random.Random,
+                       num_eval: int) -> dict[str, list[dict]]:  # fmt: skip
+    """vqa / caption / multiple_choice records, one scene each, images relative to benchmarks/."""
+    records: dict[str, list[dict]] = {"vqa": [], "caption": [], "multiple_choice": []}
+    for i in range(num_eval):
+        scene, image = scenes[i], [images[i]]
+        kind, question, answer = rng.choice(qa_pairs(scene))
+        records["vqa"].append({"id": f"vqa-{i:05d}", "type": "vqa", "images": image,
+                               "question": question, "answers": _vqa_answers(kind, answer)})  # fmt: skip
+        scene, image = scenes[num_eval + i], [images[num_eval + i]]
+        records["caption"].append({"id": f"caption-{i:05d}", "type": "caption", "images": image,
+                                   "question": CAPTION_PROMPT, "references": captions(scene)})  # fmt: skip
+        scene, image = scenes[2 * num_eval + i], [images[2 * num_eval + i]]
+        records["multiple_choice"].append(_multiple_choice(f"mc-{i:05d}", scene, image, rng))
+    return records
+
+
+def _multiple_choice(item_id: str, scene: Scene, image: list[str], rng: random.Random) -> dict:
+    shape = rng.choice(scene.shapes)
+    if rng.random() < 0.5:
+        question, answer, pool = f"What shape is {_where(shape.position)}?", shape.kind, SHAPES
+    else:
+        question, answer = f"What colour is the shape {_where(shape.position)}?", shape.colour
+        pool = tuple(sorted(COLOURS))
+    options = [answer] + rng.sample([o for o in pool if o != answer], min(3, len(pool) - 1))
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(answer)]
+    return {"id": item_id, "type": "multiple_choice", "images": image, "question": question,
+            "options": options, "answer": letter, "hint": captions(scene)[0].split(":")[0].capitalize() + "."}  # fmt: skip
+
+
+def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput:
+    """Write the whole synthetic source under `out_dir`; returns the files written and counts."""
+    out = Path(out_dir)
+    rng = random.Random(cfg.seed)
+    eval_scenes = [sample_scene(rng, cfg.max_shapes) for _ in range(3 * cfg.num_eval)]
+    held_out = {s.layout for s in eval_scenes}
+    caption_scenes = _training_scenes(rng, cfg.num_caption_images, cfg.max_shapes, held_out)
+    instruction_scenes = _training_scenes(rng, cfg.num_instruction_images, cfg.max_shapes, held_out)
+
+    caption_paths = _write_images(out, "images", "cap", caption_scenes, cfg, cfg.jpeg_every)
+    _write_captions(out, caption_scenes, caption_paths, rng)
+    instruction_paths = _write_images(out, "images", "ins", instruction_scenes, cfg, cfg.jpeg_every)
+    instructions = [
+        {"id": f"shapes-{i:06d}", "image": path, "conversations": _conversation(scene, rng)}
+        for i, (scene, path) in enumerate(zip(instruction_scenes, instruction_paths))
+    ]
+    _write_json(out / "instructions.json", instructions)
+    _write_json(out / "text_instructions.json", [text_task(rng) for _ in range(cfg.num_text)])
+
+    eval_paths = _write_images(out / "benchmarks", "images", "eval", eval_scenes, cfg, 0)
+    records = _benchmark_records(eval_scenes, eval_paths, rng, cfg.num_eval)
+    text_records = []
+    for i in range(cfg.num_eval):
+        task = text_task(rng)
+        text_records.append({"id": f"text-{i:05d}", "type": "text", "images": [],
+                             "question": alpaca_prompt(task), "answer": task["output"]})  # fmt: skip
+    records["text"] = text_records
+    for name, items in records.items():
+        _write_jsonl(out / "benchmarks" / f"{name}.jsonl", items)
+
+    files = ["captions.parquet", "instructions.json", "text_instructions.json"]
+    files += [f"benchmarks/{name}.jsonl" for name in records]
+    files += caption_paths + instruction_paths + [f"benchmarks/{p}" for p in eval_paths]
+    counts = {
+        "caption_images": len(caption_scenes),
+        "instruction_images": len(instruction_scenes),
+        "text_instructions": cfg.num_text,
+        **{f"eval_{name}": len(items) for name, items in records.items()},
+    }
+    return ShapesOutput(files=files, counts=counts)

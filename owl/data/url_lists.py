@@ -1,0 +1,147 @@
+"""Caption URL lists as users bring them: LAION / COYO / CC3M style parquet, csv, tsv, json, jsonl.
+
+`read_url_list` checks the structure of every file first (a missing column or an unreadable file is
+a ValueError naming the file and the column), then yields normalised Arrow tables with the columns
+`url`, `caption` and the kept extra columns (scores such as `similarity`, `punsafe`, `pwatermark`).
+Rows without a URL are counted, not yielded.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
+
+# Column names img2dataset writes itself; a source column with one of these names is kept as
+# `source_<name>` (COYO lists have `width` and `height`, for example).
+RESERVED_COLUMNS = frozenset(
+    {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
+     "error_message", "exif", "md5", "sha256", "sha512"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UrlListSpec:
+    """How to read one URL list: its format and which columns hold what."""
+
+    input_format: str = "parquet"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # Extra columns to keep; None keeps every other column of the file.
+    extra_cols: tuple[str, ...] | None = None
+    # Column names for csv/tsv files without a header line (the CC3M release has none).
+    column_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(
+                f"input_format={self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}"
+            )
+        if self.column_names is not None and self.input_format not in ("csv", "tsv"):
+            raise ValueError("column_names is only for csv/tsv files without a header line")
+
+
+# Defaults for the public caption datasets (their released column names).
+PRESETS: dict[str, UrlListSpec] = {
+    "laion": UrlListSpec(
+        "parquet", url_col="URL", caption_col="TEXT",
+        extra_cols=("similarity", "punsafe", "pwatermark"),
+    ),
+    "coyo": UrlListSpec(
+        "parquet", url_col="url", caption_col="text",
+        extra_cols=("clip_similarity_vitb32", "watermark_score", "nsfw_score_opennsfw2"),
+    ),
+    "cc3m": UrlListSpec("tsv", url_col="url", caption_col="caption", column_names=("caption", "url")),
+}  # fmt: skip
+
+
+def list_url_files(path: str, input_format: str) -> list[str]:
+    """The files of a URL list: `path` itself, or the sorted `*.<input_format>` files in a folder."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, f"*.{input_format}")))
+        if not files:
+            raise ValueError(f"{path}: folder has no *.{input_format} files")
+        return files
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: URL list not found")
+    return [path]
+
+
+def _file_columns(path: str, spec: UrlListSpec) -> list[str]:
+    if spec.input_format == "parquet":
+        return pq.read_schema(path).names
+    if spec.column_names is not None:
+        return list(spec.column_names)
+    if spec.input_format in ("csv", "tsv"):  # the header line only
+        delimiter = "\t" if spec.input_format == "tsv" else ","
+        with pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter)) as r:
+            return r.schema.names
+    return _read_table(path, spec).column_names
+
+
+def _read_table(path: str, spec: UrlListSpec) -> pa.Table:
+    fmt = spec.input_format
+    if fmt == "parquet":
+        return pq.read_table(path)
+    if fmt in ("csv", "tsv"):
+        return pa_csv.read_csv(
+            path,
+            read_options=pa_csv.ReadOptions(column_names=spec.column_names),
+            parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+        )
+    if fmt == "jsonl":
+        return pa_json.read_json(path)
+    with open(path) as f:  # a JSON array of objects
+        return pa.Table.from_pylist(json.load(f))
+
+
+def kept_columns(path: str, spec: UrlListSpec) -> list[str]:
+    """The extra columns kept from this file. Raises ValueError naming a missing column."""
+    try:
+        names = _file_columns(path, spec)
+    except (OSError, pa.ArrowInvalid, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read it as {spec.input_format}: {exc}") from exc
+    for role, col in (("url_col", spec.url_col), ("caption_col", spec.caption_col)):
+        if col not in names:
+            raise ValueError(f"{path}: no column {col!r} ({role}); the file has columns {names}")
+    if spec.extra_cols is None:
+        return [n for n in names if n not in (spec.url_col, spec.caption_col)]
+    missing = [c for c in spec.extra_cols if c not in names]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing} (extra_cols); the file has {names}")
+    return list(spec.extra_cols)
+
+
+def normalise(table: pa.Table, spec: UrlListSpec, extras: list[str]) -> tuple[pa.Table, int]:
+    """(table with url, caption, extras; number of rows dropped for a missing URL)."""
+    url = pc.utf8_trim_whitespace(table.column(spec.url_col).cast(pa.string()))
+    caption = pc.fill_null(table.column(spec.caption_col).cast(pa.string()), "")
+    columns = {"url": url, "caption": caption}
+    for name in extras:
+        columns[f"source_{name}" if name in RESERVED_COLUMNS else name] = table.column(name)
+    out = pa.table(columns)
+    has_url = pc.fill_null(pc.greater(pc.utf8_length(url), 0), False)
+    kept = out.filter(has_url)
+    return kept, out.num_rows - kept.num_rows
+
+
+def check_url_list(path: str, spec: UrlListSpec) -> dict[str, list[str]]:
+    """Check every file before any work: file -> kept extra columns. Raises ValueError otherwise."""
+    return {file: kept_columns(file, spec) for file in list_url_files(path, spec.input_format)}
+
+
+def read_url_list(path: str, spec: UrlListSpec) -> Iterator[tuple[str, pa.Table, int]]:
+    """Yield (file, normalised table, rows dropped for a missing URL) per file, after checking all."""
+    for file, extras in check_url_list(path, spec).items():
+        table, num_missing = normalise(_read_table(file, spec), spec, extras)
+        yield file, table, num_missing

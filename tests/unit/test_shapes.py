@@ -1,0 +1,166 @@
+import json
+import random
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from owl.data.shapes import (
+    COLOURS,
+    POSITIONS,
+    Scene,
+    Shape,
+    ShapesConfig,
+    captions,
+    qa_pairs,
+    render_scene,
+    sample_scene,
+    text_task,
+    write_shapes_dataset,
+)
+
+SMALL = ShapesConfig(
+    seed=3, num_caption_images=40, num_instruction_images=20, num_text=30, num_eval=8
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(out, SMALL)
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, shapes_dir):
+    again = write_shapes_dataset(tmp_path / "a", SMALL)
+    for rel in again.files:
+        if rel == "captions.parquet":  # holds absolute file:// URLs: compare everything else
+            ours = pq.read_table(shapes_dir / rel).drop(["url"])
+            assert pq.read_table(tmp_path / "a" / rel).drop(["url"]).equals(ours)
+        else:
+            assert (tmp_path / "a" / rel).read_bytes() == (shapes_dir / rel).read_bytes(), rel
+    other = tmp_path / "b"
+    write_shapes_dataset(other, ShapesConfig(**{**SMALL.__dict__, "seed": 4}))
+    assert (other / "instructions.json").read_text() != (
+        shapes_dir / "instructions.json"
+    ).read_text()
+
+
+def test_render_puts_each_colour_at_its_position():
+    scene = Scene((Shape("square", "red", "left"), Shape("circle", "blue", "top")), 0, 0.3)
+    image = render_scene(scene, 32)
+    assert image.size == (32, 32)
+    for shape in scene.shapes:
+        fx, fy = POSITIONS[shape.position]
+        assert image.getpixel((int(fx * 32), int(fy * 32))) == COLOURS[shape.colour]
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_captions_and_questions_describe_the_scene():
+    scene = Scene((Shape("circle", "red", "left"), Shape("circle", "red", "right")), 0, 0.25)
+    assert (
+        captions(scene)[0] == "two shapes: a red circle on the left and a red circle on the right."
+    )
+    pairs = {q: a for _, q, a in qa_pairs(scene)}
+    assert pairs["How many shapes are there?"] == "2"
+    assert pairs["How many circles are there?"] == "2"
+    assert pairs["What colour is the shape on the left?"] == "red"
+    assert "Where is the red circle?" not in pairs  # ambiguous: two red circles
+
+
+def test_sample_scene_positions_are_distinct():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = sample_scene(rng, 3)
+        positions = [s.position for s in scene.shapes]
+        assert 1 <= len(positions) <= 3 and len(set(positions)) == len(positions)
+
+
+def test_caption_url_list_points_at_written_images(shapes_dir):
+    table = pq.read_table(shapes_dir / "captions.parquet")
+    assert table.column_names == ["url", "caption", "similarity", "punsafe", "pwatermark"]
+    assert table.num_rows == SMALL.num_caption_images
+    for url in table.column("url").to_pylist()[:5]:
+        parsed = urlparse(url)
+        assert parsed.scheme == "file"
+        assert Image.open(parsed.path).size == (SMALL.image_size, SMALL.image_size)
+
+
+def test_llava_instructions(shapes_dir):
+    records = json.loads((shapes_dir / "instructions.json").read_text())
+    assert len(records) == SMALL.num_instruction_images
+    for record in records:
+        assert (shapes_dir / record["image"]).exists()
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+
+
+def test_text_tasks_are_correct():
+    rng = random.Random(0)
+    for _ in range(100):
+        task = text_task(rng)
+        if task["instruction"].startswith("What letter comes after"):
+            letter = task["instruction"][-2]
+            assert task["output"] == chr(ord(letter) + 1)
+        elif task["instruction"] == "How many words are in the text?":
+            assert task["output"] == str(len(task["input"].split()))
+        elif task["instruction"] == "Reverse the order of the words.":
+            assert task["output"].split() == task["input"].split()[::-1]
+
+
+def test_benchmarks_are_well_formed_and_held_out(shapes_dir):
+    bench = shapes_dir / "benchmarks"
+    vqa = _jsonl(bench / "vqa.jsonl")
+    assert len(vqa) == SMALL.num_eval and all(len(r["answers"]) == 10 for r in vqa)
+    for record in _jsonl(bench / "multiple_choice.jsonl"):
+        assert record["answer"] in "ABCD"[: len(record["options"])]
+    text = _jsonl(bench / "text.jsonl")
+    assert all(r["type"] == "text" and r["images"] == [] and r["answer"] for r in text)
+    train_captions = set(
+        pq.read_table(shapes_dir / "captions.parquet").column("caption").to_pylist()
+    )
+    eval_images = set()
+    for record in _jsonl(bench / "caption.jsonl") + vqa:
+        assert all((bench / p).exists() for p in record["images"])
+        for ref in record.get("references", []):
+            assert ref not in train_captions  # held-out layouts never appear in training
+        eval_images.add(record["images"][0])
+    assert all(p.startswith("images/") for p in eval_images)
+
+
+def test_config_errors_say_what_to_fix():
+    with pytest.raises(ValueError, match="max_shapes=6"):
+        ShapesConfig(max_shapes=6)
+    with pytest.raises(ValueError, match="image_size=8"):
+        ShapesConfig(image_size=8)
+
+
+def test_too_many_held_out_layouts_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="held-out layouts"):
+        write_shapes_dataset(
+            tmp_path, ShapesConfig(max_shapes=1, num_eval=200, num_caption_images=10)
+        )
+
+
+def test_shapes_step_lists_every_file_with_counts(tmp_path):
+    from pipelines.step import StepContext
+    from pipelines.steps import shapes as shapes_step
+
+    cfg = shapes_step.Config(num_caption_images=6, num_instruction_images=4, num_text=5, num_eval=2)
+    ctx = StepContext(step="shapes", out_dir=tmp_path, job_name="test", model=None)
+    manifest = shapes_step.run(ctx, cfg, {})
+    paths = {f.path for f in manifest.files}
+    assert {"captions.parquet", "instructions.json", "benchmarks/vqa.jsonl"} <= paths
+    assert sum(p.startswith("images/") for p in paths) == 10
+    assert manifest.stats["num_caption_images"] == 6 and manifest.stats["num_eval_text"] == 2
+    assert manifest.verify(tmp_path, full=True) == []
+    with pytest.raises(ValueError, match="takes no inputs"):
+        shapes_step.run(ctx, cfg, {"data": None})
