@@ -1,0 +1,282 @@
+"""Batched greedy generation over benchmark records (`predict`) and their scores (`score`).
+
+A record becomes one or more *queries*: multiple-choice questions are asked once per rotation of
+their options (circular evaluation), every other record once. Queries of one type share a
+generation budget; within a type they are batched by prompt length to keep left padding small.
+The model's batched `generate` gives each row what it would give alone, so the batch size changes
+speed, never answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from owl.data.image import CLIP_MEAN, preprocess_images
+from owl.eval.benchmarks import BenchmarkRecord
+from owl.eval.metrics import (
+    LETTERS,
+    ChoiceResult,
+    YesNoResult,
+    caption_scores,
+    multiple_choice_scores,
+    parse_choice,
+    parse_yes_no,
+    rotate_options,
+    text_correct,
+    vqa_accuracy,
+    yes_no_scores,
+)
+from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, prompt_ids
+from owl.model.config import OwlConfig
+from owl.model.model import OwlModel
+
+# The colour of a blank control image: the CLIP mean pixel, which the preprocessing normalises to
+# (nearly) zero: no information, no out-of-range values.
+BLANK_RGB = tuple(round(c * 255) for c in CLIP_MEAN)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt to generate from: a record, with its options rotated by `shift`."""
+
+    record: BenchmarkRecord
+    shift: int = 0
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self.record.options[self.shift :] + self.record.options[: self.shift]
+
+
+def expand_queries(records: Sequence[BenchmarkRecord], circular: bool = True) -> list[Query]:
+    """Queries in record order; multiple choice once per rotation when `circular`."""
+    queries = []
+    for record in records:
+        num_shifts = len(record.options) if circular and record.type == "multiple_choice" else 1
+        queries.extend(Query(record, shift) for shift in range(num_shifts))
+    return queries
+
+
+def load_images(record: BenchmarkRecord, cfg: OwlConfig, blank: bool = False) -> torch.Tensor:
+    """The record's images preprocessed for the model: (n, 3, S, S), n = 0 without images.
+
+    `blank` replaces each image by a uniform one of the mean colour (the image-blind control)."""
+    size = cfg.vision.image_size
+    if not record.images:
+        return torch.zeros(0, cfg.vision.num_channels, size, size)
+    if blank:
+        sources: list[Any] = [Image.new("RGB", (size, size), BLANK_RGB) for _ in record.images]
+    else:
+        sources = [Path(path).read_bytes() for path in record.images]
+    return preprocess_images(sources, size, cfg.image_mode)  # (n, 3, S, S)
+
+
+def _batches(
+    queries: Sequence[Query], prompts: Sequence[list[int]], batch_size: int
+) -> list[list[int]]:
+    """Query indices grouped by type, longest prompts first, cut into batches."""
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for index, query in enumerate(queries):
+        by_type[query.record.type].append(index)
+    batches = []
+    for indices in by_type.values():
+        indices.sort(key=lambda i: -len(prompts[i]))
+        batches.extend(indices[i : i + batch_size] for i in range(0, len(indices), batch_size))
+    return batches
+
+
+def _check_lengths(
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    budgets: Mapping[str, int],
+    max_positions: int,
+) -> None:
+    """Fail before generating when a prompt plus its budget overruns the model's positions."""
+    for query, prompt in zip(queries, prompts):
+        total = len(prompt) + budgets[query.record.type]
+        if total > max_positions:
+            raise ValueError(
+                f"{query.record.source}: {len(prompt)} prompt tokens (images included) + "
+                f"{budgets[query.record.type]} new exceed the model's {max_positions} positions; "
+                "shorten the record or lower max_new_tokens for its type"
+            )
+
+
+@torch.no_grad()
+def predict(
+    model: OwlModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[BenchmarkRecord],
+    *,
+    batch_size: int = 8,
+    max_new_tokens_by_type: Mapping[str, int] | None = None,
+    blank_images: bool = False,
+    circular: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy replies for every query of `records`, in query order (see `expand_queries`).
+
+    Each prediction: id, type, shift (option rotation), prediction (decoded text), num_new_tokens.
+    `progress(done, total)` is called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = model.cfg
+    budgets = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens_by_type or {})}
+    queries = expand_queries(records, circular)
+    prompts = [
+        prompt_ids(
+            tokenizer, q.record, variant=cfg.variant, placeholder=cfg.image_placeholder,
+            num_visual_tokens=cfg.num_visual_tokens, options=q.options,
+        )
+        for q in queries
+    ]  # fmt: skip
+    _check_lengths(queries, prompts, budgets, cfg.decoder.max_positions)
+    dtype = next(model.parameters()).dtype
+    replies: list[list[int]] = [[] for _ in queries]
+    done = 0
+    for batch in _batches(queries, prompts, batch_size):
+        batch_queries = [queries[i] for i in batch]
+        images = None
+        if any(q.record.images for q in batch_queries):
+            images = [load_images(q.record, cfg, blank_images).to(dtype) for q in batch_queries]
+        outputs = model.generate(
+            [prompts[i] for i in batch],
+            images,
+            max_new_tokens=budgets[batch_queries[0].record.type],
+            temperature=0.0,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for index, output in zip(batch, outputs):
+            replies[index] = output
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(queries))
+    return [
+        {
+            "id": q.record.id,
+            "type": q.record.type,
+            "shift": q.shift,
+            "prediction": tokenizer.decode(reply, skip_special_tokens=True).strip(),
+            "num_new_tokens": len(reply),
+        }
+        for q, reply in zip(queries, replies)
+    ]
+
+
+def sample_score(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> float:
+    """One prediction's score: VQA accuracy, 1.0 / 0.0 for right / wrong, NaN for captions
+    (caption metrics are corpus-level)."""
+    text = prediction["prediction"]
+    if record.type == "vqa":
+        return vqa_accuracy(text, record.answers)
+    if record.type == "caption":
+        return math.nan
+    if record.type == "multiple_choice":
+        query = Query(record, int(prediction["shift"]))
+        _, answer = rotate_options(record.options, LETTERS.index(record.answer), query.shift)
+        return float(parse_choice(text, query.options) == answer)
+    if record.type == "yes_no":
+        return float(parse_yes_no(text) == record.answer)
+    return float(text_correct(text, record.answer, record.options or None))
+
+
+def score(
+    records: Sequence[BenchmarkRecord],
+    predictions: Sequence[Mapping[str, Any]],
+    *,
+    caption_meteor: bool = True,
+) -> dict[str, float]:
+    """Metrics per record type, named "<type>.<metric>" (e.g. "vqa.accuracy",
+    "multiple_choice.circular_accuracy", "caption.CIDEr")."""
+    by_id = {r.id: r for r in records}
+    missing = sorted(set(by_id) - {p["id"] for p in predictions})
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} record(s), e.g. {missing[:3]}")
+    grouped: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for prediction in predictions:
+        if prediction["id"] not in by_id:
+            raise ValueError(f"prediction for unknown record id {prediction['id']!r}")
+        grouped[by_id[prediction["id"]].type].append(prediction)
+    metrics: dict[str, float] = {}
+    for record_type, preds in grouped.items():
+        values = _score_type(record_type, by_id, preds, caption_meteor)
+        metrics.update({f"{record_type}.{name}": value for name, value in values.items()})
+    return metrics
+
+
+def _score_type(
+    record_type: str,
+    by_id: Mapping[str, BenchmarkRecord],
+    predictions: Sequence[Mapping[str, Any]],
+    caption_meteor: bool,
+) -> dict[str, float]:
+    if record_type == "caption":
+        references = {p["id"]: list(by_id[p["id"]].references) for p in predictions}
+        hypotheses = {p["id"]: p["prediction"] for p in predictions}
+        return caption_scores(references, hypotheses, meteor=caption_meteor)
+    if record_type == "multiple_choice":
+        return multiple_choice_scores([_choice_result(by_id[p["id"]], p) for p in predictions])
+    if record_type == "yes_no":
+        return yes_no_scores(
+            [
+                YesNoResult(
+                    by_id[p["id"]].pair_id, parse_yes_no(p["prediction"]), by_id[p["id"]].answer
+                )
+                for p in predictions
+            ]
+        )
+    values = [sample_score(by_id[p["id"]], p) for p in predictions]
+    return {"accuracy": sum(values) / len(values), "count": float(len(values))}
+
+
+def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> ChoiceResult:
+    query = Query(record, int(prediction["shift"]))
+    _, answer = rotate_options(record.options, LETTERS.index(record.answer), query.shift)
+    return ChoiceResult(
+        question_id=record.id,
+        shift=query.shift,
+        predicted=parse_choice(prediction["prediction"], query.options),
+        answer=answer,
+    )
+
+
+def _expected(record: BenchmarkRecord, shift: int) -> str:
+    """The reference shown next to a prediction: the commonest human answer, the first reference
+    caption, the correct letter under this rotation, or the record's answer."""
+    if record.type == "vqa":
+        return max(set(record.answers), key=record.answers.count)
+    if record.type == "caption":
+        return record.references[0]
+    if record.type == "multiple_choice":
+        return LETTERS[(LETTERS.index(record.answer) - shift) % len(record.options)]
+    return record.answer
+
+
+def prediction_rows(
+    records: Sequence[BenchmarkRecord], predictions: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Predictions with what a reader needs beside them (question, options as asked, expected
+    answer, per-sample score): the rows of the predictions table."""
+    by_id = {r.id: r for r in records}
+    rows = []
+    for prediction in predictions:
+        record = by_id[prediction["id"]]
+        shift = int(prediction["shift"])
+        rows.append(
+            {
+                **prediction,
+                "question": record.question,
+                "options": list(Query(record, shift).options),
+                "expected": _expected(record, shift),
+                "score": sample_score(record, prediction),
+            }
+        )
+    return rows

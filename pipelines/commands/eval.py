@@ -1,0 +1,269 @@
+"""`owl eval` (score a model on benchmark files, in this process) and `owl chat` (a multi-turn
+terminal conversation with streamed replies, images addable mid-conversation).
+
+Both build prompts with the training template (`owl.data.templates`) of the model's variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+CHAT_HELP = "commands: /image PATH (add an image to your next message), /reset, /quit"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_eval(subparsers)
+    _register_chat(subparsers)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="model folder (config.json + safetensors), or a training "
+        "step's output folder holding model/",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: <model>/tokenizer, or the "
+        "tokenizer/ next to model/)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (chat: one object per reply)"
+    )
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="score a model on benchmark files")
+    _add_model_args(parser)
+    parser.add_argument(
+        "--benchmark", required=True, action="append", help="benchmark file (.jsonl/.parquet); "
+        "repeat for several (format: docs/benchmarks.md)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
+    parser.add_argument(
+        "--blank-images", action="store_true", help="replace every image by a blank one"
+    )
+    parser.add_argument("--no-circular", action="store_true", help="ask each choice question once")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (starts a JVM)")
+    parser.add_argument(
+        "--predictions", default=None, help="folder to write <benchmark>.parquet to"
+    )
+    parser.set_defaults(func=_eval)
+
+
+def _register_chat(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("chat", help="talk to a model in the terminal")
+    _add_model_args(parser)
+    parser.add_argument("--image", action="append", default=[], help="image for the first message")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.set_defaults(func=_chat)
+
+
+def resolve_model_dirs(model: str, tokenizer: str | None) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) from the CLI arguments, with a message saying what to pass."""
+    model_dir = Path(model)
+    if not (model_dir / "config.json").exists() and (model_dir / "model" / "config.json").exists():
+        model_dir = model_dir / "model"  # a training step's output folder
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"--model {model}: no config.json there (nor in {model}/model)")
+    if tokenizer is not None:
+        return model_dir, Path(tokenizer)
+    for candidate in (model_dir / "tokenizer", model_dir.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").exists():
+            return model_dir, candidate
+    raise ValueError(f"--model {model}: no tokenizer/ folder inside or beside it; pass --tokenizer")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    from owl.data.tokenize import load_tokenizer
+    from owl.model import load_model
+
+    model_dir, tokenizer_dir = resolve_model_dirs(args.model, args.tokenizer)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_model(model_dir, device=device, dtype=dtype).eval()
+    return model, load_tokenizer(tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# owl eval
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from owl.eval.benchmarks import benchmark_name, read_benchmark
+    from owl.eval.generate import predict, prediction_rows, score
+
+    model, tokenizer = _load(args)
+    results: dict[str, dict[str, float]] = {}
+    for path in args.benchmark:
+        records = read_benchmark(path, args.limit)
+        predictions = predict(
+            model, tokenizer, records, batch_size=args.batch_size,
+            blank_images=args.blank_images, circular=not args.no_circular,
+        )  # fmt: skip
+        name = benchmark_name(path)
+        results[name] = score(records, predictions, caption_meteor=not args.no_meteor)
+        if args.predictions:
+            out = Path(args.predictions) / f"{name}.parquet"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions)), out)
+    if args.json:
+        print(json.dumps({"model": args.model, "metrics": results}, indent=2))
+        return 0
+    for name, metrics in results.items():
+        for metric, value in metrics.items():
+            print(f"{name:<20} {metric:<36} {value:10.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# owl chat
+
+
+class ChatSession:
+    """A conversation: turns so far, their images, and images waiting for the next message."""
+
+    def __init__(self, model: Any, tokenizer: Any, **generation: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.turns: list[Any] = []
+        self.images: list[Any] = []  # (3, S, S) tensors, in placeholder order
+        self.pending: list[Any] = []
+
+    def reset(self) -> None:
+        self.turns, self.images, self.pending = [], [], []
+
+    def add_image(self, path: str) -> None:
+        from owl.data.image import preprocess_images
+
+        cfg = self.model.cfg
+        pixels = preprocess_images([Path(path).read_bytes()], cfg.vision.image_size, cfg.image_mode)
+        self.pending.append(pixels[0])
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the reply to `text` as printable pieces; the turn is recorded at the end."""
+        import torch
+
+        from owl.data.templates import Turn
+        from owl.data.tokenize import encode_prompt
+
+        cfg = self.model.cfg
+        user = Turn("user", cfg.image_placeholder * len(self.pending) + text)
+        ids = encode_prompt(
+            self.tokenizer, [*self.turns, user], variant=cfg.variant,
+            num_visual_tokens=cfg.num_visual_tokens,
+        )  # fmt: skip
+        max_new = self.generation["max_new_tokens"]
+        if len(ids) + max_new > cfg.decoder.max_positions:
+            raise ValueError(
+                f"the conversation is {len(ids)} tokens; with {max_new} new ones it exceeds the "
+                f"model's {cfg.decoder.max_positions} positions: /reset to start over"
+            )
+        images = [*self.images, *self.pending]
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        pixels = torch.stack(images).to(device, dtype) if images else None  # (N, 3, S, S)
+        tokens = self.model.stream(
+            ids, pixels, eos_token_id=self.tokenizer.eos_token_id, **self.generation
+        )
+        reply = yield from _decode_stream(self.tokenizer, tokens)
+        self.images, self.pending = images, []
+        self.turns += [user, Turn("assistant", reply)]
+
+
+def _decode_stream(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Printable text as tokens arrive (waits out partial UTF-8 sequences); returns the reply."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character split across tokens
+        yield text[len(shown) :]
+        shown = text
+    final = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+    if final != shown:
+        yield final[len(shown) :]  # whatever a trailing partial character decodes to
+    return final.strip()
+
+
+def run_chat(
+    session: ChatSession,
+    lines: Iterable[str],
+    out: TextIO,
+    interactive: bool,
+    json_lines: bool = False,
+) -> None:
+    """The chat loop over input lines: replies to `out` (streamed, or one JSON object per reply
+    with `json_lines`), notices to stderr."""
+    for raw in lines:
+        line = raw.strip()
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            session.reset()
+            print("[conversation reset]", file=sys.stderr)
+        elif line.startswith("/image"):
+            _add_image(session, line.removeprefix("/image").strip())
+        elif line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}; {CHAT_HELP}]", file=sys.stderr)
+        elif line:
+            _answer(session, line, out, json_lines)
+        if interactive:
+            out.write("you> ")
+            out.flush()
+
+
+def _answer(session: ChatSession, line: str, out: TextIO, json_lines: bool) -> None:
+    pieces = []
+    try:
+        for piece in session.reply(line):
+            pieces.append(piece)
+            if not json_lines:
+                out.write(piece)
+                out.flush()
+    except ValueError as exc:
+        print(f"[{exc}]", file=sys.stderr)
+        return
+    out.write(json.dumps({"reply": "".join(pieces).strip()}) + "\n" if json_lines else "\n")
+    out.flush()
+
+
+def _add_image(session: ChatSession, path: str) -> None:
+    if not path or not Path(path).is_file():
+        print(f"[no image file at {path!r}; usage: /image PATH]", file=sys.stderr)
+        return
+    session.add_image(path)
+    print(f"[image added: {path}; it goes with your next message]", file=sys.stderr)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    session = ChatSession(
+        model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p,
+    )  # fmt: skip
+    for path in args.image:
+        _add_image(session, path)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"owl chat ({model.cfg.name}, {model.cfg.variant}); {CHAT_HELP}")
+        print("you> ", end="", flush=True)
+    run_chat(session, sys.stdin, sys.stdout, interactive, json_lines=args.json)
+    return 0

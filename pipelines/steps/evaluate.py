@@ -1,0 +1,218 @@
+"""Step `evaluate`: a trained model on benchmark files -> per-sample predictions and metrics.
+
+Inputs: `model` (a training step: `model/`), `tokenizer` (`tokenizer/`), optionally `shapes`
+(whose `benchmarks/` the default config reads). A pool of Ray actors (one per GPU, or N CPU
+actors) each loads the model once; every benchmark is split into contiguous chunks, one per
+actor, and all chunks are queued at once so actors stay busy across benchmarks. The driver
+scores (the caption toolkit's Java runs there), writes `predictions/<benchmark>.parquet` and
+returns the metrics in `Manifest.stats` (docs/benchmarks.md explains names and rules).
+
+Benchmark images are read by the actors from the paths in the files: on a multi-node cluster
+they must be on storage every node sees (the pipeline's storage root is).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from owl.data.manifest import Manifest
+from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
+from owl.eval.generate import predict, prediction_rows, score
+from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
+from pipelines.step import StepContext, StepInput, resolve_path
+
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+PREDICTIONS_DIR = "predictions"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _shapes_benchmarks() -> list[str]:
+    return [
+        f"@shapes/benchmarks/{name}.jsonl" for name in ("vqa", "caption", "multiple_choice", "text")
+    ]
+
+
+@dataclass
+class Config:
+    # Benchmark files (.jsonl / .parquet); `@role/...` paths resolve inside an input's folder.
+    benchmarks: list[str] = field(default_factory=_shapes_benchmarks)
+    batch_size: int = 16
+    num_workers: int = 2  # Ray actors; each loads the model once
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: actors run on CUDA
+    # Generation budget per record type; types left out keep owl.eval.prompts defaults.
+    max_new_tokens: dict[str, int] = field(default_factory=dict)
+    # Also score every image benchmark with blank images: how much the answers use the image.
+    blank_image_control: bool = True
+    limit: int | None = None  # first N records of each benchmark (None: all)
+    circular: bool = True  # ask multiple-choice questions once per rotation of the options
+    caption_meteor: bool = True  # METEOR starts a JVM (seconds); off for quick runs
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ValueError("benchmarks: list at least one benchmark file")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("batch_size and num_workers must be >= 1")
+        unknown = sorted(set(self.max_new_tokens) - set(BENCHMARK_TYPES))
+        if unknown:
+            raise ValueError(f"max_new_tokens: unknown type(s) {unknown}; use {BENCHMARK_TYPES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+
+
+class EvalWorker:
+    """One model replica. Created as a Ray actor by `run`; plain class for direct use."""
+
+    def __init__(
+        self, model_dir: str, tokenizer_dir: str, device: str, dtype: str, num_threads: int
+    ) -> None:
+        import torch
+
+        from owl.data.tokenize import load_tokenizer
+        from owl.model import load_model
+
+        torch.set_num_threads(max(1, num_threads))
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.model = load_model(model_dir, device=device, dtype=getattr(torch, dtype)).eval()
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def predict(
+        self, records: list[BenchmarkRecord], options: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        return predict(self.model, self.tokenizer, records, **options)
+
+
+def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
+    started = time.monotonic()
+    benchmarks = {
+        benchmark_name(path): read_benchmark(resolve_path(path, inputs), cfg.limit)
+        for path in cfg.benchmarks
+    }
+    if len(benchmarks) != len(cfg.benchmarks):
+        raise ValueError(
+            f"benchmarks: two files share a name (file name without extension): {cfg.benchmarks}"
+        )
+    workers = _start_workers(cfg, inputs)
+    passes = [(name, False) for name in benchmarks]
+    if cfg.blank_image_control:
+        passes += [(name, True) for name, recs in benchmarks.items() if any(r.images for r in recs)]
+    ctx.progress(
+        0, len(passes), f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)"
+    )
+    try:
+        predictions = _predict_all(ctx, cfg, workers, benchmarks, passes)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+    manifest = Manifest(step=ctx.step)
+    for (name, blank), preds in zip(passes, predictions):
+        records = benchmarks[name]
+        metrics = score(records, preds, caption_meteor=cfg.caption_meteor and not blank)
+        manifest.stats.update(_metric_names(name, records, metrics, blank))
+        rel = f"{PREDICTIONS_DIR}/{name}{'.blank' if blank else ''}.parquet"
+        _write_predictions(ctx.out_dir / rel, records, preds)
+        manifest.add_file(ctx.out_dir, rel, rows=len(preds))
+        manifest.artifacts.append(rel)
+    manifest.stats["eval.num_queries"] = float(sum(len(p) for p in predictions))
+    manifest.stats["eval.seconds"] = time.monotonic() - started
+    manifest.info["benchmarks"] = {
+        name: {"path": path, "records": len(benchmarks[name])}
+        for name, path in zip(benchmarks, cfg.benchmarks)
+    }
+    manifest.info["max_new_tokens"] = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens}
+    ctx.progress(len(passes), len(passes), "scored")
+    return manifest
+
+
+def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
+    for role, sub in (("model", MODEL_DIR), ("tokenizer", TOKENIZER_DIR)):
+        if role not in inputs:
+            raise ValueError(f"evaluate needs the {role!r} input; this step got {sorted(inputs)}")
+        if not (inputs[role].dir / sub).is_dir():
+            raise ValueError(f"{inputs[role].dir}: no {sub}/ folder in the {role!r} input")
+    device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
+    actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(EvalWorker)
+    return [
+        actor.remote(
+            str(inputs["model"].dir / MODEL_DIR), str(inputs["tokenizer"].dir / TOKENIZER_DIR),
+            device, cfg.dtype, int(cfg.cpus_per_worker),
+        )
+        for _ in range(cfg.num_workers)
+    ]  # fmt: skip
+
+
+def _chunks(records: Sequence[BenchmarkRecord], num_chunks: int) -> list[list[BenchmarkRecord]]:
+    """Contiguous, near-equal chunks (empty ones dropped)."""
+    size, rest = divmod(len(records), num_chunks)
+    chunks, start = [], 0
+    for i in range(num_chunks):
+        end = start + size + (1 if i < rest else 0)
+        chunks.append(list(records[start:end]))
+        start = end
+    return [c for c in chunks if c]
+
+
+def _predict_all(
+    ctx: StepContext,
+    cfg: Config,
+    workers: list[Any],
+    benchmarks: dict[str, list[BenchmarkRecord]],
+    passes: list[tuple[str, bool]],
+) -> list[list[dict[str, Any]]]:
+    """Predictions per pass (benchmark, blank?), each in record order."""
+    options = {
+        "batch_size": cfg.batch_size,
+        "max_new_tokens_by_type": {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens},
+        "circular": cfg.circular,
+    }
+    futures = []
+    for name, blank in passes:
+        chunks = _chunks(benchmarks[name], len(workers))
+        futures.append(
+            [
+                workers[i].predict.remote(chunk, {**options, "blank_images": blank})
+                for i, chunk in enumerate(chunks)
+            ]
+        )
+    results = []
+    for done, ((name, blank), pass_futures) in enumerate(zip(passes, futures), start=1):
+        results.append([p for chunk in ray.get(pass_futures) for p in chunk])
+        ctx.progress(done, len(passes), f"{name}{' (blank images)' if blank else ''} generated")
+    return results
+
+
+def _metric_names(
+    name: str, records: Sequence[BenchmarkRecord], metrics: dict[str, float], blank: bool
+) -> dict[str, float]:
+    """Rename score()'s "<type>.<metric>" to "<benchmark>.<metric>" when the file is named after
+    its only type, else "<benchmark>.<type>.<metric>"; blank-image metrics get "blank_"."""
+    types = {r.type for r in records}
+    named = {}
+    for key, value in metrics.items():
+        record_type, metric = key.split(".", 1)
+        if blank and metric == "count":
+            continue  # the same records as the real pass
+        prefix = name if types == {name} else f"{name}.{record_type}"
+        named[f"{prefix}.{'blank_' if blank else ''}{metric}"] = value
+    return named
+
+
+def _write_predictions(
+    path: Path, records: Sequence[BenchmarkRecord], predictions: Sequence[dict[str, Any]]
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions)), path)

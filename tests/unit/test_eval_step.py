@@ -1,0 +1,111 @@
+"""The evaluate step on a local Ray with 2 CPU actors: predictions split across actors come back
+whole and in order, equal to a single in-process run; metrics and tables are written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from eval_helpers import make_benchmarks, make_model, make_tokenizer
+
+from owl.data.manifest import Manifest
+from owl.data.tokenize import load_tokenizer
+from owl.eval.benchmarks import read_benchmark
+from owl.eval.generate import predict
+from owl.model import get_config, load_model
+from pipelines.step import StepContext, StepInput
+from pipelines.steps import evaluate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def step_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StepInput]:
+    root = tmp_path_factory.mktemp("eval_step")
+    tokenizer_root = root / "tokenizer_step"
+    make_tokenizer(tokenizer_root / "tokenizer")
+    model_root = root / "train_step"
+    make_model(model_root / "model", tokenizer_root / "tokenizer")
+    make_benchmarks(root / "shapes_step" / "benchmarks", num_per_type=4)
+    return {
+        name: StepInput(name=name, dir=path, manifest=Manifest(step=name))
+        for name, path in (
+            ("model", model_root), ("tokenizer", tokenizer_root), ("shapes", root / "shapes_step")
+        )
+    }  # fmt: skip
+
+
+def test_evaluate_step_on_two_cpu_actors(
+    local_ray: None, step_inputs: dict[str, StepInput], tmp_path: Path
+) -> None:
+    benchmarks = [f"@shapes/benchmarks/{t}.jsonl" for t in ("vqa", "multiple_choice", "text")]
+    cfg = evaluate.Config(
+        benchmarks=benchmarks, batch_size=3, num_workers=2, max_new_tokens={"text": 8},
+        caption_meteor=False,
+    )  # fmt: skip
+    ctx = StepContext(
+        step="evaluate", out_dir=tmp_path, job_name="test", model=get_config("debug-tiny")
+    )
+    manifest = evaluate.run(ctx, cfg, step_inputs)
+
+    files = sorted(f.path for f in manifest.files)
+    assert files == [
+        "predictions/multiple_choice.blank.parquet", "predictions/multiple_choice.parquet",
+        "predictions/text.parquet", "predictions/vqa.blank.parquet", "predictions/vqa.parquet",
+    ]  # fmt: skip
+    for name in ("vqa.accuracy", "vqa.blank_accuracy", "multiple_choice.circular_accuracy",
+                 "multiple_choice.blank_circular_accuracy", "text.accuracy"):  # fmt: skip
+        assert 0.0 <= manifest.stats[name] <= 1.0
+    assert "text.blank_accuracy" not in manifest.stats  # text has no images to blank
+    assert manifest.stats["multiple_choice.count"] == 4.0
+
+    # Split over two actors, the table is the same as one in-process run, in record order.
+    shapes_dir = step_inputs["shapes"].dir / "benchmarks"
+    records = read_benchmark(shapes_dir / "multiple_choice.jsonl")
+    expected = predict(
+        load_model(step_inputs["model"].dir / "model"),
+        load_tokenizer(step_inputs["tokenizer"].dir / "tokenizer"),
+        records, batch_size=3,
+    )  # fmt: skip
+    table = pq.read_table(tmp_path / "predictions" / "multiple_choice.parquet").to_pylist()
+    assert [(r["id"], r["shift"], r["prediction"]) for r in table] == [
+        (p["id"], p["shift"], p["prediction"]) for p in expected
+    ]
+    assert {r["expected"] for r in table if r["id"] == "m1"} == {"A", "B", "C"}  # rotations
+
+
+def test_config_errors_say_what_to_fix() -> None:
+    with pytest.raises(ValueError, match="max_new_tokens: unknown type"):
+        evaluate.Config(max_new_tokens={"essay": 100})
+    with pytest.raises(ValueError, match="benchmarks: list at least one"):
+        evaluate.Config(benchmarks=[])
+
+
+def test_missing_model_folder_is_reported(
+    step_inputs: dict[str, StepInput], tmp_path: Path
+) -> None:
+    inputs = {**step_inputs, "model": StepInput("model", tmp_path, Manifest(step="model"))}
+    cfg = evaluate.Config(benchmarks=["@shapes/benchmarks/text.jsonl"], num_workers=1)
+    ctx = StepContext(
+        step="evaluate", out_dir=tmp_path, job_name="t", model=get_config("debug-tiny")
+    )
+    with pytest.raises(ValueError, match="no model/ folder"):
+        evaluate.run(ctx, cfg, inputs)
