@@ -1,0 +1,160 @@
+"""Writing and reading tokenized shards: Arrow IPC *files* with `TOKENIZED_SCHEMA`.
+
+`ShardWriter` appends record batches and rolls over to a new `shard-NNNNN.arrow` every
+`rows_per_shard` rows, so its memory is one batch and the file names depend only on the row order.
+`close()` returns what a manifest needs per file (path, rows, tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from owl.data.schema import TOKENIZED_SCHEMA, check_schema
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the writer's root, '/'-separated
+    rows: int
+    tokens: int
+    supervised: int
+
+
+def _list_array(rows: Sequence[Sequence[int]]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """A `list<int32>` array, plus its flat values and offsets as numpy (for derived counts)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), flat, offsets
+
+
+def _count_per_row(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Number of True values of `mask` (flat over all rows) in each row."""
+    cumulative = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).astype(np.int32)
+
+
+def make_batch(
+    sample_ids: Sequence[str],
+    kinds: Sequence[str],
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    images: Sequence[Sequence[bytes]] | pa.Array,
+    sources: Sequence[str],
+) -> pa.RecordBatch:
+    """One record batch of tokenized samples in `TOKENIZED_SCHEMA` (counts are derived).
+
+    `images` is one list of encoded images per row, or already a `list<binary>` array.
+    """
+    ids_array, _, offsets = _list_array(input_ids)
+    labels_array, flat_labels, label_offsets = _list_array(labels)
+    num_tokens = np.diff(offsets).astype(np.int32)
+    num_supervised = _count_per_row(flat_labels >= 0, label_offsets)  # IGNORE_INDEX < 0
+    columns = [
+        pa.array(sample_ids, pa.string()),
+        pa.array(kinds, pa.string()),
+        ids_array,
+        labels_array,
+        images if isinstance(images, pa.Array) else pa.array(images, pa.list_(pa.binary())),
+        pa.array(num_tokens, pa.int32()),
+        pa.array(num_supervised, pa.int32()),
+        pa.array(sources, pa.string()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=TOKENIZED_SCHEMA)
+
+
+def images_column(counts: Sequence[int], values: pa.Array) -> pa.Array:
+    """A `list<binary>` column from per-row image counts and the images of all rows in order."""
+    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(np.asarray(counts, dtype=np.int32), out=offsets[1:])
+    assert offsets[-1] == len(values), "image counts do not add up to the images given"
+    return pa.ListArray.from_arrays(pa.array(offsets), values.cast(pa.binary()))
+
+
+class ShardWriter:
+    """Streams record batches into `<root>/<subdir>/shard-NNNNN.arrow`, `rows_per_shard` rows each."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        rows_per_shard: int,
+        subdir: str = "shards",
+        schema: pa.Schema = TOKENIZED_SCHEMA,
+    ) -> None:
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.root = Path(root)
+        self.subdir = subdir
+        self.rows_per_shard = rows_per_shard
+        self.schema = schema
+        (self.root / subdir).mkdir(parents=True, exist_ok=True)
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._current: ShardInfo | None = None
+        self.shards: list[ShardInfo] = []
+
+    def _open_next(self) -> None:
+        rel = f"{self.subdir}/shard-{len(self.shards):05d}.arrow"
+        self._writer = pa.ipc.new_file(str(self.root / rel), self.schema)
+        self._current = ShardInfo(path=rel, rows=0, tokens=0, supervised=0)
+        self.shards.append(self._current)
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._current = None
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if isinstance(batch, pa.Table):
+            for part in batch.to_batches():
+                self.write(part)
+            return
+        if batch.schema != self.schema:
+            batch = batch.select(self.schema.names).cast(self.schema)
+        offset = 0
+        while offset < batch.num_rows:
+            if self._current is None or self._current.rows >= self.rows_per_shard:
+                self._close_current()
+                self._open_next()
+            assert self._writer is not None and self._current is not None
+            take = min(self.rows_per_shard - self._current.rows, batch.num_rows - offset)
+            part = batch.slice(offset, take)
+            self._writer.write_batch(part)
+            self._current.rows += take
+            self._current.tokens += int(pc.sum(part.column("num_tokens")).as_py() or 0)
+            self._current.supervised += int(pc.sum(part.column("num_supervised")).as_py() or 0)
+            offset += take
+
+    def close(self) -> list[ShardInfo]:
+        self._close_current()
+        return list(self.shards)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_current()
+
+
+def read_shard(path: str | os.PathLike) -> pa.Table:
+    """A whole shard, memory-mapped (no copy), after checking its schema version and columns."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    check_schema(reader.schema, str(path))
+    return reader.read_all()
+
+
+def iter_shard_batches(path: str | os.PathLike) -> Iterator[pa.RecordBatch]:
+    """The shard's record batches one by one, memory-mapped."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    check_schema(reader.schema, str(path))
+    for i in range(reader.num_record_batches):
+        yield reader.get_batch(i)

@@ -1,0 +1,168 @@
+"""Readers for instruction data in the formats users bring.
+
+- `llava`: LLaVA / mPLUG-Owl2 JSON: `{"id", "image": path | [paths], "conversations":
+  [{"from": "human"|"gpt", "value": "<image>\\n..."}]}`; images relative to `image_folder`
+  (default: the JSON file's folder) or absolute / filesystem URIs.
+- `alpaca`: `{"instruction", "input", "output"}`, text only.
+- `sharegpt`: ShareGPT / Vicuna `{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`.
+
+A file is either a JSON array (`.json`) or one JSON object per line (`.jsonl`). Readers yield a
+`Record` per usable sample and a `Bad(reason, source)` per unusable one (malformed line, unknown
+speaker, missing field) so the caller counts it; a file that cannot be read at all, or whose first
+record lacks the format's fields, raises ValueError naming the file and field before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from owl.data.templates import Turn
+
+SourceFormat = Literal["llava", "alpaca", "sharegpt"]
+FORMATS: tuple[str, ...] = ("llava", "alpaca", "sharegpt")
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "llava": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    format: str
+    path: str
+    image_folder: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> SourceSpec:
+        unknown = sorted(set(data) - {"format", "path", "image_folder"})
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown field(s) {unknown}; allowed: format, path, image_folder"
+            )
+        if data.get("format") not in FORMATS:
+            raise ValueError(f"{where}.format: {data.get('format')!r}, expected one of {FORMATS}")
+        if not data.get("path"):
+            raise ValueError(f"{where}.path: missing; give the JSON or JSONL file")
+        return cls(data["format"], data["path"], data.get("image_folder"))
+
+
+@dataclass
+class Record:
+    sample_id: str
+    turns: list[Turn]
+    images: list[str] = field(default_factory=list)  # resolved paths or URIs, in order
+    source: str = ""  # file:index, for lineage
+
+
+@dataclass(frozen=True)
+class Bad:
+    reason: str
+    source: str
+
+
+def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
+    """(index, object) pairs; a malformed JSONL line yields (index, None)."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for index, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield index, json.loads(line)
+                    except json.JSONDecodeError:
+                        yield index, None
+            return
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read instruction data ({exc})") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def _conversation_turns(conversations: Any) -> list[Turn] | str:
+    """Turns, or the reason they cannot be read."""
+    if not isinstance(conversations, list):
+        return "missing_field"
+    turns = []
+    for message in conversations:
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            return "missing_field"
+        role = ROLES.get(str(message.get("from", "")).lower())
+        if role is None:
+            return "unknown_speaker"
+        turns.append(Turn(role, message["value"]))
+    return turns
+
+
+def _resolve_image(name: str, folder: str) -> str:
+    if "://" in name or os.path.isabs(name):
+        return name
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record | Bad:
+    source = f"{spec.path}:{index}"
+    if obj is None:
+        return Bad("malformed_json", source)
+    if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_FIELDS[spec.format]):
+        return Bad("missing_field", source)
+    sample_id = str(obj.get("id", source))
+    if spec.format == "alpaca":
+        prompt = str(obj["instruction"]).strip()
+        extra = str(obj.get("input") or "").strip()
+        user = f"{prompt}\n\n{extra}" if extra else prompt
+        return Record(
+            sample_id, [Turn("user", user), Turn("assistant", str(obj["output"]))], source=source
+        )
+    turns = _conversation_turns(obj["conversations"])
+    if isinstance(turns, str):
+        return Bad(turns, source)
+    images: list[str] = []
+    if spec.format == "llava" and obj.get("image"):
+        names = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
+        images = [_resolve_image(str(n), image_folder) for n in names]
+    return Record(sample_id, turns, images, source)
+
+
+def read_source(spec: SourceSpec) -> Iterator[Record | Bad]:
+    """Records of one instruction file, in file order."""
+    path = Path(spec.path)
+    image_folder = spec.image_folder or str(path.parent)
+    for index, obj in _iter_json_objects(path):
+        yield _parse(spec, obj, index, image_folder)
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Raise ValueError before any work if the file is unreadable or its first record lacks the
+    format's fields (usually: the wrong `format` was given)."""
+    path = Path(spec.path)
+    if not path.is_file():
+        raise ValueError(f"{spec.path}: instruction file not found")
+    for _, obj in _iter_json_objects(path):
+        if obj is None:
+            continue  # a malformed line is counted later, not structural
+        missing = [
+            k for k in REQUIRED_FIELDS[spec.format] if not isinstance(obj, dict) or k not in obj
+        ]
+        if missing:
+            raise ValueError(
+                f"{spec.path}: first record has no field(s) {missing} required by format "
+                f"{spec.format!r}; check the source's format"
+            )
+        return
+
+
+def record_texts(record: Record) -> Iterator[str]:
+    """The turn texts of a record (for tokenizer training)."""
+    for turn in record.turns:
+        yield turn.text
