@@ -123,7 +123,9 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{path.rstrip('.') or 'model'}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"{path.rstrip('.') or 'model'}: expected a mapping, got {type(data).__name__}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

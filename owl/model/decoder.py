@@ -1,0 +1,218 @@
+"""LLaMA decoder with the optional modality-adaptive module (MAM) of mPLUG-Owl2.
+
+With the MAM each layer has two copies of the input norm, the post-attention norm, k_proj and
+v_proj: the plain names are the text branch (so LLaMA weights map 1:1) and the `*_visual` names the
+visual branch. Query, output projection, MLP, RoPE, embeddings, final norm and lm_head are shared.
+Both branches run on every token and `torch.where` picks per token by the explicit modality mask:
+the module sequence is the same whatever the batch holds (ZeRO-3 traces stay consistent across
+ranks, unlike the authors' release which skipped an empty branch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from owl.model.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 (bf16-safe) and cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for positions (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
+    inv_freq = 1.0 / (theta ** (exponent.float() / head_dim))  # (d/2,)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, d/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (B, T, d)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x (B, h, T, d): the LLaMA / Hugging Face convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per layer, each (B, kv_heads, max_len, head_dim)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(
+        cls, cfg: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        return cls(keys, [torch.zeros_like(k) for k in keys])
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, d) after the cached ones; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        capacity = self.keys[layer].shape[2]
+        if end > capacity:
+            raise ValueError(f"KV cache holds {capacity} positions, asked for {end}")
+        self.keys[layer].narrow(2, self.length, k.shape[2]).copy_(k)
+        self.values[layer].narrow(2, self.length, v.shape[2]).copy_(v)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        if cfg.hidden % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(
+                f"decoder.hidden ({cfg.hidden}) must be divisible by decoder.num_heads "
+                f"({cfg.num_heads}), and num_heads by decoder.num_kv_heads ({cfg.num_kv_heads})"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden, kv_width, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden, kv_width, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        if cfg.modality_adaptive:
+            self.k_proj_visual = nn.Linear(cfg.hidden, kv_width, bias=False)
+            self.v_proj_visual = nn.Linear(cfg.hidden, kv_width, bias=False)
+
+    def _keys_values(
+        self, x: torch.Tensor, visual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k_proj(x), self.v_proj(x)  # (B, T, kv_width)
+        if visual is not None:  # MAM: both branches on every token, select per token
+            k = torch.where(visual, self.k_proj_visual(x), k)
+            v = torch.where(visual, self.v_proj_visual(x), v)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D) already normed (per modality)
+        visual: torch.Tensor | None,  # (B, T, 1) bool, None without MAM
+        cos: torch.Tensor,  # (B, 1, T, d)
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        cache: KVCache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        k, v = self._keys_values(x, visual)
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, h, T, d), (B, kv, T, d)
+        if cache is not None:
+            k, v = cache.append(layer_idx, k, v)  # (B, kv, S, d)
+        if self.num_kv_heads != self.num_heads:  # grouped KV: query head i reads kv head i // rep
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1
+        )  # (B, h, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        if cfg.modality_adaptive:
+            self.input_norm_visual = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
+            self.post_attn_norm_visual = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
+
+    def _norm(self, x: torch.Tensor, visual: torch.Tensor | None, which: str) -> torch.Tensor:
+        text = getattr(self, which)(x)
+        if visual is None:
+            return text
+        return torch.where(visual, getattr(self, f"{which}_visual")(x), text)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        visual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        h = self._norm(x, visual, "input_norm")
+        x = x + self.attn(h, visual, cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self._norm(x, visual, "post_attn_norm"))
+
+
+class Decoder(nn.Module):
+    """Token embeddings in, logits out. `modality` (B, T) bool marks visual tokens (MAM input)."""
+
+    def __init__(self, cfg: DecoderConfig, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (B, T, D)
+        modality: torch.Tensor,  # (B, T) bool, True = visual
+        position_ids: torch.Tensor,  # (B, T)
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal, no padding
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        visual = modality[..., None] if self.cfg.modality_adaptive else None  # (B, T, 1)
+        x = embeds
+        for idx, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, visual, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, visual, cos, sin, mask, cache, idx)
+        if cache is not None:
+            cache.length += embeds.shape[1]
+        return self.lm_head(self.norm(x))  # (B, T, V)

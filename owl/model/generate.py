@@ -1,0 +1,152 @@
+"""Batched generation: left padding, KV cache, greedy or temperature/top-p sampling, EOS stop.
+
+Left padding is segment 0 and the real tokens segment 1: padded keys are masked for real queries
+and positions start at 0 at each sample's first real token, so each row generates exactly what it
+would generate alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from owl.model.decoder import KVCache
+from owl.model.model import positions_from_segments
+
+if TYPE_CHECKING:
+    from owl.model.model import OwlModel
+
+
+@dataclass
+class Prompt:
+    """A left-padded batch ready for the model."""
+
+    input_ids: torch.Tensor  # (B, T)
+    segments: torch.Tensor  # (B, T) 0 = left padding, 1 = prompt
+    images: torch.Tensor | None  # (N, 3, S, S) all images in sample order, or None
+
+
+def left_pad(
+    model: OwlModel, input_ids: list[list[int]], images: list[torch.Tensor] | None
+) -> Prompt:
+    if not input_ids or any(len(ids) == 0 for ids in input_ids):
+        raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+    if images is not None and len(images) != len(input_ids):
+        raise ValueError(
+            f"images must hold one tensor per prompt ({len(input_ids)}), got {len(images)}; "
+            "use an empty (0, 3, S, S) tensor for a prompt without images"
+        )
+    device = next(model.parameters()).device
+    length = max(len(ids) for ids in input_ids)
+    pad_id = model.cfg.decoder.pad_token_id
+    ids = torch.full((len(input_ids), length), pad_id, dtype=torch.long)
+    segments = torch.zeros((len(input_ids), length), dtype=torch.long)
+    for row, prompt in enumerate(input_ids):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        segments[row, length - len(prompt) :] = 1
+    pixels = None
+    if images is not None:
+        present = [img for img in images if img is not None and img.shape[0] > 0]
+        pixels = torch.cat(present).to(device) if present else None
+    return Prompt(ids.to(device), segments.to(device), pixels)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row from last-position logits (B, V): argmax, or nucleus sampling."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model: OwlModel,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int | None,
+    seed: int | None,
+    use_cache: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), alive (B,) bool) per step; alive = a real new token (not EOS, not after
+    it). Stops when every row has produced EOS or after max_new_tokens steps."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids, segments = prompt.input_ids, prompt.segments
+    batch, device = ids.shape[0], ids.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    positions = positions_from_segments(segments)  # (B, T)
+    padded = not bool((segments != 0).all())
+    cache = None
+    if use_cache:
+        dtype = model.decoder.embed_tokens.weight.dtype
+        cache = KVCache.allocate(
+            model.cfg.decoder, batch, ids.shape[1] + max_new_tokens, device, dtype
+        )
+        key_segments = segments if padded else None
+        logits = model.forward_cached(ids, prompt.images, positions, cache, key_segments)
+    else:
+        logits = model(ids, prompt.images, segment_ids=segments if padded else None)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1:]  # (B, 1)
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+        tokens = tokens.masked_fill(finished, model.cfg.decoder.pad_token_id)
+        if eos_token_id is not None:
+            now_eos = tokens == eos_token_id
+            yield tokens, ~finished & ~now_eos
+            finished = finished | now_eos
+        else:
+            yield tokens, ~finished
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        segments = torch.cat([segments, torch.ones_like(segments[:, :1])], dim=1)
+        next_pos = next_pos + 1
+        if cache is not None:
+            key_segments = segments if padded else None
+            logits = model.forward_cached(tokens[:, None], None, next_pos, cache, key_segments)
+        else:
+            ids = torch.cat([ids, tokens[:, None]], dim=1)
+            logits = model(ids, prompt.images, segment_ids=segments if padded else None)
+
+
+def generate(
+    model: OwlModel,
+    input_ids: list[list[int]],
+    images: list[torch.Tensor] | None,
+    **options: object,
+) -> list[list[int]]:
+    """See OwlModel.generate."""
+    prompt = left_pad(model, input_ids, images)
+    outputs: list[list[int]] = [[] for _ in input_ids]
+    for tokens, alive in decode(model, prompt, **options):  # type: ignore[arg-type]
+        for row in torch.nonzero(alive).flatten().tolist():
+            outputs[row].append(int(tokens[row]))
+    return outputs
+
+
+def stream(
+    model: OwlModel, input_ids: list[int], images: torch.Tensor | None, **options: object
+) -> Iterator[int]:
+    """See OwlModel.stream."""
+    prompt = left_pad(model, [input_ids], None if images is None else [images])
+    for tokens, alive in decode(model, prompt, **options):  # type: ignore[arg-type]
+        if not bool(alive[0]):
+            return
+        yield int(tokens[0])

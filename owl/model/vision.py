@@ -1,0 +1,112 @@
+"""Vision encoder: a CLIP ViT (ViT-L/14 at paper size).
+
+Layout: bias-free patch convolution, a learned CLS vector and learned positions over CLS + patches,
+a LayerNorm before the blocks, pre-LayerNorm blocks with quick-GELU MLPs, and a LayerNorm after
+the blocks applied to *every* token (the abstractor reads all tokens, not only CLS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from owl.model.config import VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The GELU approximation OpenAI CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.width % cfg.num_heads:
+            raise ValueError(
+                f"vision.width ({cfg.width}) must be divisible by vision.num_heads ({cfg.num_heads})"
+            )
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.o_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape  # (N, L, W)
+        head_dim = width // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # (N, h, L, d)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        )  # (N, h, L, d): every token sees every token
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """Images (N, 3, S, S) -> token features (N, 1 + patches, W), CLS first."""
+
+    def __init__(self, cfg: VisionConfig, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(
+                f"vision.image_size ({cfg.image_size}) must be a multiple of "
+                f"vision.patch_size ({cfg.patch_size})"
+            )
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.patch_embed = nn.Conv2d(
+            cfg.num_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.02)
+        self.position_embedding = nn.Parameter(torch.randn(cfg.num_tokens, cfg.width) * 0.02)
+        self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (self.cfg.num_channels, size, size):
+            raise ValueError(
+                f"images must have shape (N, {self.cfg.num_channels}, {size}, {size}) for this "
+                f"model; got {tuple(images.shape)}. Preprocess with "
+                f"owl.data.image.preprocess_images(..., size={size})"
+            )
+        dtype = self.patch_embed.weight.dtype
+        patches = self.patch_embed(images.to(dtype))  # (N, W, S/p, S/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, P, W)
+        cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)  # (N, 1, W)
+        x = torch.cat([cls, patches], dim=1) + self.position_embedding  # (N, 1 + P, W)
+        x = self.pre_norm(x)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.post_norm(x)  # (N, 1 + P, W)
