@@ -1,0 +1,1 @@
+"""Training: per-stage parameter selection, loss, DeepSpeed config, the worker loop, checkpoints."""

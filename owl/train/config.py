@@ -1,0 +1,229 @@
+"""Typed training configuration, the paper recipes as named presets, and the DeepSpeed config
+built from it.
+
+`TrainConfig` is the job-file section of the `stage1` / `stage2` steps. Plain data: importing this
+module needs neither DeepSpeed nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# DeepSpeed prints every `steps_per_print` steps; our own metrics replace that.
+_NEVER = 1 << 30
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage. Steps are optimizer steps (after gradient accumulation)."""
+
+    stage: int = 1
+    # Optimizer: AdamW; weight decay on matrices only (not on norms, biases, embeddings' scales).
+    lr: float = 1e-4
+    abstractor_lr: float = 0.0  # 0 = same as `lr`
+    vit_layer_decay: float = 1.0  # lr of ViT block i = lr * decay ** (num_layers - i); 1 = off
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Schedule: linear warm-up then cosine to `min_lr_ratio * lr`. `warmup_steps` wins when > 0.
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    # Length: `max_steps` wins when > 0, else `epochs` passes over the data.
+    max_steps: int = 0
+    epochs: int = 1
+    # Batching: rows per micro-batch per worker; global batch = micro * accum * workers rows.
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 2048
+    packing: bool = True
+    max_images_per_row: int = 8
+    packing_window: int = 16  # open rows the packer tries before starting a new one
+    # Memory: ZeRO stage (0, 2 or 3) and activation checkpointing of decoder/ViT layers.
+    zero_stage: int = 2
+    activation_checkpointing: bool = False
+    # Bookkeeping.
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    # Owl1 stage 2 only: LoRA on the decoder, and whether the abstractor trains too (the paper
+    # says it does; the authors' release froze it).
+    train_abstractor_in_stage2: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    merge_lora: bool = True  # export merged weights; False keeps the adapter apart
+    # Stage 1 only: a model folder to start from (e.g. converted CLIP + LLaMA weights); empty =
+    # random init from the model config. May be `@role/path`.
+    init_model: str = ""
+    # Cluster: one Ray Train worker per `num_workers`.
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0
+    # FAULT INJECTION, for tests only: at optimizer step `fail_at_step` (> 0) of a run that did
+    # not start from a checkpoint, worker rank `fail_rank` fails: `raise` raises, `kill` sends
+    # SIGKILL to its own process. 0 = never.
+    fail_at_step: int = 0
+    fail_rank: int = 0
+    fail_mode: str = "raise"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a job-file section; unknown keys are an error naming them."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"train: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+        data = dict(data)
+        for name in ("betas", "lora_targets"):
+            if name in data:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        return dataclasses.replace(self, **overrides)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.stage in (1, 2), "stage must be 1 or 2"),
+        (cfg.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.abstractor_lr >= 0, "abstractor_lr must be >= 0 (0 = same as lr)"),
+        (0 < cfg.vit_layer_decay <= 1, "vit_layer_decay must be in (0, 1]"),
+        (cfg.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+        (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
+        (cfg.max_length >= 2, "max_length must be >= 2"),
+        (cfg.max_images_per_row >= 1, "max_images_per_row must be >= 1"),
+        (cfg.max_steps > 0 or cfg.epochs > 0, "set max_steps > 0 or epochs > 0"),
+        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.fail_mode in ("raise", "kill"), "fail_mode must be 'raise' or 'kill'"),
+        (len(cfg.betas) == 2, "betas must be two numbers"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"train: {message}")
+
+
+# The papers' recipes (see /work/shared/reference/mplug-owl.md). Batch sizes there are for
+# hundreds of GPUs: scale `micro_batch_size`, `grad_accum` and `num_workers` to the cluster.
+PRESETS: dict[str, dict[str, Any]] = {
+    "owl1-stage1": dict(
+        stage=1,
+        lr=1e-4,
+        betas=(0.9, 0.98),
+        weight_decay=0.1,
+        warmup_steps=2000,
+        max_steps=50000,
+    ),
+    "owl1-stage2": dict(
+        stage=2,
+        lr=2e-5,
+        betas=(0.9, 0.98),
+        weight_decay=0.1,
+        max_steps=2000,
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    # Owl2 stage 1 values are from the Owl2 paper's appendix (not in the reference notes).
+    "owl2-stage1": dict(
+        stage=1,
+        lr=1e-4,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
+        warmup_steps=1000,
+        max_steps=42500,
+    ),
+    "owl2-stage2": dict(
+        stage=2,
+        lr=2e-5,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        warmup_ratio=0.03,
+        epochs=1,
+        zero_stage=3,
+        activation_checkpointing=True,
+        micro_batch_size=2,
+        grad_accum=8,
+        vit_layer_decay=0.9,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A paper recipe by name (`owl1-stage1`, ...), with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; known: {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.warmup_steps > 0:
+        return min(cfg.warmup_steps, total_steps)
+    return int(cfg.warmup_ratio * total_steps)
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_ratio` at `total`.
+
+    `step` counts optimizer steps already taken (LambdaLR calls it with 0 before the first one),
+    so the first update uses lr / warmup.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for this stage: ZeRO, precision, clipping, accumulation, AdamW.
+
+    Per-group learning rates and weight decay come from the parameter groups handed to
+    `deepspeed.initialize`; the schedule is a LambdaLR over `lr_multiplier` (exact on resume).
+    """
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True)
+    if cfg.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+                # DeepSpeed's fused Adam needs CUDA; on CPU use torch's AdamW.
+                "torch_adam": not on_gpu,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,408 @@
+"""The per-worker training loop: build the model, select what trains, DeepSpeed, train, checkpoint.
+
+Everything comes in through `WorkerJob` and a `Session` (how this worker reports metrics and
+checkpoints and finds the one to restore); no globals. The Ray Train implementation of `Session`
+lives in `pipelines/steps/train.py`, so this module imports neither Ray nor (at import time)
+DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from owl.data.loader import LoaderConfig, ShardLoader, ShardRef
+from owl.model.config import OwlConfig
+from owl.train import checkpoint
+from owl.train.checkpoint import TrainState
+from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from owl.train.loss import num_supervised, token_loss_sum
+from owl.train.metrics import Window, train_flops
+from owl.train.stages import format_table, lora_kwargs, param_groups, select_trainable
+
+EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder (rank 0)
+CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+
+
+@dataclass
+class WorkerJob:
+    """What every worker needs, picklable. Paths must be readable from every worker."""
+
+    train: TrainConfig
+    model: OwlConfig
+    shards: list[ShardRef]
+    init_model_dir: str = ""  # a folder `owl.model.load_model` reads; empty = fresh init
+    pad_id: int = 0
+    verify_shards: bool = True  # sha256 of every shard before reading (the step does it once)
+
+
+class Session(Protocol):
+    """How the loop talks to its launcher (Ray Train, or a plain process in tests/benchmarks)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def restore_dir(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The checkpoint directory to resume from, if any."""
+        ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """Hand metrics (and a checkpoint written by this rank) to the launcher; all ranks call it."""
+        ...
+
+
+def run_training(job: WorkerJob, session: Session) -> TrainState:
+    """Train one stage to its last step, reporting metrics and checkpoints through `session`."""
+    cfg = job.train
+    _seed_everything(cfg.seed)
+    model = _build_model(job)
+    table = select_trainable(
+        model,
+        job.model.variant,
+        cfg.stage,
+        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
+        lora=lora_kwargs(cfg),
+    )
+    if session.rank == 0:
+        print(
+            f"trainable parameters (stage {cfg.stage}, {job.model.variant}):\n{format_table(table)}"
+        )
+    loader = _build_loader(job, session)
+    total_steps = total_optimizer_steps(cfg, loader)
+    engine = _initialize_engine(model, cfg, total_steps, session.world_size)
+    state = TrainState()
+    with session.restore_dir() as directory:
+        if directory is not None:
+            state, loader_state = checkpoint.load(engine, directory, rank=session.rank)
+            loader.load_state_dict(loader_state)
+            state.resumed_from_step = state.step
+    _train(engine, loader, job, session, state, total_steps, started_fresh=state.step == 0)
+    return state
+
+
+def total_optimizer_steps(cfg: TrainConfig, loader: ShardLoader) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro_batches = sum(loader.batches_per_epoch(e) for e in range(cfg.epochs))
+    steps = micro_batches // cfg.grad_accum
+    if steps == 0:
+        raise ValueError(
+            f"{cfg.epochs} epoch(s) give {micro_batches} micro-batches per worker, fewer than "
+            f"grad_accum={cfg.grad_accum}: use more data or set max_steps"
+        )
+    return steps
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_model(job: WorkerJob) -> torch.nn.Module:
+    from owl.model import OwlModel, load_model
+
+    model_cfg = job.model.replace(activation_checkpointing=job.train.activation_checkpointing)
+    if not job.init_model_dir:
+        return OwlModel(model_cfg)
+    model = load_model(job.init_model_dir)
+    if model.cfg.variant != job.model.variant:
+        raise ValueError(
+            f"init model {job.init_model_dir} is {model.cfg.variant}, the job trains "
+            f"{job.model.variant}: use the same model config for both stages"
+        )
+    _set_activation_checkpointing(model, job.train.activation_checkpointing)
+    return model
+
+
+def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = enabled
+
+
+def loader_config(cfg: TrainConfig, model: OwlConfig, pad_id: int) -> LoaderConfig:
+    """The loader settings of a training stage."""
+    return LoaderConfig(
+        micro_batch_size=cfg.micro_batch_size,
+        max_length=cfg.max_length,
+        max_images_per_row=cfg.max_images_per_row,
+        packing=cfg.packing,
+        packing_window=cfg.packing_window,
+        seed=cfg.seed,
+        pad_id=pad_id,
+        image_size=model.vision.image_size,
+        image_mode=model.image_mode,
+    )
+
+
+def _build_loader(job: WorkerJob, session: Session) -> ShardLoader:
+    return ShardLoader(
+        job.shards,
+        loader_config(job.train, job.model, job.pad_id),
+        rank=session.rank,
+        world_size=session.world_size,
+        verify=job.verify_shards,
+    )
+
+
+def _initialize_engine(
+    model: torch.nn.Module, cfg: TrainConfig, total_steps: int, world_size: int
+) -> Any:
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    warmup = warmup_steps(cfg, total_steps)
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio
+            ),
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg),
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu),
+    )
+    return engine
+
+
+def _to_device(batch: dict[str, Any], engine: Any) -> dict[str, Any]:
+    device = engine.device
+    out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if out.get("images") is not None:
+        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        out["images"] = out["images"].to(dtype)
+    return out
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _train_step(
+    engine: Any, loader: ShardLoader, job: WorkerJob, world_size: int
+) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; local (this rank's) counts."""
+    batches = [next(loader) for _ in range(job.train.grad_accum)]
+    counts = [num_supervised(b["labels"], b["segment_ids"]) for b in batches]
+    (global_count,) = _all_reduce_sum([sum(counts)], engine.device)
+    # DeepSpeed divides by grad_accum and averages over ranks; undo both so the update is the
+    # mean over the supervised tokens of the global batch.
+    scale = job.train.grad_accum * world_size / max(global_count, 1.0)
+    loss_sum, tokens, images, seq_len = 0.0, 0, 0, 0
+    for batch in batches:
+        tensors = _to_device(batch, engine)
+        logits = engine(
+            tensors["input_ids"],
+            tensors.get("images"),
+            position_ids=tensors["position_ids"],
+            segment_ids=tensors["segment_ids"],
+        )  # (B, T, V)
+        loss = token_loss_sum(logits, tensors["labels"], tensors["segment_ids"])
+        engine.backward(loss * scale)
+        engine.step()
+        loss_sum += float(loss.detach())
+        tokens += int((batch["segment_ids"] > 0).sum())
+        images += 0 if batch["images"] is None else batch["images"].shape[0]
+        seq_len = max(seq_len, batch["input_ids"].shape[1])
+    flops = train_flops(job.model, tokens=tokens, seq_len=seq_len, images=images)
+    samples = sum(b["num_samples"] for b in batches)
+    return {
+        "loss_sum": loss_sum,
+        "supervised": sum(counts),
+        "tokens": tokens,
+        "samples": samples,
+        "flops": flops,
+    }
+
+
+def _maybe_fail(cfg: TrainConfig, step: int, rank: int, started_fresh: bool) -> None:
+    """Fault injection for tests (see TrainConfig.fail_at_step)."""
+    if cfg.fail_at_step != step or rank != cfg.fail_rank or not started_fresh:
+        return
+    if cfg.fail_mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step} on rank {rank} (fail_at_step)")
+
+
+def _train(
+    engine: Any,
+    loader: ShardLoader,
+    job: WorkerJob,
+    session: Session,
+    state: TrainState,
+    total_steps: int,
+    *,
+    started_fresh: bool,
+) -> None:
+    cfg = job.train
+    engine.train()
+    window = Window()
+    while state.step < total_steps:
+        counts = _train_step(engine, loader, job, session.world_size)
+        state.step += 1
+        window.steps += 1
+        for key in ("loss_sum", "supervised", "tokens", "samples", "flops"):
+            setattr(window, key, getattr(window, key) + counts[key])
+        _maybe_fail(cfg, state.step, session.rank, started_fresh)
+        last = state.step == total_steps
+        metrics = None
+        if state.step % cfg.log_every == 0 or last:
+            metrics = _window_metrics(engine, window, state, session.world_size)
+            window = Window()
+        if state.step % cfg.checkpoint_every == 0 or last:
+            _save_and_report(engine, loader, job, session, state, metrics or {}, export=last)
+        elif metrics is not None:
+            session.report(metrics, None)
+
+
+def _window_metrics(
+    engine: Any, window: Window, state: TrainState, world_size: int
+) -> dict[str, float]:
+    """All-reduce the window's counts, compute rates, append to the curves."""
+    sums = _all_reduce_sum(
+        [window.loss_sum, window.supervised, window.tokens, window.samples, window.flops],
+        engine.device,
+    )
+    window.loss_sum, window.supervised, window.tokens, window.samples, window.flops = sums
+    window.supervised, window.tokens, window.samples = map(int, sums[1:4])
+    metrics = window.rates(world_size)
+    grad_norm = engine.get_global_grad_norm()
+    metrics.update(step=state.step, lr=engine.get_lr()[0], grad_norm=float(grad_norm or 0.0))
+    state.tokens += window.tokens
+    state.samples += window.samples
+    state.elapsed_s += window.steps * metrics["step_time_s"]
+    for name in CURVES:
+        state.curves.setdefault(name, []).append((state.step, float(metrics[name])))
+    return metrics
+
+
+def _save_and_report(
+    engine: Any,
+    loader: ShardLoader,
+    job: WorkerJob,
+    session: Session,
+    state: TrainState,
+    metrics: dict[str, float],
+    *,
+    export: bool,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="owl-ckpt-") as tmp:
+        directory = Path(tmp)
+        checkpoint.save(
+            engine, directory, rank=session.rank, state=state, loader_state=loader.state_dict()
+        )
+        if export:
+            _export(engine, job, directory / EXPORT_DIR, rank=session.rank)
+        session.report({**metrics, "step": state.step}, directory)
+
+
+def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
+    """Rank 0 writes the consolidated model folder (ZeRO-3 parameters gathered first).
+
+    With LoRA: `merge_lora` folds the adapters into the weights (in place: training is over);
+    otherwise the folder holds the base weights and `lora/` the adapter apart.
+    """
+    from owl.model import save_model
+
+    with _gathered(engine):
+        if rank != 0:
+            return
+        model = engine.module
+        if not any("lora_" in n for n, _ in model.named_parameters()):
+            save_model(model, directory)
+        elif job.train.merge_lora:
+            from owl.model.lora import merge_lora
+
+            save_model(merge_lora(model), directory)
+        else:
+            _export_lora_apart(model, job.train, directory)
+
+
+def _export_lora_apart(model: torch.nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    import json
+
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    from owl.model import save_model
+
+    adapter = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if "lora_" in name
+    }
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    save_model(model, directory)
+    (directory / "lora").mkdir()
+    save_file(adapter, str(directory / "lora" / "adapter.safetensors"))
+    (directory / "lora" / "adapter_config.json").write_text(json.dumps(lora_kwargs(cfg), indent=2))
+
+
+@contextlib.contextmanager
+def _gathered(engine: Any) -> Iterator[None]:
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
+
+
+@dataclass
+class LocalSession:
+    """A single-process `Session` (world size 1) for benchmarks and debugging: checkpoints are
+    copied into `checkpoint_root/step-N`, metrics appended to `reports`."""
+
+    checkpoint_root: Path
+    resume_from: Path | None = None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    reports: list[dict[str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[Path | None]:
+        yield self.resume_from
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import shutil
+
+        self.reports.append(dict(metrics, time=time.time()))
+        if checkpoint_dir is not None:
+            target = self.checkpoint_root / checkpoint.step_dir_name(int(metrics["step"]))
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+
+
+def init_single_process_group(port: int = 29517) -> None:
+    """A world of one (gloo) for running the loop outside Ray: DeepSpeed needs a process group."""
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1)

@@ -1,0 +1,154 @@
+"""Which parameters train in which stage (as the papers describe), and the AdamW groups.
+
+| variant | stage | trainable                                                                  |
+|---------|-------|----------------------------------------------------------------------------|
+| owl1    | 1     | vision + abstractor; the LLM frozen                                        |
+| owl1    | 2     | LoRA adapters on the LLM (+ abstractor if asked); vision frozen            |
+| owl2    | 1     | vision + abstractor + the decoder's visual copies (`*_visual`: MAM norms, k, v) |
+| owl2    | 2     | everything                                                                 |
+
+Groups, by parameter name: `vision.*`, `abstractor.*`, `lora` (names containing `lora_`),
+`decoder_visual` (decoder names containing `_visual`), `decoder_text` (the rest of `decoder.*`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from owl.train.config import TrainConfig
+
+GROUPS = ("vision", "abstractor", "decoder_text", "decoder_visual", "lora")
+
+_TRAINABLE: dict[tuple[str, int], frozenset[str]] = {
+    ("owl1", 1): frozenset({"vision", "abstractor"}),
+    ("owl1", 2): frozenset({"lora"}),
+    ("owl2", 1): frozenset({"vision", "abstractor", "decoder_visual"}),
+    ("owl2", 2): frozenset({"vision", "abstractor", "decoder_text", "decoder_visual"}),
+}
+
+_VIT_BLOCK = re.compile(r"^vision\.layers\.(\d+)\.")
+
+
+def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of `owl.model.lora.apply_lora` from the training config."""
+    return {
+        "r": cfg.lora_r,
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout,
+        "target_modules": tuple(cfg.lora_targets),
+    }
+
+
+def param_group(name: str) -> str:
+    """The group a parameter belongs to, from its name."""
+    if "lora_" in name:
+        return "lora"
+    for prefix in ("vision", "abstractor"):
+        if name.startswith(prefix + "."):
+            return prefix
+    if name.startswith("decoder."):
+        return "decoder_visual" if "_visual" in name else "decoder_text"
+    raise ValueError(f"parameter {name!r} is in no known group; expected vision/abstractor/decoder")
+
+
+def trainable_groups(
+    variant: str, stage: int, *, train_abstractor_in_stage2: bool
+) -> frozenset[str]:
+    key = (variant, stage)
+    if key not in _TRAINABLE:
+        raise ValueError(
+            f"no training recipe for variant={variant!r} stage={stage}; use owl1/owl2, 1/2"
+        )
+    groups = _TRAINABLE[key]
+    if key == ("owl1", 2) and train_abstractor_in_stage2:
+        groups = groups | {"abstractor"}
+    return groups
+
+
+def select_trainable(
+    model: nn.Module,
+    variant: str,
+    stage: int,
+    *,
+    train_abstractor_in_stage2: bool = False,
+    lora: dict[str, Any] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Set `requires_grad` for this stage; return {group: {"trainable": n, "total": n}} (elements).
+
+    Owl1 stage 2 first wraps the decoder's target projections with LoRA (`owl.model.lora
+    .apply_lora`, keyword arguments from `lora`), so `model` is modified in place.
+    """
+    groups = trainable_groups(variant, stage, train_abstractor_in_stage2=train_abstractor_in_stage2)
+    if "lora" in groups:
+        from owl.model.lora import apply_lora
+
+        apply_lora(model, **(lora or {}))
+    table = {g: {"trainable": 0, "total": 0} for g in GROUPS}
+    for name, param in model.named_parameters():
+        group = param_group(name)
+        param.requires_grad_(group in groups)
+        table[group]["total"] += param.numel()
+        table[group]["trainable"] += param.numel() if param.requires_grad else 0
+    return table
+
+
+def format_table(table: dict[str, dict[str, int]]) -> str:
+    """The trainable-parameter table as aligned text, for the log."""
+    lines = [f"{'group':<16}{'trainable':>14}{'total':>14}"]
+    for group, row in table.items():
+        if row["total"]:
+            lines.append(f"{group:<16}{row['trainable']:>14,}{row['total']:>14,}")
+    trainable = sum(r["trainable"] for r in table.values())
+    total = sum(r["total"] for r in table.values())
+    lines.append(f"{'all':<16}{trainable:>14,}{total:>14,}")
+    return "\n".join(lines)
+
+
+def lr_scale(name: str, cfg: TrainConfig, num_vit_layers: int) -> float:
+    """Learning-rate multiplier of one parameter relative to `cfg.lr`.
+
+    ViT: block i of L gets `decay ** (L - i)`, the embeddings below block 0 `decay ** (L + 1)`,
+    the final norm 1. Abstractor: `abstractor_lr / lr` when set.
+    """
+    group = param_group(name)
+    if group == "abstractor" and cfg.abstractor_lr > 0:
+        return cfg.abstractor_lr / cfg.lr
+    if group != "vision" or cfg.vit_layer_decay == 1.0:
+        return 1.0
+    block = _VIT_BLOCK.match(name)
+    if block:
+        depth = num_vit_layers - int(block.group(1))
+    elif name.startswith("vision.post_norm"):
+        depth = 0
+    else:  # patch/position/class embeddings and the pre-norm
+        depth = num_vit_layers + 1
+    return cfg.vit_layer_decay**depth
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups over the trainable parameters.
+
+    Weight decay only on matrices (ndim >= 2); biases, norms and other vectors get none. One
+    group per distinct (lr, weight decay), so layer-wise decay gives one group per ViT depth.
+    """
+    num_vit_layers = 1 + max(
+        (int(m.group(1)) for n, _ in model.named_parameters() if (m := _VIT_BLOCK.match(n))),
+        default=-1,
+    )
+    buckets: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = cfg.lr * lr_scale(name, cfg, num_vit_layers)
+        decay = cfg.weight_decay if param.ndim >= 2 else 0.0
+        buckets.setdefault((lr, decay), []).append(param)
+    if not buckets:
+        raise ValueError("no trainable parameters: check the stage and variant")
+    return [
+        {"params": params, "lr": lr, "weight_decay": decay}
+        for (lr, decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], kv[0][1]))
+    ]

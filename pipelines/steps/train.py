@@ -1,0 +1,196 @@
+"""The `stage1` / `stage2` steps: one training stage on Ray Train (V2 API) + DeepSpeed.
+
+Roles: stage1 {"data": tokenize_captions, "tokenizer"}; stage2 {"data": tokenize_instructions,
+"init": stage1, "tokenizer"}. Writes `model/` (an `owl.model.load_model` folder) and keeps Ray
+Train checkpoints under `checkpoints/`: a re-run of the same step key resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from owl.data.loader import ShardLoader, shards_from_manifest
+from owl.data.manifest import Manifest
+from owl.train import checkpoint
+from owl.train.config import TrainConfig
+from owl.train.loop import EXPORT_DIR, WorkerJob, loader_config, run_training
+from owl.train.stages import format_table, lora_kwargs, select_trainable
+from pipelines.step import StepContext, StepInput, resolve_path
+
+Config = TrainConfig
+
+RUN_NAME = "train"
+
+
+class RaySession:
+    """`owl.train.loop.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
+
+    def __init__(self, resume_path: str) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self._resume_path = resume_path
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[Path | None]:
+        """Ray Train's latest checkpoint (after a worker restart), else the one the driver found
+        on disk (after a driver restart), else None."""
+        reported = ray.train.get_checkpoint()
+        if reported is not None:
+            with reported.as_directory() as directory:
+                yield Path(directory)
+        elif self._resume_path:
+            yield Path(self._resume_path)
+        else:
+            yield None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=checkpoint.step_dir_name(int(metrics["step"])),
+        )
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point: everything comes in through `config`."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.get_context().get_local_rank())
+    run_training(config["job"], RaySession(config["resume_path"]))
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """ValueError before anything starts when the job asks for more than the cluster has."""
+    have = ray.cluster_resources()
+    for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
+        need = per_worker * cfg.num_workers
+        if need > have.get(name, 0.0):
+            raise ValueError(
+                f"train: {cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but "
+                f"the Ray cluster has {have.get(name, 0.0):g}; lower num_workers or "
+                f"{name.lower()}s_per_worker, or add nodes"
+            )
+
+
+def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
+    if cfg.stage == 2:
+        if "init" not in inputs:
+            raise ValueError("train: stage 2 needs an `init` input (the stage-1 step)")
+        return str(inputs["init"].dir / "model")
+    return resolve_path(cfg.init_model, inputs) if cfg.init_model else ""
+
+
+def build_trainer(ctx: StepContext, cfg: TrainConfig, job: WorkerJob) -> TorchTrainer:
+    storage = ctx.out_dir / "checkpoints"
+    storage.mkdir(parents=True, exist_ok=True)
+    newest = checkpoint.newest_checkpoint(storage)
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"job": job, "resume_path": str(newest) if newest else ""},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+
+
+def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, int]]:
+    """The table the workers print, computed on the meta device (no memory) for the manifest."""
+    from owl.model import OwlModel
+
+    with torch.device("meta"):
+        model = OwlModel(ctx.model)
+    return select_trainable(
+        model,
+        ctx.model.variant,
+        cfg.stage,
+        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
+        lora=lora_kwargs(cfg),
+    )
+
+
+def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Manifest:
+    if "data" not in inputs:
+        raise ValueError("train: needs a `data` input (tokenized shards)")
+    shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
+    # Build the loader once here: digests, schema and "enough data for every worker" are checked
+    # before any worker starts, and its drop counts go into the manifest.
+    pad_id = ctx.model.decoder.pad_token_id
+    loader_cfg = loader_config(cfg, ctx.model, pad_id)
+    dropped = dict(ShardLoader(shards, loader_cfg, world_size=cfg.num_workers).dropped)
+    check_resources(cfg)
+    table = _trainable_table(ctx, cfg)
+    job = WorkerJob(
+        train=cfg,
+        model=ctx.model,
+        shards=shards,
+        init_model_dir=_init_model_dir(cfg, inputs),
+        pad_id=pad_id,
+        verify_shards=False,  # verified above; workers read the same files
+    )
+    started = time.perf_counter()
+    result = build_trainer(ctx, cfg, job).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
+    manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
+    manifest.dropped = dropped
+    return manifest
+
+
+def _finish(
+    ctx: StepContext, cfg: TrainConfig, result: Any, table: dict[str, dict[str, int]], wall_s: float
+) -> Manifest:
+    """Copy the exported model out of the final checkpoint and describe the stage."""
+    model_dir = ctx.out_dir / "model"
+    with result.checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(directory / EXPORT_DIR, model_dir)
+        saved = torch.load(directory / "worker-rank0.pt", weights_only=False)
+    state: checkpoint.TrainState = saved["state"]
+    manifest = Manifest(step=ctx.step)
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            manifest.add_file(ctx.out_dir, path.relative_to(ctx.out_dir).as_posix())
+    final_loss = state.curves["loss"][-1][1] if state.curves.get("loss") else float("nan")
+    manifest.stats = {
+        "final_loss": final_loss,
+        "steps": float(state.step),
+        "tokens": float(state.tokens),
+        "samples": float(state.samples),
+        "resumed_from_step": float(state.resumed_from_step),
+        "train_time_s": state.elapsed_s,
+        "wall_time_s": wall_s,
+    }
+    manifest.curves = {k: [tuple(p) for p in v] for k, v in state.curves.items()}
+    manifest.info = {
+        "trainable_parameters": table,
+        "trainable_table": format_table(table),
+        "train_config": cfg.to_dict(),
+        "stage": cfg.stage,
+        "variant": ctx.model.variant,
+    }
+    return manifest

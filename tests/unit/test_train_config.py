@@ -1,0 +1,122 @@
+"""TrainConfig validation, presets, the DeepSpeed config and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from owl.train.config import (
+    PRESETS,
+    TrainConfig,
+    deepspeed_config,
+    lr_multiplier,
+    preset,
+    warmup_steps,
+)
+
+
+def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
+    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, grad_clip=0.5)
+    ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
+    assert ds["bf16"]["enabled"] is False
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98]
+
+
+def test_deepspeed_config_gpu_is_bf16_and_zero3_gathers_on_save() -> None:
+    ds = deepspeed_config(TrainConfig(zero_stage=3), world_size=1, on_gpu=True)
+    assert ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_schedule_warms_up_then_decays_to_min() -> None:
+    values = [lr_multiplier(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert values[20] == pytest.approx(0.1)
+
+
+def test_warmup_ratio_and_steps() -> None:
+    assert warmup_steps(TrainConfig(warmup_ratio=0.03), 1000) == 30
+    assert warmup_steps(TrainConfig(warmup_steps=50, warmup_ratio=0.5), 1000) == 50
+
+
+def test_lambda_lr_resumes_exactly() -> None:
+    """The schedule is a function of the step count stored in the scheduler's state dict."""
+
+    def make() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        fn = lambda s: lr_multiplier(s, warmup=3, total=10, min_ratio=0.0)  # noqa: E731
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+    opt, sched = make()
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    opt2, sched2 = make()
+    for _ in range(4):
+        opt2.step()
+        sched2.step()
+    state = sched2.state_dict()
+    opt3, sched3 = make()
+    sched3.load_state_dict(state)
+    resumed = []
+    for _ in range(4):
+        opt3.step()
+        sched3.step()
+        resumed.append(sched3.get_last_lr()[0])
+    assert resumed == lrs[4:]
+
+
+def test_from_dict_rejects_unknown_and_converts_lists() -> None:
+    cfg = TrainConfig.from_dict({"lr": 3e-4, "betas": [0.9, 0.95], "lora_targets": ["q_proj"]})
+    assert cfg.betas == (0.9, 0.95) and cfg.lora_targets == ("q_proj",)
+    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1e-4})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("zero_stage", 4, "zero_stage"),
+        ("stage", 3, "stage must be 1 or 2"),
+        ("vit_layer_decay", 0.0, "vit_layer_decay"),
+        ("fail_mode", "explode", "fail_mode"),
+    ],
+)
+def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_presets_carry_paper_values() -> None:
+    assert set(PRESETS) == {"owl1-stage1", "owl1-stage2", "owl2-stage1", "owl2-stage2"}
+    owl1 = preset("owl1-stage1")
+    assert (owl1.lr, owl1.betas, owl1.weight_decay, owl1.warmup_steps, owl1.max_steps) == (
+        1e-4,
+        (0.9, 0.98),
+        0.1,
+        2000,
+        50000,
+    )
+    lora = preset("owl1-stage2", max_steps=10)
+    assert (lora.lr, lora.lora_r, lora.lora_alpha, lora.lora_targets) == (
+        2e-5,
+        8,
+        32,
+        ("q_proj", "v_proj"),
+    )
+    assert lora.max_steps == 10
+    owl2 = preset("owl2-stage2")
+    assert owl2.zero_stage == 3 and owl2.warmup_ratio == 0.03 and owl2.vit_layer_decay < 1
+    with pytest.raises(ValueError, match="unknown training preset"):
+        preset("owl3")
