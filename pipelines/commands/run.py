@@ -1,0 +1,413 @@
+"""Pipeline commands: `owl run`, `owl status`, `owl audit`, `owl submit`, `owl logs`, `owl stop`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.cache import canonical_json
+from pipelines.jobspec import JobSpec, load_job, to_yaml
+from pipelines.progress import make_reporter
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Never shipped to the cluster with `owl submit`: environments, data, outputs, caches.
+SUBMIT_EXCLUDES = [
+    ".venv", ".git", "data", "outputs", "runs", ".owl", "*.egg-info", "__pycache__",
+    ".pytest_cache", ".ruff_cache", ".whl", ".gl", "build", "dist",
+]  # fmt: skip
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _add_run(subparsers)
+    _add_status(subparsers)
+    _add_audit(subparsers)
+    _add_submit(subparsers)
+    _add_job_ops(subparsers)
+
+
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="job file (YAML), or env:VAR for YAML text in a variable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a job field, value parsed as YAML (repeatable): --set stage1.max_steps=10",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# owl run
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run a job: cached steps are reused, the rest computed")
+    _job_args(p)
+    p.add_argument("--force", action="append", default=[], metavar="STEP",
+                   help="re-run STEP and everything downstream (repeatable)")  # fmt: skip
+    p.add_argument("--until", metavar="STEP", help="stop after STEP (runs only what it needs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument(
+        "--verify", action="store_true", help="check cached files' sha256, not only sizes"
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.runner import Runner, plan
+
+    try:
+        job = load_job(args.job, args.overrides)
+        if args.dry_run:
+            planned = [p.to_dict() for p in plan(job, args.force, args.until)]
+            _show_plan(job, planned, args.json)
+            return 0
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # `owl stop` / `ray job stop` send SIGTERM
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            result = Runner(job, make_reporter(args.json)).run(args.force, args.until, args.verify)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json(result.to_dict())
+    elif not result.ok:
+        print(f"error: {result.error}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """With --json, stdout carries only the result: what steps, Ray workers or subprocesses
+    print meanwhile goes to stderr (at the file-descriptor level, so subprocesses follow)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _show_plan(job: JobSpec, planned: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        _print_json({"job": job.name, "storage": str(job.storage), "steps": planned})
+        return
+    table = Table(title=f"plan: {job.name} -> {job.storage}")
+    for column in ("step", "key", "cached", "resources", "GPU memory/worker"):
+        table.add_column(column)
+    for p in planned:
+        res = p["resources"]
+        memory = f"{p['memory_gib']:.2f} GiB + activations" if p["memory_gib"] is not None else ""
+        state = "forced" if p["forced"] else ("yes" if p["cached"] else "no")
+        resources = (
+            f"{res['num_workers']}x({res['cpus_per_worker']:g} CPU, {res['gpus_per_worker']:g} GPU)"
+        )
+        table.add_row(p["name"], (p["key"] or "after inputs")[:12], state, resources, memory)
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# owl status
+
+
+def _add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("status", help="per step: state, duration, key, MLflow run id")
+    _job_args(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.runner import job_status
+
+    try:
+        status = job_status(load_job(args.job, args.overrides))
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json(status)
+        return 0
+    table = Table(title=f"{status['job']} ({status['storage']})")
+    for column in ("step", "state", "time", "key", "MLflow run"):
+        table.add_column(column)
+    for s in status["steps"]:
+        table.add_row(
+            s["step"], s["state"], f"{s['duration_s']:.1f}s", s["key"][:12], s["mlflow_run_id"]
+        )
+    console = Console()
+    console.print(table)
+    if status["registered_model"]:
+        console.print(f"registered_model: {status['registered_model']}")
+    if status["metrics"]:
+        console.print(f"metrics: {status['metrics']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# owl audit
+
+
+def _add_audit(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("audit", help="trace a model or dataset through MLflow lineage")
+    kinds = p.add_subparsers(dest="audit_kind", metavar="KIND")
+    for kind, arg, helptext in (
+        ("model", "ref", "NAME, NAME@alias or NAME/version: the chain back to the URL lists"),
+        ("dataset", "digest", "a manifest digest (>= 8 chars): its producer and consumers"),
+    ):
+        sub = kinds.add_parser(kind, help=helptext)
+        sub.add_argument(arg)
+        sub.add_argument("--mlflow-uri", default="", help="tracking URI (default: from --job, "
+                         "else MLFLOW_TRACKING_URI)")  # fmt: skip
+        sub.add_argument("--job", default="", help="take the tracking URI from this job file")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE"
+        )
+        sub.add_argument("--json", action="store_true")
+        sub.set_defaults(func=cmd_audit)
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    if args.mlflow_uri:
+        return args.mlflow_uri
+    if args.job:
+        return load_job(args.job, args.overrides).mlflow_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise ValueError(
+        "no MLflow tracking URI: pass --mlflow-uri, --job JOB or set MLFLOW_TRACKING_URI"
+    )
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pipelines import lineage
+
+    try:
+        uri = _tracking_uri(args)
+        if args.audit_kind == "model":
+            report = lineage.audit_model(uri, args.ref)
+        else:
+            report = lineage.audit_dataset(uri, args.digest)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json(report)
+    elif args.audit_kind == "model":
+        _show_model_audit(report)
+    else:
+        _show_dataset_audit(report)
+    return 0
+
+
+def _show_model_audit(report: dict[str, Any]) -> None:
+    model = report["model"]
+    console = Console()
+    console.print(f"model {model['name']} version {model['version']}")
+    for entry in report["chain"]:
+        counts = ", ".join(f"{k}={v:g}" for k, v in entry["counts"].items())
+        console.print(
+            f"  {entry['step']:<22} run {entry['run_id']} out {entry['output_digest'][:16]} {counts}"
+        )
+        for i in entry["inputs"]:
+            console.print(
+                f"      <- {i['role']}: {i['step']} {i['digest'][:16]} (run {i['producer_run_id']})"
+            )
+        for k, v in entry.get("params", {}).items():
+            console.print(f"      {k} = {v}")
+
+
+def _show_dataset_audit(report: dict[str, Any]) -> None:
+    console = Console()
+    console.print(f"dataset {report['digest']}")
+    for p in report["producers"]:
+        console.print(f"  produced by {p['step']} run {p['run_id']} ({p['cache']})")
+    for c in report["consumers"]:
+        console.print(f"  read by     {c['step']} run {c['run_id']} ({c['cache']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# owl submit / logs / stop (Ray Job Submission SDK; the token comes from RAY_AUTH_TOKEN,
+# RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, which the SDK reads itself)
+
+
+def _address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", ""),
+        help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)",
+    )  # fmt: skip
+
+
+def _add_submit(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("submit", help="run a job on a Ray cluster (Ray Job Submission)")
+    _job_args(p)
+    _address_arg(p)
+    p.add_argument("--python", default="python", help="python on the cluster nodes")
+    p.add_argument(
+        "--wait", action="store_true", help="follow until the job ends; exit 1 if it fails"
+    )
+    p.set_defaults(func=cmd_submit)
+
+
+def _add_job_ops(subparsers: argparse._SubParsersAction) -> None:
+    logs = subparsers.add_parser("logs", help="print the driver logs of a submitted job")
+    logs.add_argument("submission_id")
+    _address_arg(logs)
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(func=cmd_logs)
+    stop = subparsers.add_parser("stop", help="stop a submitted job")
+    stop.add_argument("submission_id")
+    _address_arg(stop)
+    stop.add_argument("--json", action="store_true")
+    stop.set_defaults(func=cmd_stop)
+
+
+def _client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        raise ValueError(
+            "no Ray address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
+        )
+    return JobSubmissionClient(address)
+
+
+def submission_base_id(raw: dict[str, Any]) -> str:
+    """Deterministic id from the job after overrides: the same job maps to the same submission."""
+    digest = hashlib.sha256(canonical_json(raw).encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(raw.get("name", "job")))
+    return f"owl-{name}-{digest}"
+
+
+def submit_job(
+    job: JobSpec, address: str, python: str = "python", working_dir: Path = PROJECT_ROOT
+) -> tuple[str, str]:
+    """(submission id, "submitted" | "attached"): a job with the same id that is still pending or
+    running is attached to; after a finished one the next free `-rN` id is used."""
+    from pipelines.lineage import git_commit
+
+    client = _client(address)
+    raw = {**job.raw, "storage": str(job.storage)}
+    base = submission_base_id(raw)
+    known = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}
+    attempt = 1
+    while True:
+        sid = base if attempt == 1 else f"{base}-r{attempt}"
+        status = known.get(sid)
+        if status is None:
+            break
+        if status.split(".")[-1] not in _TERMINAL:
+            return sid, "attached"
+        attempt += 1
+    env_vars = {
+        "OWL_JOB_YAML": to_yaml(raw),
+        "OWL_SUBMISSION_ID": sid,
+        "OWL_GIT_COMMIT": git_commit(),
+    }
+    if os.environ.get("OWL_STEPS_TABLE"):  # a custom step table travels with the job
+        env_vars["OWL_STEPS_TABLE"] = os.environ["OWL_STEPS_TABLE"]
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": SUBMIT_EXCLUDES + _storage_exclude(job.storage, working_dir),
+        "env_vars": env_vars,
+    }
+    client.submit_job(
+        entrypoint=f"{python} -m pipelines.cli run env:OWL_JOB_YAML",
+        submission_id=sid,
+        runtime_env=runtime_env,
+        metadata={"owl.job": job.name},
+    )
+    return sid, "submitted"
+
+
+def _storage_exclude(storage: Path, working_dir: Path) -> list[str]:
+    try:
+        return ["/" + str(storage.relative_to(working_dir.resolve()))]
+    except ValueError:
+        return []
+
+
+def wait_for(address: str, submission_id: str, poll_s: float = 2.0) -> str:
+    client = _client(address)
+    while True:
+        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        if status in _TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        job = load_job(args.job, args.overrides)
+        sid, how = submit_job(job, args.address, args.python)
+        status = wait_for(args.address, sid) if args.wait else ""
+    except (ValueError, RuntimeError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json({"submission_id": sid, "action": how, "status": status})
+    else:
+        print(f"{how} {sid}" + (f": {status}" if status else ""))
+        print(f"follow: owl logs {sid} --address {args.address} --follow")
+    return 1 if status in ("FAILED", "STOPPED") else 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    try:
+        client = _client(args.address)
+        if args.follow and not args.json:
+            asyncio.run(_tail(client, args.submission_id))
+            return 0
+        logs = client.get_job_logs(args.submission_id)
+    except (ValueError, RuntimeError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json({"submission_id": args.submission_id, "logs": logs})
+    else:
+        print(logs, end="")
+    return 0
+
+
+async def _tail(client: Any, submission_id: str) -> None:
+    async for lines in client.tail_job_logs(submission_id):
+        print(lines, end="", flush=True)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    try:
+        stopped = _client(args.address).stop_job(args.submission_id)
+    except (ValueError, RuntimeError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        _print_json({"submission_id": args.submission_id, "stopped": bool(stopped)})
+    else:
+        print(("stopping " if stopped else "already finished: ") + args.submission_id)
+    return 0

@@ -1,0 +1,366 @@
+"""Job files: one YAML file describes a whole pipeline run; it is validated before anything starts.
+
+```yaml
+name: demo
+storage: /data/owl            # local path (or file:// URI); shared by every node of the cluster
+mlflow_uri: ""                # default: sqlite:///<storage>/mlflow.db, artifacts under storage
+ray_address: ""               # default: a local Ray started for the run
+seed: 0
+model: {name: demo, variant: owl2, overrides: {decoder: {num_layers: 2}},
+        pretrained: {clip: "", llama: "", owl2: ""}}
+download:                     # one section per step; fields of that step module's `Config`
+  url_list: "@shapes/captions.parquet"
+  resources: {num_workers: 4, cpus_per_worker: 1}
+  retry: {max_retries: 3, backoff_s: 10}
+```
+A step runs when its section is present (`shapes: {}` runs it with defaults). Errors name the field
+path (`stage1.lr: expected float, got str 'abc'`). `--set path=value` overrides any field before
+validation; the value is parsed as YAML (`--set stage1.max_steps=10 --set model.variant=owl1`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from owl.model.config import OwlConfig
+from pipelines.dag import StepSpec, active_table
+from pipelines.step import Resources
+
+TOP_LEVEL_FIELDS = ("name", "storage", "mlflow_uri", "ray_address", "seed", "model")
+STEP_RESERVED = ("resources", "retry")
+# Steps whose Config has these fields size themselves; their `resources` come from there.
+RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+# Storage URIs other than local paths need a POSIX mount today (locks, renames, resumable dirs).
+_LOCAL_SCHEMES = ("file://",)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Transient failures are retried `max_retries` times, waiting backoff_s * 2**attempt."""
+
+    max_retries: int = 2
+    backoff_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class PretrainedPaths:
+    """Folders of pretrained weights (Hugging Face layouts); empty = random initialisation."""
+
+    clip: str = ""
+    llama: str = ""
+    owl2: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "debug-tiny"
+    variant: Literal["owl1", "owl2"] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: PretrainedPaths = field(default_factory=PretrainedPaths)
+
+
+@dataclass
+class StepSection:
+    """One step of the job: its typed config, resources and retry policy."""
+
+    spec: StepSpec
+    config: Any
+    resources: Resources
+    retries: RetryPolicy
+
+
+@dataclass
+class JobSpec:
+    name: str
+    storage: Path
+    mlflow_uri: str
+    # Where MLflow stores artifacts when we created the store ourselves; None = the server decides.
+    mlflow_artifacts: str | None
+    ray_address: str
+    seed: int
+    model: ModelSpec
+    owl_config: OwlConfig
+    steps: dict[str, StepSection]
+    # The job as a plain dict after overrides: what `owl submit` ships to the cluster.
+    raw: dict[str, Any]
+
+    def step_names(self) -> list[str]:
+        return list(self.steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_job(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    table: dict[str, StepSpec] | None = None,
+) -> JobSpec:
+    """Read a job file (or `env:VAR`, YAML text in an environment variable), apply `--set`
+    overrides and validate."""
+    text = _read_job_text(str(path))
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a job file is a YAML mapping, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_job(raw, table)
+
+
+def _read_job_text(path: str) -> str:
+    if path.startswith("env:"):
+        var = path[len("env:") :]
+        if var not in os.environ:
+            raise ValueError(f"{path}: environment variable {var} is not set")
+        return os.environ[var]
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such job file")
+    return Path(path).read_text()
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw job dict, in place."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {item!r}: expected PATH=VALUE, e.g. stage1.max_steps=10")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ValueError(f"--set {item!r}: {where} is a {type(child).__name__}, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> JobSpec:
+    """Validate a raw job dict against the step table and the step modules' `Config` classes."""
+    table = active_table() if table is None else table
+    allowed = list(TOP_LEVEL_FIELDS) + list(table)
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown job field(s) {unknown}; allowed: {allowed}")
+    name = _typed(raw.get("name", ""), str, "name")
+    if not name:
+        raise ValueError("name: required, a short job name (used for the MLflow experiment)")
+    storage = parse_storage(_typed(raw.get("storage", ""), str, "storage"))
+    mlflow_uri = _typed(raw.get("mlflow_uri") or "", str, "mlflow_uri")
+    mlflow_artifacts = None
+    if not mlflow_uri:
+        mlflow_uri = f"sqlite:///{storage / 'mlflow.db'}"
+        mlflow_artifacts = str(storage / "mlartifacts")
+    model = build_dataclass(ModelSpec, raw.get("model") or {}, "model")
+    present = [n for n in table if n in raw]
+    if not present:
+        raise ValueError(f"the job has no step sections; add at least one of {list(table)}")
+    steps = {n: _parse_step(table[n], raw.get(n) or {}, present) for n in present}
+    return JobSpec(
+        name=name,
+        storage=storage,
+        mlflow_uri=mlflow_uri,
+        mlflow_artifacts=mlflow_artifacts,
+        ray_address=_typed(raw.get("ray_address") or "", str, "ray_address"),
+        seed=_typed(raw.get("seed", 0), int, "seed"),
+        model=model,
+        owl_config=resolve_model(model),
+        steps=steps,
+        raw=raw,
+    )
+
+
+def parse_storage(value: str) -> Path:
+    if not value:
+        raise ValueError("storage: required, a directory for step outputs (e.g. /data/owl)")
+    for scheme in _LOCAL_SCHEMES:
+        if value.startswith(scheme):
+            value = value[len(scheme) :]
+    if "://" in value:
+        raise ValueError(
+            f"storage: {value!r}: only local paths are supported (file locks, atomic renames and "
+            "resumable training need a POSIX filesystem); mount the bucket (s3fs, gcsfuse, a shared "
+            "NFS/Lustre volume) on every node and give the mount path"
+        )
+    return Path(value).expanduser().resolve()
+
+
+def resolve_model(model: ModelSpec) -> OwlConfig:
+    """The OwlConfig the job trains: registry size + variant + nested overrides."""
+    from owl.model import get_config  # the model registry; imported lazily (torch)
+
+    try:
+        return get_config(model.name, model.variant, **model.overrides)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"model: {exc}") from exc
+
+
+def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> StepSection:
+    path = spec.section
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: expected a mapping of {spec.name} settings, got {section!r}")
+    for role, r in spec.roles.items():
+        if r.required and r.upstream not in present:
+            raise ValueError(
+                f"{path}: needs step {r.upstream!r} (input {role!r}); add a `{r.upstream}:` section"
+            )
+    values = {k: v for k, v in section.items() if k not in STEP_RESERVED}
+    for key, fixed in spec.fixed.items():
+        if key in values and values[key] != fixed:
+            raise ValueError(f"{path}.{key}: is fixed to {fixed!r} for this step")
+        values[key] = fixed
+    config_cls = spec.load_module().Config
+    clash = [f.name for f in dataclasses.fields(config_cls) if f.name in STEP_RESERVED]
+    assert not clash, f"{spec.module}.Config fields {clash} clash with the runner's section keys"
+    config = build_dataclass(config_cls, values, path)
+    _check_role_paths(dataclasses.asdict(config), spec, present, path)
+    retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
+    resources = _resources(spec, config, section.get("resources"), path)
+    return StepSection(spec=spec, config=config, resources=resources, retries=retries)
+
+
+def _resources(spec: StepSpec, config: Any, given: Any, path: str) -> Resources:
+    """From the step's own sizing fields if its Config has them, else the `resources` section."""
+    own = [f.name for f in dataclasses.fields(config) if f.name in RESOURCE_FIELDS]
+    if own and given is not None:
+        raise ValueError(
+            f"{path}.resources: this step is sized by its own fields {own}; set those instead"
+        )
+    if own:
+        return dataclasses.replace(spec.resources, **{name: getattr(config, name) for name in own})
+    if given is None:
+        return spec.resources
+    return build_dataclass(Resources, given, f"{path}.resources")
+
+
+def _check_role_paths(value: Any, spec: StepSpec, present: list[str], path: str) -> None:
+    """Every `@role/...` string must name a role of this step whose upstream step is in the job."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_role_paths(v, spec, present, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_role_paths(v, spec, present, f"{path}[{i}]")
+    elif isinstance(value, str) and value.startswith("@"):
+        role = value[1:].partition("/")[0]
+        if role not in spec.roles:
+            raise ValueError(
+                f"{path}: {value!r} names input {role!r}; {spec.name} has inputs {sorted(spec.roles)}"
+            )
+        if spec.roles[role].upstream not in present:
+            upstream = spec.roles[role].upstream
+            raise ValueError(
+                f"{path}: {value!r} needs step {upstream!r}, which this job does not run"
+            )
+
+
+def build_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a dict, checking every field's type; errors name `path.field`."""
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{path}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{path}.{name}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # the class's own checks (__post_init__)
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` checked against type `tp` (ints are accepted for floats, lists for tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path}: {value!r} is not allowed; expected one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, args, path)
+    if origin in (list, tuple) or tp in (list, tuple):
+        return _coerce_sequence(value, tp, origin or tp, args, path)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        value_tp = args[1] if args else Any
+        return {k: _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_union(value: Any, args: tuple, path: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arm in args:
+        if arm is type(None):
+            continue
+        try:
+            return _coerce(value, arm, path)
+        except ValueError as exc:
+            errors.append(str(exc).removeprefix(f"{path}: "))
+    raise ValueError(f"{path}: {value!r} matches none of: " + "; ".join(errors))
+
+
+def _coerce_sequence(value: Any, tp: Any, container: type, args: tuple, path: str) -> Any:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+    if container is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ValueError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item_tp = args[0] if args else Any
+    items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if container is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if tp in (str, bool) and type(value) is tp:
+        return value
+    if tp is type(None) and value is None:
+        return None
+    plain = (int, float, str, bool, Path, type(None))
+    if tp not in plain and isinstance(tp, type) and isinstance(value, tp):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ValueError(f"{path}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _typed(value: Any, tp: type, path: str) -> Any:
+    return _coerce(value, tp, path)
+
+
+def to_yaml(raw: dict[str, Any]) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)

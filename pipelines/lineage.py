@@ -1,0 +1,355 @@
+"""Lineage in MLflow: the only module that imports mlflow.
+
+One parent run per pipeline execution; one child run per step (its config as params, cache key,
+code version, hit/miss, git commit, Ray submission id as tags; its inputs as MLflow datasets whose
+digest is the manifest digest cut to MLflow's 36 characters, with the full sha256 and the
+producer run id as input tags; statistics and drop counts as metrics, curves as step-wise metrics,
+the manifest and plots as artifacts). The final model is an MLflow 3 *external* LoggedModel (the
+weights stay in the pipeline storage) registered in the model registry with an alias.
+`audit_model` and `audit_dataset` walk this graph back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from owl.data.manifest import MANIFEST_NAME, Manifest
+
+# MLflow limits (mlflow/utils/validation.py): dataset digest 36 chars, param value 6000 chars,
+# 100 params / 100 tags / 1000 metrics per batch call.
+DIGEST_CHARS = 36
+PARAM_VALUE_CHARS = 6000
+_BATCH = 100
+TAG = "owl."
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {'a.b.c': 'value'} with values stringified and cut to MLflow's limit."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, child in value.items():
+            flat.update(flatten(child, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): str(value)[:PARAM_VALUE_CHARS]}
+
+
+@functools.cache
+def git_commit() -> str:
+    """The project's git commit: from the checkout, or OWL_GIT_COMMIT (set by `owl submit`)."""
+    if os.environ.get("OWL_GIT_COMMIT"):
+        return os.environ["OWL_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+class Lineage:
+    """Records one pipeline execution in MLflow."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        mlflow.set_tracking_uri(tracking_uri)  # the registry and LoggedModel APIs read it
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = self._experiment(experiment, artifact_location)
+        self.parent_run_id = ""
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by a concurrent run
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # --- runs -----------------------------------------------------------------------------------
+
+    def start_pipeline(self, job_name: str, execution_id: str, params: dict[str, Any]) -> str:
+        tags = {
+            f"{TAG}job": job_name,
+            f"{TAG}execution_id": execution_id,
+            f"{TAG}git_commit": git_commit(),
+            f"{TAG}ray_submission_id": os.environ.get("OWL_SUBMISSION_ID", ""),
+        }
+        run = self.client.create_run(
+            self.experiment_id, tags=tags, run_name=f"{job_name}-{execution_id}"
+        )
+        self.parent_run_id = run.info.run_id
+        self._log(self.parent_run_id, params=flatten(params))
+        return self.parent_run_id
+
+    def end_pipeline(self, ok: bool, metrics: dict[str, float]) -> None:
+        if self.parent_run_id:
+            self._log(self.parent_run_id, metrics=metrics)
+            self.client.set_terminated(self.parent_run_id, "FINISHED" if ok else "FAILED")
+
+    def start_step(
+        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
+    ) -> str:
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            f"{TAG}step": step,
+            f"{TAG}cache_key": key,
+            f"{TAG}code_version": version,
+            f"{TAG}cache": "hit" if hit else "miss",
+            f"{TAG}git_commit": git_commit(),
+            f"{TAG}ray_submission_id": os.environ.get("OWL_SUBMISSION_ID", ""),
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=step)
+        self._log(run.info.run_id, params=flatten(config))
+        return run.info.run_id
+
+    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, Path, Manifest]]) -> None:
+        """inputs: role -> (upstream step, its directory, its manifest)."""
+        datasets = [_dataset_input(role, step, d, m) for role, (step, d, m) in inputs.items()]
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
+
+    def finish_step(
+        self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
+    ) -> None:
+        if manifest is not None:
+            self._log_manifest(run_id, manifest, out_dir, hit)
+        if error:
+            self.client.set_tag(run_id, f"{TAG}error", error[:PARAM_VALUE_CHARS])
+        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+    def _log_manifest(self, run_id: str, manifest: Manifest, out_dir: Path, hit: bool) -> None:
+        tags = {
+            f"{TAG}output_digest": manifest.digest,
+            f"{TAG}output_dir": str(out_dir),
+            f"{TAG}producer_run_id": manifest.info.get("mlflow_run_id", run_id),
+            f"{TAG}num_files": str(len(manifest.files)),
+        }
+        metrics = {k: float(v) for k, v in manifest.stats.items()}
+        metrics.update({f"dropped.{k}": float(v) for k, v in manifest.dropped.items()})
+        metrics.update(_file_counts(manifest))
+        self._log(run_id, metrics=metrics, tags=tags)
+        if not hit:  # curves and artifacts stay with the run that computed the output
+            self._log_curves(run_id, manifest.curves)
+            self.client.log_artifact(run_id, str(out_dir / MANIFEST_NAME))
+            for rel in manifest.artifacts:
+                if (out_dir / rel).is_file():
+                    self.client.log_artifact(run_id, str(out_dir / rel))
+
+    def _log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:
+        now = int(time.time() * 1000)
+        points = [
+            Metric(name, float(v), now, int(s)) for name, pts in curves.items() for s, v in pts
+        ]
+        for i in range(0, len(points), 1000):
+            self.client.log_batch(run_id, metrics=points[i : i + 1000])
+
+    def _log(
+        self,
+        run_id: str,
+        params: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        now = int(time.time() * 1000)
+        param_list = [Param(k[:250], v) for k, v in (params or {}).items()]
+        metric_list = [Metric(k[:250], v, now, 0) for k, v in (metrics or {}).items()]
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(param_list), len(metric_list), len(tag_list)), _BATCH):
+            self.client.log_batch(
+                run_id,
+                metrics=metric_list[i : i + _BATCH],
+                params=param_list[i : i + _BATCH],
+                tags=tag_list[i : i + _BATCH],
+            )
+
+    # --- model registry -------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        name: str,
+        model_dir: Path,
+        run_id: str,
+        digest: str,
+        tags: dict[str, str],
+        alias: str = "current",
+    ) -> tuple[str, str]:
+        """Register the model in `model_dir` (once per output digest); point `alias` at it."""
+        existing = self._version_with_digest(name, digest)
+        if existing is None:
+            logged = mlflow.create_external_model(
+                name=name,
+                source_run_id=run_id,
+                experiment_id=self.experiment_id,
+                tags={f"{TAG}model_dir": str(model_dir), f"{TAG}model_digest": digest},
+            )
+            version_tags = {**tags, f"{TAG}model_digest": digest, f"{TAG}model_dir": str(model_dir)}
+            existing = mlflow.register_model(f"models:/{logged.model_id}", name, tags=version_tags)
+        self.client.set_registered_model_alias(name, alias, existing.version)
+        return name, str(existing.version)
+
+    def _version_with_digest(self, name: str, digest: str) -> Any:
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        for version in versions:
+            if version.tags.get(f"{TAG}model_digest") == digest:
+                return version
+        return None
+
+
+def _dataset_input(role: str, step: str, out_dir: Path, manifest: Manifest) -> DatasetInput:
+    with warnings.catch_warnings():  # MLflow registers its local-artifact source twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(out_dir))
+    dataset = MetaDataset(source=source, name=step, digest=manifest.digest[:DIGEST_CHARS])
+    tags = {
+        "mlflow.data.context": role,
+        f"{TAG}sha256": manifest.digest,
+        f"{TAG}producer_run_id": str(manifest.info.get("mlflow_run_id", "")),
+        f"{TAG}cache_key": manifest.key,
+    }
+    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+
+
+def _file_counts(manifest: Manifest) -> dict[str, float]:
+    rows = [f.rows for f in manifest.files if f.rows is not None]
+    tokens = [f.tokens for f in manifest.files if f.tokens is not None]
+    counts = {
+        "files": float(len(manifest.files)),
+        "bytes": float(sum(f.size for f in manifest.files)),
+    }
+    if rows:
+        counts["rows"] = float(sum(rows))
+    if tokens:
+        counts["tokens"] = float(sum(tokens))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit: walk the graph back
+
+
+def audit_model(tracking_uri: str, ref: str) -> dict[str, Any]:
+    """`NAME`, `NAME@alias` or `NAME/version` -> the model version and the chain of step runs
+    that produced it, back to the steps without inputs (the URL lists)."""
+    client = MlflowClient(tracking_uri)
+    version = _model_version(client, ref)
+    chain, seen = [], set()
+    todo = [version.run_id]
+    while todo:
+        run_id = todo.pop(0)
+        if not run_id or run_id in seen:
+            continue
+        seen.add(run_id)
+        entry = _run_entry(client, run_id)
+        chain.append(entry)
+        todo.extend(i["producer_run_id"] for i in entry["inputs"])
+    return {
+        "model": {
+            "name": version.name,
+            "version": str(version.version),
+            "tags": dict(version.tags),
+        },
+        "chain": chain,
+    }
+
+
+def _model_version(client: MlflowClient, ref: str) -> Any:
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, number = ref.rsplit("/", 1)
+            return client.get_model_version(name, number)
+        versions = client.search_model_versions(f"name = '{ref}'")
+    except MlflowException as exc:
+        raise ValueError(f"{ref}: no such registered model version ({exc.message})") from exc
+    if not versions:
+        raise ValueError(f"{ref}: no registered model of that name")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _run_entry(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    inputs = []
+    for dataset_input in run.inputs.dataset_inputs if run.inputs else []:
+        input_tags = {t.key: t.value for t in dataset_input.tags}
+        inputs.append(
+            {
+                "role": input_tags.get("mlflow.data.context", ""),
+                "step": dataset_input.dataset.name,
+                "digest": input_tags.get(f"{TAG}sha256", dataset_input.dataset.digest),
+                "producer_run_id": input_tags.get(f"{TAG}producer_run_id", ""),
+            }
+        )
+    metrics = run.data.metrics
+    entry = {
+        "step": tags.get(f"{TAG}step", ""),
+        "run_id": run_id,
+        "cache_key": tags.get(f"{TAG}cache_key", ""),
+        "output_digest": tags.get(f"{TAG}output_digest", ""),
+        "inputs": inputs,
+        "counts": {k: metrics[k] for k in ("files", "rows", "tokens") if k in metrics},
+    }
+    if not inputs:  # a source step: its parameters name the URL lists / files it read
+        entry["params"] = dict(run.data.params)
+    return entry
+
+
+def _all_step_runs(client: MlflowClient) -> Iterable[Any]:
+    for experiment in client.search_experiments():
+        token = None
+        while True:
+            page = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{TAG}step` != ''",
+                max_results=1000,
+                page_token=token,
+            )
+            yield from page
+            token = page.token
+            if not token:
+                break
+
+
+def audit_dataset(tracking_uri: str, digest: str) -> dict[str, Any]:
+    """Who produced the output with this digest (full or a prefix of >= 8 chars) and who read it."""
+    if len(digest) < 8:
+        raise ValueError(f"{digest!r}: give at least 8 characters of the digest")
+    client = MlflowClient(tracking_uri)
+    producers, consumers = [], []
+    for run in _all_step_runs(client):
+        tags = run.data.tags
+        summary = {
+            "step": tags.get(f"{TAG}step"),
+            "run_id": run.info.run_id,
+            "cache": tags.get(f"{TAG}cache"),
+        }
+        if tags.get(f"{TAG}output_digest", "").startswith(digest):
+            producers.append({**summary, "digest": tags[f"{TAG}output_digest"]})
+        for dataset_input in run.inputs.dataset_inputs if run.inputs else []:
+            full = {t.key: t.value for t in dataset_input.tags}.get(f"{TAG}sha256", "")
+            if full.startswith(digest):
+                consumers.append({**summary, "input_step": dataset_input.dataset.name})
+    return {"digest": digest, "producers": producers, "consumers": consumers}

@@ -1,0 +1,608 @@
+"""The pipeline runner: plans a job, reuses committed outputs, computes the rest, records lineage.
+
+For each step of the job, in DAG order:
+1. key = cache_key(step, version, config part, model part, upstream manifest digests);
+2. a committed output under `<storage>/steps/<step>/<key>/` whose files verify is a cache hit;
+3. otherwise take the per-key lock (another `owl run` computing the same key makes us wait and
+   then reuse its output), prepare the directory (emptied, or kept for a resumable training step
+   so it resumes from its newest checkpoint), run the step with retries and exponential backoff,
+   and commit its manifest last.
+Each step's execution is recorded under `<storage>/executions/<id>/` and in MLflow (a child run of
+the execution's parent run). After the last step the final model is registered in MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from filelock import Timeout
+
+from owl.data.manifest import Manifest
+from pipelines import cache
+from pipelines.cache import ExecutionRecord, StepRecord
+from pipelines.dag import METRICS_FROM, REGISTER_FROM, StepSpec, active_table, downstream, order
+from pipelines.jobspec import JobSpec, StepSection
+from pipelines.progress import Reporter, StepSummary
+from pipelines.step import StepContext, StepInput
+
+# Errors that a retry cannot fix: bad configuration or code, not a flaky node or network.
+NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportError)
+_BYTES_PER_GIB = 1 << 30
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, error: str):
+        super().__init__(f"step {step} failed: {error}")
+        self.step = step
+        self.error = error
+
+
+class LineageSink(Protocol):
+    """What the runner records lineage through (`pipelines.lineage.Lineage`, or a no-op)."""
+
+    def start_pipeline(self, job_name: str, execution_id: str, params: dict[str, Any]) -> str: ...
+    def end_pipeline(self, ok: bool, metrics: dict[str, float]) -> None: ...
+    def start_step(
+        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
+    ) -> str: ...
+    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, Path, Manifest]]) -> None: ...
+    def finish_step(
+        self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
+    ) -> None: ...
+    def register_model(
+        self,
+        name: str,
+        model_dir: Path,
+        run_id: str,
+        digest: str,
+        tags: dict[str, str],
+        alias: str = "current",
+    ) -> tuple[str, str]: ...
+
+
+class NullLineage:
+    """Records nothing: for `--dry-run` and for tests of the runner alone."""
+
+    def start_pipeline(self, job_name: str, execution_id: str, params: dict[str, Any]) -> str:
+        return ""
+
+    def end_pipeline(self, ok: bool, metrics: dict[str, float]) -> None:
+        pass
+
+    def start_step(
+        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
+    ) -> str:
+        return ""
+
+    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, Path, Manifest]]) -> None:
+        pass
+
+    def finish_step(
+        self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
+    ) -> None:
+        pass
+
+    def register_model(
+        self,
+        name: str,
+        model_dir: Path,
+        run_id: str,
+        digest: str,
+        tags: dict[str, str],
+        alias: str = "current",
+    ) -> tuple[str, str]:
+        return "", ""
+
+
+def mlflow_lineage(job: JobSpec) -> LineageSink:
+    """The MLflow recorder for `job` (imports mlflow only here, through pipelines.lineage)."""
+    from pipelines.lineage import Lineage
+
+    job.storage.mkdir(parents=True, exist_ok=True)
+    # Two runs creating the same SQLite store at once would race on its schema migrations.
+    with cache.lock_for(job.storage, "mlflow", "store"):
+        return Lineage(job.mlflow_uri, job.name, job.mlflow_artifacts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and plans
+
+
+def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, Any]:
+    """(config part, model part) of a step's cache key."""
+    model: dict[str, Any] = {}
+    if spec.uses_model:
+        model["owl"] = job.owl_config.to_dict()
+    if spec.uses_pretrained:
+        model["pretrained"] = dataclasses.asdict(job.model.pretrained)
+    if spec.uses_seed:
+        model["seed"] = job.seed
+    return section.config, model
+
+
+def step_key(job: JobSpec, name: str, digests: dict[str, str]) -> str:
+    section = job.steps[name]
+    config, model = key_parts(job, section.spec, section)
+    return cache.cache_key(name, section.spec.version, config, model, digests)
+
+
+def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) -> list[str]:
+    """The job's steps, or with `until` that step and everything it depends on."""
+    present = order(job.steps, table)
+    if until is None:
+        return present
+    if until not in job.steps:
+        raise ValueError(f"--until {until}: not a step of this job; its steps are {present}")
+    needed = {until}
+    for name in reversed(present):
+        if name in needed:
+            needed.update(r.upstream for r in table[name].roles.values() if r.upstream in job.steps)
+    return order(needed, table)
+
+
+def forced_steps(job: JobSpec, force: list[str], table: dict[str, StepSpec]) -> set[str]:
+    forced: set[str] = set()
+    for name in force:
+        if name not in job.steps:
+            raise ValueError(
+                f"--force {name}: not a step of this job; its steps are {list(job.steps)}"
+            )
+        forced.update(downstream(name, list(job.steps), table))
+    return forced
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    key: str | None  # None: an upstream output is not computed yet, so the key is not known
+    cached: bool
+    forced: bool
+    resources: dict[str, float]
+    memory_gib: float | None = None  # training: estimated GPU memory per worker (no activations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan(
+    job: JobSpec,
+    force: list[str] | None = None,
+    until: str | None = None,
+    table: dict[str, StepSpec] | None = None,
+    estimate_memory: bool = True,
+) -> list[PlannedStep]:
+    """What `owl run` would do now: keys that can be known, which outputs are cached."""
+    table = active_table() if table is None else table
+    forced = forced_steps(job, force or [], table)
+    manifests: dict[str, Manifest | None] = {}
+    planned = []
+    for name in select_steps(job, until, table):
+        section = job.steps[name]
+        ups = {
+            role: r.upstream for role, r in section.spec.roles.items() if r.upstream in job.steps
+        }
+        known = all(manifests.get(up) is not None for up in ups.values())
+        key = (
+            step_key(job, name, {role: manifests[up].digest for role, up in ups.items()})
+            if known
+            else None
+        )
+        manifest = None
+        if key is not None and name not in forced:
+            manifest, _ = cache.find_committed(cache.step_dir(job.storage, name, key))
+        manifests[name] = manifest
+        planned.append(
+            PlannedStep(
+                name=name,
+                key=key,
+                cached=manifest is not None,
+                forced=name in forced,
+                resources=dataclasses.asdict(section.resources),
+                memory_gib=training_memory_gib(job, section)
+                if estimate_memory and section.spec.trains
+                else None,
+            )
+        )
+    return planned
+
+
+def training_memory_gib(job: JobSpec, section: StepSection) -> float:
+    """Model states per GPU under mixed-precision AdamW and ZeRO (activations not included).
+
+    bf16 weights 2 B/param, bf16 grads 2 B/trainable param, fp32 master + Adam m, v 12 B/trainable
+    param; ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights. Parameter
+    counts come from the model built on the meta device with this stage's trainable selection."""
+    total, trainable = _parameter_counts(job, section.config)
+    num_gpus = max(1, section.resources.num_workers)
+    zero = int(getattr(section.config, "zero_stage", 0))
+    weights = 2 * total / (num_gpus if zero >= 3 else 1)
+    grads = 2 * trainable / (num_gpus if zero >= 2 else 1)
+    optimizer = 12 * trainable / (num_gpus if zero >= 1 else 1)
+    return (weights + grads + optimizer) / _BYTES_PER_GIB
+
+
+def _parameter_counts(job: JobSpec, cfg: Any) -> tuple[int, int]:
+    """(total, trainable) parameters of the training stage `cfg` (a TrainConfig)."""
+    import torch
+
+    from owl.model import OwlModel
+    from owl.train.stages import select_trainable
+
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = OwlModel(job.owl_config)
+    lora = {
+        "r": cfg.lora_r,
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout,
+        "target_modules": cfg.lora_targets,
+    }
+    table = select_trainable(
+        model, job.owl_config.variant, cfg.stage,
+        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2, lora=lora,
+    )  # fmt: skip
+    return sum(g["total"] for g in table.values()), sum(g["trainable"] for g in table.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunResult:
+    execution_id: str
+    ok: bool
+    steps: list[StepSummary] = field(default_factory=list)
+    registered_model: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Runner:
+    """Runs one execution of a job. `lineage` and `table` are injectable for tests."""
+
+    def __init__(
+        self,
+        job: JobSpec,
+        reporter: Reporter | None = None,
+        lineage: LineageSink | None = None,
+        table: dict[str, StepSpec] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.job = job
+        self.reporter = reporter or Reporter()
+        self.lineage = lineage
+        self.table = active_table() if table is None else table
+        self.sleep = sleep
+        self.execution = ExecutionRecord(cache.new_execution_id(), job.name, "running", time.time())
+        self.manifests: dict[str, Manifest] = {}
+        self.run_ids: dict[str, str] = {}
+        self._started_ray = False
+
+    def run(
+        self, force: list[str] | None = None, until: str | None = None, verify: bool = False
+    ) -> RunResult:
+        names = select_steps(self.job, until, self.table)
+        forced = forced_steps(self.job, force or [], self.table)
+        if self.lineage is None:
+            self.lineage = mlflow_lineage(self.job)
+        self.execution.mlflow_run_id = self.lineage.start_pipeline(
+            self.job.name, self.execution.execution_id, self.job.raw
+        )
+        cache.write_execution_record(self.job.storage, self.execution)
+        result = RunResult(
+            self.execution.execution_id, ok=False, mlflow_run_id=self.execution.mlflow_run_id
+        )
+        try:
+            for name in names:
+                result.steps.append(self._run_step(name, name in forced, verify))
+            result.registered_model = self._register()
+            result.metrics = self._metrics()
+            result.ok = True
+        except StepFailed as exc:
+            result.error = str(exc)
+        except Exception as exc:  # not a step's own failure (lineage store down, a bug): record it
+            self._close(result, "failed", _short_error(exc))
+            raise
+        except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM): record it, then stop
+            self._close(result, "interrupted", repr(exc))
+            raise
+        finally:
+            self._shutdown_ray()
+        self._close(result, "done" if result.ok else "failed", result.error)
+        self.reporter.close(result.steps)
+        return result
+
+    def _close(self, result: RunResult, state: str, error: str) -> None:
+        self.execution.state = state  # type: ignore[assignment]
+        self.execution.end = time.time()
+        self.execution.error = error
+        self.execution.registered_model = result.registered_model
+        self.execution.metrics = result.metrics
+        cache.write_execution_record(self.job.storage, self.execution)
+        self.lineage.end_pipeline(result.ok, result.metrics)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def _inputs(self, name: str) -> dict[str, StepInput]:
+        spec = self.table[name]
+        return {
+            role: StepInput(
+                r.upstream,
+                cache.step_dir(self.job.storage, r.upstream, self.manifests[r.upstream].key),
+                self.manifests[r.upstream],
+            )
+            for role, r in spec.roles.items()
+            if r.upstream in self.job.steps
+        }
+
+    def _run_step(self, name: str, forced: bool, verify: bool) -> StepSummary:
+        inputs = self._inputs(name)
+        key = step_key(self.job, name, {role: i.manifest.digest for role, i in inputs.items()})
+        out_dir = cache.step_dir(self.job.storage, name, key)
+        record = StepRecord(
+            self.execution.execution_id, self.job.name, name, key, "running", start=time.time()
+        )
+        manifest = None if forced else self._find_hit(name, out_dir, verify)
+        if manifest is None:
+            lock = cache.lock_for(self.job.storage, name, key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                self.reporter.start(name, "waiting: another run is computing this output")
+                lock.acquire()
+            try:
+                manifest = None if forced else self._find_hit(name, out_dir, verify)
+                if manifest is None:
+                    # --force starts a resumable step over instead of resuming it.
+                    keep = self.table[name].resumable and not forced
+                    manifest = self._compute(name, key, out_dir, inputs, record, keep)
+            finally:
+                lock.release()
+        if record.state != "done":  # a hit, now or after waiting for another run
+            self._record_hit(name, key, out_dir, inputs, manifest, record)
+        self.manifests[name] = manifest
+        self.reporter.finish(name, record.state, record.duration_s, key[:12])
+        return StepSummary(name, record.state, record.duration_s, key, dict(manifest.stats))
+
+    def _find_hit(self, name: str, out_dir: Path, verify: bool) -> Manifest | None:
+        manifest, problems = cache.find_committed(out_dir, full=verify)
+        if problems:
+            self.reporter.start(
+                name, f"cached output fails verification, recomputing: {problems[:3]}"
+            )
+        return manifest
+
+    def _record_hit(
+        self,
+        name: str,
+        key: str,
+        out_dir: Path,
+        inputs: dict[str, StepInput],
+        manifest: Manifest,
+        record: StepRecord,
+    ) -> None:
+        section = self.job.steps[name]
+        run_id = self.lineage.start_step(
+            name, key, section.spec.version, self._params(section), hit=True
+        )
+        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        self.lineage.finish_step(run_id, manifest, out_dir, hit=True)
+        self.run_ids[name] = str(manifest.info.get("mlflow_run_id") or run_id)
+        record.state, record.mlflow_run_id = "cached", run_id
+        self._end_record(record)
+
+    def _compute(
+        self,
+        name: str,
+        key: str,
+        out_dir: Path,
+        inputs: dict[str, StepInput],
+        record: StepRecord,
+        keep: bool,
+    ) -> Manifest:
+        section = self.job.steps[name]
+        run_id = self.lineage.start_step(
+            name, key, section.spec.version, self._params(section), hit=False
+        )
+        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        record.mlflow_run_id = run_id
+        cache.write_step_record(self.job.storage, record)
+        self.reporter.start(name)
+        try:
+            manifest = self._attempts(name, section, out_dir, inputs, record, keep)
+        except BaseException as exc:
+            record.state = "failed" if isinstance(exc, Exception) else "interrupted"
+            record.error = _short_error(exc)
+            self._end_record(record)
+            self.lineage.finish_step(run_id, None, out_dir, hit=False, error=record.error)
+            if isinstance(exc, Exception):
+                raise StepFailed(name, record.error) from exc
+            raise
+        manifest.step, manifest.key, manifest.code_version = name, key, section.spec.version
+        manifest.created_at = time.time()
+        manifest.info["mlflow_run_id"] = run_id
+        manifest.write(out_dir)  # the commit marker, last
+        self.lineage.finish_step(run_id, manifest, out_dir, hit=False)
+        self.run_ids[name] = run_id
+        record.state = "done"
+        self._end_record(record)
+        return manifest
+
+    def _attempts(
+        self,
+        name: str,
+        section: StepSection,
+        out_dir: Path,
+        inputs: dict[str, StepInput],
+        record: StepRecord,
+        keep: bool,
+    ) -> Manifest:
+        module = section.spec.load_module()
+        policy = section.retries
+        for attempt in range(policy.max_retries + 1):
+            record.attempts = attempt + 1
+            cache.write_step_record(self.job.storage, record)
+            cache.prepare_dir(out_dir, keep=keep)
+            try:
+                if section.spec.uses_ray:
+                    self._ensure_ray()
+                manifest = module.run(
+                    self._context(name, section, out_dir, attempt), section.config, inputs
+                )
+                _check_output(name, manifest, out_dir)
+                return manifest
+            except NON_TRANSIENT:
+                raise
+            except Exception as exc:
+                if attempt == policy.max_retries:
+                    raise
+                wait = policy.backoff_s * 2**attempt
+                self.reporter.start(
+                    name, f"attempt {attempt + 1} failed ({_short_error(exc)}); retry in {wait:g}s"
+                )
+                self.sleep(wait)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _context(self, name: str, section: StepSection, out_dir: Path, attempt: int) -> StepContext:
+        return StepContext(
+            step=name,
+            out_dir=out_dir,
+            job_name=self.job.name,
+            model=self.job.owl_config,
+            resources=section.resources,
+            seed=self.job.seed,
+            progress=lambda done, total, msg: self.reporter.update(name, done, total, msg),
+            extra={
+                "pretrained": dataclasses.asdict(self.job.model.pretrained),
+                "storage": str(self.job.storage),
+                "attempt": attempt,
+                "execution_id": self.execution.execution_id,
+            },
+        )
+
+    def _params(self, section: StepSection) -> dict[str, Any]:
+        config, model = key_parts(self.job, section.spec, section)
+        params = {
+            "config": cache.plain(config),
+            "resources": dataclasses.asdict(section.resources),
+        }
+        if model:
+            params["model"] = cache.plain(model)
+        return params
+
+    def _end_record(self, record: StepRecord) -> None:
+        record.end = time.time()
+        record.duration_s = record.end - record.start
+        cache.write_step_record(self.job.storage, record)
+
+    # --- Ray ------------------------------------------------------------------------------------
+
+    def _ensure_ray(self) -> None:
+        import ray  # imported only when a step computes: a cached re-run does not start Ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.job.ray_address or None, log_to_driver=True)
+            self._started_ray = True
+
+    def _shutdown_ray(self) -> None:
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    # --- after the last step --------------------------------------------------------------------
+
+    def _register(self) -> dict[str, str]:
+        final = next((s for s in REGISTER_FROM if s in self.manifests), None)
+        if final is None:
+            return {}
+        manifest = self.manifests[final]
+        tags = {
+            "owl.job": self.job.name,
+            "owl.pipeline_run_id": self.execution.mlflow_run_id,
+            "owl.execution_id": self.execution.execution_id,
+        }
+        for step, m in self.manifests.items():
+            tags[f"owl.digest.{step}"] = m.digest
+            if step in REGISTER_FROM:
+                tags[f"owl.run.{step}"] = self.run_ids.get(step, "")
+        model_dir = cache.step_dir(self.job.storage, final, manifest.key) / "model"
+        # Concurrent runs of one job register the same output once (see Lineage.register_model).
+        with cache.lock_for(self.job.storage, "register", manifest.digest):
+            name, version = self.lineage.register_model(
+                self.job.name, model_dir, self.run_ids.get(final, ""), manifest.digest, tags
+            )
+        return {"name": name, "version": version} if name else {}
+
+    def _metrics(self) -> dict[str, float]:
+        source = next((s for s in METRICS_FROM if s in self.manifests), None)
+        return dict(self.manifests[source].stats) if source else {}
+
+
+def _check_output(name: str, manifest: Any, out_dir: Path) -> None:
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"step {name} returned {type(manifest).__name__}, expected a Manifest")
+    problems = manifest.verify(out_dir)
+    if problems:
+        raise RuntimeError(
+            f"step {name}: its manifest lists files that are not there: {problems[:5]}"
+        )
+
+
+def _short_error(exc: BaseException) -> str:
+    lines = traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).strip()[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+
+def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[str, Any]:
+    """Per step of the job's current plan: state, duration, key, MLflow run id (from the newest
+    record with that key); the newest registered model and evaluation metrics."""
+    executions = cache.read_executions(job.storage, job.name)
+    latest: dict[tuple[str, str], StepRecord] = {}
+    for execution in executions:
+        for record in cache.read_step_records(job.storage, execution.execution_id):
+            latest[(record.step, record.key)] = record
+    steps = []
+    for planned in plan(job, table=table, estimate_memory=False):
+        record = latest.get((planned.name, planned.key or ""))
+        state = record.state if record else ("done" if planned.cached else "pending")
+        if planned.cached and state in ("running", "failed", "interrupted"):
+            state = "done"  # committed meanwhile (e.g. by a concurrent run)
+        steps.append(
+            {
+                "step": planned.name,
+                "state": state,
+                "cached": planned.cached,
+                "key": planned.key or "",
+                "duration_s": record.duration_s if record else 0.0,
+                "mlflow_run_id": record.mlflow_run_id if record else "",
+                "attempts": record.attempts if record else 0,
+                "error": record.error if record else "",
+            }
+        )
+    finished = [e for e in executions if e.state == "done"]
+    last = executions[-1] if executions else None
+    return {
+        "job": job.name,
+        "storage": str(job.storage),
+        "mlflow_uri": job.mlflow_uri,
+        "last_execution": dataclasses.asdict(last) if last else None,
+        "steps": steps,
+        "registered_model": finished[-1].registered_model if finished else {},
+        "metrics": finished[-1].metrics if finished else {},
+    }

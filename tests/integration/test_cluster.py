@@ -1,0 +1,163 @@
+"""A real Ray cluster on loopback (a head and two worker nodes, token auth on): `owl submit` sends
+a job of light fake steps, it finishes, its steps are visible in `owl status`, and re-submitting
+the running job attaches to it instead of starting a duplicate."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_command(ray_tmp: Path, index: int, head_port: int, dashboard_port: int) -> list[str]:
+    """`ray start --block` for one node, every port chosen free (other Ray clusters may run here)."""
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    command = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+               "--disable-usage-stats", f"--temp-dir={ray_tmp / f'r{index}'}"]  # fmt: skip
+    command += [f"{flag}={port}" for flag, port in ports.items()]
+    if index == 0:
+        command += ["--head", f"--port={head_port}", f"--dashboard-port={dashboard_port}",
+                    "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+                    "--include-dashboard=true"]  # fmt: skip
+    else:
+        command += [f"--address=127.0.0.1:{head_port}"]
+    return command
+
+
+def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout_s: float = 180) -> None:
+    code = (
+        "import sys; from ray.util.state import list_nodes;"
+        "print(sum(n.state == 'ALIVE' for n in list_nodes(address=sys.argv[1])))"
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            [sys.executable, "-c", code, address], env=env, capture_output=True, text=True
+        )
+        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the cluster at {address} did not get {count} nodes: {out.stderr[-2000:]}"
+            )
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    head_port, dashboard_port = free_port(), free_port()
+    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="owlray", dir="/tmp"))
+    procs = []
+    try:
+        for index in range(3):
+            log = open(tmp / f"node{index}.log", "w")  # noqa: SIM115 (closed with the process)
+            procs.append(
+                subprocess.Popen(node_command(ray_tmp, index, head_port, dashboard_port), env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )  # fmt: skip
+            if index == 0:
+                time.sleep(5)  # the head must listen before the workers connect
+        address = f"http://127.0.0.1:{dashboard_port}"
+        wait_for_nodes(address, env, count=3)
+        yield address, env, tmp
+    finally:
+        for proc in reversed(procs):  # each node's process group: ray start and what it spawned
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def owl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pipelines.cli", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_submitted_job_runs_on_the_cluster_and_shows_in_status(cluster):
+    address, env, tmp = cluster
+    env = {
+        **env,
+        "OWL_STEPS_TABLE": "tests.integration.fake_steps:RAY_TABLE",
+        "PYTHONPATH": str(ROOT),
+    }
+    job = {
+        "name": "cluster-fake",
+        "storage": str(tmp / "storage"),
+        "model": {"name": "debug-tiny"},
+        "download": {"num_rows": 8},
+        "filter": {"keep_every": 2},
+        "stage1": {"num_steps": 2},
+        "evaluate": {},
+    }
+    job_file = tmp / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    submit = ["submit", str(job_file), "--address", address, "--python", sys.executable, "--json"]
+    first = owl(submit, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    submitted = json.loads(first.stdout)
+    assert submitted["action"] == "submitted"
+    again = json.loads(owl(submit, env).stdout)  # still pending or running: attach, no duplicate
+    assert again == {**submitted, "action": "attached"}
+
+    sid = submitted["submission_id"]
+    follow = owl(["logs", sid, "--address", address, "--follow"], env)  # returns when the job ends
+    assert "[owl] evaluate: done" in follow.stdout, follow.stdout[-4000:] + follow.stderr[-2000:]
+
+    status = json.loads(owl(["status", str(job_file), "--json"], env).stdout)
+    assert [(s["step"], s["state"]) for s in status["steps"]] == [
+        ("download", "done"), ("filter", "done"), ("stage1", "done"), ("evaluate", "done"),
+    ]  # fmt: skip
+    assert all(s["mlflow_run_id"] for s in status["steps"])
+    assert status["registered_model"] == {"name": "cluster-fake", "version": "1"}
+    assert status["metrics"] == {"accuracy": 4.0}
+    # `filter` ran its work as a Ray task inside the submitted driver, which saw all three nodes.
+    filter_dir = Path(job["storage"]) / "steps" / "filter" / status["steps"][1]["key"]
+    assert json.loads((filter_dir / "manifest.json").read_text())["stats"]["ray_nodes"] == 3.0
+
+    # Finished: the same job submitted again is a new submission, not the finished one.
+    rerun = json.loads(owl(submit, env).stdout)
+    assert rerun == {"submission_id": sid + "-r2", "action": "submitted", "status": ""}
+    stopped = json.loads(
+        owl(["stop", rerun["submission_id"], "--address", address, "--json"], env).stdout
+    )
+    assert stopped["stopped"] is True

@@ -1,0 +1,127 @@
+"""Job files: validation errors that name the field, --set overrides, and every job in jobs/
+planning with --dry-run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+
+from pipelines import cli  # noqa: E402
+from pipelines.commands.run import submission_base_id  # noqa: E402
+from pipelines.jobspec import apply_override, load_job, parse_job  # noqa: E402
+from tests.integration.fake_steps import TABLE  # noqa: E402
+
+JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def raw_job(tmp_path: Path) -> dict:
+    return {
+        "name": "t",
+        "storage": str(tmp_path / "s"),
+        "model": {"name": "debug-tiny", "variant": "owl2"},
+        "download": {"num_rows": 3},
+        "filter": {},
+        "stage1": {"num_steps": 2},
+    }
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ValueError) as info:
+        parse_job(raw, TABLE)
+    return str(info.value)
+
+
+def test_valid_job_is_typed_and_defaulted(tmp_path):
+    job = parse_job(raw_job(tmp_path), TABLE)
+    assert job.step_names() == ["download", "filter", "stage1"]
+    assert job.steps["stage1"].config.stage == 1  # fixed by the DAG
+    assert job.steps["download"].retries.max_retries == 2
+    assert job.storage == (tmp_path / "s").resolve()
+    assert job.mlflow_uri == f"sqlite:///{job.storage}/mlflow.db"
+    assert job.mlflow_artifacts == str(job.storage / "mlartifacts")
+    assert job.owl_config.variant == "owl2"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, "unknown job field(s) ['colour']"),
+        (
+            {"filter": {"keep_evry": 2}},
+            "filter: unknown field(s) ['keep_evry']; allowed: ['keep_every', 'sleep_s']",
+        ),
+        ({"stage1": {"num_steps": "ten"}}, "stage1.num_steps: expected int, got str 'ten'"),
+        ({"stage1": {"num_steps": True}}, "stage1.num_steps: expected int, got bool True"),
+        ({"stage1": {"stage": 2}}, "stage1.stage: is fixed to 1"),
+        (
+            {"model": {"name": "debug-tiny", "variant": "owl3"}},
+            "model.variant: 'owl3' matches none of",
+        ),
+        ({"model": {"name": "no-such-size"}}, "unknown model config 'no-such-size'"),
+        ({"download": {"retry": {"max_retries": "x"}}}, "download.retry.max_retries: expected int"),
+        ({"download": {"resources": {"gpus": 1}}}, "download.resources: unknown field(s) ['gpus']"),
+        ({"storage": "s3://bucket/owl"}, "storage: 's3://bucket/owl': only local paths"),
+        ({"seed": 1.5}, "seed: expected int, got float 1.5"),
+    ],
+)
+def test_errors_name_the_field_and_what_is_allowed(tmp_path, change, message):
+    raw = {**raw_job(tmp_path), **change}
+    assert message in error_of(raw)
+
+
+def test_missing_upstream_and_role_paths_are_errors(tmp_path):
+    raw = raw_job(tmp_path)
+    del raw["filter"]
+    assert "stage1: needs step 'filter' (input 'data'); add a `filter:` section" in error_of(raw)
+    raw = raw_job(tmp_path)
+    raw["download"] = {"prefix": "@shapes/captions.parquet"}
+    assert "download.prefix: '@shapes/captions.parquet' names input 'shapes'" in error_of(raw)
+
+
+def test_overrides_are_yaml_values_at_any_path(tmp_path):
+    raw = raw_job(tmp_path)
+    for item in ["storage=/tmp/elsewhere", "stage1.num_steps=10", "model.variant=owl1",
+                 "model.overrides.decoder.num_layers=1", "evaluate={}"]:  # fmt: skip
+        apply_override(raw, item)
+    job = parse_job(raw, TABLE)
+    assert str(job.storage) == "/tmp/elsewhere"
+    assert job.steps["stage1"].config.num_steps == 10
+    assert job.owl_config.variant == "owl1" and job.owl_config.decoder.num_layers == 1
+    assert "evaluate" in job.steps
+    with pytest.raises(ValueError, match="stage1.num_steps is a int, not a section"):
+        apply_override(raw, "stage1.num_steps.x=1")
+    with pytest.raises(ValueError, match="expected PATH=VALUE"):
+        apply_override(raw, "stage1.num_steps")
+
+
+def test_submission_id_is_deterministic_per_job_and_overrides(tmp_path):
+    raw = raw_job(tmp_path)
+    same = yaml.safe_load(yaml.safe_dump(raw))
+    assert submission_base_id(raw) == submission_base_id(same)
+    apply_override(same, "stage1.num_steps=3")
+    assert submission_base_id(raw) != submission_base_id(same)
+
+
+@pytest.mark.parametrize("job_file", JOB_FILES, ids=[p.stem for p in JOB_FILES])
+def test_every_job_file_validates_and_plans(job_file, tmp_path, capfd):
+    code = cli.main(["run", str(job_file), "--dry-run", "--json", "--set", f"storage={tmp_path}"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    planned = json.loads(out)["steps"]
+    job = load_job(job_file, [f"storage={tmp_path}"])
+    assert [p["name"] for p in planned] == job.step_names()
+    assert planned[0]["key"] and not planned[0]["cached"]
+    assert not any(Path(tmp_path).iterdir())  # a dry run writes nothing
+    training = [p for p in planned if p["name"] in ("stage1", "stage2")]
+    assert training and all(p["memory_gib"] > 0 for p in training)
+
+
+def test_jobs_directory_has_the_three_recipes():
+    assert {p.stem for p in JOB_FILES} >= {"demo", "owl1-llama-7b", "owl2-llama2-7b"}

@@ -1,0 +1,265 @@
+"""The runner on light fake steps: cache hits, keys, --force/--until, retries, verification,
+resume, records, and two concurrent `owl run` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+
+from owl.data.manifest import Manifest  # noqa: E402
+from pipelines import cache  # noqa: E402
+from pipelines.jobspec import parse_job  # noqa: E402
+from pipelines.progress import Reporter  # noqa: E402
+from pipelines.runner import NullLineage, Runner, job_status, plan  # noqa: E402
+from tests.integration.fake_steps import TABLE  # noqa: E402
+
+
+def job_raw(storage: Path, **sections: dict) -> dict:
+    raw = {
+        "name": "fake",
+        "storage": str(storage),
+        "model": {"name": "debug-tiny"},
+        "download": {"num_rows": 6, "retry": {"max_retries": 2, "backoff_s": 0.5}},
+        "filter": {"keep_every": 2},
+        "stage1": {"num_steps": 3},
+        "evaluate": {},
+    }
+    for name, section in sections.items():
+        raw[name] = {**raw.get(name, {}), **section}
+    return raw
+
+
+def run(raw: dict, sleeps: list[float] | None = None, **kwargs):
+    job = parse_job(raw, TABLE)
+    sleep = sleeps.append if sleeps is not None else (lambda s: None)
+    runner = Runner(job, Reporter(quiet=True), NullLineage(), TABLE, sleep=sleep)
+    return job, runner.run(**kwargs)
+
+
+def states(result) -> dict[str, str]:
+    return {s.step: s.state for s in result.steps}
+
+
+def calls(storage: Path) -> list[str]:
+    log = storage / "calls.log"
+    return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_second_run_reuses_every_step(tmp_path):
+    raw = job_raw(tmp_path)
+    _, first = run(raw)
+    assert first.ok, first.error
+    assert set(states(first).values()) == {"done"}
+    job, second = run(raw)
+    assert set(states(second).values()) == {"cached"}
+    assert calls(tmp_path) == ["download", "filter", "stage1", "evaluate"]
+    assert second.metrics == first.metrics == {"accuracy": 3.0}
+    records = cache.read_step_records(job.storage, second.execution_id)
+    assert [(r.step, r.state) for r in records] == [(s, "cached") for s in TABLE]
+
+
+def test_config_change_recomputes_only_downstream(tmp_path):
+    _, first = run(job_raw(tmp_path))
+    _, second = run(job_raw(tmp_path, filter={"keep_every": 3}))
+    assert states(second) == {
+        "download": "cached",
+        "filter": "done",
+        "stage1": "done",
+        "evaluate": "done",
+    }
+    assert {s.step: s.key for s in first.steps}["download"] == {
+        s.step: s.key for s in second.steps
+    }["download"]
+    assert second.metrics == {"accuracy": 2.0}
+
+
+def test_model_config_is_part_of_the_key_of_steps_that_use_it(tmp_path):
+    run(job_raw(tmp_path))
+    raw = job_raw(tmp_path)
+    raw["model"]["overrides"] = {"decoder": {"num_layers": 1}}
+    _, result = run(raw)
+    assert states(result) == {
+        "download": "cached",
+        "filter": "cached",
+        "stage1": "done",
+        "evaluate": "done",
+    }
+
+
+def test_force_reruns_step_and_downstream(tmp_path):
+    run(job_raw(tmp_path))
+    _, result = run(job_raw(tmp_path), force=["filter"])
+    assert states(result) == {
+        "download": "cached",
+        "filter": "done",
+        "stage1": "done",
+        "evaluate": "done",
+    }
+    # A forced training step starts over instead of resuming.
+    assert result.steps[2].metrics["resumed_from"] == 0.0
+
+
+def test_until_runs_only_what_the_step_needs(tmp_path):
+    _, result = run(job_raw(tmp_path), until="filter")
+    assert states(result) == {"download": "done", "filter": "done"}
+    assert result.registered_model == {}
+    planned = {p.name: p for p in plan(parse_job(job_raw(tmp_path), TABLE), table=TABLE)}
+    assert planned["filter"].cached and not planned["stage1"].cached
+    assert planned["evaluate"].key is None  # its input is not computed yet
+
+
+def test_transient_failures_are_retried_with_backoff(tmp_path):
+    sleeps: list[float] = []
+    job, result = run(job_raw(tmp_path, download={"fail_times": 2}), sleeps)
+    assert result.ok, result.error
+    assert sleeps == [0.5, 1.0]
+    record = next(
+        r for r in cache.read_step_records(job.storage, result.execution_id) if r.step == "download"
+    )
+    assert (record.state, record.attempts) == ("done", 3)
+
+
+def test_failed_step_is_recorded_and_retried_on_the_next_run(tmp_path):
+    raw = job_raw(tmp_path, download={"fail_times": 3})
+    job, result = run(raw)
+    assert not result.ok and "flaky source" in result.error
+    records = cache.read_step_records(job.storage, result.execution_id)
+    assert [(r.step, r.state, r.attempts) for r in records] == [("download", "failed", 3)]
+    assert "ConnectionError" in records[0].error
+    _, again = run(raw)  # the failure counter is used up: the source now works
+    assert again.ok and states(again)["download"] == "done"
+
+
+def test_errors_a_retry_cannot_fix_are_not_retried(tmp_path):
+    sleeps: list[float] = []
+    job, result = run(job_raw(tmp_path, filter={"keep_every": 0}), sleeps)
+    assert not result.ok and "keep_every must be >= 1" in result.error
+    assert sleeps == []
+    record = next(
+        r for r in cache.read_step_records(job.storage, result.execution_id) if r.step == "filter"
+    )
+    assert (record.state, record.attempts) == ("failed", 1)
+
+
+def test_hit_checks_sizes_and_verify_checks_digests(tmp_path):
+    job, first = run(job_raw(tmp_path))
+    filter_dir = cache.step_dir(job.storage, "filter", first.steps[1].key)
+    kept = filter_dir / "kept.txt"
+    kept.write_text(kept.read_text().replace("row", "ROW"))  # same size, other content
+    _, normal = run(job_raw(tmp_path))
+    assert states(normal)["filter"] == "cached"
+    _, verified = run(job_raw(tmp_path), verify=True)
+    assert states(verified)["filter"] == "done"
+    assert "row-0" in kept.read_text()
+    kept.unlink()
+    _, repaired = run(job_raw(tmp_path))
+    assert states(repaired)["filter"] == "done" and kept.exists()
+
+
+def test_resumable_step_keeps_checkpoints_others_are_emptied(tmp_path):
+    raw = job_raw(tmp_path)
+    job, _ = run(raw, until="download")
+    filter_key = {p.name: p.key for p in plan(job, table=TABLE)}["filter"]
+    stray = cache.step_dir(job.storage, "filter", filter_key) / "stray.txt"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("from a dead attempt")
+    run(raw, until="filter")
+    assert not stray.exists()
+    train_key = {p.name: p.key for p in plan(job, table=TABLE)}["stage1"]
+    checkpoints = cache.step_dir(job.storage, "stage1", train_key) / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (0, 1):  # an earlier attempt died after two steps
+        (checkpoints / f"step-{step}.json").write_text(json.dumps({"step": step, "loss": 9.0}))
+    _, result = run(raw)
+    train = next(s for s in result.steps if s.step == "stage1")
+    assert train.metrics["resumed_from"] == 2.0
+    assert [p for _, p in json.loads(Path(checkpoints / "step-1.json").read_text()).items()] == [
+        1,
+        9.0,
+    ]
+
+
+def test_uncommitted_output_is_never_read(tmp_path):
+    job, first = run(job_raw(tmp_path), until="download")
+    out = cache.step_dir(job.storage, "download", first.steps[0].key)
+    (out / "manifest.json").unlink()  # as if the process died before committing
+    (out / "leftover.tmp").write_text("partial")
+    _, again = run(job_raw(tmp_path), until="download")
+    assert states(again) == {"download": "done"}
+    assert not (out / "leftover.tmp").exists()
+    assert Manifest.read(out).key == first.steps[0].key
+
+
+def test_status_reports_states_and_registered_model(tmp_path):
+    job, result = run(job_raw(tmp_path))
+    status = job_status(job, TABLE)
+    assert [s["state"] for s in status["steps"]] == ["done"] * 4
+    assert [s["key"] for s in status["steps"]] == [s.key for s in result.steps]
+    assert status["metrics"] == {"accuracy": 3.0}
+    run(job_raw(tmp_path))
+    assert [s["state"] for s in job_status(job, TABLE)["steps"]] == ["cached"] * 4
+
+
+def test_two_concurrent_runs_compute_each_step_once(tmp_path):
+    storage = tmp_path / "storage"
+    raw = job_raw(storage, filter={"sleep_s": 3.0})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(raw))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OWL_STEPS_TABLE": "tests.integration.fake_steps:TABLE",
+    }
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(job_file), "--json"]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()[-3000:]
+    results = [json.loads(out) for out, _ in outputs]
+    assert sorted(calls(storage)) == sorted(["download", "filter", "stage1", "evaluate"])
+    assert results[0]["metrics"] == results[1]["metrics"] == {"accuracy": 3.0}
+    for step in range(4):
+        assert results[0]["steps"][step]["key"] == results[1]["steps"][step]["key"]
+        assert {results[0]["steps"][step]["state"], results[1]["steps"][step]["state"]} == {
+            "done",
+            "cached",
+        }
+    # Both were recorded in the SQLite MLflow store under storage, with one registered version.
+    assert (
+        results[0]["registered_model"]["version"]
+        == results[1]["registered_model"]["version"]
+        == "1"
+    )
+
+
+def test_rich_progress_shows_live_steps_and_a_summary_table(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipelines.progress import RichReporter
+
+    job = parse_job(job_raw(tmp_path), TABLE)
+    screens = []
+    for _ in range(2):  # computed, then all cached
+        screen = StringIO()
+        Runner(
+            job,
+            RichReporter(Console(file=screen, force_terminal=True, width=120)),
+            NullLineage(),
+            TABLE,
+        ).run()
+        screens.append(screen.getvalue())
+    assert "stage1" in screens[0] and "final_loss=0.3633" in screens[0]
+    assert "0/4 steps from cache" in screens[0] and "4/4 steps from cache" in screens[1]
