@@ -65,5 +65,7 @@ def resolve_path(path: str, inputs: dict[str, StepInput]) -> str:
         return path
     role, _, rel = path[1:].partition("/")
     if role not in inputs:
-        raise ValueError(f"{path}: refers to input {role!r}, but this step's inputs are {sorted(inputs)}")
+        raise ValueError(
+            f"{path}: refers to input {role!r}, but this step's inputs are {sorted(inputs)}"
+        )
     return str(inputs[role].dir / rel)

@@ -64,12 +64,18 @@ class Manifest:
         return h.hexdigest()
 
     def add_file(
-        self, out_dir: str | os.PathLike, rel_path: str, rows: int | None = None,
+        self,
+        out_dir: str | os.PathLike,
+        rel_path: str,
+        rows: int | None = None,
         tokens: int | None = None,
     ) -> FileEntry:
         full = Path(out_dir) / rel_path
         entry = FileEntry(
-            path=rel_path, size=full.stat().st_size, sha256=sha256_file(full), rows=rows,
+            path=rel_path,
+            size=full.stat().st_size,
+            sha256=sha256_file(full),
+            rows=rows,
             tokens=tokens,
         )
         self.files.append(entry)
