@@ -186,6 +186,10 @@ def _finish(
         "wall_time_s": wall_s,
     }
     manifest.curves = {k: [tuple(p) for p in v] for k, v in state.curves.items()}
+    if manifest.curves.get("loss"):
+        plot_curves(ctx.out_dir / LOSS_PLOT, manifest.curves, title=f"{ctx.job_name} {ctx.step}")
+        manifest.add_file(ctx.out_dir, LOSS_PLOT)
+        manifest.artifacts.append(LOSS_PLOT)
     manifest.info = {
         "trainable_parameters": table,
         "trainable_table": format_table(table),
@@ -194,3 +198,29 @@ def _finish(
         "variant": ctx.model.variant,
     }
     return manifest
+
+
+LOSS_PLOT = "loss_curve.png"
+
+
+def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], *, title: str) -> None:
+    """Loss (and learning rate, when recorded) against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, loss_ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps, losses = zip(*curves["loss"])
+    loss_ax.plot(steps, losses, color="tab:blue", label="loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss", color="tab:blue")
+    if curves.get("lr"):
+        lr_ax = loss_ax.twinx()
+        lr_steps, lrs = zip(*curves["lr"])
+        lr_ax.plot(lr_steps, lrs, color="tab:orange", alpha=0.6, label="learning rate")
+        lr_ax.set_ylabel("learning rate", color="tab:orange")
+    loss_ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
