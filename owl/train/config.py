@@ -54,6 +54,10 @@ class TrainConfig:
     # Owl1 stage 2 only: LoRA on the decoder, and whether the abstractor trains too (the paper
     # says it does; the authors' release froze it).
     train_abstractor_in_stage2: bool = False
+    # Which parameters train: "paper" = the recipe of the paper for this variant and stage (see
+    # owl.train.stages); "all" = every parameter, no LoRA. A model whose language model starts
+    # from random weights (the demo) has no language to keep frozen, so it trains "all".
+    trainable: str = "paper"
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -114,6 +118,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.log_every >= 1, "log_every must be >= 1"),
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
         (cfg.fail_mode in ("raise", "kill"), "fail_mode must be 'raise' or 'kill'"),
+        (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
     ]
     for ok, message in checks:

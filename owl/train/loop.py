@@ -75,6 +75,7 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
         cfg.stage,
         train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
         lora=lora_kwargs(cfg),
+        trainable=cfg.trainable,
     )
     if session.rank == 0:
         print(

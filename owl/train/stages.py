@@ -56,13 +56,15 @@ def param_group(name: str) -> str:
 
 
 def trainable_groups(
-    variant: str, stage: int, *, train_abstractor_in_stage2: bool
+    variant: str, stage: int, *, train_abstractor_in_stage2: bool, trainable: str = "paper"
 ) -> frozenset[str]:
     key = (variant, stage)
     if key not in _TRAINABLE:
         raise ValueError(
             f"no training recipe for variant={variant!r} stage={stage}; use owl1/owl2, 1/2"
         )
+    if trainable == "all":
+        return frozenset(GROUPS) - {"lora"}
     groups = _TRAINABLE[key]
     if key == ("owl1", 2) and train_abstractor_in_stage2:
         groups = groups | {"abstractor"}
@@ -76,13 +78,16 @@ def select_trainable(
     *,
     train_abstractor_in_stage2: bool = False,
     lora: dict[str, Any] | None = None,
+    trainable: str = "paper",
 ) -> dict[str, dict[str, int]]:
     """Set `requires_grad` for this stage; return {group: {"trainable": n, "total": n}} (elements).
 
     Owl1 stage 2 first wraps the decoder's target projections with LoRA (`owl.model.lora
     .apply_lora`, keyword arguments from `lora`), so `model` is modified in place.
     """
-    groups = trainable_groups(variant, stage, train_abstractor_in_stage2=train_abstractor_in_stage2)
+    groups = trainable_groups(
+        variant, stage, train_abstractor_in_stage2=train_abstractor_in_stage2, trainable=trainable
+    )
     if "lora" in groups:
         from owl.model.lora import apply_lora
 

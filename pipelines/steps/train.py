@@ -129,6 +129,7 @@ def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, 
         cfg.stage,
         train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
         lora=lora_kwargs(cfg),
+        trainable=cfg.trainable,
     )
 
 

@@ -104,3 +104,18 @@ def test_frozen_model_has_no_groups_and_unknown_variant_fails() -> None:
         param_groups(model, TrainConfig())
     with pytest.raises(ValueError, match="no training recipe"):
         select_trainable(model, "owl3", 1)
+
+
+@pytest.mark.parametrize("variant", ["owl1", "owl2"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trainable_all_overrides_the_recipe_without_lora(variant: str, stage: int) -> None:
+    model = _model(variant)
+    table = select_trainable(model, variant, stage, trainable="all")
+    assert _trainable(model) == _names(model)
+    assert not any("lora" in name for name in _names(model))
+    assert table["lora"]["total"] == 0
+
+
+def test_trainable_must_be_paper_or_all() -> None:
+    with pytest.raises(ValueError, match="trainable must be 'paper' or 'all'"):
+        TrainConfig(trainable="everything")
