@@ -82,9 +82,11 @@ class Scene:
 class ShapesConfig:
     seed: int = 0
     image_size: int = 32
-    num_caption_images: int = 1000
-    num_instruction_images: int = 500
-    num_text: int = 500
+    # Sized for the demo's ~800 steps x ~50 samples per stage: fewer scenes get memorised
+    # (held-out VQA stalls while the training loss keeps falling). See bench/demo_probe.py.
+    num_caption_images: int = 2000
+    num_instruction_images: int = 4000
+    num_text: int = 1000
     num_eval: int = 50  # items per benchmark type
     max_shapes: int = 3
     jpeg_every: int = 4  # every n-th training image is written as JPEG, the others as PNG
@@ -176,6 +178,13 @@ def qa_pairs(scene: Scene) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def pick_question(pairs: list[tuple[str, str, str]], rng: random.Random) -> tuple[str, str, str]:
+    """A question whose kind is drawn uniformly first: `qa_pairs` holds many count questions whose
+    answer is nearly always "1" or "0", which would let a blind model score well."""
+    kind = rng.choice(sorted({k for k, _, _ in pairs}))
+    return rng.choice([p for p in pairs if p[0] == kind])
+
+
 def yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     present = rng.choice(scene.shapes)
     absent_colour = rng.choice(
@@ -213,7 +222,8 @@ def text_task(rng: random.Random) -> dict[str, str]:
 
 
 def alpaca_prompt(record: dict[str, str]) -> str:
-    return record["instruction"] + (f"\n{record['input']}" if record["input"] else "")
+    """The user turn as `owl.data.sources` builds it from an Alpaca record (eval asks the same)."""
+    return record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -265,7 +275,11 @@ def _write_captions(out: Path, scenes: list[Scene], paths: list[str], rng: rando
 
 def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     pairs = qa_pairs(scene) + yes_no_pairs(scene, rng)
-    chosen = rng.sample(pairs, min(len(pairs), rng.randint(1, 3)))
+    picked: list[tuple[str, str, str]] = []
+    for _ in range(rng.randint(1, 3)):
+        picked.append(pick_question([p for p in pairs if p not in picked], rng))
+    # The short-answer instruction the evaluation appends to VQA questions (as in LLaVA-665k).
+    chosen = [(k, q if k == "yes_no" else f"{q} {VQA_SUFFIX}", a) for k, q, a in picked]
     if rng.random() < 0.25:
         chosen.insert(0, ("caption", "Describe the image briefly.", captions(scene)[0]))
     turns = []
@@ -302,7 +316,7 @@ def _benchmark_records(scenes: list[Scene], images: list[str], rng: random.Rando
     records: dict[str, list[dict]] = {"vqa": [], "caption": [], "multiple_choice": []}
     for i in range(num_eval):
         scene, image = scenes[i], [images[i]]
-        kind, question, answer = rng.choice(qa_pairs(scene))
+        kind, question, answer = pick_question(qa_pairs(scene), rng)
         records["vqa"].append({"id": f"vqa-{i:05d}", "type": "vqa", "images": image,
                                "question": question, "answers": _vqa_answers(kind, answer)})  # fmt: skip
         scene, image = scenes[num_eval + i], [images[num_eval + i]]
