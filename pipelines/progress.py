@@ -22,8 +22,20 @@ class StepSummary:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# Shown first in the summary when a step reports them (evaluation's headline numbers).
+HEADLINE_METRICS = (
+    "vqa.accuracy",
+    "vqa.blank_accuracy",
+    "caption.CIDEr",
+    "multiple_choice.circular_accuracy",
+    "text.accuracy",
+)
+
+
 def _key_metrics(metrics: dict[str, float], limit: int = 4) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
+    headline = [k for k in HEADLINE_METRICS if k in metrics]
+    keys = headline or list(metrics)[:limit]
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
 class Reporter:

@@ -546,8 +546,13 @@ class Runner:
         return {"name": name, "version": version} if name else {}
 
     def _metrics(self) -> dict[str, float]:
-        source = next((s for s in METRICS_FROM if s in self.manifests), None)
-        return dict(self.manifests[source].stats) if source else {}
+        """The final evaluation's metrics as they are, earlier evaluations' prefixed by step."""
+        sources = [s for s in METRICS_FROM if s in self.manifests]
+        metrics: dict[str, float] = {}
+        for rank, source in enumerate(sources):
+            prefix = "" if rank == 0 else f"{source}."
+            metrics.update({prefix + k: v for k, v in self.manifests[source].stats.items()})
+        return metrics
 
 
 def _check_output(name: str, manifest: Any, out_dir: Path) -> None:
