@@ -10,6 +10,7 @@ from PIL import Image
 from owl.data.shapes import (
     COLOURS,
     POSITIONS,
+    WORLD_COLOURS,
     Scene,
     Shape,
     ShapesConfig,
@@ -110,10 +111,16 @@ def test_text_tasks_are_correct():
         if task["instruction"].startswith("What letter comes after"):
             letter = task["instruction"][-2]
             assert task["output"] == chr(ord(letter) + 1)
-        elif task["instruction"] == "How many words are in the text?":
-            assert task["output"] == str(len(task["input"].split()))
-        elif task["instruction"] == "Reverse the order of the words.":
-            assert task["output"].split() == task["input"].split()[::-1]
+        elif task["instruction"].startswith("What letter comes before"):
+            letter = task["instruction"][-2]
+            assert task["output"] == chr(ord(letter) - 1)
+        elif task["instruction"] == "What is the first word of the text?":
+            assert task["output"] == task["input"].split()[0]
+        elif task["instruction"] == "What is the last word of the text?":
+            assert task["output"] == task["input"].split()[-1]
+        else:
+            thing = task["instruction"].removeprefix("What colour is the ").rstrip("?")
+            assert task["output"] == WORLD_COLOURS[thing]
 
 
 def test_benchmarks_are_well_formed_and_held_out(shapes_dir):
