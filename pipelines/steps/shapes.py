@@ -3,29 +3,19 @@ held-out benchmarks) in the formats users bring, so the demo runs the real data 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from owl.data.manifest import Manifest
 from owl.data.shapes import ShapesConfig, write_shapes_dataset
 from pipelines.step import StepContext, StepInput
 
-
-@dataclass
-class Config:
-    seed: int = 0
-    image_size: int = 32
-    num_caption_images: int = 1000
-    num_instruction_images: int = 500
-    num_text: int = 500
-    num_eval: int = 50  # items per benchmark type (vqa, caption, multiple_choice, text)
-    max_shapes: int = 3
+# The job's `shapes:` section is the library's config itself: one set of fields and defaults.
+Config = ShapesConfig
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     if inputs:
         raise ValueError(f"the shapes step takes no inputs, got roles {sorted(inputs)}")
     ctx.progress(0, None, "rendering shapes scenes")
-    written = write_shapes_dataset(ctx.out_dir, ShapesConfig(**asdict(cfg)))
+    written = write_shapes_dataset(ctx.out_dir, cfg)
     manifest = Manifest(step=ctx.step)
     for rel in written.files:
         manifest.add_file(ctx.out_dir, rel)
