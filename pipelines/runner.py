@@ -382,6 +382,15 @@ class Runner:
             )
         return manifest
 
+    def _open_run(self, name: str, key: str, inputs: dict[str, StepInput], hit: bool) -> str:
+        """Start the step's MLflow child run and log its inputs; returns the run id."""
+        section = self.job.steps[name]
+        run_id = self.lineage.start_step(
+            name, key, section.spec.version, self._params(section), hit=hit
+        )
+        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        return run_id
+
     def _record_hit(
         self,
         name: str,
@@ -391,11 +400,7 @@ class Runner:
         manifest: Manifest,
         record: StepRecord,
     ) -> None:
-        section = self.job.steps[name]
-        run_id = self.lineage.start_step(
-            name, key, section.spec.version, self._params(section), hit=True
-        )
-        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        run_id = self._open_run(name, key, inputs, hit=True)
         self.lineage.finish_step(run_id, manifest, out_dir, hit=True)
         self.run_ids[name] = str(manifest.info.get("mlflow_run_id") or run_id)
         record.state, record.mlflow_run_id = "cached", run_id
@@ -411,10 +416,7 @@ class Runner:
         keep: bool,
     ) -> Manifest:
         section = self.job.steps[name]
-        run_id = self.lineage.start_step(
-            name, key, section.spec.version, self._params(section), hit=False
-        )
-        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        run_id = self._open_run(name, key, inputs, hit=False)
         record.mlflow_run_id = run_id
         cache.write_step_record(self.job.storage, record)
         self.reporter.start(name)
