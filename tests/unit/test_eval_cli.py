@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from eval_helpers import make_benchmarks, make_model, make_tokenizer
 
 from owl.data.image import preprocess_images
@@ -16,14 +15,6 @@ from owl.data.tokenize import encode_prompt, load_tokenizer
 from owl.model import load_model
 from pipelines.cli import main
 from pipelines.commands.eval import resolve_model_dirs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

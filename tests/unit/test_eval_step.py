@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 from eval_helpers import make_benchmarks, make_model, make_tokenizer
 
 from owl.data.manifest import Manifest
@@ -19,14 +18,6 @@ from owl.eval.generate import predict
 from owl.model import get_config, load_model
 from pipelines.step import StepContext, StepInput
 from pipelines.steps import evaluate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
