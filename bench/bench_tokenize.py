@@ -1,12 +1,16 @@
 """Benchmark: the tokenize_captions step vs raw `tokenizer(batch)` on the same captions.
 
 Prints tokens/s of both and their ratio (target >= 0.7x; the step includes templating, Ray Data,
-Arrow writing and digests), and the peak memory of the step (driver + its Ray processes) at N
-and 4N samples: streaming means the two should be close.
+label building, Arrow writing and digests), and the peak memory of the step (driver + its Ray
+processes) at N and 4N samples: streaming means the two should be close.
 
-    .venv/bin/python bench/bench_tokenize.py --num-samples 50000
+    .venv/bin/python bench/bench_tokenize.py --num-samples 50000 --repeats 3
 
-Each size runs in its own subprocess so peak-memory numbers do not carry over.
+Each size runs in its own subprocess so peak-memory numbers do not carry over. Within a size the
+raw tokenizer and the step alternate (raw, step, raw, step, ...) so both see the same load; the
+first step run is reported apart ("cold": its Ray workers start and import the step's code).
+Both sides get the machine's 2 cores: the raw call's Rust tokenizer spreads a batch over its
+thread pool (its measured CPU use is printed), the step runs on a 2-CPU local Ray.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +93,7 @@ def make_filter_output(root: Path, num_samples: int, seed: int = 0) -> list[str]
                 "image": [image] * len(part),
             }
         )
-        pq.write_table(table, root / rel)
+        pq.write_table(table, root / rel, row_group_size=1024)  # as the filter step writes
         manifest.add_file(root, rel, rows=len(part))
     manifest.write(root)
     return captions
@@ -121,8 +126,29 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_one(num_samples: int) -> dict[str, float]:
-    """One size: raw tokenizer throughput, step throughput, step peak memory."""
+def _raw_tokens(tokenizer: object, captions: list[str]) -> tuple[int, float, float]:
+    """(text tokens, wall s, CPU s of this process) of `tokenizer(batch)` over 512-caption batches."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    num_tokens = 0
+    for i in range(0, len(captions), 512):
+        num_tokens += sum(len(ids) for ids in tokenizer(captions[i : i + 512]).input_ids)
+    return num_tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live descendants (the local Ray cluster:
+    GCS, raylet and workers); processes that already exited are not counted."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def run_one(num_samples: int, repeats: int) -> dict[str, object]:
+    """One size: raw tokenizer and step runs interleaved, step peak memory."""
     import ray
 
     from owl.data.manifest import Manifest
@@ -138,12 +164,6 @@ def run_one(num_samples: int) -> dict[str, float]:
     Manifest(step="tokenizer").write(root / "tok")
     tokenizer = load_tokenizer(root / "tok/tokenizer")
 
-    start = time.perf_counter()
-    raw_tokens = 0
-    for i in range(0, len(captions), 512):
-        raw_tokens += sum(len(ids) for ids in tokenizer(captions[i : i + 512]).input_ids)
-    raw_s = time.perf_counter() - start
-
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     model = OwlConfig(
@@ -152,56 +172,87 @@ def run_one(num_samples: int) -> dict[str, float]:
         abstractor=AbstractorConfig(num_queries=64),
         decoder=DecoderConfig(max_positions=256),
     )
-    ctx = StepContext(
-        step="tokenize_captions",
-        out_dir=root / "out",
-        job_name="bench",
-        model=model,
-        resources=Resources(num_workers=2),
-    )
-    ctx.out_dir.mkdir()
     inputs = {
         "data": StepInput("filter", root / "filter", Manifest.read(root / "filter")),
         "tokenizer": StepInput("tokenizer", root / "tok", Manifest.read(root / "tok")),
     }
+    raw_s, raw_cpu, step_s, step_cpu, digests = [], [], [], [], set()
+    raw_tokens = 0
     with PeakMemory() as memory:
-        start = time.perf_counter()
-        manifest = tokenize_captions.run(ctx, tokenize_captions.Config(batch_size=1024), inputs)
-        step_s = time.perf_counter() - start
+        for repeat in range(repeats):
+            raw_tokens, wall, cpu = _raw_tokens(tokenizer, captions)
+            raw_s.append(wall)
+            raw_cpu.append(cpu)
+            ctx = StepContext(
+                step="tokenize_captions",
+                out_dir=root / f"out{repeat}",
+                job_name="bench",
+                model=model,
+                resources=Resources(num_workers=2),
+            )
+            ctx.out_dir.mkdir()
+            start, cpu = time.perf_counter(), _tree_cpu_seconds()
+            manifest = tokenize_captions.run(ctx, tokenize_captions.Config(), inputs)
+            step_s.append(time.perf_counter() - start)
+            step_cpu.append(_tree_cpu_seconds() - cpu)
+            assert manifest.stats["samples_out"] == num_samples
+            digests.add(manifest.digest)
     ray.shutdown()
-    assert manifest.stats["samples_out"] == num_samples
+    assert len(digests) == 1, "the step's output changed between runs"
     return {
         "num_samples": num_samples,
         "text_tokens": raw_tokens,
-        "raw_tokens_per_s": raw_tokens / raw_s,
-        "step_tokens_per_s": raw_tokens / step_s,  # same text tokens, the step's wall time
-        "ratio": raw_s / step_s,
-        "step_s": step_s,
+        "raw_s": raw_s,
+        "raw_cpu_s": raw_cpu,
+        "step_s": step_s,  # same text tokens, the step's wall time
+        "step_cpu_s": step_cpu,
+        "load_average": os.getloadavg()[0],
         "peak_rss_mb": memory.peak / 2**20,
     }
+
+
+def _report(r: dict) -> str:
+    tokens, raw, step = r["text_tokens"], r["raw_s"], r["step_s"]
+    lines = [
+        f"N={r['num_samples']:,}: {tokens:,} text tokens; step peak RSS "
+        f"{r['peak_rss_mb']:,.0f} MiB; 1-min load average at the end {r['load_average']:.1f}",
+        "  run      raw s (CPU s)  step s (CPU s)  ratio = raw s / step s = step tok/s / raw tok/s",
+    ]
+    for i, (a, b) in enumerate(zip(raw, step)):
+        lines.append(
+            f"  {i + 1}{' cold' if i == 0 else '     '}  {a:6.2f} ({r['raw_cpu_s'][i]:5.2f})"
+            f"  {b:6.2f} ({r['step_cpu_s'][i]:5.2f})   {a / b:.2f}x"
+        )
+    warm_raw, warm_step = statistics.median(raw[1:] or raw), statistics.median(step[1:] or step)
+    lines.append(
+        f"  warm medians: raw {tokens / warm_raw:,.0f} tok/s, step {tokens / warm_step:,.0f} "
+        f"tok/s, ratio {warm_raw / warm_step:.2f}x; cold ratio {raw[0] / step[0]:.2f}x"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-samples", type=int, default=50_000, help="N (4N is run too)")
+    parser.add_argument("--repeats", type=int, default=3, help="raw/step pairs per size")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.repeats)))
         return
+    print(f"load average before: {os.getloadavg()}")
     results = []
     for n in (args.num_samples, 4 * args.num_samples):
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(n)], check=True, capture_output=True, text=True
+            [sys.executable, __file__, "--one", str(n), "--repeats", str(args.repeats)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    for r in results:
-        print(
-            f"N={r['num_samples']:>8}  raw {r['raw_tokens_per_s']:>12,.0f} tok/s  "
-            f"step {r['step_tokens_per_s']:>12,.0f} tok/s  ratio {r['ratio']:.2f}x  "
-            f"step {r['step_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MiB"
-        )
+        print(_report(results[-1]), flush=True)
     print(f"peak memory 4N / N: {results[1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.2f}")
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

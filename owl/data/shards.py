@@ -28,19 +28,51 @@ class ShardInfo:
     supervised: int
 
 
-def _list_array(rows: Sequence[Sequence[int]]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """A `list<int32>` array, plus its flat values and offsets as numpy (for derived counts)."""
+def _flat(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ints as (flat values, offsets), both int32."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), flat, offsets
+    return flat, offsets
 
 
 def _count_per_row(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Number of True values of `mask` (flat over all rows) in each row."""
     cumulative = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).astype(np.int32)
+
+
+def _strings(values: Sequence[str] | pa.Array) -> pa.Array:
+    return (
+        values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
+    )
+
+
+def make_flat_batch(
+    sample_ids: Sequence[str] | pa.Array,
+    kinds: Sequence[str] | pa.Array,
+    input_ids: np.ndarray,
+    labels: np.ndarray,
+    offsets: np.ndarray,
+    images: pa.Array,
+    sources: Sequence[str] | pa.Array,
+) -> pa.RecordBatch:
+    """One record batch in `TOKENIZED_SCHEMA` from flat int32 token ids and labels of all rows
+    (row i is `[offsets[i], offsets[i+1])`) and a `list<binary>` images column; counts derived.
+    The string columns may be Python strings or Arrow arrays."""
+    offsets_array = pa.array(offsets, pa.int32())
+    columns = [
+        _strings(sample_ids),
+        _strings(kinds),
+        pa.ListArray.from_arrays(offsets_array, pa.array(input_ids, pa.int32())),
+        pa.ListArray.from_arrays(offsets_array, pa.array(labels, pa.int32())),
+        images,
+        pa.array(np.diff(offsets).astype(np.int32), pa.int32()),
+        pa.array(_count_per_row(labels >= 0, offsets), pa.int32()),  # IGNORE_INDEX < 0
+        _strings(sources),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=TOKENIZED_SCHEMA)
 
 
 def make_batch(
@@ -55,21 +87,12 @@ def make_batch(
 
     `images` is one list of encoded images per row, or already a `list<binary>` array.
     """
-    ids_array, _, offsets = _list_array(input_ids)
-    labels_array, flat_labels, label_offsets = _list_array(labels)
-    num_tokens = np.diff(offsets).astype(np.int32)
-    num_supervised = _count_per_row(flat_labels >= 0, label_offsets)  # IGNORE_INDEX < 0
-    columns = [
-        pa.array(sample_ids, pa.string()),
-        pa.array(kinds, pa.string()),
-        ids_array,
-        labels_array,
-        images if isinstance(images, pa.Array) else pa.array(images, pa.list_(pa.binary())),
-        pa.array(num_tokens, pa.int32()),
-        pa.array(num_supervised, pa.int32()),
-        pa.array(sources, pa.string()),
-    ]
-    return pa.RecordBatch.from_arrays(columns, schema=TOKENIZED_SCHEMA)
+    flat_ids, offsets = _flat(input_ids)
+    flat_labels, label_offsets = _flat(labels)
+    assert np.array_equal(offsets, label_offsets), "input_ids and labels differ in length"
+    if not isinstance(images, pa.Array):
+        images = pa.array(images, pa.list_(pa.binary()))
+    return make_flat_batch(sample_ids, kinds, flat_ids, flat_labels, offsets, images, sources)
 
 
 def images_column(counts: Sequence[int], values: pa.Array) -> pa.Array:

@@ -11,30 +11,39 @@ construction and there is no "rendered length != tokenized length" case to paper
   user message is text, not a fake turn end.
 - Tokenizers that prepend a space marker themselves (SentencePiece / Metaspace, as LLaMA's) get a
   piece's single leading space removed first, so " {reply}" tokenizes as the word it is.
-- Batched functions encode all pieces of a batch in one call to the Rust tokenizer.
+- Batched functions encode all pieces of a batch in one call to the Rust tokenizer, then build the
+  token ids, labels and truncation of the whole batch with numpy (`assemble`), no per-sample
+  Python loop; the result (`EncodedBatch`) is flat arrays that go into Arrow as they are.
+- Ray workers encode from an `EncoderSpec` (the serialized Rust tokenizer and BOS/EOS ids) and
+  never import transformers or torch; the driver builds the spec from the loaded tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.templates import (
     DropSample,
     Piece,
     Turn,
-    caption_pieces,
     conversation_pieces,
     count_placeholders,
     get_template,
 )
+
+if TYPE_CHECKING:  # transformers (and torch behind it) is imported on use: Ray workers skip it
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
@@ -55,10 +64,20 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-class _PieceEncoder:
-    """Encodes text pieces with the tokenizer's Rust backend, special-token matching off."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What encoding needs of a tokenizer, small and picklable: Ray workers build a `PieceEncoder`
+    from it with `tokenizers` alone, without importing transformers (and torch)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    backend_json: str  # the Rust tokenizer, serialized
+    bos_id: int
+    eos_id: int
+    key: str  # sha256 of the above: the per-process cache key
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> EncoderSpec:
+        from transformers import PreTrainedTokenizerFast
+
         if not isinstance(tokenizer, PreTrainedTokenizerFast):
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast tokenizer; owl needs a Hugging Face "
@@ -66,9 +85,19 @@ class _PieceEncoder:
             )
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer defines no BOS or EOS token; set bos_token/eos_token")
-        self.bos_id: int = tokenizer.bos_token_id
-        self.eos_id: int = tokenizer.eos_token_id
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend_json = tokenizer.backend_tokenizer.to_str()
+        bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        key = hashlib.sha256(f"{bos_id} {eos_id} {backend_json}".encode()).hexdigest()
+        return cls(backend_json, bos_id, eos_id, key)
+
+
+class PieceEncoder:
+    """Encodes text pieces with the tokenizer's Rust backend, special-token matching off."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.bos_id = spec.bos_id
+        self.eos_id = spec.eos_id
+        self.backend = Tokenizer.from_str(spec.backend_json)
         self.backend.no_truncation()
         self.backend.no_padding()
         self.backend.encode_special_tokens = True
@@ -90,56 +119,217 @@ def _prepends_space_marker(backend: Tokenizer) -> bool:
     return len(text) > 1 and text.endswith("a")
 
 
-_ENCODERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, _PieceEncoder] = (
+_ENCODERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, PieceEncoder] = (
     weakref.WeakKeyDictionary()
 )
+_SPEC_ENCODERS: dict[str, PieceEncoder] = {}
 
 
-def _encoder(tokenizer: PreTrainedTokenizerBase) -> _PieceEncoder:
+def _encoder(tokenizer: PreTrainedTokenizerBase) -> PieceEncoder:
     if tokenizer not in _ENCODERS:
-        _ENCODERS[tokenizer] = _PieceEncoder(tokenizer)
+        _ENCODERS[tokenizer] = PieceEncoder(EncoderSpec.of(tokenizer))
     return _ENCODERS[tokenizer]
 
 
-def _assemble(
-    pieces: list[Piece],
-    text_ids: Iterable[list[int]],
-    encoder: _PieceEncoder,
+def spec_encoder(spec: EncoderSpec) -> PieceEncoder:
+    """The encoder of `spec`, built once per process (a Ray worker reuses it for every batch)."""
+    if spec.key not in _SPEC_ENCODERS:
+        if len(_SPEC_ENCODERS) >= 4:
+            _SPEC_ENCODERS.clear()
+        _SPEC_ENCODERS[spec.key] = PieceEncoder(spec)
+    return _SPEC_ENCODERS[spec.key]
+
+
+# Piece kinds as small integers, for the vectorized assembly.
+_BOS, _TEXT, _IMAGE, _EOS = 0, 1, 2, 3
+_KIND_CODES = {"bos": _BOS, "text": _TEXT, "image": _IMAGE, "eos": _EOS}
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of encoded samples, flat: row i's tokens are `input_ids[offsets[i]:offsets[i+1]]`.
+
+    A dropped row has no tokens; `drops` holds its DropSample. The arrays go into Arrow as they are.
+    """
+
+    input_ids: np.ndarray  # (N,) int32, all rows back to back
+    labels: np.ndarray  # (N,) int32, IGNORE_INDEX where no loss is taken
+    offsets: np.ndarray  # (R + 1,) int32
+    num_images: np.ndarray  # (R,) int32: images whose runs are kept, in order
+    truncated: np.ndarray  # (R,) bool
+    drops: dict[int, DropSample]  # row -> why it was dropped
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    def reasons(self) -> list[str]:
+        """Per row: "" when kept, else the drop reason."""
+        reasons = [""] * self.num_rows
+        for row, drop in self.drops.items():
+            reasons[row] = drop.reason
+        return reasons
+
+    def results(self) -> list[Encoded | DropSample]:
+        out: list[Encoded | DropSample] = []
+        ids, labels = self.input_ids.tolist(), self.labels.tolist()
+        for row in range(self.num_rows):
+            if row in self.drops:
+                out.append(self.drops[row])
+                continue
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+            out.append(
+                Encoded(
+                    input_ids=ids[start:end],
+                    labels=labels[start:end],
+                    num_images=int(self.num_images[row]),
+                    truncated=bool(self.truncated[row]),
+                )
+            )
+        return out
+
+
+def assemble(
+    encoder: PieceEncoder,
+    num_rows: int,
+    piece_row: np.ndarray,
+    piece_kind: np.ndarray,
+    piece_supervised: np.ndarray,
+    texts: list[str],
+    drops: dict[int, DropSample],
+    *,
     num_visual_tokens: int,
     max_length: int | None,
     require_supervised: bool = True,
-) -> Encoded:
-    """Concatenate encoded pieces, label them, truncate without splitting an image run."""
-    text_iter = iter(text_ids)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    image_runs: list[tuple[int, int]] = []  # [start, end) of each image run in input_ids
-    first_supervised = -1
-    for piece in pieces:
-        if piece.kind == "text":
-            ids = next(text_iter)
-        elif piece.kind == "image":
-            image_runs.append((len(input_ids), len(input_ids) + num_visual_tokens))
-            ids = [IMAGE_TOKEN_ID] * num_visual_tokens
-        else:
-            ids = [encoder.bos_id if piece.kind == "bos" else encoder.eos_id]
-        if piece.supervised and first_supervised < 0 and ids:
-            first_supervised = len(input_ids)
-        input_ids.extend(ids)
-        labels.extend(ids if piece.supervised else [IGNORE_INDEX] * len(ids))
-    assert len(input_ids) == len(labels)
+) -> EncodedBatch:
+    """Encode and label a batch given as flat piece arrays, without a Python loop over samples.
 
-    cut = len(input_ids) if max_length is None else min(len(input_ids), max_length)
-    for start, end in image_runs:
-        if start < cut < end:
-            cut = start  # never keep part of an image: drop the whole run
-    if require_supervised and not 0 <= first_supervised < cut:
-        raise DropSample("no_supervised_tokens", f"{len(input_ids)} tokens, limit {max_length}")
-    return Encoded(
-        input_ids=input_ids[:cut] if cut < len(input_ids) else input_ids,
-        labels=labels[:cut] if cut < len(labels) else labels,
-        num_images=sum(1 for _, end in image_runs if end <= cut),
-        truncated=cut < len(input_ids),
+    Piece p belongs to row `piece_row[p]` (rows in order, a row's pieces in order) and has kind
+    `piece_kind[p]` (`_BOS`, `_TEXT`, `_IMAGE`, `_EOS`); text pieces take `texts` in order, all
+    encoded in one tokenizer call. Rows in `drops` have no pieces. A row is cut at `max_length`,
+    or at the start of the image run the limit falls in (never part of an image); a row left
+    with no supervised token is dropped as "no_supervised_tokens" when `require_supervised`.
+    """
+    drops = dict(drops)
+    text_ids = encoder.encode(texts)
+    text_lengths = np.fromiter(map(len, text_ids), np.int64, count=len(text_ids))
+    flat_text = np.fromiter(
+        itertools.chain.from_iterable(text_ids), np.int32, count=int(text_lengths.sum())
+    )
+    is_text, is_image = piece_kind == _TEXT, piece_kind == _IMAGE
+    piece_length = np.ones(len(piece_kind), np.int64)
+    piece_length[is_text] = text_lengths
+    piece_length[is_image] = num_visual_tokens
+    row_length = np.bincount(piece_row, weights=piece_length, minlength=num_rows).astype(np.int64)
+    row_start = np.zeros(num_rows + 1, np.int64)
+    np.cumsum(row_length, out=row_start[1:])
+    piece_start = np.zeros(len(piece_kind), np.int64)  # within its row
+    if len(piece_kind):
+        global_start = np.cumsum(piece_length) - piece_length
+        piece_start = global_start - row_start[piece_row]
+
+    # Every position of every row: its token and its label.
+    position_piece = np.repeat(np.arange(len(piece_kind)), piece_length)
+    position_kind = piece_kind[position_piece]
+    input_ids = np.empty(len(position_piece), np.int32)
+    input_ids[position_kind == _TEXT] = flat_text
+    input_ids[position_kind == _IMAGE] = IMAGE_TOKEN_ID
+    input_ids[position_kind == _BOS] = encoder.bos_id
+    input_ids[position_kind == _EOS] = encoder.eos_id
+    labels = np.where(piece_supervised[position_piece], input_ids, np.int32(IGNORE_INDEX))
+
+    # Where each row is cut: the limit, moved back to the start of an image run it falls in.
+    cut = row_length.copy() if max_length is None else np.minimum(row_length, max_length)
+    image_row, image_start = piece_row[is_image], piece_start[is_image]
+    split = (image_start < cut[image_row]) & (cut[image_row] < image_start + num_visual_tokens)
+    cut[image_row[split]] = image_start[split]  # runs do not overlap: one per row at most
+    first_supervised = np.full(num_rows, np.iinfo(np.int64).max)
+    has_tokens = piece_supervised & (piece_length > 0)
+    np.minimum.at(first_supervised, piece_row[has_tokens], piece_start[has_tokens])
+    keep = np.ones(num_rows, bool)
+    keep[list(drops)] = False
+    if require_supervised:
+        for row in np.flatnonzero(keep & (first_supervised >= cut)).tolist():
+            drops[row] = DropSample(
+                "no_supervised_tokens", f"{row_length[row]} tokens, limit {max_length}"
+            )
+            keep[row] = False
+    cut[~keep] = 0
+    kept_image = image_start + num_visual_tokens <= cut[image_row]
+    num_images = np.bincount(image_row[kept_image], minlength=num_rows).astype(np.int32)
+
+    position_row = piece_row[position_piece]
+    position_in_row = np.arange(len(position_piece)) - row_start[position_row]
+    kept_position = position_in_row < cut[position_row]
+    offsets = np.zeros(num_rows + 1, np.int32)
+    np.cumsum(cut, out=offsets[1:])
+    return EncodedBatch(
+        input_ids=input_ids[kept_position],
+        labels=labels[kept_position],
+        offsets=offsets,
+        num_images=num_images,
+        truncated=keep & (cut < row_length),
+        drops=drops,
+    )
+
+
+def encode_piece_lists(
+    encoder: PieceEncoder,
+    batch: Sequence[list[Piece] | DropSample],
+    *,
+    num_visual_tokens: int,
+    max_length: int | None,
+    require_supervised: bool = True,
+) -> EncodedBatch:
+    """Encode many piece lists with one tokenizer call; DropSample entries stay dropped."""
+    rows, kinds, supervised, texts = [], [], [], []
+    drops: dict[int, DropSample] = {}
+    for row, pieces in enumerate(batch):
+        if isinstance(pieces, DropSample):
+            drops[row] = pieces
+            continue
+        for piece in pieces:
+            rows.append(row)
+            kinds.append(_KIND_CODES[piece.kind])
+            supervised.append(piece.supervised)
+            if piece.kind == "text":
+                texts.append(piece.text)
+    return assemble(
+        encoder,
+        len(batch),
+        np.array(rows, np.int64),
+        np.array(kinds, np.int8),
+        np.array(supervised, bool),
+        texts,
+        drops,
+        num_visual_tokens=num_visual_tokens,
+        max_length=max_length,
+        require_supervised=require_supervised,
+    )
+
+
+def encode_caption_texts(
+    encoder: PieceEncoder,
+    captions: Sequence[str | None],
+    *,
+    num_visual_tokens: int,
+    max_length: int,
+) -> EncodedBatch:
+    """Stage-1 samples of a batch: the pieces of `caption_pieces` (BOS, image, caption, EOS; loss
+    on the caption and EOS) laid out as arrays directly, as the stage-1 step encodes millions."""
+    stripped = [(c or "").strip() for c in captions]
+    kept = [row for row, caption in enumerate(stripped) if caption]
+    drops = {row: DropSample("empty_caption") for row, c in enumerate(stripped) if not c}
+    return assemble(
+        encoder,
+        len(stripped),
+        np.repeat(np.array(kept, np.int64), 4),
+        np.tile(np.array([_BOS, _IMAGE, _TEXT, _EOS], np.int8), len(kept)),
+        np.tile(np.array([False, False, True, True]), len(kept)),
+        [stripped[row] for row in kept],
+        drops,
+        num_visual_tokens=num_visual_tokens,
+        max_length=max_length,
     )
 
 
@@ -151,27 +341,9 @@ def encode_pieces_batch(
     max_length: int | None,
 ) -> list[Encoded | DropSample]:
     """Encode many piece lists with one tokenizer call; DropSample entries pass through."""
-    encoder = _encoder(tokenizer)
-    texts = [
-        p.text
-        for pieces in batch
-        if not isinstance(pieces, DropSample)
-        for p in pieces
-        if p.kind == "text"
-    ]
-    text_ids = iter(encoder.encode(texts))
-    out: list[Encoded | DropSample] = []
-    for pieces in batch:
-        if isinstance(pieces, DropSample):
-            out.append(pieces)
-            continue
-        num_texts = sum(1 for p in pieces if p.kind == "text")
-        own_ids = [next(text_ids) for _ in range(num_texts)]
-        try:
-            out.append(_assemble(pieces, own_ids, encoder, num_visual_tokens, max_length))
-        except DropSample as drop:
-            out.append(drop)
-    return out
+    return encode_piece_lists(
+        _encoder(tokenizer), batch, num_visual_tokens=num_visual_tokens, max_length=max_length
+    ).results()
 
 
 def _training_pieces(
@@ -190,6 +362,19 @@ def _training_pieces(
     return conversation_pieces(turns, get_template(variant, system), for_prompt=False)
 
 
+def conversation_batch_pieces(
+    samples: Sequence[tuple[list[Turn], int | None]], variant: str, system: str | None
+) -> list[list[Piece] | DropSample]:
+    """Training pieces of each (turns, number of images or None), or why it cannot be used."""
+    batch: list[list[Piece] | DropSample] = []
+    for turns, num_images in samples:
+        try:
+            batch.append(_training_pieces(turns, variant, num_images, system))
+        except DropSample as drop:
+            batch.append(drop)
+    return batch
+
+
 def encode_conversations(
     tokenizer: PreTrainedTokenizerBase,
     samples: Sequence[tuple[list[Turn], int | None]],
@@ -200,14 +385,11 @@ def encode_conversations(
     system: str | None = None,
 ) -> list[Encoded | DropSample]:
     """Batched `encode_conversation`: `samples` are (turns, number of images or None)."""
-    batch: list[list[Piece] | DropSample] = []
-    for turns, num_images in samples:
-        try:
-            batch.append(_training_pieces(turns, variant, num_images, system))
-        except DropSample as drop:
-            batch.append(drop)
     return encode_pieces_batch(
-        tokenizer, batch, num_visual_tokens=num_visual_tokens, max_length=max_length
+        tokenizer,
+        conversation_batch_pieces(samples, variant, system),
+        num_visual_tokens=num_visual_tokens,
+        max_length=max_length,
     )
 
 
@@ -251,12 +433,14 @@ def encode_prompt(
     assistant prefix. Equal to the prefix of the training encoding of the same conversation.
     Raises DropSample (a ValueError) for a conversation that does not alternate."""
     pieces = conversation_pieces(turns, get_template(variant, system), for_prompt=True)
-    encoder = _encoder(tokenizer)
-    text_ids = encoder.encode([p.text for p in pieces if p.kind == "text"])
-    encoded = _assemble(
-        pieces, text_ids, encoder, num_visual_tokens, max_length=None, require_supervised=False
+    encoded = encode_piece_lists(
+        _encoder(tokenizer),
+        [pieces],
+        num_visual_tokens=num_visual_tokens,
+        max_length=None,
+        require_supervised=False,
     )
-    return encoded.input_ids
+    return encoded.input_ids.tolist()
 
 
 def encode_captions(
@@ -267,15 +451,9 @@ def encode_captions(
     max_length: int,
 ) -> list[Encoded | DropSample]:
     """Batched `encode_caption`."""
-    batch: list[list[Piece] | DropSample] = []
-    for caption in captions:
-        try:
-            batch.append(caption_pieces(caption))
-        except DropSample as drop:
-            batch.append(drop)
-    return encode_pieces_batch(
-        tokenizer, batch, num_visual_tokens=num_visual_tokens, max_length=max_length
-    )
+    return encode_caption_texts(
+        _encoder(tokenizer), captions, num_visual_tokens=num_visual_tokens, max_length=max_length
+    ).results()
 
 
 def encode_caption(
@@ -297,6 +475,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
         raise ValueError(
             f"{path}: no tokenizer.json or tokenizer.model; expected a HF tokenizer folder"
         )
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     _encoder(tokenizer)  # validate now (fast tokenizer, BOS/EOS) rather than at first use
     if tokenizer.pad_token is None and tokenizer.unk_token is not None:
@@ -312,6 +492,8 @@ def train_bpe_tokenizer(
     Byte-level: every string is representable, so <unk> never appears in practice. No prefix
     space is added: a piece's own spaces are what gets tokenized.
     """
+    from transformers import PreTrainedTokenizerFast
+
     num_specials = 3
     if vocab_size < 256 + num_specials:
         raise ValueError(f"vocab_size {vocab_size} is below 259 (256 bytes + 3 special tokens)")

@@ -16,20 +16,26 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray.data
 
 from owl.data.manifest import Manifest
 from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
 from owl.data.templates import DropSample, Turn
-from owl.data.tokenize import Encoded, encode_conversations
+from owl.data.tokenize import (
+    EncoderSpec,
+    conversation_batch_pieces,
+    encode_piece_lists,
+    spec_encoder,
+)
 from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps.tokenize_captions import (
-    cached_tokenizer,
     max_length_of,
     results_batch,
-    tokenizer_dir,
+    tokenizer_spec,
     write_tokenized,
 )
+
+# Ray Data is imported where the step computes; transformers never in the workers (see
+# tokenize_captions).
 
 
 @dataclass
@@ -62,42 +68,52 @@ def _read_image(path: str) -> bytes | None:
 def encode_conversation_batch(
     batch: pa.Table,
     *,
-    tokenizer_dir: str,
+    encoder: EncoderSpec,
     variant: str,
     num_visual_tokens: int,
     max_length: int,
     system: str | None,
 ) -> pa.Table:
-    """Ray Data map_batches function: reads a batch's images, encodes its conversations."""
-    rows = batch.to_pylist()
-    image_paths = [json.loads(row["images"]) for row in rows]
-    images = [[_read_image(p) for p in paths] for paths in image_paths]
+    """Ray Data map_batches function: reads a batch's images, encodes its conversations.
+
+    A sample the template rejects is counted under that reason; one whose template is fine but an
+    image file is missing under "missing_image" (its images are not read further)."""
+    image_paths = [json.loads(paths) for paths in batch.column("images").to_pylist()]
     samples = [
-        ([Turn(role, text) for role, text in json.loads(row["turns"])], len(paths))
-        for row, paths in zip(rows, image_paths)
+        ([Turn(role, text) for role, text in json.loads(turns)], len(paths))
+        for turns, paths in zip(batch.column("turns").to_pylist(), image_paths)
     ]
-    results: list[Encoded | DropSample] = encode_conversations(
-        cached_tokenizer(tokenizer_dir),
-        samples,
-        variant=variant,
-        num_visual_tokens=num_visual_tokens,
-        max_length=max_length,
-        system=system,
+    pieces = conversation_batch_pieces(samples, variant, system)
+    images: list[bytes] = []  # of the samples still kept, in order
+    for row, paths in enumerate(image_paths):
+        if isinstance(pieces[row], DropSample):
+            continue
+        found = []
+        for path in paths:
+            data = _read_image(path)
+            if data is None:
+                pieces[row] = DropSample("missing_image", path)
+                break
+            found.append(data)
+        else:
+            images.extend(found)
+    encoded = encode_piece_lists(
+        spec_encoder(encoder), pieces, num_visual_tokens=num_visual_tokens, max_length=max_length
     )
-    for i, imgs in enumerate(images):
-        if any(img is None for img in imgs) and isinstance(results[i], Encoded):
-            results[i] = DropSample("missing_image")
-    counts = [r.num_images if isinstance(r, Encoded) else 0 for r in results]
-    values = [img for imgs, n in zip(images, counts) for img in imgs[:n]]
-    table = results_batch(
-        results,
-        [row["sample_id"] for row in rows],
-        "text",
-        (counts, pa.array(values, pa.binary())),
-        [row["source"] for row in rows],
+    # Truncation may have removed trailing images, and a sample may have been dropped after all.
+    keep_images = [
+        i < encoded.num_images[row]
+        for row, paths in enumerate(image_paths)
+        if not isinstance(pieces[row], DropSample)
+        for i in range(len(paths))
+    ]
+    return results_batch(
+        encoded,
+        batch.column("sample_id").to_pylist(),
+        ["multimodal" if paths else "text" for paths in image_paths],
+        pa.array(images, pa.binary()).filter(pa.array(keep_images, pa.bool_())),
+        batch.column("source").to_pylist(),
     )
-    kinds = ["multimodal" if paths else "text" for paths in image_paths]
-    return table.set_column(1, "kind", pa.array(kinds, pa.string()))
 
 
 def _records(specs: list[SourceSpec], dropped: Counter) -> list[dict[str, Any]]:
@@ -133,18 +149,20 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     ]
     for spec in specs:
         check_source(spec)
-    tok_dir = tokenizer_dir(inputs)
+    encoder = tokenizer_spec(inputs)
     max_length = max_length_of(cfg.max_length, ctx)
     dropped: Counter = Counter()
     rows = _records(specs, dropped)
     num_in = len(rows) + sum(dropped.values())
     if not rows:
         return write_tokenized(None, ctx, cfg.rows_per_shard, num_in, dropped)
+    import ray.data
+
     ds = ray.data.from_items(rows, override_num_blocks=min(cfg.num_blocks, len(rows)))
     ds = ds.map_batches(
         encode_conversation_batch,
         fn_kwargs=dict(
-            tokenizer_dir=tok_dir,
+            encoder=encoder,
             variant=ctx.model.variant,
             num_visual_tokens=ctx.model.num_visual_tokens,
             max_length=max_length,

@@ -16,10 +16,23 @@ from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.data.shards import ShardWriter, make_batch, read_shard
 from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
-from owl.data.templates import DropSample, Turn, conversation_pieces, get_template, render
+from owl.data.templates import (
+    DropSample,
+    Piece,
+    Turn,
+    caption_pieces,
+    conversation_pieces,
+    count_placeholders,
+    get_template,
+    render,
+)
 from owl.data.tokenize import (
+    Encoded,
+    conversation_batch_pieces,
     encode_caption,
+    encode_captions,
     encode_conversation,
+    encode_pieces_batch,
     encode_prompt,
     load_tokenizer,
     train_bpe_tokenizer,
@@ -230,6 +243,97 @@ def test_caption_encoding(tokenizer: PreTrainedTokenizerFast) -> None:
     assert enc.labels == [IGNORE_INDEX] * (1 + NUM_VISUAL) + caption + [2]
     with pytest.raises(DropSample, match="empty_caption"):
         encode_caption(tokenizer, " ", num_visual_tokens=NUM_VISUAL, max_length=64)
+
+
+def _reference_encoding(
+    pieces: list[Piece], tokenizer: PreTrainedTokenizerFast, max_length: int
+) -> Encoded | DropSample:
+    """The per-sample definition the batched assembly must match: pieces one by one, labels from
+    each piece, cut at max_length or at the start of the image run it falls in."""
+    ids, labels, runs, first_supervised = [], [], [], None
+    for piece in pieces:
+        if piece.kind == "text":
+            text = piece.text
+            if isinstance(tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.Metaspace):
+                text = text[1:] if text.startswith(" ") else text
+            piece_ids = tokenizer(
+                text, add_special_tokens=False, split_special_tokens=True
+            ).input_ids
+        elif piece.kind == "image":
+            runs.append((len(ids), len(ids) + NUM_VISUAL))
+            piece_ids = [IMAGE_TOKEN_ID] * NUM_VISUAL
+        else:
+            piece_ids = [tokenizer.bos_token_id if piece.kind == "bos" else tokenizer.eos_token_id]
+        if piece.supervised and piece_ids and first_supervised is None:
+            first_supervised = len(ids)
+        ids += piece_ids
+        labels += piece_ids if piece.supervised else [IGNORE_INDEX] * len(piece_ids)
+    cut = min(len(ids), max_length)
+    cut = next((start for start, end in runs if start < cut < end), cut)
+    if first_supervised is None or first_supervised >= cut:
+        return DropSample("no_supervised_tokens")
+    num_images = sum(end <= cut for _, end in runs)
+    return Encoded(ids[:cut], labels[:cut], num_images, truncated=cut < len(ids))
+
+
+def test_batched_assembly_matches_the_per_sample_definition(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """A mixed batch (drops before and after tokenization, 0-3 images, cuts inside image runs and
+    text) encodes row by row exactly as the plain per-sample definition does."""
+    rng = random.Random(1)
+    words = " ".join(CORPUS[:4]).replace("\n", " ").split()
+    samples = []
+    for _ in range(120):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            question = " ".join(rng.choices(words, k=rng.randint(0, 6)))
+            images = "<image> " * rng.choice([0, 0, 1, 2, 3])
+            turns += [
+                Turn("user", images + question),
+                Turn("assistant", " ".join(rng.choices(words, k=rng.choice([0, 1, 3, 8])))),
+            ]
+        if rng.random() < 0.1:
+            turns.reverse()  # not alternating
+        samples.append((turns, sum(count_placeholders(t.text) for t in turns)))
+    batch = conversation_batch_pieces(samples, "owl2", None)
+    for max_length in (8, 13, 20, 40, 512):
+        encoded = encode_pieces_batch(
+            tokenizer, batch, num_visual_tokens=NUM_VISUAL, max_length=max_length
+        )
+        for pieces, got in zip(batch, encoded):
+            want = (
+                pieces
+                if isinstance(pieces, DropSample)
+                else (_reference_encoding(pieces, tokenizer, max_length))
+            )
+            if isinstance(want, DropSample):
+                assert isinstance(got, DropSample) and got.reason == want.reason
+            else:
+                assert got == want
+    reasons = {r.reason for r in encoded if isinstance(r, DropSample)}
+    assert {"not_alternating", "empty_reply"} <= reasons  # the batch did mix drops in
+    short = encode_pieces_batch(tokenizer, batch, num_visual_tokens=NUM_VISUAL, max_length=13)
+    assert any(isinstance(r, DropSample) and r.reason == "no_supervised_tokens" for r in short)
+    assert any(isinstance(r, Encoded) and r.truncated for r in short)
+
+
+def test_batched_captions_match_the_caption_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    """The stage-1 fast path (no Piece objects) gives what `caption_pieces` defines, row by row."""
+    captions = ["a red circle", "  ", "", " blue square on the right ", "USER: </s> left"] * 3
+    for max_length in (NUM_VISUAL + 1, NUM_VISUAL + 3, 64):
+        encoded = encode_captions(
+            tokenizer, captions, num_visual_tokens=NUM_VISUAL, max_length=max_length
+        )
+        for caption, got in zip(captions, encoded):
+            if not caption.strip():
+                assert isinstance(got, DropSample) and got.reason == "empty_caption"
+                continue
+            want = _reference_encoding(caption_pieces(caption), tokenizer, max_length)
+            if isinstance(want, DropSample):
+                assert isinstance(got, DropSample) and got.reason == want.reason
+            else:
+                assert got == want
 
 
 def test_bpe_tokenizer_is_deterministic_with_llama_special_ids(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "image": [_png("red")] * len(rows),
             }
         )
-        pq.write_table(table, data / f"shards/{shard:05d}.parquet")
+        pq.write_table(table, data / f"shards/{shard:05d}.parquet", row_group_size=4)
         manifest.add_file(data, f"shards/{shard:05d}.parquet", rows=len(rows))
     manifest.write(data)
 
@@ -143,11 +143,19 @@ def _check_shards(out_dir: Path, manifest: Manifest) -> list[dict]:
 
 def test_tokenize_captions(workdir: Path, tokenizer_input: StepInput, tmp_path: Path) -> None:
     inputs = {"data": _input(workdir / "filter", "filter"), "tokenizer": tokenizer_input}
-    cfg = tokenize_captions.Config(rows_per_shard=12, batch_size=5)
+    # Tasks of 8 rows (two row groups of 4) across the 2 files, 5 captions per tokenizer call.
+    cfg = tokenize_captions.Config(rows_per_shard=12, batch_size=5, rows_per_task=8)
+    files = [workdir / f"filter/shards/{i:05d}.parquet" for i in range(2)]
+    assert [c["row_groups"] for c in tokenize_captions.parquet_chunks(files, 8)] == [
+        [0, 1],
+        [2, 3],
+        [0, 1],
+        [2, 3],
+    ]
     manifest = tokenize_captions.run(_ctx(tmp_path, "tokenize_captions"), cfg, inputs)
     rows = _check_shards(tmp_path / "tokenize_captions", manifest)
     assert [len(rows)] == [30] and [f.rows for f in manifest.files] == [12, 12, 6]
-    # Input order is kept (deterministic shards), the blank caption is counted.
+    # Input order is kept across tasks (deterministic shards), the blank caption is counted.
     assert [r["sample_id"] for r in rows] == [f"k0-{i}" for i in range(16)] + [
         f"k1-{i}" for i in range(14)
     ]
