@@ -14,6 +14,9 @@ A step is a function `run(ctx, cfg, inputs) -> Manifest`:
 - A step may use Ray (tasks, Ray Data, Ray Train): the runner has connected to the cluster.
 - A resumable step (training) finds its earlier checkpoints under `ctx.out_dir` on a re-run with
   the same key; other steps get an emptied `ctx.out_dir`.
+- The module imports torch, Ray, transformers, DeepSpeed, img2dataset... inside the functions that
+  compute, not at module level: validating a job imports every step module for its `Config`, and
+  a fully cached `owl run` imports nothing more (tests/unit/test_cached_rerun.py checks it).
 """
 
 from __future__ import annotations

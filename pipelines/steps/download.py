@@ -7,8 +7,9 @@ multiprocessing distributor locally or as Ray tasks on a cluster -> aggregate th
 
 We assemble img2dataset's parts instead of calling `img2dataset.download()` for one reason: its
 resizer reports a truncated JPEG, a decompression bomb, a 0-byte file and HTML bytes all as
-"Image decoding error". `_CheckedResizer` names them first (header only, no pixel decoding) and
-then hands the bytes to img2dataset's own resizer. Its wandb logger process is not started.
+"Image decoding error". `CheckedResizer` (`_img2dataset.py`) names them first (header only, no
+pixel decoding) and then hands the bytes to img2dataset's own resizer. Its wandb logger process is
+not started.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
-# Before img2dataset imports albumentations: no update check over the network, no wandb.
+from owl.data.filters import download_reason
+from owl.data.manifest import Manifest
+from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, read_url_list
+from pipelines.step import StepContext, StepInput, resolve_path
+
+if TYPE_CHECKING:
+    from img2dataset.downloader import Downloader
+    from img2dataset.reader import Reader
+
+# img2dataset (albumentations: seconds to import) is imported where the step computes, after
+# these are set: no update check over the network, no wandb. Validating a job file or a fully
+# cached `owl run` reads `Config` only.
 _WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
 for _name, _value in _WORKER_ENV.items():
     os.environ.setdefault(_name, _value)
-
-from img2dataset.distributor import multiprocessing_distributor  # noqa: E402
-from img2dataset.downloader import Downloader  # noqa: E402
-from img2dataset.reader import Reader  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
-from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
-
-from owl.data.filters import download_reason, sniff_image_problem  # noqa: E402
-from owl.data.manifest import Manifest  # noqa: E402
-from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, read_url_list  # noqa: E402
-from pipelines.step import StepContext, StepInput, resolve_path  # noqa: E402
 
 SHARDS_DIR = "shards"
 OOM_SHARD_COUNT = 5  # shard names have 5 digits: shards/00000.tar
@@ -68,21 +69,6 @@ class Config:
     number_sample_per_shard: int = 10_000
     distributor: str = "auto"  # multiprocessing | ray | auto (ray on a multi-node cluster)
     env: dict[str, str] = field(default_factory=dict)  # extra env vars for download processes
-
-
-class _CheckedResizer(Resizer):
-    """img2dataset's resizer, preceded by a header check that names bad bytes precisely."""
-
-    def __init__(self, max_image_pixels: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.max_image_pixels = max_image_pixels
-
-    def __call__(self, img_stream, blurring_bbox_list=None):  # noqa: ANN001 (img2dataset's API)
-        problem = sniff_image_problem(img_stream.getvalue(), self.max_image_pixels)
-        if problem is not None:
-            return None, None, None, None, None, problem
-        img_stream.seek(0)
-        return super().__call__(img_stream, blurring_bbox_list)
 
 
 def url_list_spec(cfg: Config) -> UrlListSpec:
@@ -121,7 +107,12 @@ def _normalise_url_list(path: str, spec: UrlListSpec, work: Path) -> tuple[list[
 
 
 def _build_downloader(cfg: Config, reader: Reader, shards_dir: Path) -> Downloader:
-    resizer = _CheckedResizer(
+    from img2dataset.downloader import Downloader
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    from pipelines.steps._img2dataset import CheckedResizer
+
+    resizer = CheckedResizer(
         cfg.max_image_pixels,
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
@@ -226,6 +217,9 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     (work / "tmp").mkdir()
     env = {**_WORKER_ENV, **cfg.env}
     os.environ.update(env)  # inherited by the spawned download processes
+    from img2dataset.distributor import multiprocessing_distributor
+    from img2dataset.reader import Reader
+
     reader = Reader(str(work / "urls"), "parquet", "url", "caption", None, None, extras or None,
                     cfg.number_sample_per_shard, set(), str(work / "tmp"))  # fmt: skip
     downloader = _build_downloader(cfg, reader, shards_dir)

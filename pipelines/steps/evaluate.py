@@ -21,13 +21,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from owl.data.manifest import Manifest
 from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
-from owl.eval.generate import predict, prediction_rows, score
-from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
 from pipelines.step import StepContext, StepInput, resolve_path
+
+# Ray, torch and transformers (through owl.eval.generate / prompts) are imported where the step
+# computes: validating a job file or a fully cached `owl run` reads `Config` only.
 
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
@@ -92,10 +92,17 @@ class EvalWorker:
     def predict(
         self, records: list[BenchmarkRecord], options: dict[str, Any]
     ) -> list[dict[str, Any]]:
+        from owl.eval.generate import predict
+
         return predict(self.model, self.tokenizer, records, **options)
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
+    import ray
+
+    from owl.eval.generate import score
+    from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
+
     started = time.monotonic()
     benchmarks = {
         benchmark_name(path): read_benchmark(resolve_path(path, inputs), cfg.limit)
@@ -144,6 +151,8 @@ def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
             raise ValueError(f"evaluate needs the {role!r} input; this step got {sorted(inputs)}")
         if not (inputs[role].dir / sub).is_dir():
             raise ValueError(f"{inputs[role].dir}: no {sub}/ folder in the {role!r} input")
+    import ray
+
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(EvalWorker)
     return [
@@ -174,6 +183,10 @@ def _predict_all(
     passes: list[tuple[str, bool]],
 ) -> list[list[dict[str, Any]]]:
     """Predictions per pass (benchmark, blank?), each in record order."""
+    import ray
+
+    from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
+
     options = {
         "batch_size": cfg.batch_size,
         "max_new_tokens_by_type": {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens},
@@ -214,5 +227,7 @@ def _metric_names(
 def _write_predictions(
     path: Path, records: Sequence[BenchmarkRecord], predictions: Sequence[dict[str, Any]]
 ) -> None:
+    from owl.eval.generate import prediction_rows
+
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions)), path)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from owl.data.filters import FilterRules, duplicate_keys, sample_problem
 from owl.data.manifest import Manifest
@@ -122,10 +121,6 @@ def _write_shard(work_file: Path, drop: set[str], out_file: Path) -> int:
     return table.num_rows
 
 
-_apply_rules_task = ray.remote(num_cpus=1)(_apply_rules)
-_write_shard_task = ray.remote(num_cpus=1)(_write_shard)
-
-
 def _duplicates(digests: pa.Table, cfg: Config) -> tuple[set[str], Counter]:
     """Keys to drop as duplicates (image first, then url+caption among the rest), and counts."""
     dropped: Counter = Counter()
@@ -144,6 +139,10 @@ def _duplicates(digests: pa.Table, cfg: Config) -> tuple[set[str], Counter]:
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError(f"the filter step needs the role 'data' (download), got {sorted(inputs)}")
+    import ray  # here, not at import: validating a job or a cached run needs only `Config`
+
+    apply_rules_task = ray.remote(num_cpus=1)(_apply_rules)
+    write_shard_task = ray.remote(num_cpus=1)(_write_shard)
     rules = cfg.rules()
     data = inputs["data"]
     tars = sorted(data.dir / f.path for f in data.manifest.files if f.path.endswith(".tar"))
@@ -153,7 +152,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     shards_dir.mkdir(parents=True, exist_ok=True)
     ctx.progress(0, len(tars), "filtering shards")
 
-    refs = [_apply_rules_task.remote(t, rules, work / f"{t.stem}.parquet") for t in tars]
+    refs = [apply_rules_task.remote(t, rules, work / f"{t.stem}.parquet") for t in tars]
     results = ray.get(refs)
     dropped: Counter = sum((r[0] for r in results), Counter())
     digest_tables = [r[1] for r in results]
@@ -166,7 +165,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     refs = []
     for tar, out, table in zip(tars, out_files, digest_tables):
         shard_drop = {k for k in table.column("key").to_pylist() if k in drop}
-        refs.append(_write_shard_task.remote(work / f"{tar.stem}.parquet", shard_drop, out))
+        refs.append(write_shard_task.remote(work / f"{tar.stem}.parquet", shard_drop, out))
     rows = ray.get(refs)
     shutil.rmtree(work)
 

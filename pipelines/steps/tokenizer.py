@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 from owl.data.manifest import Manifest
 from owl.data.sources import Record, SourceSpec, check_source, read_source, record_texts
 from owl.data.templates import PLACEHOLDER_RE
-from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
 from pipelines.step import StepContext, StepInput, resolve_path
 
 OUT = "tokenizer"
@@ -66,6 +65,9 @@ def _copy_folder(src: str, out_dir: Path) -> None:
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
+    # transformers / tokenizers here, not at import: a job's validation reads `Config` only
+    from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+
     manifest = Manifest(step=ctx.step)
     out = ctx.out_dir / OUT
     if cfg.path is not None:

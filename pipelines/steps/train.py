@@ -12,22 +12,19 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-import ray.train
-import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
-from owl.data.loader import ShardLoader, shards_from_manifest
 from owl.data.manifest import Manifest
-from owl.train import checkpoint
 from owl.train.config import TrainConfig
-from owl.train.loop import EXPORT_DIR, WorkerJob, loader_config, run_training
-from owl.train.stages import format_table, lora_kwargs, select_trainable
 from pipelines.step import StepContext, StepInput, resolve_path
 
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from owl.train.loop import WorkerJob
+
+# Ray Train, torch, DeepSpeed and the training loop are imported where a stage runs: validating a
+# job file or a fully cached `owl run` reads `Config` only (tests/unit/test_cached_rerun.py).
 Config = TrainConfig
 
 RUN_NAME = "train"
@@ -37,6 +34,8 @@ class RaySession:
     """`owl.train.loop.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
 
     def __init__(self, resume_path: str) -> None:
+        import ray.train
+
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -47,6 +46,8 @@ class RaySession:
     def restore_dir(self) -> Iterator[Path | None]:
         """Ray Train's latest checkpoint (after a worker restart), else the one the driver found
         on disk (after a driver restart), else None."""
+        import ray.train
+
         reported = ray.train.get_checkpoint()
         if reported is not None:
             with reported.as_directory() as directory:
@@ -57,6 +58,11 @@ class RaySession:
             yield None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from owl.train import checkpoint
+
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -69,6 +75,11 @@ class RaySession:
 
 def _worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: everything comes in through `config`."""
+    import ray.train
+    import torch
+
+    from owl.train.loop import run_training
+
     if torch.cuda.is_available():
         torch.cuda.set_device(ray.train.get_context().get_local_rank())
     run_training(config["job"], RaySession(config["resume_path"]))
@@ -76,6 +87,8 @@ def _worker(config: dict[str, Any]) -> None:
 
 def check_resources(cfg: TrainConfig) -> None:
     """ValueError before anything starts when the job asks for more than the cluster has."""
+    import ray
+
     have = ray.cluster_resources()
     for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
         need = per_worker * cfg.num_workers
@@ -96,6 +109,11 @@ def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
 
 
 def build_trainer(ctx: StepContext, cfg: TrainConfig, job: WorkerJob) -> TorchTrainer:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from owl.train import checkpoint
+
     storage = ctx.out_dir / "checkpoints"
     storage.mkdir(parents=True, exist_ok=True)
     newest = checkpoint.newest_checkpoint(storage)
@@ -119,7 +137,10 @@ def build_trainer(ctx: StepContext, cfg: TrainConfig, job: WorkerJob) -> TorchTr
 
 def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, int]]:
     """The table the workers print, computed on the meta device (no memory) for the manifest."""
+    import torch
+
     from owl.model import OwlModel
+    from owl.train.stages import lora_kwargs, select_trainable
 
     with torch.device("meta"):
         model = OwlModel(ctx.model)
@@ -136,6 +157,9 @@ def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, 
 def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError("train: needs a `data` input (tokenized shards)")
+    from owl.data.loader import ShardLoader, shards_from_manifest
+    from owl.train.loop import WorkerJob, loader_config
+
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
     # Build the loader once here: digests, schema and "enough data for every worker" are checked
     # before any worker starts, and its drop counts go into the manifest.
@@ -165,6 +189,12 @@ def _finish(
     ctx: StepContext, cfg: TrainConfig, result: Any, table: dict[str, dict[str, int]], wall_s: float
 ) -> Manifest:
     """Copy the exported model out of the final checkpoint and describe the stage."""
+    import torch
+
+    from owl.train import checkpoint
+    from owl.train.loop import EXPORT_DIR
+    from owl.train.stages import format_table
+
     model_dir = ctx.out_dir / "model"
     with result.checkpoint.as_directory() as directory:
         directory = Path(directory)
