@@ -104,10 +104,8 @@ class Lineage:
             self._log(self.parent_run_id, metrics=metrics)
             self.client.set_terminated(self.parent_run_id, "FINISHED" if ok else "FAILED")
 
-    def start_step(
-        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
-    ) -> str:
-        tags = {
+    def _step_tags(self, step: str, key: str, version: str, hit: bool) -> dict[str, str]:
+        return {
             "mlflow.parentRunId": self.parent_run_id,
             f"{TAG}step": step,
             f"{TAG}cache_key": key,
@@ -116,6 +114,11 @@ class Lineage:
             f"{TAG}git_commit": git_commit(),
             f"{TAG}ray_submission_id": os.environ.get("OWL_SUBMISSION_ID", ""),
         }
+
+    def start_step(
+        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
+    ) -> str:
+        tags = self._step_tags(step, key, version, hit)
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=step)
         self._log(run.info.run_id, params=flatten(config))
         return run.info.run_id
@@ -125,6 +128,35 @@ class Lineage:
         datasets = [_dataset_input(role, step, d, m) for role, (step, d, m) in inputs.items()]
         if datasets:
             self.client.log_inputs(run_id, datasets=datasets)
+
+    def record_hit(
+        self,
+        step: str,
+        key: str,
+        version: str,
+        config: dict[str, Any],
+        inputs: dict[str, tuple[str, Path, Manifest]],
+        manifest: Manifest,
+        out_dir: Path,
+    ) -> str:
+        """A cache hit as a finished child run: the same tags, params, inputs and metrics a
+        computed step gets (`owl.cache` = hit, `owl.producer_run_id` = the run that computed the
+        output), written in four store calls (run with its tags, one batch of params and metrics,
+        the inputs, the end), without curves or artifacts. Returns the run id."""
+        tags = self._step_tags(step, key, version, hit=True)
+        producer = str(manifest.info.get("mlflow_run_id") or "")
+        tags.update(_output_tags(manifest, out_dir, producer))
+        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=step).info.run_id
+        # An output committed without a recorded run (older manifests): this run stands for it.
+        self._log(
+            run_id,
+            params=flatten(config),
+            metrics=_output_metrics(manifest),
+            tags={} if producer else {f"{TAG}producer_run_id": run_id},
+        )
+        self.log_inputs(run_id, inputs)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
     def finish_step(
         self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
@@ -136,16 +168,12 @@ class Lineage:
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
 
     def _log_manifest(self, run_id: str, manifest: Manifest, out_dir: Path, hit: bool) -> None:
-        tags = {
-            f"{TAG}output_digest": manifest.digest,
-            f"{TAG}output_dir": str(out_dir),
-            f"{TAG}producer_run_id": manifest.info.get("mlflow_run_id", run_id),
-            f"{TAG}num_files": str(len(manifest.files)),
-        }
-        metrics = {k: float(v) for k, v in manifest.stats.items()}
-        metrics.update({f"dropped.{k}": float(v) for k, v in manifest.dropped.items()})
-        metrics.update(_file_counts(manifest))
-        self._log(run_id, metrics=metrics, tags=tags)
+        producer = str(manifest.info.get("mlflow_run_id") or run_id)
+        self._log(
+            run_id,
+            metrics=_output_metrics(manifest),
+            tags=_output_tags(manifest, out_dir, producer),
+        )
         if not hit:  # curves and artifacts stay with the run that computed the output
             self._log_curves(run_id, manifest.curves)
             self.client.log_artifact(run_id, str(out_dir / MANIFEST_NAME))
@@ -202,7 +230,8 @@ class Lineage:
             )
             version_tags = {**tags, f"{TAG}model_digest": digest, f"{TAG}model_dir": str(model_dir)}
             existing = mlflow.register_model(f"models:/{logged.model_id}", name, tags=version_tags)
-        self.client.set_registered_model_alias(name, alias, existing.version)
+        if alias not in (getattr(existing, "aliases", None) or []):  # a re-run: already there
+            self.client.set_registered_model_alias(name, alias, existing.version)
         return name, str(existing.version)
 
     def _version_with_digest(self, name: str, digest: str) -> Any:
@@ -228,6 +257,25 @@ def _dataset_input(role: str, step: str, out_dir: Path, manifest: Manifest) -> D
         f"{TAG}cache_key": manifest.key,
     }
     return DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+
+
+def _output_tags(manifest: Manifest, out_dir: Path, producer_run_id: str) -> dict[str, str]:
+    tags = {
+        f"{TAG}output_digest": manifest.digest,
+        f"{TAG}output_dir": str(out_dir),
+        f"{TAG}num_files": str(len(manifest.files)),
+    }
+    if producer_run_id:
+        tags[f"{TAG}producer_run_id"] = producer_run_id
+    return tags
+
+
+def _output_metrics(manifest: Manifest) -> dict[str, float]:
+    """Statistics, `dropped.<reason>` counts and file/row/token counts of an output."""
+    metrics = {k: float(v) for k, v in manifest.stats.items()}
+    metrics.update({f"dropped.{k}": float(v) for k, v in manifest.dropped.items()})
+    metrics.update(_file_counts(manifest))
+    return metrics
 
 
 def _file_counts(manifest: Manifest) -> dict[str, float]:

@@ -55,6 +55,16 @@ class LineageSink(Protocol):
     def finish_step(
         self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
     ) -> None: ...
+    def record_hit(
+        self,
+        step: str,
+        key: str,
+        version: str,
+        config: dict[str, Any],
+        inputs: dict[str, tuple[str, Path, Manifest]],
+        manifest: Manifest,
+        out_dir: Path,
+    ) -> str: ...
     def register_model(
         self,
         name: str,
@@ -87,6 +97,18 @@ class NullLineage:
         self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
     ) -> None:
         pass
+
+    def record_hit(
+        self,
+        step: str,
+        key: str,
+        version: str,
+        config: dict[str, Any],
+        inputs: dict[str, tuple[str, Path, Manifest]],
+        manifest: Manifest,
+        out_dir: Path,
+    ) -> str:
+        return ""
 
     def register_model(
         self,
@@ -382,13 +404,13 @@ class Runner:
             )
         return manifest
 
-    def _open_run(self, name: str, key: str, inputs: dict[str, StepInput], hit: bool) -> str:
-        """Start the step's MLflow child run and log its inputs; returns the run id."""
+    def _open_run(self, name: str, key: str, inputs: dict[str, StepInput]) -> str:
+        """Start the MLflow child run of a step about to compute, with its inputs; its run id."""
         section = self.job.steps[name]
         run_id = self.lineage.start_step(
-            name, key, section.spec.version, self._params(section), hit=hit
+            name, key, section.spec.version, self._params(section), hit=False
         )
-        self.lineage.log_inputs(run_id, {r: (i.name, i.dir, i.manifest) for r, i in inputs.items()})
+        self.lineage.log_inputs(run_id, _lineage_inputs(inputs))
         return run_id
 
     def _record_hit(
@@ -400,8 +422,11 @@ class Runner:
         manifest: Manifest,
         record: StepRecord,
     ) -> None:
-        run_id = self._open_run(name, key, inputs, hit=True)
-        self.lineage.finish_step(run_id, manifest, out_dir, hit=True)
+        section = self.job.steps[name]
+        run_id = self.lineage.record_hit(
+            name, key, section.spec.version, self._params(section), _lineage_inputs(inputs),
+            manifest, out_dir,
+        )  # fmt: skip
         self.run_ids[name] = str(manifest.info.get("mlflow_run_id") or run_id)
         record.state, record.mlflow_run_id = "cached", run_id
         self._end_record(record)
@@ -416,7 +441,7 @@ class Runner:
         keep: bool,
     ) -> Manifest:
         section = self.job.steps[name]
-        run_id = self._open_run(name, key, inputs, hit=False)
+        run_id = self._open_run(name, key, inputs)
         record.mlflow_run_id = run_id
         cache.write_step_record(self.job.storage, record)
         self.reporter.start(name)
@@ -565,6 +590,10 @@ def _check_output(name: str, manifest: Any, out_dir: Path) -> None:
         raise RuntimeError(
             f"step {name}: its manifest lists files that are not there: {problems[:5]}"
         )
+
+
+def _lineage_inputs(inputs: dict[str, StepInput]) -> dict[str, tuple[str, Path, Manifest]]:
+    return {role: (i.name, i.dir, i.manifest) for role, i in inputs.items()}
 
 
 def _short_error(exc: BaseException) -> str:

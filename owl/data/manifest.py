@@ -115,14 +115,21 @@ class Manifest:
         return cls.from_dict(json.loads(path.read_text()))
 
     def verify(self, out_dir: str | os.PathLike, full: bool = False) -> list[str]:
-        """Problems with the files on disk (missing, wrong size, wrong digest if `full`); [] if fine."""
+        """Problems with the files on disk (missing, wrong size, wrong digest if `full`); [] if fine.
+
+        One `stat` per listed file: a cache hit on a step with tens of thousands of files (the
+        shapes images) stays well under a second."""
         problems = []
+        root = os.fspath(out_dir)
         for entry in self.files:
-            path = Path(out_dir) / entry.path
-            if not path.exists():
+            path = os.path.join(root, entry.path)
+            try:
+                size = os.stat(path).st_size
+            except (FileNotFoundError, NotADirectoryError):
                 problems.append(f"{entry.path}: missing")
-            elif path.stat().st_size != entry.size:
-                problems.append(f"{entry.path}: size {path.stat().st_size} != {entry.size}")
+                continue
+            if size != entry.size:
+                problems.append(f"{entry.path}: size {size} != {entry.size}")
             elif full and sha256_file(path) != entry.sha256:
                 problems.append(f"{entry.path}: sha256 does not match the manifest")
         return problems
