@@ -1,13 +1,15 @@
 """Step `filter`: downloaded webdataset shards -> clean parquet shards, every removal counted.
 
-Stages, one Ray task per shard for the per-sample rules, then one global pass for duplicates:
-1. per shard: read img2dataset's metadata parquet (typed columns, status) and the tar's images;
-   apply `owl.data.filters.sample_problem` (source size, aspect ratio, caption bounds after URL/HTML
-   stripping, score thresholds, language); hash the image bytes and url+caption; write the
-   survivors to a work file and return (key, image sha256, url+caption digest);
-2. driver: the keys that repeat an image or a url+caption seen under a smaller key (global, so
-   the result does not depend on shard boundaries or task order);
-3. per shard: drop those keys, sort by key, write `shards/NNNNN.parquet`.
+Two Ray Data passes over the shards (one map task per shard each) around one global step:
+1. per shard (`_verdict_batch`): read img2dataset's metadata parquet (typed columns, status) and
+   the tar's images; apply `owl.data.filters.sample_problem` (source size, aspect ratio, caption
+   bounds after URL/HTML stripping, score thresholds, language); hash the image bytes and
+   url+caption; write the survivors to a work file; return one verdict row per downloaded sample
+   (key, the rule that removed it or "", image sha256, url+caption digest);
+2. driver: counts the verdicts per rule as they stream in, then finds the keys that repeat an
+   image or a url+caption seen under a smaller key (global, so the result does not depend on
+   shard boundaries or task order);
+3. per shard (`_write_batch`): drop those keys, sort by key, write `shards/NNNNN.parquet`.
 Output columns: key, url, caption, image, width, height, sha256, then the kept extra columns.
 """
 
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from owl.data.filters import FilterRules, duplicate_keys, sample_problem
@@ -87,29 +90,53 @@ def _output_schema(meta_schema: pa.Schema) -> pa.Schema:
     return pa.schema(_BASE_FIELDS + extras)
 
 
-def _apply_rules(tar: Path, rules: FilterRules, work_file: Path) -> tuple[Counter, pa.Table]:
-    """Per-sample rules on one shard; survivors go to `work_file`. (drops, digest table)."""
+_VERDICT_SCHEMA = pa.schema(
+    [("key", pa.string()), ("reason", pa.string()), ("image", pa.string()), ("pair", pa.string())]
+)
+
+
+_SURVIVOR_SCHEMA = pa.schema(
+    [("key", pa.string()), ("image", pa.string()), ("pair", pa.string()), ("shard", pa.string())]
+)
+
+
+def _apply_rules(tar: Path, rules: FilterRules, work_file: Path) -> pa.Table:
+    """Per-sample rules on one shard; survivors go to `work_file`. One verdict row per sample
+    img2dataset downloaded (`_VERDICT_SCHEMA`; reason "" and the digests for a survivor)."""
     meta = pq.read_table(tar.with_suffix(".parquet"))
     schema = _output_schema(meta.schema)
     images = _tar_images(tar)
-    dropped: Counter = Counter()
-    rows, digests = [], {"key": [], "image": [], "pair": []}
+    rows, verdicts = [], {name: [] for name in _VERDICT_SCHEMA.names}
     for row in meta.to_pylist():
         if row["status"] != "success":
             continue  # counted by the download step
         caption, reason = sample_problem(row, row["original_width"], row["original_height"], rules)
-        if reason is not None:
-            dropped[f"filter.{reason}"] += 1
-            continue
-        image = images[row["key"]]
-        out = {name: row.get(name) for name in schema.names}
-        out.update(caption=caption, image=image, sha256=hashlib.sha256(image).hexdigest())
-        rows.append(out)
-        pair = hashlib.sha256(f"{row['url']}\0{caption}".encode()).hexdigest()[:32]
-        for name, value in (("key", row["key"]), ("image", out["sha256"]), ("pair", pair)):
-            digests[name].append(value)
+        image_digest = pair = None
+        if reason is None:
+            image = images[row["key"]]
+            image_digest = hashlib.sha256(image).hexdigest()
+            out = {name: row.get(name) for name in schema.names}
+            out.update(caption=caption, image=image, sha256=image_digest)
+            rows.append(out)
+            pair = hashlib.sha256(f"{row['url']}\0{caption}".encode()).hexdigest()[:32]
+        for name, value in zip(
+            _VERDICT_SCHEMA.names, (row["key"], reason or "", image_digest, pair)
+        ):
+            verdicts[name].append(value)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), work_file)
-    return dropped, pa.table(digests, schema=pa.schema([(n, pa.string()) for n in digests]))
+    return pa.table(verdicts, schema=_VERDICT_SCHEMA)
+
+
+def _verdict_batch(shards: pa.Table, *, rules: FilterRules) -> pa.Table:
+    """Ray Data map_batches function: (tar, work_file) rows -> the verdicts of their samples,
+    each with the shard it came from (the tar's stem)."""
+    tables = []
+    for tar, work_file in zip(shards["tar"].to_pylist(), shards["work_file"].to_pylist()):
+        verdicts = _apply_rules(Path(tar), rules, Path(work_file))
+        tables.append(
+            verdicts.append_column("shard", pa.array([Path(tar).stem] * len(verdicts), pa.string()))
+        )
+    return pa.concat_tables(tables)
 
 
 def _write_shard(work_file: Path, drop: set[str], out_file: Path) -> int:
@@ -121,6 +148,13 @@ def _write_shard(work_file: Path, drop: set[str], out_file: Path) -> int:
     return table.num_rows
 
 
+def _write_batch(shards: pa.Table) -> pa.Table:
+    """Ray Data map_batches function: (work_file, drop, out_file) rows -> (out_file, rows)."""
+    columns = [shards.column(c).to_pylist() for c in ("work_file", "drop", "out_file")]
+    rows = [_write_shard(Path(w), set(d), Path(o)) for w, d, o in zip(*columns)]
+    return pa.table({"out_file": columns[2], "rows": pa.array(rows, pa.int64())})
+
+
 def _duplicates(digests: pa.Table, cfg: Config) -> tuple[set[str], Counter]:
     """Keys to drop as duplicates (image first, then url+caption among the rest), and counts."""
     dropped: Counter = Counter()
@@ -129,20 +163,62 @@ def _duplicates(digests: pa.Table, cfg: Config) -> tuple[set[str], Counter]:
         drop = duplicate_keys(digests, "image")
         dropped["filter.duplicate_image"] = len(drop)
     if cfg.dedup_url_caption:
-        rest = digests.filter(pa.array([k not in drop for k in digests.column("key").to_pylist()]))
+        keys = digests.column("key").to_pylist()
+        rest = digests.filter(pa.array([k not in drop for k in keys], pa.bool_()))
         pairs = duplicate_keys(rest, "pair")
         dropped["filter.duplicate_url_caption"] = len(pairs)
         drop |= pairs
     return drop, +dropped
 
 
+def _verdicts(tars: list[Path], work: Path, rules: FilterRules) -> tuple[Counter, pa.Table]:
+    """Stage 1 on Ray Data: drops per rule, and (key, image, pair, shard) of every survivor."""
+    import ray.data  # here, not at import: validating a job or a cached run needs only `Config`
+
+    items = [{"tar": str(t), "work_file": str(work / f"{t.stem}.parquet")} for t in tars]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _verdict_batch, fn_kwargs={"rules": rules}, batch_size=1, batch_format="pyarrow",
+        num_cpus=1,
+    )  # fmt: skip
+    dropped: Counter = Counter()
+    survivors = []
+    for verdicts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        reasons = verdicts.column("reason")
+        for item in pc.value_counts(reasons).to_pylist():
+            if item["values"]:
+                dropped[f"filter.{item['values']}"] += item["counts"]
+        kept = verdicts.filter(pc.equal(reasons, ""))
+        survivors.append(kept.select(_SURVIVOR_SCHEMA.names))
+    return dropped, pa.concat_tables([_SURVIVOR_SCHEMA.empty_table(), *survivors])
+
+
+def _write_outputs(
+    tars: list[Path], work: Path, shards_dir: Path, survivors: pa.Table, drop: set[str]
+) -> dict[str, int]:
+    """Stage 3 on Ray Data: each shard's survivors less `drop`, sorted; out file -> rows."""
+    import ray.data
+
+    drops: dict[str, list[str]] = {t.stem: [] for t in tars}
+    for key, shard in zip(survivors["key"].to_pylist(), survivors["shard"].to_pylist()):
+        if key in drop:
+            drops[shard].append(key)
+    items = [
+        {"work_file": str(work / f"{t.stem}.parquet"), "drop": drops[t.stem],
+         "out_file": str(shards_dir / f"{t.stem}.parquet")}
+        for t in tars
+    ]  # fmt: skip
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _write_batch, batch_size=1, batch_format="pyarrow", num_cpus=1
+    )
+    rows = {}
+    for written in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows.update(zip(written.column("out_file").to_pylist(), written.column("rows").to_pylist()))
+    return rows
+
+
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError(f"the filter step needs the role 'data' (download), got {sorted(inputs)}")
-    import ray  # here, not at import: validating a job or a cached run needs only `Config`
-
-    apply_rules_task = ray.remote(num_cpus=1)(_apply_rules)
-    write_shard_task = ray.remote(num_cpus=1)(_write_shard)
     rules = cfg.rules()
     data = inputs["data"]
     tars = sorted(data.dir / f.path for f in data.manifest.files if f.path.endswith(".tar"))
@@ -152,30 +228,24 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     shards_dir.mkdir(parents=True, exist_ok=True)
     ctx.progress(0, len(tars), "filtering shards")
 
-    refs = [apply_rules_task.remote(t, rules, work / f"{t.stem}.parquet") for t in tars]
-    results = ray.get(refs)
-    dropped: Counter = sum((r[0] for r in results), Counter())
-    digest_tables = [r[1] for r in results]
-    drop: set[str] = set()
-    if digest_tables:
-        drop, dup_counts = _duplicates(pa.concat_tables(digest_tables), cfg)
+    dropped: Counter = Counter()
+    rows: dict[str, int] = {}
+    if tars:
+        dropped, survivors = _verdicts(tars, work, rules)
+        drop, dup_counts = _duplicates(survivors, cfg)
         dropped.update(dup_counts)
-
-    out_files = [shards_dir / f"{t.stem}.parquet" for t in tars]
-    refs = []
-    for tar, out, table in zip(tars, out_files, digest_tables):
-        shard_drop = {k for k in table.column("key").to_pylist() if k in drop}
-        refs.append(write_shard_task.remote(work / f"{tar.stem}.parquet", shard_drop, out))
-    rows = ray.get(refs)
+        rows = _write_outputs(tars, work, shards_dir, survivors, drop)
     shutil.rmtree(work)
 
     manifest = Manifest(step=ctx.step)
-    for out, n in zip(out_files, rows):
-        manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{out.name}", rows=n)
+    out_files = [shards_dir / f"{t.stem}.parquet" for t in tars]
+    for out in out_files:
+        manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{out.name}", rows=rows[str(out)])
     num_in = sum(f.rows or 0 for f in data.manifest.files if f.path.endswith(".tar"))
+    num_out = sum(rows.values())
     manifest.dropped = dict(sorted(dropped.items()))
-    manifest.stats = {"num_in": float(num_in), "num_out": float(sum(rows)),
-                      "keep_rate": sum(rows) / num_in if num_in else 0.0}  # fmt: skip
+    manifest.stats = {"num_in": float(num_in), "num_out": float(num_out),
+                      "keep_rate": num_out / num_in if num_in else 0.0}  # fmt: skip
     manifest.info = {"rules": asdict(cfg)}
-    ctx.progress(len(tars), len(tars), f"kept {sum(rows)} of {num_in}")
+    ctx.progress(len(tars), len(tars), f"kept {num_out} of {num_in}")
     return manifest
