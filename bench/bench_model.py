@@ -6,15 +6,20 @@
 2. Generation of 256 new tokens (batch 1; text prompt, then image + text prompt), KV cache vs
    recomputing the whole sequence each step. Target >= 5x.
 
-Times are this process's CPU time (one torch thread by default), best of --repeats, so other jobs
-on a shared machine do not skew the ratios.
+Times are this process's CPU time (one torch thread by default), repeats interleaved (baseline,
+candidate, baseline, ...), so other jobs on a shared machine do not skew the ratios; tables give the
+best repeat's rate and the ratios of the best and of the median repeats. The load average is
+printed before and after.
 
 Usage: .venv/bin/python bench/bench_model.py [--batch 8] [--length 256] [--repeats 5] [--threads 1]
+       [--only train|generate]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -55,7 +60,9 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return min(_cpu_seconds(fn) for _ in range(repeats))
 
 
-def bench_train_step(batch: int, length: int, repeats: int) -> list[tuple[str, float, float]]:
+def bench_train_step(
+    batch: int, length: int, repeats: int
+) -> list[tuple[str, float, float, float]]:
     torch.manual_seed(0)
     ids = torch.randint(0, get_config("demo").decoder.vocab_size, (batch, length))
     models = {
@@ -80,16 +87,28 @@ def bench_train_step(batch: int, length: int, repeats: int) -> list[tuple[str, f
     for _ in range(repeats):
         for name, model in models.items():
             seconds[name].append(_cpu_seconds(step(model)))
-    baseline = min(seconds["transformers LlamaForCausalLM"])
-    return [(name, batch * length / min(v), baseline / min(v)) for name, v in seconds.items()]
+    base = seconds["transformers LlamaForCausalLM"]
+    return [_row(name, batch * length, base, v) for name, v in seconds.items()]
+
+
+def _row(
+    name: str, items: int, baseline: list[float], seconds: list[float]
+) -> tuple[str, float, float, float]:
+    """(name, items/s of the best repeat, best-vs-best ratio, median-vs-median ratio)."""
+    return (
+        name,
+        items / min(seconds),
+        min(baseline) / min(seconds),
+        statistics.median(baseline) / statistics.median(seconds),
+    )
 
 
 def bench_generation(
     new_tokens: int, repeats: int, with_image: bool, batch: int = 1
-) -> list[tuple[str, float, float]]:
+) -> list[tuple[str, float, float, float]]:
     """`batch` copies of a 16-token text prompt (optionally after one image); no EOS, so every run
-    makes exactly `new_tokens` tokens per sample. Without the cache each step reruns the whole model (images
-    included), which is what generation without a KV cache costs."""
+    makes exactly `new_tokens` tokens per sample. Without the cache each step reruns the whole
+    model (images included), which is what generation without a KV cache costs."""
     torch.manual_seed(0)
     model = build_model("demo").eval()
     prompt = torch.randint(3, 512, (16,)).tolist()
@@ -110,17 +129,28 @@ def bench_generation(
     for _ in range(repeats):  # interleaved, as above
         for use_cache in (False, True):
             seconds[use_cache].append(_cpu_seconds(run(use_cache)))
-    without, with_cache = min(seconds[False]), min(seconds[True])
     return [
-        ("no cache (recompute each step)", batch * new_tokens / without, 1.0),
-        ("KV cache", batch * new_tokens / with_cache, without / with_cache),
+        _row("no cache (recompute each step)", batch * new_tokens, seconds[False], seconds[False]),
+        _row("KV cache", batch * new_tokens, seconds[False], seconds[True]),
     ]
 
 
-def _table(title: str, unit: str, rows: list[tuple[str, float, float]]) -> str:
-    lines = [f"### {title}", "", f"| | {unit} | ratio |", "|---|---:|---:|"]
-    lines += [f"| {name} | {rate:,.0f} | {ratio:.2f}x |" for name, rate, ratio in rows]
+def _table(title: str, unit: str, rows: list[tuple[str, float, float, float]]) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        f"| | {unit} | ratio (best) | ratio (median) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {rate:,.0f} | {best:.2f}x | {median:.2f}x |"
+        for name, rate, best, median in rows
+    ]
     return "\n".join(lines)
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -130,23 +160,28 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--only", choices=["train", "generate"], help="run one part only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; "
-        f"best of {args.repeats} by process CPU time\n",
+        f"{args.repeats} interleaved repeats by process CPU time; {_load()}\n",
         flush=True,
     )
-    rows = bench_train_step(args.batch, args.length, args.repeats)
-    title = f"Forward+backward, demo size, batch {args.batch} x {args.length} tokens"
-    print(_table(title, "tokens/s", rows) + "\n", flush=True)
+    if args.only != "generate":
+        rows = bench_train_step(args.batch, args.length, args.repeats)
+        title = f"Forward+backward, demo size, batch {args.batch} x {args.length} tokens"
+        print(_table(title, "tokens/s", rows) + "\n", flush=True)
     for with_image, batch in ((False, 1), (True, 1), (True, 8)):
+        if args.only == "train":
+            break
         rows = bench_generation(args.new_tokens, args.repeats, with_image, batch)
         prompt = "1 image + 16 text tokens" if with_image else "16 text tokens"
         title = (
             f"Greedy generation, demo size, batch {batch}, {prompt}, {args.new_tokens} new tokens"
         )
         print(_table(title, "tokens/s", rows) + "\n", flush=True)
+    print(_load())
 
 
 if __name__ == "__main__":

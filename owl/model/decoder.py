@@ -29,10 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype): torch's rms_norm upcasts to fp32
+        # inside and casts back; the weight is applied after the cast, as LLaMA does.
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 def rope_cos_sin(
@@ -216,3 +215,100 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += embeds.shape[1]
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+class TextStep:
+    """One generated token per row through the decoder, for the cached decode loop.
+
+    Computes what Decoder.forward computes for a text token appended to the cached sequence, with
+    less work per token (at small widths a decode step is mostly per-operator overhead):
+    - text branch only: a generated token is never visual, so the MAM's visual norms and k/v
+      copies are skipped (training forward passes still run both branches);
+    - the weights are read once as plain tensors (shared storage, no copies): no module calls or
+      parameter dispatch per layer; activations stay (B, D), one token per row;
+    - rotary tables for every position up to the cache's capacity are computed once, with the
+      rotation's sign folded into the sine table (x * cos + roll(x, d/2) * signed_sin is
+      apply_rope's x * cos + cat(-x2, x1) * sin, bit for bit);
+    - keys/values are written in place into the preallocated cache;
+    - grouped KV heads go through SDPA's `enable_gqa` instead of repeating the whole cache.
+    Only for decoders whose modules are plain nn.Linear / RMSNorm / ... without hooks
+    (`supports`); LoRA-wrapped or hooked decoders (peft, ZeRO-3) run Decoder.forward with the cache
+    instead."""
+
+    def __init__(self, decoder: Decoder, capacity: int) -> None:
+        cfg = decoder.cfg
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.hidden, self.eps = (cfg.hidden,), cfg.rms_norm_eps
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.layers = [
+            tuple(
+                w.detach()
+                for w in (
+                    layer.input_norm.weight,
+                    layer.attn.q_proj.weight,
+                    layer.attn.k_proj.weight,
+                    layer.attn.v_proj.weight,
+                    layer.attn.o_proj.weight,
+                    layer.post_attn_norm.weight,
+                    layer.mlp.gate_proj.weight,
+                    layer.mlp.up_proj.weight,
+                    layer.mlp.down_proj.weight,
+                )
+            )
+            for layer in decoder.layers
+        ]
+        self.norm = decoder.norm.weight.detach()
+        self.lm_head = decoder.lm_head.weight.detach()
+        positions = torch.arange(capacity, device=self.embed.device)[None]  # (1, L)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.embed.dtype)
+        half = cfg.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        # (L, 1, 1, d): indexing with positions (B,) gives (B, 1, 1, d) for (B, h, 1, d) heads.
+        self.cos, self.sin = cos[0, 0, :, None, None], sin[0, 0, :, None, None]
+
+    @staticmethod
+    def supports(decoder: Decoder) -> bool:
+        """True when every decoder module is a plain one, without hooks, that this step reproduces."""
+        plain = (Decoder, DecoderLayer, Attention, MLP, RMSNorm, nn.Linear, nn.Embedding)
+        return all(
+            type(module) in (*plain, nn.ModuleList)
+            and not module._forward_hooks
+            and not module._forward_pre_hooks
+            for module in decoder.modules()
+        )
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (B,) text token ids
+        positions: torch.Tensor,  # (B,) their rotary positions
+        cache: KVCache,
+        key_mask: torch.Tensor | None,  # (B, 1, 1, capacity) bool, True = may attend; None = all
+    ) -> torch.Tensor:
+        """Logits (B, V) for the new tokens; the cache grows by one position."""
+        batch, start = tokens.shape[0], cache.length
+        end = start + 1
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        half = head_dim // 2
+        cos, sin = self.cos[positions], self.sin[positions]  # (B, 1, 1, d)
+        mask = None if key_mask is None else key_mask[..., :end]
+        x = F.embedding(tokens, self.embed)  # (B, D)
+        for idx, (norm_in, wq, wk, wv, wo, norm_post, gate, up, down) in enumerate(self.layers):
+            h = norm_in * F.rms_norm(x, self.hidden, eps=self.eps)
+            # One token per row: (B, h * d) viewed as (B, h, 1, d) are the usual attention heads.
+            q = F.linear(h, wq).view(batch, heads, 1, head_dim)
+            k = F.linear(h, wk).view(batch, kv_heads, 1, head_dim)
+            keys, values = cache.keys[idx], cache.values[idx]
+            keys[:, :, start:end] = k * cos + k.roll(half, -1) * sin
+            values[:, :, start:end] = F.linear(h, wv).view(batch, kv_heads, 1, head_dim)
+            out = F.scaled_dot_product_attention(
+                q * cos + q.roll(half, -1) * sin,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                enable_gqa=kv_heads != heads,
+            )  # (B, h, 1, d)
+            x = x + F.linear(out.view(batch, heads * head_dim), wo)
+            h = norm_post * F.rms_norm(x, self.hidden, eps=self.eps)
+            x = x + F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down)
+        cache.length = end
+        return F.linear(self.norm * F.rms_norm(x, self.hidden, eps=self.eps), self.lm_head)

@@ -3,6 +3,12 @@
 Left padding is segment 0 and the real tokens segment 1: padded keys are masked for real queries
 and positions start at 0 at each sample's first real token, so each row generates exactly what it
 would generate alone.
+
+With the cache, the prompt (images included) runs once through the whole model into a preallocated
+KV cache; every later step feeds one generated text token per row through `TextStep` (the
+decoder's text branch on plain weight tensors, rotary tables and the key mask built once and
+sliced), or through the general cached forward when the decoder is LoRA-wrapped or hooked.
+Without the cache every step recomputes the whole sequence, images included.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from owl.model.decoder import KVCache
+from owl.model.decoder import KVCache, TextStep
 from owl.model.model import positions_from_segments
 
 if TYPE_CHECKING:
@@ -93,37 +100,48 @@ def decode(
         generator = torch.Generator(device=device).manual_seed(seed)
     positions = positions_from_segments(segments)  # (B, T)
     padded = not bool((segments != 0).all())
-    cache = None
+    cache = step = None
     if use_cache:
+        capacity = ids.shape[1] + max_new_tokens
         dtype = model.decoder.embed_tokens.weight.dtype
-        cache = KVCache.allocate(
-            model.cfg.decoder, batch, ids.shape[1] + max_new_tokens, device, dtype
-        )
-        key_segments = segments if padded else None
+        cache = KVCache.allocate(model.cfg.decoder, batch, capacity, device, dtype)
+        # Segments of the prompt and of every token to come (1 = real), sliced per step.
+        all_segments = F.pad(segments, (0, max_new_tokens), value=1) if padded else None
+        key_segments = None if all_segments is None else all_segments[:, : ids.shape[1]]
         logits = model.forward_cached(ids, prompt.images, positions, cache, key_segments)
+        if TextStep.supports(model.decoder):
+            step = TextStep(model.decoder, capacity)
+        key_mask = None if all_segments is None else (all_segments != 0)[:, None, None]
     else:
         logits = model(ids, prompt.images, segment_ids=segments if padded else None)
+    logits = logits[:, -1]  # (B, V)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1:]  # (B, 1)
-    for step in range(max_new_tokens):
-        tokens = sample_next(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+    next_pos = positions[:, -1]  # (B,)
+    for index in range(max_new_tokens):
+        tokens = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
         tokens = tokens.masked_fill(finished, model.cfg.decoder.pad_token_id)
         if eos_token_id is not None:
             now_eos = tokens == eos_token_id
             yield tokens, ~finished & ~now_eos
             finished = finished | now_eos
+            if bool(finished.all()):
+                return
         else:
             yield tokens, ~finished
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if index == max_new_tokens - 1:
             return
-        segments = torch.cat([segments, torch.ones_like(segments[:, :1])], dim=1)
         next_pos = next_pos + 1
-        if cache is not None:
-            key_segments = segments if padded else None
-            logits = model.forward_cached(tokens[:, None], None, next_pos, cache, key_segments)
-        else:
+        if step is not None:  # the lean text-token step
+            logits = step(tokens, next_pos, cache, key_mask)
+        elif cache is not None:  # LoRA-wrapped or hooked decoder: the general cached forward
+            key_segments = None if all_segments is None else all_segments[:, : cache.length + 1]
+            logits = model.forward_cached(
+                tokens[:, None], None, next_pos[:, None], cache, key_segments
+            )[:, -1]
+        else:  # no cache: recompute the whole sequence, images included
             ids = torch.cat([ids, tokens[:, None]], dim=1)
-            logits = model(ids, prompt.images, segment_ids=segments if padded else None)
+            segments = torch.cat([segments, torch.ones_like(segments[:, :1])], dim=1)
+            logits = model(ids, prompt.images, segment_ids=segments if padded else None)[:, -1]
 
 
 def generate(
@@ -136,8 +154,9 @@ def generate(
     prompt = left_pad(model, input_ids, images)
     outputs: list[list[int]] = [[] for _ in input_ids]
     for tokens, alive in decode(model, prompt, **options):  # type: ignore[arg-type]
-        for row in torch.nonzero(alive).flatten().tolist():
-            outputs[row].append(int(tokens[row]))
+        for out, token, keep in zip(outputs, tokens.tolist(), alive.tolist()):
+            if keep:
+                out.append(token)
     return outputs
 
 

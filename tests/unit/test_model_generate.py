@@ -1,4 +1,5 @@
-"""Generation: batched left-padded == one by one, KV cache == no cache, EOS, streaming, sampling."""
+"""Generation: batched left-padded == one by one, KV cache == no cache (the lean decode step and
+the general cached path), EOS, streaming, sampling."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model
-from owl.model.generate import sample_next
-from owl.model.model import OwlModel
+from owl.model import build_model, get_config
+from owl.model.decoder import KVCache, TextStep
+from owl.model.generate import left_pad, sample_next
+from owl.model.lora import apply_lora, merge_lora
+from owl.model.model import OwlModel, positions_from_segments
 
 NEW = 12
 
@@ -92,3 +95,66 @@ def test_one_image_tensor_per_prompt_is_required(model: OwlModel, prompts) -> No
     ids, images = prompts
     with pytest.raises(ValueError, match="one tensor per prompt"):
         model.generate(ids, images[:2], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("variant", ["owl1", "owl2"])
+def test_text_step_logits_equal_a_full_recompute(variant: str) -> None:
+    """The lean decode step (text branch only, plain weights, GQA via SDPA) against the whole
+    model recomputed on the sequence so far, after a left-padded prefill holding images."""
+    torch.manual_seed(0)
+    model = build_model(get_config("debug-tiny", variant)).eval()
+    assert TextStep.supports(model.decoder)
+    k = model.cfg.num_visual_tokens
+    rows = [
+        [1, *[IMAGE_TOKEN_ID] * k, 5, 6, 7],
+        [1, 9, *[IMAGE_TOKEN_ID] * k, 4, *[IMAGE_TOKEN_ID] * k],
+    ]
+    prompt = left_pad(model, rows, [torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)])
+    ids, segments, new = prompt.input_ids, prompt.segments, 20
+    cache = KVCache.allocate(model.cfg.decoder, 2, ids.shape[1] + new, ids.device, torch.float32)
+    all_segments = torch.nn.functional.pad(segments, (0, new), value=1)
+    positions = positions_from_segments(segments)
+    step = TextStep(model.decoder, ids.shape[1] + new)
+    with torch.no_grad():
+        model.forward_cached(ids, prompt.images, positions, cache, segments)
+        tokens = torch.randint(3, 256, (new, 2), generator=torch.Generator().manual_seed(1))
+        for index in range(new):
+            logits = step(
+                tokens[index], positions[:, -1] + index + 1, cache, all_segments[:, None, None] != 0
+            )
+            ids = torch.cat([ids, tokens[index][:, None]], dim=1)
+            full = model(ids, prompt.images, segment_ids=all_segments[:, : ids.shape[1]])[:, -1]
+            assert (logits - full).abs().max() <= 1e-5, index
+    assert cache.length == ids.shape[1]
+
+
+def test_cache_equals_no_cache_over_many_steps_with_images(model: OwlModel, prompts) -> None:
+    """Long greedy runs (the fast step fed back its own tokens for 100 steps) over left-padded
+    prompts holding 2, 0 and 1 images, and one image-only prompt alone."""
+    ids, images = prompts
+    cached = model.generate(ids, images, max_new_tokens=100)
+    assert cached == model.generate(ids, images, max_new_tokens=100, use_cache=False)
+    assert all(len(set(out)) > 20 for out in cached)  # not a short loop repeated
+    k = model.cfg.num_visual_tokens
+    alone = [[IMAGE_TOKEN_ID] * k + [7]], [torch.randn(1, 3, 32, 32)]
+    assert model.generate(*alone, max_new_tokens=64) == model.generate(
+        *alone, max_new_tokens=64, use_cache=False
+    )
+
+
+def test_lora_wrapped_decoder_generates_through_the_general_cached_path() -> None:
+    torch.manual_seed(0)
+    model = apply_lora(build_model("debug-tiny"), dropout=0.0).eval()
+    with torch.no_grad():  # non-zero adapters, so the LoRA branch changes the logits
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    assert not TextStep.supports(model.decoder)
+    k = model.cfg.num_visual_tokens
+    ids = [[1, *[IMAGE_TOKEN_ID] * k, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    images = [torch.randn(1, 3, 32, 32), torch.zeros(0, 3, 32, 32)]
+    cached = model.generate(ids, images, max_new_tokens=30)
+    assert cached == model.generate(ids, images, max_new_tokens=30, use_cache=False)
+    merged = merge_lora(model)
+    assert TextStep.supports(merged.decoder)
+    assert merged.generate(ids, images, max_new_tokens=30) == cached
