@@ -46,11 +46,13 @@ _CONFIGS: dict[str, OwlConfig] = {
         ),
     ),  # fmt: skip
     # mPLUG-Owl: CLIP ViT-L/14 at 224 px, 64-query abstractor without positions, LLaMA-7B, no MAM.
+    # The authors' Owl1 release builds the abstractor SwiGLU with intermediate_size 4096 as is
+    # (w1, w3: 1024 -> 4096; w2: 4096 -> 1024; ffn_ln over 4096); their Owl2 release uses 2816.
     "owl1-llama-7b": OwlConfig(
         name="owl1-llama-7b",
         variant="owl1",
         vision=VisionConfig(image_size=224),
-        abstractor=AbstractorConfig(positional_embeddings=False),
+        abstractor=AbstractorConfig(ffn_dim=4096, positional_embeddings=False),
         decoder=DecoderConfig(modality_adaptive=False),
     ),
     # mPLUG-Owl2: ViT-L/14 at 448 px, abstractor with sin-cos positions, LLaMA-2-7B + MAM.
