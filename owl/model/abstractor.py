@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import AbstractorConfig, VisionConfig
 
@@ -116,8 +117,15 @@ class AbstractorLayer(nn.Module):
 class Abstractor(nn.Module):
     """ViT tokens (N, 1 + P, W) -> visual tokens for the decoder (N, K + 1, D)."""
 
-    def __init__(self, cfg: AbstractorConfig, vision: VisionConfig, decoder_hidden: int) -> None:
+    def __init__(
+        self,
+        cfg: AbstractorConfig,
+        vision: VisionConfig,
+        decoder_hidden: int,
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if vision.width != cfg.width:
             raise ValueError(
                 f"abstractor.width ({cfg.width}) must equal vision.width ({vision.width}): keys "
@@ -152,7 +160,10 @@ class Abstractor(nn.Module):
         num_images = image.shape[0]
         x = self.queries.to(image.dtype).expand(num_images, -1, -1)  # (N, K, W)
         for layer in self.layers:
-            x = layer(x, image, self.query_pos, self.image_pos)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, image, self.query_pos, self.image_pos, use_reentrant=False)
+            else:
+                x = layer(x, image, self.query_pos, self.image_pos)
         x = self.proj(x)  # (N, K, D)
         end = self.end_of_image.to(x.dtype).expand(num_images, 1, -1)  # (N, 1, D)
         return torch.cat([x, end], dim=1)  # (N, K + 1, D)

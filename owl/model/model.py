@@ -85,7 +85,9 @@ class OwlModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision, cfg.activation_checkpointing)
-        self.abstractor = Abstractor(cfg.abstractor, cfg.vision, cfg.decoder.hidden)
+        self.abstractor = Abstractor(
+            cfg.abstractor, cfg.vision, cfg.decoder.hidden, cfg.activation_checkpointing
+        )
         self.decoder = Decoder(cfg.decoder, cfg.activation_checkpointing)
         self.apply(_init_weights)
 

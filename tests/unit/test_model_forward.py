@@ -114,14 +114,31 @@ def test_visual_copies_get_gradients_only_from_visual_tokens() -> None:
     assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if "_visual" in n)
 
 
-def test_activation_checkpointing_gives_identical_gradients() -> None:
+@pytest.mark.parametrize("variant", ["owl1", "owl2"])
+def test_activation_checkpointing_gives_identical_gradients(variant: str) -> None:
+    """Vision, abstractor and decoder layers are all checkpointed (each layer's forward runs again
+    during backward), and every gradient equals the one without checkpointing."""
     torch.manual_seed(1)
-    plain = build_model("debug-tiny").train()
+    plain = build_model(get_config("debug-tiny", variant)).train()
     ckpt = build_model(plain.cfg.replace(activation_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     ids, images = _sample(5, 1, 9)[None], torch.randn(1, 3, 32, 32)
-    for m in (plain, ckpt):
+    calls: dict[tuple[str, str], int] = {}
+    for label, m in (("plain", plain), ("ckpt", ckpt)):
+        for part in ("vision", "abstractor", "decoder"):
+            for layer in getattr(m, part).layers:
+                key = (label, part)
+                # A pre-hook: recomputation stops early, after the last tensor backward needs.
+                layer.register_forward_pre_hook(
+                    lambda *_, key=key: calls.__setitem__(key, calls.get(key, 0) + 1)
+                )
         m(ids, images).square().mean().backward()
+    num_layers = {
+        part: len(getattr(plain, part).layers) for part in ("vision", "abstractor", "decoder")
+    }
+    for part, n in num_layers.items():
+        assert calls[("plain", part)] == n, part
+        assert calls[("ckpt", part)] == 2 * n, part  # recomputed in backward
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
