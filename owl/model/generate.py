@@ -61,6 +61,26 @@ def left_pad(
     return Prompt(ids.to(device), segments.to(device), pixels)
 
 
+def check_positions(model: OwlModel, prompt_length: int, max_new_tokens: int) -> None:
+    """Raise before any work when the longest prompt (image slots included) plus max_new_tokens is
+    more than the decoder's max_positions: the rule is prompt + new tokens <= max_positions."""
+    limit = model.cfg.decoder.max_positions
+    if prompt_length + max_new_tokens <= limit:
+        return
+    room = limit - prompt_length
+    fix = (
+        f"lower max_new_tokens to at most {room}, shorten the prompt"
+        if room >= 1
+        else "shorten the prompt (it alone fills the positions)"
+    )
+    raise ValueError(
+        f"the longest prompt has {prompt_length} tokens (each image counts as "
+        f"{model.cfg.num_visual_tokens} slots) and max_new_tokens is {max_new_tokens}: "
+        f"{prompt_length + max_new_tokens} positions, more than decoder.max_positions={limit}; "
+        f"{fix}, or use a model config with a larger decoder.max_positions"
+    )
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -94,6 +114,7 @@ def decode(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids, segments = prompt.input_ids, prompt.segments
+    check_positions(model, ids.shape[1], max_new_tokens)
     batch, device = ids.shape[0], ids.device
     generator = None
     if seed is not None:

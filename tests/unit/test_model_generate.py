@@ -158,3 +158,25 @@ def test_lora_wrapped_decoder_generates_through_the_general_cached_path() -> Non
     merged = merge_lora(model)
     assert TextStep.supports(merged.decoder)
     assert merged.generate(ids, images, max_new_tokens=30) == cached
+
+
+def test_prompt_plus_new_tokens_beyond_max_positions_is_refused(model: OwlModel, prompts) -> None:
+    ids, images = prompts
+    limit = model.cfg.decoder.max_positions  # 512 for debug-tiny
+    longest = max(len(p) for p in ids)  # image slots included
+    room = limit - longest
+    with pytest.raises(ValueError) as error:
+        model.generate(ids, images, max_new_tokens=room + 1)
+    message = str(error.value)
+    assert f"longest prompt has {longest} tokens" in message
+    assert f"max_new_tokens is {room + 1}" in message
+    assert f"decoder.max_positions={limit}" in message
+    assert f"lower max_new_tokens to at most {room}" in message
+    with pytest.raises(ValueError, match="max_positions"):
+        next(model.stream(ids[0], images[0], max_new_tokens=limit, use_cache=False))
+    with pytest.raises(ValueError, match="it alone fills the positions"):
+        model.generate([[5] * limit], None, max_new_tokens=1)
+    near = [[5] * (limit - 2)]
+    with pytest.raises(ValueError, match="at most 2"):
+        model.generate(near, None, max_new_tokens=3)
+    assert len(model.generate(near, None, max_new_tokens=2)[0]) == 2  # exactly at the limit
