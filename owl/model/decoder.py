@@ -81,6 +81,86 @@ class KVCache:
         return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
 
+class SegmentLayout:
+    """Attention within segments of packed rows, computed per segment instead of under a mask.
+
+    A packed row of T tokens under a (T, T) block-diagonal mask costs a dense T x T attention,
+    most of it on pairs the mask throws away. Here every segment (sample) of the batch becomes
+    one row of a *bucket* of segments of similar length, each bucket is one causal SDPA call,
+    and the outputs go back to their places: the cost follows the sum of squared sample
+    lengths. A bucket pads a segment after its last token, so causal attention never lets a
+    real token see the padding. Padding tokens of the batch (segment 0) get a zero output.
+
+    Built once per forward from segment_ids (B, T) and shared by every layer: one gather in
+    (all buckets' slots, in order) and one gather out per attention call.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor, *, slack: float = 1.25, min_length: int = 32):
+        length = segment_ids.shape[1]
+        flat = segment_ids.reshape(-1)  # (B*T,)
+        device = flat.device
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        starts[::length] = True  # a segment never continues into the next row
+        start = torch.nonzero(starts).flatten()
+        count = torch.diff(start, append=start.new_tensor([flat.numel()]))
+        real = flat[start] > 0
+        start, count = start[real], count[real]
+        order = torch.argsort(count, descending=True, stable=True)
+        start, count = start[order], count[order]
+        self.size = flat.numel()
+        self.shapes: list[tuple[int, int]] = []  # (segments, width) per bucket
+        gathers, valids = [], []
+        for lo, hi in _buckets(count.tolist(), slack=slack, min_length=min_length):
+            width = int(count[lo])
+            offsets = torch.arange(width, device=device)  # (L,)
+            valid = offsets < count[lo:hi, None]  # (n, L)
+            gathers.append(torch.where(valid, start[lo:hi, None] + offsets, 0).flatten())
+            valids.append(valid.flatten())
+            self.shapes.append((hi - lo, width))
+        slots = sum(n * width for n, width in self.shapes)
+        self.gather = torch.cat(gathers) if gathers else flat.new_zeros(0)  # (slots,)
+        valid = torch.cat(valids) if valids else torch.zeros(0, dtype=torch.bool, device=device)
+        # Slot of each token's output; padding tokens read slot `slots`, a zero row.
+        self.scatter = torch.full((self.size,), slots, dtype=torch.long, device=device)
+        self.scatter[self.gather[valid]] = torch.nonzero(valid).flatten()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, T, h, d), positions already rotated -> attention output (B, T, h, d)."""
+        heads, dim = q.shape[2:]
+        sizes = [n * width for n, width in self.shapes]
+        slotted = [t.reshape(self.size, heads, dim)[self.gather].split(sizes) for t in (q, k, v)]
+        outputs = []
+        for (n, width), qb, kb, vb in zip(self.shapes, *slotted, strict=True):
+            qb, kb, vb = (t.view(n, width, heads, dim).transpose(1, 2) for t in (qb, kb, vb))
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)  # (n, h, L, d)
+            outputs.append(out.transpose(1, 2).reshape(n * width, heads, dim))
+        outputs.append(q.new_zeros(1, heads, dim))
+        return torch.cat(outputs)[self.scatter].view(q.shape)
+
+
+def _buckets(lengths: list[int], *, slack: float, min_length: int) -> list[tuple[int, int]]:
+    """Split lengths (sorted longest first) into runs [lo, hi), each padded to its first length.
+
+    A run grows while its padded attention cost (n * L_max^2) stays within `slack` times the
+    cost of its segments alone (sum of L^2), and always once L_max <= min_length (short calls
+    cost more in overhead than in padding)."""
+    runs, lo, squares = [], 0, 0
+    for i, n in enumerate(lengths):
+        widest = lengths[lo]
+        if i > lo and widest > min_length and (i - lo + 1) * widest**2 > slack * (squares + n * n):
+            runs.append((lo, i))
+            lo, squares = i, 0
+        squares += n * n
+    if lengths:
+        runs.append((lo, len(lengths)))
+    return runs
+
+
+AttentionMask = torch.Tensor | SegmentLayout | None
+"""(B, 1, T, S) bool (True = may attend), a SegmentLayout, or None for plain causal."""
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -118,25 +198,33 @@ class Attention(nn.Module):
         visual: torch.Tensor | None,  # (B, T, 1) bool, None without MAM
         cos: torch.Tensor,  # (B, 1, T, d)
         sin: torch.Tensor,
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        mask: AttentionMask,
         cache: KVCache | None,
         layer_idx: int,
     ) -> torch.Tensor:
         batch, length, hidden = x.shape
         k, v = self._keys_values(x, visual)
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, h, T, d), (B, kv, T, d)
-        if cache is not None:
-            k, v = cache.append(layer_idx, k, v)  # (B, kv, S, d)
-        if self.num_kv_heads != self.num_heads:  # grouped KV: query head i reads kv head i // rep
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1
-        )  # (B, h, T, d)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, h, d)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, kv, d)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.num_heads // self.num_kv_heads  # grouped KV: query head i reads kv head i // rep
+        if isinstance(mask, SegmentLayout):
+            assert cache is None, "a SegmentLayout is for full sequences, not cached steps"
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            out = mask.attend(q, k, v)  # (B, T, h, d)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, *, T, d)
+            if cache is not None:
+                k, v = cache.append(layer_idx, k, v)  # (B, kv, S, d)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and length > 1
+            ).transpose(1, 2)  # (B, T, h, d)
+        return self.o_proj(out.reshape(batch, length, hidden))
 
 
 class MLP(nn.Module):
@@ -173,7 +261,7 @@ class DecoderLayer(nn.Module):
         visual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
@@ -201,7 +289,7 @@ class Decoder(nn.Module):
         embeds: torch.Tensor,  # (B, T, D)
         modality: torch.Tensor,  # (B, T) bool, True = visual
         position_ids: torch.Tensor,  # (B, T)
-        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal, no padding
+        mask: AttentionMask = None,  # None = causal, no padding
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)

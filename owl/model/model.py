@@ -16,7 +16,7 @@ from torch import nn
 from owl import IMAGE_TOKEN_ID
 from owl.model.abstractor import Abstractor
 from owl.model.config import OwlConfig
-from owl.model.decoder import Decoder, KVCache
+from owl.model.decoder import Decoder, KVCache, SegmentLayout
 from owl.model.vision import VisionEncoder
 
 
@@ -138,23 +138,24 @@ class OwlModel(nn.Module):
 
         segment_ids (B, T): 0 = padding, k >= 1 = the k-th sample packed in the row; attention stays
         within a segment and default positions restart at each segment. Without segment_ids every
-        row is one causal sequence."""
+        row is one causal sequence. Attention runs per segment (`SegmentLayout`), not under a
+        (T, T) mask: a packed row costs what its samples cost alone."""
         embeds, modality = self.embed(input_ids, images)
-        mask = None
+        layout = None
         if segment_ids is not None:
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(
                     f"segment_ids shape {tuple(segment_ids.shape)} must equal input_ids shape "
                     f"{tuple(input_ids.shape)}"
                 )
-            mask = segment_mask(segment_ids, segment_ids)
+            layout = SegmentLayout(segment_ids)
         if position_ids is None:
             if segment_ids is not None:
                 position_ids = positions_from_segments(segment_ids)
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
-        return self.decoder(embeds, modality, position_ids, mask)
+        return self.decoder(embeds, modality, position_ids, layout)
 
     def forward_cached(
         self,
