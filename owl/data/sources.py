@@ -6,7 +6,8 @@
 - `alpaca`: `{"instruction", "input", "output"}`, text only.
 - `sharegpt`: ShareGPT / Vicuna `{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`.
 
-A file is either a JSON array (`.json`) or one JSON object per line (`.jsonl`). Readers yield a
+A file is either a JSON array (`.json`, parsed incrementally) or one JSON object per line
+(`.jsonl`, read line by line): a file is streamed, never loaded whole. Readers yield a
 `Record` per usable sample and a `Bad(reason, source)` per unusable one (malformed line, unknown
 speaker, missing field) so the caller counts it; a file that cannot be read at all, or whose first
 record lacks the format's fields, raises ValueError naming the file and field before any work.
@@ -19,7 +20,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
+
+import ijson
 
 from owl.data.templates import Turn
 
@@ -68,7 +71,10 @@ class Bad:
 
 
 def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
-    """(index, object) pairs; a malformed JSONL line yields (index, None)."""
+    """(index, object) pairs, streamed: a `.json` array is parsed incrementally (ijson) and a
+    `.jsonl` file read line by line, so a file is never held in memory whole. A malformed JSONL
+    line yields (index, None); an unreadable or malformed `.json` raises ValueError (possibly
+    after earlier records were yielded: the error names the file)."""
     try:
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
@@ -80,13 +86,26 @@ def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
                     except json.JSONDecodeError:
                         yield index, None
             return
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read instruction data ({exc})") from exc
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of samples, got {type(data).__name__}")
-    yield from enumerate(data)
+        with open(path, "rb") as f:
+            first = _first_byte(f)
+            if first != b"[":
+                what = {b"{": "an object", b"": "an empty file"}.get(first, "a single value")
+                raise ValueError(f"{path}: expected a JSON array of samples, got {what}")
+            f.seek(0)
+            # use_float: numbers as float, as json.load gives them (ijson's default is Decimal)
+            yield from enumerate(ijson.items(f, "item", use_float=True))
+    except (OSError, UnicodeDecodeError, ijson.JSONError) as exc:
+        detail = " ".join(str(exc).split())  # ijson's messages span lines
+        raise ValueError(f"{path}: cannot read instruction data ({detail})") from exc
+
+
+def _first_byte(f: BinaryIO) -> bytes:
+    """The first byte that is not JSON whitespace (b"" for a blank file)."""
+    while chunk := f.read(4096):
+        stripped = chunk.lstrip(b" \t\r\n")
+        if stripped:
+            return stripped[:1]
+    return b""
 
 
 def _conversation_turns(conversations: Any) -> list[Turn] | str:

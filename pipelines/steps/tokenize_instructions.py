@@ -1,21 +1,25 @@
 """Step `tokenize_instructions`: instruction files (LLaVA / mPLUG-Owl2 JSON, Alpaca, ShareGPT) ->
 stage-2 tokenized Arrow shards with the model variant's conversation template.
 
-The driver reads the sources (text only; unusable records are counted by reason), Ray Data tasks
-read each sample's image files and encode it (a missing image is counted, not fatal), and the
-driver streams the results in source order into `shards/shard-NNNNN.arrow`.
+The driver streams the sources (text only; unusable records are counted by reason) into parquet
+work files of `rows_per_task` records, Ray Data tasks (one per file) read each sample's image
+files and encode it (a missing image is counted, not fatal), and the driver streams the results
+in source order into `shards/shard-NNNNN.arrow`. Nothing holds the whole source in memory: a
+665k-sample LLaVA file is parsed incrementally and only one work file's rows are buffered.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from owl.data.manifest import Manifest
 from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
@@ -28,6 +32,7 @@ from owl.data.tokenize import (
 )
 from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps.tokenize_captions import (
+    encode_dataset,
     max_length_of,
     results_batch,
     tokenizer_spec,
@@ -47,8 +52,8 @@ class Config:
     # Replaces the variant's default system prompt ("" removes it); None keeps the default.
     system: str | None = None
     rows_per_shard: int = 10_000
-    batch_size: int = 128
-    num_blocks: int = 8  # how many pieces the sample list is cut into for the tasks
+    batch_size: int = 128  # samples per tokenizer call (their images are read together)
+    rows_per_task: int = 2048  # samples one Ray task encodes
 
 
 def _read_image(path: str) -> bytes | None:
@@ -74,7 +79,7 @@ def encode_conversation_batch(
     max_length: int,
     system: str | None,
 ) -> pa.Table:
-    """Ray Data map_batches function: reads a batch's images, encodes its conversations.
+    """Rows (sample_id, turns, images, source) -> tokenized rows: reads the images, encodes.
 
     A sample the template rejects is counted under that reason; one whose template is fine but an
     image file is missing under "missing_image" (its images are not read further)."""
@@ -116,24 +121,42 @@ def encode_conversation_batch(
     )
 
 
-def _records(specs: list[SourceSpec], dropped: Counter) -> list[dict[str, Any]]:
-    """Every usable sample of every source as a small text-only row; Bad ones counted."""
-    rows = []
+WORK_DIR = "_work"
+RECORD_COLUMNS = ("sample_id", "turns", "images", "source")  # turns, images: JSON text
+
+
+def _write_records(
+    specs: list[SourceSpec], work: Path, rows_per_file: int, row_group_size: int, dropped: Counter
+) -> tuple[list[Path], int]:
+    """Stream every usable sample of every source, as a small text-only row, into parquet files
+    of `rows_per_file` rows under `work`; Bad ones counted. (files, number of rows written)"""
+    schema = pa.schema([(name, pa.string()) for name in RECORD_COLUMNS])
+    files: list[Path] = []
+    columns: dict[str, list[str]] = {name: [] for name in RECORD_COLUMNS}
+    num_rows = 0
+
+    def flush() -> None:
+        files.append(work / f"records-{len(files):05d}.parquet")
+        pq.write_table(pa.table(columns, schema=schema), files[-1], row_group_size=row_group_size)
+        for values in columns.values():
+            values.clear()
+
     for spec in specs:
         for record in read_source(spec):
             if isinstance(record, Bad):
                 dropped[record.reason] += 1
                 continue
             assert isinstance(record, Record)
-            rows.append(
-                {
-                    "sample_id": record.sample_id,
-                    "turns": json.dumps([[t.role, t.text] for t in record.turns]),
-                    "images": json.dumps(record.images),
-                    "source": record.source,
-                }
-            )
-    return rows
+            columns["sample_id"].append(record.sample_id)
+            columns["turns"].append(json.dumps([[t.role, t.text] for t in record.turns]))
+            columns["images"].append(json.dumps(record.images))
+            columns["source"].append(record.source)
+            num_rows += 1
+            if len(columns["sample_id"]) == rows_per_file:
+                flush()
+    if columns["sample_id"]:
+        flush()
+    return files, num_rows
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
@@ -151,25 +174,27 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         check_source(spec)
     encoder = tokenizer_spec(inputs)
     max_length = max_length_of(cfg.max_length, ctx)
+    work = ctx.out_dir / WORK_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     dropped: Counter = Counter()
-    rows = _records(specs, dropped)
-    num_in = len(rows) + sum(dropped.values())
-    if not rows:
-        return write_tokenized(None, ctx, cfg.rows_per_shard, num_in, dropped)
-    import ray.data
-
-    ds = ray.data.from_items(rows, override_num_blocks=min(cfg.num_blocks, len(rows)))
-    ds = ds.map_batches(
-        encode_conversation_batch,
-        fn_kwargs=dict(
+    files, num_rows = _write_records(specs, work, cfg.rows_per_task, cfg.batch_size, dropped)
+    num_in = num_rows + sum(dropped.values())
+    ds = None
+    if num_rows:
+        ds = encode_dataset(
+            files,
+            cfg.rows_per_task,
+            ctx.resources.cpus_per_worker,
+            encode_conversation_batch,
+            columns=list(RECORD_COLUMNS),
+            batch_size=cfg.batch_size,
             encoder=encoder,
             variant=ctx.model.variant,
             num_visual_tokens=ctx.model.num_visual_tokens,
             max_length=max_length,
             system=cfg.system,
-        ),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_cpus=ctx.resources.cpus_per_worker,
-    )
-    return write_tokenized(ds, ctx, cfg.rows_per_shard, num_in, dropped)
+        )
+    manifest = write_tokenized(ds, ctx, cfg.rows_per_shard, num_in, dropped)
+    shutil.rmtree(work)
+    return manifest

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.data.shards import ShardWriter, make_batch, read_shard
-from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
+from owl.data.sources import Bad, Record, SourceSpec, _parse, check_source, read_source
 from owl.data.templates import (
     DropSample,
     Piece,
@@ -418,3 +418,52 @@ def test_sources_read_each_format_and_count_bad_records(tmp_path: Path) -> None:
         check_source(SourceSpec("sharegpt", str(alpaca)))
     with pytest.raises(ValueError, match="not found"):
         check_source(SourceSpec("alpaca", str(tmp_path / "missing.json")))
+
+
+def _llava_like(i: int) -> dict:
+    """A varied record: list or single image, unicode, escapes, numbers, nesting."""
+    record = {
+        "id": f"s{i}",
+        "image": [f"a/{i}.jpg", f"b/{i}.png"] if i % 3 == 0 else f"img/{i}.jpg",
+        "conversations": [
+            {"from": "human", "value": f'<image>\nWhat is "{i}"? ünï ☃ \\ {i * 0.5}'},
+            {"from": "gpt", "value": "line one\nline two " * (i % 4)},
+        ],
+        "meta": {"score": i / 7, "tags": [i, None, True]},
+    }
+    if i % 101 == 0:
+        record["conversations"][0]["from"] = "robot"  # a Bad record
+    return record
+
+
+def test_large_json_array_streams_the_same_records_as_json_load(tmp_path: Path) -> None:
+    objects = [_llava_like(i) for i in range(10_000)]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(objects, indent=1, ensure_ascii=False), encoding="utf-8")
+    spec = SourceSpec("llava", str(path), "/imgs")
+    whole = json.loads(path.read_text(encoding="utf-8"))  # the file read at once, as before
+    expected = [_parse(spec, obj, i, "/imgs") for i, obj in enumerate(whole)]
+    assert list(read_source(spec)) == expected
+    assert sum(isinstance(r, Bad) for r in expected) == 100  # the robots
+    # JSONL, read line by line, gives the same records (sources name their own file).
+    lines = tmp_path / "llava.jsonl"
+    lines.write_text("\n".join(json.dumps(o) for o in objects))
+    from_lines = list(read_source(SourceSpec("llava", str(lines), "/imgs")))
+    assert [r.sample_id if isinstance(r, Record) else r.reason for r in from_lines] == [
+        r.sample_id if isinstance(r, Record) else r.reason for r in expected
+    ]
+
+
+def test_json_array_is_parsed_incrementally(tmp_path: Path) -> None:
+    """Records come out before the parser reaches the end: a file broken at its end yields its
+    first records, then fails naming the file (json.load would fail before the first)."""
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps([_llava_like(i) for i in range(1, 3000)])[:-200])
+    records = read_source(SourceSpec("llava", str(path)))
+    assert isinstance(next(records), Record)
+    with pytest.raises(ValueError, match=r"broken\.json: cannot read instruction data"):
+        list(records)
+    not_array = tmp_path / "object.json"
+    not_array.write_text(json.dumps({"data": [_llava_like(1)]}))
+    with pytest.raises(ValueError, match=r"object\.json: expected a JSON array.*an object"):
+        list(read_source(SourceSpec("llava", str(not_array))))

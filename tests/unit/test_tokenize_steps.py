@@ -179,6 +179,7 @@ def test_tokenize_instructions_counts_bad_records(
             SourceSpec("alpaca", "@shapes/text.json"),
         ],
         batch_size=2,
+        rows_per_task=3,  # the 7 records that reach encoding go to 3 tasks; order is kept
     )
     inputs = {"tokenizer": tokenizer_input, "shapes": shapes}
     manifest = tokenize_instructions.run(_ctx(tmp_path, "tokenize_instructions"), cfg, inputs)
@@ -195,6 +196,7 @@ def test_tokenize_instructions_counts_bad_records(
     ]
     assert rows[0]["images"] == [_png("blue")]
     assert manifest.stats["samples_in"] == 8 and manifest.stats["supervised_tokens"] > 0
+    assert not (tmp_path / "tokenize_instructions" / "_work").exists()  # records' work files
 
 
 def test_structural_errors_stop_before_work(
