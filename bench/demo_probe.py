@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,17 +30,31 @@ import torch
 
 from owl.data.image import preprocess_images
 from owl.data.packing import Sample, collate, pack_rows
-from owl.data.shapes import ShapesConfig, write_shapes_dataset
+from owl.data.shapes import (
+    CAPTION_PROMPT,
+    COLOURS,
+    SHAPES,
+    Scene,
+    Shape,
+    ShapesConfig,
+    qa_pairs,
+    write_shapes_dataset,
+)
 from owl.data.sources import SourceSpec, read_source, record_texts
 from owl.data.templates import PLACEHOLDER_RE, DropSample
 from owl.data.tokenize import encode_captions, encode_conversations, train_bpe_tokenizer
 from owl.eval.benchmarks import read_benchmark
-from owl.eval.generate import predict, score
+from owl.eval.generate import predict, sample_score, score
+from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
 from owl.model.config import OwlConfig
 from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import lora_kwargs, param_groups, select_trainable
+
+# ShapesConfig fields the probe exposes as flags.
+SHAPES_FIELDS = ("num_caption_images", "num_instruction_images", "num_text", "max_shapes",
+                 "min_questions", "max_questions", "caption_turn_share")  # fmt: skip
 
 
 @dataclass
@@ -164,12 +179,71 @@ def train_stage(model: OwlModel, corpus: Corpus, args: StageArgs, stage: int, se
     return 1000 * (time.perf_counter() - start) / max(1, args.steps)
 
 
+_ITEM_RE = re.compile(
+    r"\b(?:a|an) ("
+    + "|".join(COLOURS)
+    + r") ("
+    + "|".join(SHAPES)
+    + r") (on the left|on the right|"
+    r"at the top|at the bottom|in the centre)",
+    re.IGNORECASE,
+)
+_WHERE = {"on the left": "left", "on the right": "right", "at the top": "top",
+          "at the bottom": "bottom", "in the centre": "centre"}  # fmt: skip
+
+
+def answer_from_caption(caption: str, question: str) -> str:
+    """Answer a shapes VQA question from a caption such as "two shapes: a red circle on the left
+    and ..." ("" when the caption does not answer it)."""
+    shapes = tuple(
+        Shape(kind.lower(), colour.lower(), _WHERE[where.lower()])
+        for colour, kind, where in _ITEM_RE.findall(caption)
+    )
+    if not shapes:
+        return ""
+    scene = Scene(shapes, background=0, scale=0.25)
+    for _, asked, answer in qa_pairs(scene):
+        if asked == question:
+            return answer
+    # A question about a shape or colour the caption does not list: counts are zero, else unknown.
+    return "0" if question.startswith("How many") else ""
+
+
+def question_kind(question: str) -> str:
+    """The shapes source's question kinds, read back from the question text."""
+    for prefix, kind in (("How many", "count"), ("What shape", "shape"),
+                         ("What colour", "colour"), ("Where", "position")):  # fmt: skip
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
 def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[str, float]:
     model.eval()
     vqa = read_benchmark(bench_dir / "vqa.jsonl", limit)
     text = read_benchmark(bench_dir / "text.jsonl", limit)
+    predictions = predict(model, tokenizer, vqa, batch_size=25)
+    by_kind: dict[str, list[float]] = {}
+    for record, prediction in zip(vqa, predictions):
+        by_kind.setdefault(question_kind(record.question), []).append(
+            sample_score(record, prediction)
+        )
+    # The same questions answered from the model's own caption of each image: how much of the
+    # scene the vision path gets right, whatever the model has learned about answering.
+    as_caption = [dataclasses.replace(r, question=CAPTION_PROMPT, type="caption") for r in vqa]
+    described = predict(
+        model, tokenizer, as_caption, batch_size=25, max_new_tokens_by_type={"caption": 60}
+    )
+    for r, p in list(zip(vqa, described))[:3]:
+        print(f"    caption: {p['prediction']!r} | {r.question} -> {r.answers[0]}", flush=True)
+    via_caption = [
+        vqa_accuracy(answer_from_caption(p["prediction"], r.question), r.answers)
+        for r, p in zip(vqa, described)
+    ]
     return {
-        "vqa": score(vqa, predict(model, tokenizer, vqa, batch_size=25))["vqa.accuracy"],
+        "vqa": score(vqa, predictions)["vqa.accuracy"],
+        "vqa_via_caption": sum(via_caption) / max(1, len(via_caption)),
+        **{f"vqa.{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "vqa_blank": score(vqa, predict(model, tokenizer, vqa, batch_size=25, blank_images=True))[
             "vqa.accuracy"
         ],
@@ -192,9 +266,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--eval-items", type=int, default=100)
     defaults = ShapesConfig()
-    for field in ("num_caption_images", "num_instruction_images", "num_text", "max_shapes"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int,
-                            default=getattr(defaults, field))  # fmt: skip
+    for field in SHAPES_FIELDS:
+        value = getattr(defaults, field)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     for stage, steps, lr, batch, length, trainable in (
         (1, 300, 2e-3, 32, 256, "all"),
         (2, 300, 1e-3, 32, 256, "all"),
@@ -218,8 +292,7 @@ def main() -> None:
     model_cfg = get_config(ns.model, ns.variant)
     shapes = dataclasses.replace(ShapesConfig(), seed=ns.seed, num_eval=ns.eval_items,
                                  image_size=model_cfg.vision.image_size,
-                                 **{k: getattr(ns, k) for k in ("num_caption_images",
-                                    "num_instruction_images", "num_text", "max_shapes")})  # fmt: skip
+                                 **{k: getattr(ns, k) for k in SHAPES_FIELDS})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_shapes_dataset(out, shapes)

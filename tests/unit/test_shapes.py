@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from owl.data.shapes import (
+    CAPTION_PROMPT,
     COLOURS,
     POSITIONS,
     WORLD_COLOURS,
@@ -171,3 +172,39 @@ def test_shapes_step_lists_every_file_with_counts(tmp_path):
     assert manifest.verify(tmp_path, full=True) == []
     with pytest.raises(ValueError, match="takes no inputs"):
         shapes_step.run(ctx, cfg, {"data": None})
+
+
+def test_questions_per_image_and_caption_turns_follow_the_config(tmp_path):
+    cfg = ShapesConfig(seed=5, num_caption_images=4, num_instruction_images=60, num_text=2,
+                       num_eval=2, min_questions=3, max_questions=5, caption_turn_share=1.0)  # fmt: skip
+    write_shapes_dataset(tmp_path, cfg)
+    for record in json.loads((tmp_path / "instructions.json").read_text()):
+        turns = record["conversations"]
+        # every conversation opens with the evaluation's caption prompt, then 3..5 questions
+        assert turns[0]["value"] == "<image>\n" + CAPTION_PROMPT
+        assert turns[1]["value"] in captions_of_any_scene(turns[1]["value"])
+        assert 3 <= len(turns) // 2 - 1 <= 5
+    cfg = ShapesConfig(seed=5, num_caption_images=4, num_instruction_images=60, num_text=2,
+                       num_eval=2, caption_turn_share=0.0)  # fmt: skip
+    write_shapes_dataset(tmp_path / "none", cfg)
+    records = json.loads((tmp_path / "none" / "instructions.json").read_text())
+    assert all(CAPTION_PROMPT not in t["value"] for r in records for t in r["conversations"])
+
+
+def captions_of_any_scene(text: str) -> list[str]:
+    """`text` itself when it reads like a canonical caption ("<count> shape(s): ..."), else []."""
+    head = text.split(":")[0]
+    return [text] if head.split()[0] in ("one", "two", "three") and "shape" in head else []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"min_questions": 0},
+        {"min_questions": 4, "max_questions": 3},
+        {"caption_turn_share": 1.5},
+    ],  # fmt: skip
+)
+def test_bad_question_settings_are_rejected(fields):
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        ShapesConfig(**fields)
