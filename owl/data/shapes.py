@@ -94,8 +94,7 @@ class ShapesConfig:
     # more supervision for the same vision-encoder work.
     min_questions: int = 1
     max_questions: int = 3
-    # Share of conversations that start with a caption turn, asked with the evaluation's caption
-    # prompt, so instruction tuning keeps the captioning that stage 1 taught.
+    # Share of conversations that start with a caption turn ("Describe the image briefly.").
     caption_turn_share: float = 0.25
 
     def __post_init__(self) -> None:
@@ -124,7 +123,7 @@ def sample_scene(rng: random.Random, max_shapes: int) -> Scene:
     shapes = tuple(
         Shape(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), pos) for pos in sorted(positions)
     )
-    return Scene(shapes, background=rng.randrange(len(BACKGROUNDS)), scale=rng.uniform(0.26, 0.3))
+    return Scene(shapes, background=rng.randrange(len(BACKGROUNDS)), scale=rng.uniform(0.22, 0.3))
 
 
 def render_scene(scene: Scene, size: int) -> Image.Image:
@@ -298,15 +297,10 @@ def _conversation(scene: Scene, rng: random.Random, cfg: ShapesConfig) -> list[d
         if not left:
             break
         picked.append(pick_question(left, rng))
-    # The first question carries the short-answer instruction exactly as the evaluation asks it
-    # (as in LLaVA-665k); follow-up questions skip it: the answer format is set by then, and the
-    # ~10 tokens it costs per turn buy more answers per training step instead.
-    chosen = [
-        (k, f"{q} {VQA_SUFFIX}" if i == 0 and k != "yes_no" else q, a)
-        for i, (k, q, a) in enumerate(picked)
-    ]
+    # The short-answer instruction the evaluation appends to VQA questions (as in LLaVA-665k).
+    chosen = [(k, q if k == "yes_no" else f"{q} {VQA_SUFFIX}", a) for k, q, a in picked]
     if rng.random() < cfg.caption_turn_share:
-        chosen.insert(0, ("caption", CAPTION_PROMPT, captions(scene)[0]))
+        chosen.insert(0, ("caption", "Describe the image briefly.", captions(scene)[0]))
     turns = []
     for i, (_, question, answer) in enumerate(chosen):
         turns.append({"from": "human", "value": f"<image>\n{question}" if i == 0 else question})

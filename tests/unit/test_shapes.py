@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from owl.data.shapes import (
-    CAPTION_PROMPT,
     COLOURS,
     POSITIONS,
     WORLD_COLOURS,
@@ -180,15 +179,16 @@ def test_questions_per_image_and_caption_turns_follow_the_config(tmp_path):
     write_shapes_dataset(tmp_path, cfg)
     for record in json.loads((tmp_path / "instructions.json").read_text()):
         turns = record["conversations"]
-        # every conversation opens with the evaluation's caption prompt, then 3..5 questions
-        assert turns[0]["value"] == "<image>\n" + CAPTION_PROMPT
+        # every conversation opens with a caption turn, then 3..5 questions
+        assert turns[0]["value"] == "<image>\nDescribe the image briefly."
         assert turns[1]["value"] in captions_of_any_scene(turns[1]["value"])
         assert 3 <= len(turns) // 2 - 1 <= 5
     cfg = ShapesConfig(seed=5, num_caption_images=4, num_instruction_images=60, num_text=2,
                        num_eval=2, caption_turn_share=0.0)  # fmt: skip
     write_shapes_dataset(tmp_path / "none", cfg)
     records = json.loads((tmp_path / "none" / "instructions.json").read_text())
-    assert all(CAPTION_PROMPT not in t["value"] for r in records for t in r["conversations"])
+    turns = [t["value"] for r in records for t in r["conversations"]]
+    assert all("Describe the image" not in t for t in turns)
 
 
 def captions_of_any_scene(text: str) -> list[str]:
