@@ -34,6 +34,7 @@ from owl.data.shapes import (
     CAPTION_PROMPT,
     COLOURS,
     SHAPES,
+    WHERE,
     Scene,
     Shape,
     ShapesConfig,
@@ -184,19 +185,19 @@ _ITEM_RE = re.compile(
     + "|".join(COLOURS)
     + r") ("
     + "|".join(SHAPES)
-    + r") (on the left|on the right|"
-    r"at the top|at the bottom|in the centre)",
+    + r") ("
+    + "|".join(WHERE.values())
+    + ")",
     re.IGNORECASE,
 )
-_WHERE = {"on the left": "left", "on the right": "right", "at the top": "top",
-          "at the bottom": "bottom", "in the centre": "centre"}  # fmt: skip
+_POSITION_OF = {phrase: position for position, phrase in WHERE.items()}
 
 
 def answer_from_caption(caption: str, question: str) -> str:
     """Answer a shapes VQA question from a caption such as "two shapes: a red circle on the left
     and ..." ("" when the caption does not answer it)."""
     shapes = tuple(
-        Shape(kind.lower(), colour.lower(), _WHERE[where.lower()])
+        Shape(kind.lower(), colour.lower(), _POSITION_OF[where.lower()])
         for colour, kind, where in _ITEM_RE.findall(caption)
     )
     if not shapes:

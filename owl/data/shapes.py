@@ -146,9 +146,13 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     return image
 
 
+# How captions and questions name each position.
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
+         "bottom": "at the bottom", "centre": "in the centre"}  # fmt: skip
+
+
 def _where(position: str) -> str:
-    return {"left": "on the left", "right": "on the right", "top": "at the top",
-            "bottom": "at the bottom", "centre": "in the centre"}[position]  # fmt: skip
+    return WHERE[position]
 
 
 def _article(word: str) -> str:
