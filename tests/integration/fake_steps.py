@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from owl.data.manifest import Manifest
 from pipelines.dag import Role, StepSpec
@@ -165,3 +166,20 @@ TABLE: dict[str, StepSpec] = {
 
 # The same steps, with `filter` running its work as a Ray task (the runner connects to Ray first).
 RAY_TABLE: dict[str, StepSpec] = {**TABLE, "filter": replace(TABLE["filter"], uses_ray=True)}
+
+
+def fake_job(name: str, storage: Path | str, **sections: Any) -> dict[str, Any]:
+    """A raw job over TABLE's steps: small defaults, each section dict merged over its default,
+    any other value (e.g. mlflow_uri) set as given."""
+    raw: dict[str, Any] = {
+        "name": name,
+        "storage": str(storage),
+        "model": {"name": "debug-tiny"},
+        "download": {"num_rows": 6},
+        "filter": {"keep_every": 2},
+        "stage1": {"num_steps": 3},
+        "evaluate": {},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw

@@ -24,7 +24,7 @@ from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.lineage import DIGEST_CHARS  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
 from pipelines.runner import Runner  # noqa: E402
-from tests.integration.fake_steps import TABLE  # noqa: E402
+from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -69,17 +69,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def run_job(uri: str, storage: Path):
-    raw = {
-        "name": "lineage-fake",
-        "storage": str(storage),
-        "mlflow_uri": uri,
-        "model": {"name": "debug-tiny"},
-        "download": {"num_rows": 6},
-        "filter": {"keep_every": 2},
-        "stage1": {"num_steps": 3},
-        "evaluate": {},
-    }
-    job = parse_job(raw, TABLE)
+    job = parse_job(fake_job("lineage-fake", storage, mlflow_uri=uri), TABLE)
     return Runner(job, Reporter(quiet=True), table=TABLE).run()
 
 

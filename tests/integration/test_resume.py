@@ -23,21 +23,13 @@ from pipelines import cache  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
 from pipelines.runner import NullLineage, Runner  # noqa: E402
-from tests.integration.fake_steps import TABLE  # noqa: E402
+from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 def job_raw(storage: Path) -> dict:
-    return {
-        "name": "resume-fake",
-        "storage": str(storage),
-        "model": {"name": "debug-tiny"},
-        "download": {"num_rows": 6},
-        "filter": {"keep_every": 2},
-        "stage1": {"num_steps": 8, "step_sleep_s": 1.0},
-        "evaluate": {},
-    }
+    return fake_job("resume-fake", storage, stage1={"num_steps": 8, "step_sleep_s": 1.0})
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:

@@ -22,7 +22,7 @@ from pipelines.dag import STEPS, upstream_of  # noqa: E402
 from pipelines.jobspec import load_job, parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
 from pipelines.runner import Runner, select_steps, step_key  # noqa: E402
-from tests.integration.fake_steps import TABLE  # noqa: E402
+from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "img2dataset", "albumentations")
 
@@ -114,16 +114,7 @@ def test_cached_rerun_of_the_demo_job_starts_no_ray_and_imports_no_torch(tmp_pat
 
 
 def test_a_hit_run_points_at_the_run_that_computed_the_output(tmp_path):
-    raw = {
-        "name": "hits",
-        "storage": str(tmp_path),
-        "model": {"name": "debug-tiny"},
-        "download": {"num_rows": 6},
-        "filter": {"keep_every": 2},
-        "stage1": {"num_steps": 3},
-        "evaluate": {},
-    }
-    job = parse_job(raw, TABLE)
+    job = parse_job(fake_job("hits", tmp_path), TABLE)
     first = Runner(job, Reporter(quiet=True), table=TABLE).run()
     second = Runner(job, Reporter(quiet=True), table=TABLE).run()
     assert first.ok and second.ok

@@ -19,22 +19,12 @@ from pipelines import cache  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
 from pipelines.runner import NullLineage, Runner, job_status, plan  # noqa: E402
-from tests.integration.fake_steps import TABLE  # noqa: E402
+from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 
 def job_raw(storage: Path, **sections: dict) -> dict:
-    raw = {
-        "name": "fake",
-        "storage": str(storage),
-        "model": {"name": "debug-tiny"},
-        "download": {"num_rows": 6, "retry": {"max_retries": 2, "backoff_s": 0.5}},
-        "filter": {"keep_every": 2},
-        "stage1": {"num_steps": 3},
-        "evaluate": {},
-    }
-    for name, section in sections.items():
-        raw[name] = {**raw.get(name, {}), **section}
-    return raw
+    download = {"retry": {"max_retries": 2, "backoff_s": 0.5}, **sections.pop("download", {})}
+    return fake_job("fake", storage, download=download, **sections)
 
 
 def run(raw: dict, sleeps: list[float] | None = None, **kwargs):
