@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import re
@@ -34,6 +35,7 @@ from owl.data.shapes import (
     CAPTION_PROMPT,
     COLOURS,
     SHAPES,
+    VQA_SUFFIX,
     WHERE,
     Scene,
     Shape,
@@ -44,7 +46,7 @@ from owl.data.shapes import (
 from owl.data.sources import SourceSpec, read_source, record_texts
 from owl.data.templates import PLACEHOLDER_RE, DropSample
 from owl.data.tokenize import encode_captions, encode_conversations, train_bpe_tokenizer
-from owl.eval.benchmarks import read_benchmark
+from owl.eval.benchmarks import BenchmarkRecord, read_benchmark
 from owl.eval.generate import predict, sample_score, score
 from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
@@ -219,8 +221,27 @@ def question_kind(question: str) -> str:
     return "other"
 
 
+def seen_vqa(out: Path, limit: int) -> list[BenchmarkRecord]:
+    """The first VQA question of `limit` training conversations, as benchmark records: accuracy on
+    scenes the model trained on, beside the held-out one, tells over- from under-fitting."""
+    records = []
+    for item in json.loads((out / "instructions.json").read_text()):
+        question, answer = item["conversations"][0]["value"], item["conversations"][1]["value"]
+        if not question.endswith(VQA_SUFFIX):
+            continue
+        question = question.removeprefix("<image>\n").removesuffix(VQA_SUFFIX).strip()
+        records.append(BenchmarkRecord(id=item["id"], type="vqa", source="instructions.json",
+                                       images=(str(out / item["image"]),), question=question,
+                                       answers=(answer,) * 10))  # fmt: skip
+        if len(records) == limit:
+            break
+    return records
+
+
 def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[str, float]:
     model.eval()
+    seen = seen_vqa(bench_dir.parent, limit)
+    seen_score = score(seen, predict(model, tokenizer, seen, batch_size=25))["vqa.accuracy"]
     vqa = read_benchmark(bench_dir / "vqa.jsonl", limit)
     text = read_benchmark(bench_dir / "text.jsonl", limit)
     predictions = predict(model, tokenizer, vqa, batch_size=25)
@@ -243,6 +264,7 @@ def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[st
     ]
     return {
         "vqa": score(vqa, predictions)["vqa.accuracy"],
+        "vqa_seen": seen_score,
         "vqa_via_caption": sum(via_caption) / max(1, len(via_caption)),
         **{f"vqa.{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "vqa_blank": score(vqa, predict(model, tokenizer, vqa, batch_size=25, blank_images=True))[
@@ -263,6 +285,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=("owl2", "owl1"), default="owl2")
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--model-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a model config field, e.g. vision.num_layers=3")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--eval-items", type=int, default=100)
@@ -290,7 +314,12 @@ def main() -> None:
     ns = parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(ns.seed)
-    model_cfg = get_config(ns.model, ns.variant)
+    overrides: dict[str, dict] = {}
+    for item in ns.model_set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        overrides.setdefault(section, {})[name] = json.loads(value)
+    model_cfg = get_config(ns.model, ns.variant, **overrides)
     shapes = dataclasses.replace(ShapesConfig(), seed=ns.seed, num_eval=ns.eval_items,
                                  image_size=model_cfg.vision.image_size,
                                  **{k: getattr(ns, k) for k in SHAPES_FIELDS})  # fmt: skip
