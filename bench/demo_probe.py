@@ -55,6 +55,7 @@ from owl.eval.benchmarks import BenchmarkRecord, read_benchmark
 from owl.eval.generate import predict, sample_score, score
 from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
+from owl.model.abstractor import sincos_2d_with_cls
 from owl.model.config import OwlConfig
 from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
@@ -321,6 +322,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=("owl2", "owl1"), default="owl2")
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--vision-pos-init", choices=("default", "sincos", "clip"),
+                        default="default",
+                        help="ViT position embedding init: the model's, 2-D sin-cos, or CLIP's "
+                        "N(0, width^-0.5)")  # fmt: skip
     parser.add_argument("--model-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a model config field, e.g. vision.num_layers=3")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -371,6 +376,13 @@ def main() -> None:
               f"instruction samples, vocab {len(tokenizer)}, "
               f"{sum(p.numel() for p in OwlModel(model_cfg).parameters()):,} parameters")  # fmt: skip
         model = OwlModel(model_cfg)
+        pos = model.vision.position_embedding
+        with torch.no_grad():
+            if ns.vision_pos_init == "sincos":
+                grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
+                pos.copy_(sincos_2d_with_cls(pos.shape[1], grid))
+            elif ns.vision_pos_init == "clip":
+                pos.normal_(std=pos.shape[1] ** -0.5)
         for stage, corpus in ((1, stage1), (2, stage2)):
             args = stage_args(ns, stage)
             load_before = os.getloadavg()[0]
