@@ -1,0 +1,72 @@
+"""The decoder's faster formulations against the plain ones: oneDNN `Linear`, MAM norm lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from owl.model import decoder, get_config
+from owl.model.decoder import DecoderLayer, Linear
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(16, 24), (24, 16)])
+@pytest.mark.parametrize(("x_grad", "w_grad"), [(True, True), (True, False), (False, True)])
+def test_linear_matches_f_linear_with_gradients(
+    in_features: int, out_features: int, x_grad: bool, w_grad: bool, monkeypatch
+) -> None:
+    """Both orders of the weight-gradient product, frozen inputs or weights (LoRA bases), and a
+    strided input; the oneDNN path is taken even at these tiny sizes."""
+    monkeypatch.setattr(decoder, "_ONEDNN_MIN_MACS", 0)
+    torch.manual_seed(0)
+    layer = Linear(in_features, out_features)
+    layer.weight.requires_grad_(w_grad)
+    base = torch.randn(3, 7, 2 * in_features, requires_grad=x_grad)
+    x = base[..., ::2]  # (3, 7, in), not contiguous
+    grad = torch.randn(3, 7, out_features)
+    ours = layer(x)
+    theirs = F.linear(x, layer.weight)
+    if decoder._HAS_ONEDNN:
+        assert type(ours.grad_fn).__name__ == "_OneDNNLinearBackward"
+    assert (ours - theirs).abs().max() <= 1e-5
+    wanted = [t for t, needed in ((base, x_grad), (layer.weight, w_grad)) if needed]
+    for a, b in zip(
+        torch.autograd.grad(ours, wanted, grad), torch.autograd.grad(theirs, wanted, grad)
+    ):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+
+
+def test_linear_is_f_linear_outside_fp32_cpu_and_for_small_products(monkeypatch) -> None:
+    layer = Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))  # 64 multiply-adds: MKL
+    monkeypatch.setattr(decoder, "_ONEDNN_MIN_MACS", 0)
+    layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize("which", ["input_norm", "post_attn_norm"])
+def test_mam_norm_lookup_equals_two_norms_and_a_select(which: str) -> None:
+    torch.manual_seed(0)
+    layer = DecoderLayer(get_config("debug-tiny", "owl2").decoder)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3)
+    x = torch.randn(2, 9, layer.input_norm.weight.shape[0], requires_grad=True)
+    visual = (torch.rand(2, 9) < 0.4)[..., None]
+    text_norm, visual_norm = getattr(layer, which), getattr(layer, f"{which}_visual")
+    params = [x, text_norm.weight, visual_norm.weight]
+    grad = torch.randn_like(x)
+
+    ours = layer._norm(x, visual, which)
+    # A hooked norm (as under ZeRO-3) is called as a module: the plain two-norm formulation.
+    handle = text_norm.register_forward_pre_hook(lambda *_: None)
+    hooked = layer._norm(x, visual, which)
+    handle.remove()
+    plain = torch.where(visual, visual_norm(x), text_norm(x))
+    assert torch.equal(ours, plain) and torch.equal(hooked, plain)
+    for a, b in zip(
+        torch.autograd.grad(ours, params, grad), torch.autograd.grad(plain, params, grad)
+    ):
+        assert (a - b).abs().max() <= 1e-5
