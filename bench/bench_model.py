@@ -5,6 +5,13 @@
    `LlamaForCausalLM` with the same dimensions (SDPA attention). Target: owl1 >= 1.0x.
 2. Generation of 256 new tokens (batch 1; text prompt, then image + text prompt), KV cache vs
    recomputing the whole sequence each step. Target >= 5x.
+3. (`--only step`, not run by default) A whole OwlModel training step at `demo` size (forward,
+   backward and AdamW over every parameter) on packed batches shaped like the demo's stages:
+   stage 1, 12 rows of 256 tokens of caption samples (1 image + 15 text tokens each, 8 images
+   per row); stage 2, 4 rows of 256 tokens with 5 image samples each (1 image + 34 text tokens).
+   The model as it is (every linear layer `owl.model.linear.Linear`) against copies whose vision
+   encoder and abstractor linears (or all linears) are plain nn.Linear: the same parameters, the
+   code before those modules (or any module) used the oneDNN path.
 
 Times are this process's CPU time (one torch thread by default), repeats interleaved (baseline,
 candidate, baseline, ...), so other jobs on a shared machine do not skew the ratios; tables give the
@@ -12,12 +19,13 @@ best repeat's rate and the ratios of the best and of the median repeats. The loa
 printed before and after.
 
 Usage: .venv/bin/python bench/bench_model.py [--batch 8] [--length 256] [--repeats 5] [--threads 1]
-       [--only train|generate]
+       [--only train|generate|step]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -26,8 +34,10 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from owl import IMAGE_TOKEN_ID
+from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.model import build_model, get_config
+from owl.model.linear import Linear
+from owl.train.loss import token_loss_sum
 
 
 def _hf_llama(name: str) -> LlamaForCausalLM:
@@ -135,6 +145,86 @@ def bench_generation(
     ]
 
 
+def packed_batch(
+    model: torch.nn.Module, rows: int, samples_per_row: int, text_tokens: int, length: int
+) -> dict[str, torch.Tensor]:
+    """`rows` packed rows of `length` tokens, each `samples_per_row` samples of one image (its
+    slots) followed by `text_tokens` supervised text tokens; the rest of a row is padding."""
+    slots = model.cfg.num_visual_tokens
+    sample = slots + text_tokens
+    if samples_per_row * sample > length:
+        raise ValueError(f"{samples_per_row} samples of {sample} tokens exceed {length}")
+    ids = torch.randint(3, model.cfg.decoder.vocab_size, (rows, length))
+    segment_ids = torch.zeros(rows, length, dtype=torch.long)
+    for k in range(samples_per_row):
+        start = k * sample
+        ids[:, start : start + slots] = IMAGE_TOKEN_ID
+        segment_ids[:, start : start + sample] = k + 1
+    labels = ids.masked_fill((ids == IMAGE_TOKEN_ID) | (segment_ids == 0), IGNORE_INDEX)
+    size = model.cfg.vision.image_size
+    images = torch.randn(rows * samples_per_row, 3, size, size)
+    return {"input_ids": ids, "images": images, "segment_ids": segment_ids, "labels": labels}
+
+
+def _with_nn_linear(model: torch.nn.Module, parts: tuple[str, ...]) -> torch.nn.Module:
+    """A copy of `model` whose `Linear` layers under `parts` are plain nn.Linear (same parameters):
+    the forward of the code before they took the oneDNN path."""
+    model = copy.deepcopy(model)
+    for part in parts:
+        for module in getattr(model, part).modules():
+            if type(module) is Linear:
+                module.__class__ = torch.nn.Linear
+    return model
+
+
+def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
+    """Training steps (forward, backward, AdamW) of the whole demo model on stage-shaped batches;
+    the baseline has nn.Linear in the vision encoder and abstractor (as before they used
+    `Linear`)."""
+    torch.manual_seed(0)
+    model = build_model("demo").train()
+    variants = {
+        "nn.Linear in vision + abstractor (baseline)": _with_nn_linear(
+            model, ("vision", "abstractor")
+        ),
+        "Linear everywhere (oneDNN)": model,
+        "nn.Linear everywhere": _with_nn_linear(model, ("vision", "abstractor", "decoder")),
+    }
+    batches = {
+        "stage-1-like: 12 x 256 tokens, 8 caption samples (1 image + 15 tokens) per row": (
+            packed_batch(model, rows=12, samples_per_row=8, text_tokens=15, length=256)
+        ),
+        "stage-2-like: 4 x 256 tokens, 5 samples (1 image + 34 tokens) per row": (
+            packed_batch(model, rows=4, samples_per_row=5, text_tokens=34, length=256)
+        ),
+    }
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in variants.items()}
+
+    def step(name: str, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            logits = variants[name](
+                batch["input_ids"], batch["images"], segment_ids=batch["segment_ids"]
+            )
+            token_loss_sum(logits, batch["labels"], batch["segment_ids"]).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        return run
+
+    tables = []
+    for title, batch in batches.items():
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for name in variants:
+            step(name, batch)()  # warm-up (and AdamW's state)
+        for _ in range(repeats):  # interleaved, as above
+            for name in variants:
+                seconds[name].append(_cpu_seconds(step(name, batch)))
+        tokens = batch["input_ids"].numel()
+        base = next(iter(seconds.values()))
+        tables.append((title, [_row(name, tokens, base, v) for name, v in seconds.items()]))
+    return tables
+
+
 def _table(title: str, unit: str, rows: list[tuple[str, float, float, float]]) -> str:
     lines = [
         f"### {title}",
@@ -160,7 +250,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--only", choices=["train", "generate"], help="run one part only")
+    parser.add_argument(
+        "--only",
+        choices=["train", "generate", "step"],
+        help="run one part only (`step`, the whole-model training step, runs only this way)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -168,6 +262,12 @@ def main() -> None:
         f"{args.repeats} interleaved repeats by process CPU time; {_load()}\n",
         flush=True,
     )
+    if args.only == "step":
+        for title, rows in bench_model_step(args.repeats):
+            title = f"Training step (forward, backward, AdamW), demo size, {title}"
+            print(_table(title, "tokens/s", rows) + "\n", flush=True)
+        print(_load())
+        return
     if args.only != "generate":
         rows = bench_train_step(args.batch, args.length, args.repeats)
         title = f"Forward+backward, demo size, batch {args.batch} x {args.length} tokens"

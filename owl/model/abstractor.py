@@ -8,7 +8,8 @@ One layer (q = queries, x = image features):
 Owl2 adds fixed sin-cos embeddings (buffers, recomputed, never saved): 1-D over query indices added
 to the query and key inputs, 2-D over the patch grid (a zero row for CLS) added to the image part of
 the key input. Values get none. The output is projected to the decoder width and a learned
-end-of-image vector is appended: K + 1 tokens per image.
+end-of-image vector is appended: K + 1 tokens per image. Linear layers are
+`owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import AbstractorConfig, VisionConfig
+from owl.model.linear import Linear
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -53,10 +55,10 @@ class AbstractorAttention(nn.Module):
                 f"({cfg.num_heads})"
             )
         self.num_heads = cfg.num_heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.o_proj = nn.Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.o_proj = Linear(cfg.width, cfg.width)
 
     def forward(
         self, query_in: torch.Tensor, key_in: torch.Tensor, value_in: torch.Tensor
@@ -80,10 +82,10 @@ class AbstractorMLP(nn.Module):
 
     def __init__(self, cfg: AbstractorConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.width, cfg.ffn_dim)
-        self.w3 = nn.Linear(cfg.width, cfg.ffn_dim)
+        self.w1 = Linear(cfg.width, cfg.ffn_dim)
+        self.w3 = Linear(cfg.width, cfg.ffn_dim)
         self.ffn_norm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.layer_norm_eps)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.width)
+        self.w2 = Linear(cfg.ffn_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.ffn_norm(F.silu(self.w1(x)) * self.w3(x)))
@@ -133,7 +135,7 @@ class Abstractor(nn.Module):
             )
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.width) * 0.02)
         self.layers = nn.ModuleList(AbstractorLayer(cfg) for _ in range(cfg.num_layers))
-        self.proj = nn.Linear(cfg.width, decoder_hidden)
+        self.proj = Linear(cfg.width, decoder_hidden)
         self.end_of_image = nn.Parameter(torch.randn(decoder_hidden) * 0.02)
         self._num_queries, self._width = cfg.num_queries, cfg.width
         self._grid = vision.image_size // vision.patch_size

@@ -8,7 +8,7 @@ k/v; the two norms share the normalization and differ only in the weight, looked
 module sequence is the same whatever the batch holds (ZeRO-3 traces stay consistent across ranks,
 unlike the authors' release which skipped an empty branch).
 
-Linear layers are `Linear`: nn.Linear whose fp32 CPU products go through oneDNN (see its note).
+Linear layers are `owl.model.linear.Linear`: nn.Linear whose fp32 CPU products go through oneDNN.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import DecoderConfig
+from owl.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -61,73 +62,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     x * cos + roll(x, d/2) * signed_sin is x * cos + cat(-x2, x1) * sin bit for bit (only the
     sign of a product moves), with one elementwise op fewer."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias (same parameter, same state_dict key) whose fp32 products on CPU run
-    through oneDNN rather than torch's BLAS (MKL): the forward product and both backward ones, the
-    same values up to float rounding. On the development machine's AMD EPYC (AVX-512), MKL's
-    sgemm runs at ~95 GFLOP/s on one core (its AVX2 speed) and oneDNN at 150-230 GFLOP/s at the
-    demo's shapes, which makes a demo-size training step ~1.4x faster. For small products, on
-    GPU, in bf16, under CPU autocast or with mkldnn disabled (torch.backends.mkldnn.flags) it is
-    nn.Linear. peft wraps it as any nn.Linear (isinstance), so LoRA bases run through it too."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if (
-            _HAS_ONEDNN
-            and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32
-            and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")
-            and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS
-        ):
-            return _OneDNNLinear.apply(x, weight)
-        return F.linear(x, weight)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x (..., in) @ weight.T (in, out), forward and backward through oneDNN."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Keep only what the backward needs, as autograd does for F.linear (frozen LoRA bases).
-        grad_x, grad_weight = ctx.needs_input_grad
-        ctx.save_for_backward(x if grad_weight else None, weight if grad_x else None)
-        return _onednn_matmul(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_matmul(grad, weight.t())  # (..., out) @ (out, in)
-        if ctx.needs_input_grad[1]:
-            # grad.T @ x over all N rows -> (out, in). oneDNN copies its first operand to
-            # contiguous (here a transpose), so the narrower of grad.T and x.T goes first.
-            grad_rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            if grad_rows.shape[1] <= x_rows.shape[1]:
-                grad_weight = _onednn_matmul(grad_rows.t(), x_rows.t())
-            else:
-                grad_weight = _onednn_matmul(x_rows.t(), grad_rows.t()).t()
-        return grad_x, grad_weight
-
-
-def _onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (..., k) @ b.T for b (n, k) of any strides: oneDNN's linear, the op Inductor's CPU
-    backend emits for nn.Linear (private to torch, hence `_HAS_ONEDNN` and the fallback)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
-# A oneDNN call costs ~10 us more than an MKL one: below ~2M multiply-adds (64 rows at the demo's
-# widths; a cached decode step's one token per row) MKL is as fast or faster.
-_ONEDNN_MIN_MACS = 1 << 21
 
 
 def _plain_norms(*norms: nn.Module) -> bool:
@@ -262,13 +196,13 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         kv_width = cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = Linear(cfg.hidden, cfg.hidden)
-        self.k_proj = Linear(cfg.hidden, kv_width)
-        self.v_proj = Linear(cfg.hidden, kv_width)
-        self.o_proj = Linear(cfg.hidden, cfg.hidden)
+        self.q_proj = Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.k_proj = Linear(cfg.hidden, kv_width, bias=False)
+        self.v_proj = Linear(cfg.hidden, kv_width, bias=False)
+        self.o_proj = Linear(cfg.hidden, cfg.hidden, bias=False)
         if cfg.modality_adaptive:
-            self.k_proj_visual = Linear(cfg.hidden, kv_width)
-            self.v_proj_visual = Linear(cfg.hidden, kv_width)
+            self.k_proj_visual = Linear(cfg.hidden, kv_width, bias=False)
+            self.v_proj_visual = Linear(cfg.hidden, kv_width, bias=False)
 
     def _keys_values(
         self, x: torch.Tensor, visual: torch.Tensor | None
@@ -316,9 +250,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden, cfg.ffn_dim)
-        self.up_proj = Linear(cfg.hidden, cfg.ffn_dim)
-        self.down_proj = Linear(cfg.ffn_dim, cfg.hidden)
+        self.gate_proj = Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.up_proj = Linear(cfg.hidden, cfg.ffn_dim, bias=False)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -373,7 +307,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -2,7 +2,8 @@
 
 Layout: bias-free patch convolution, a learned CLS vector and learned positions over CLS + patches,
 a LayerNorm before the blocks, pre-LayerNorm blocks with quick-GELU MLPs, and a LayerNorm after
-the blocks applied to *every* token (the abstractor reads all tokens, not only CLS).
+the blocks applied to *every* token (the abstractor reads all tokens, not only CLS). Linear layers
+are `owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import VisionConfig
+from owl.model.linear import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -28,10 +30,10 @@ class VisionAttention(nn.Module):
                 f"vision.width ({cfg.width}) must be divisible by vision.num_heads ({cfg.num_heads})"
             )
         self.num_heads = cfg.num_heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.o_proj = nn.Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.o_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape  # (N, L, W)
@@ -49,8 +51,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))
