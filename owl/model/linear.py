@@ -5,7 +5,8 @@ development machine's AMD EPYC (AVX-512), MKL's sgemm runs at ~95 GFLOP/s on one
 speed) and oneDNN's linear at 150-230 GFLOP/s at the demo decoder's shapes; at the vision encoder's
 and abstractor's (64 to 256 wide, 1-8k rows) oneDNN's forward and grad-input products take about
 half MKL's time, its grad-weight ones 0.5-0.85x. A demo-size training step is ~1.4x faster with
-it in the decoder, and another 1.03-1.15x with it in the vision encoder and abstractor.
+it in the decoder, and up to ~1.1x more with it in the vision encoder and abstractor (the more
+images per batch, the more; BENCHMARKS.md, "Model").
 """
 
 from __future__ import annotations
