@@ -55,8 +55,8 @@ from owl.eval.benchmarks import BenchmarkRecord, read_benchmark
 from owl.eval.generate import predict, sample_score, score
 from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
-from owl.model.abstractor import sincos_2d_with_cls
 from owl.model.config import OwlConfig
+from owl.model.positions import sincos_2d_with_cls
 from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import lora_kwargs, param_groups, select_trainable

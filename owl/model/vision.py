@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import VisionConfig
 from owl.model.linear import Linear
+from owl.model.positions import sincos_2d_with_cls
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,21 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _initial_positions(cfg: VisionConfig) -> torch.Tensor:
+    """Init of the learned positions (CLS + patches) for training from scratch (pretrained CLIP
+    weights replace it): 2-D sin-cos over the patch grid, zero for CLS, when the width allows it,
+    else N(0, width^-0.5) as CLIP initialises them.
+
+    Not N(0, 0.02): patch features start at ~unit scale, so positions 50x weaker would leave the
+    encoder nearly blind to where things are until training grows them. On the demo, sin-cos took
+    held-out "Where is the red circle?" accuracy from ~0.4 to 0.73 at the same budget
+    (bench/demo_probe.py, BENCHMARKS.md)."""
+    grid = cfg.image_size // cfg.patch_size
+    if cfg.width % 4 == 0:
+        return sincos_2d_with_cls(cfg.width, grid)
+    return torch.randn(cfg.num_tokens, cfg.width) * cfg.width**-0.5
+
+
 class VisionEncoder(nn.Module):
     """Images (N, 3, S, S) -> token features (N, 1 + patches, W), CLS first."""
 
@@ -87,7 +103,7 @@ class VisionEncoder(nn.Module):
             cfg.num_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False
         )
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.02)
-        self.position_embedding = nn.Parameter(torch.randn(cfg.num_tokens, cfg.width) * 0.02)
+        self.position_embedding = nn.Parameter(_initial_positions(cfg))
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
         self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)

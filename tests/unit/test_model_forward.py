@@ -152,3 +152,26 @@ def test_bf16_forward_backward_is_finite() -> None:
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     logits.float().logsumexp(-1).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_vit_positions_start_as_2d_sincos_at_the_scale_of_patch_features() -> None:
+    """From scratch the learned ViT positions start as 2-D sin-cos (CLS row zero): neighbouring
+    patches get similar embeddings, far ones different, and their size is that of the patch
+    features, so the encoder knows where things are from step 0."""
+    torch.manual_seed(0)
+    model = build_model("demo")
+    pos = model.vision.position_embedding.detach()  # (1 + 8 * 8, 64)
+    assert torch.equal(pos[0], torch.zeros(64))
+    grid = pos[1:].reshape(8, 8, 64)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(grid[3, 3], grid[3, 4], dim=0) > cos(grid[3, 3], grid[3, 7], dim=0) + 0.1
+    assert cos(grid[3, 3], grid[4, 3], dim=0) > cos(grid[3, 3], grid[7, 3], dim=0) + 0.1
+    with torch.no_grad():
+        patches = model.vision.patch_embed(torch.randn(16, 3, 32, 32)).flatten(2).transpose(1, 2)
+    ratio = grid.norm(dim=-1).mean() / patches.norm(dim=-1).mean()
+    assert 0.3 < float(ratio) < 3.0
+    # Owl1: its abstractor has no sin-cos positions either, so any width builds.
+    odd = get_config("demo", "owl1", vision={"width": 66, "num_heads": 6, "mlp_dim": 128},
+                     abstractor={"width": 66, "num_heads": 6})  # fmt: skip
+    pos = OwlModel(odd).vision.position_embedding.detach()  # width not a multiple of 4
+    assert 0.5 < float(pos.std() * 66**0.5) < 2.0  # CLIP's N(0, width^-0.5)

@@ -1,0 +1,29 @@
+"""Fixed sin-cos position embeddings (MAE convention): the Owl2 abstractor's query and key
+positions, and the from-scratch init of the ViT's learned positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """MAE-style sin-cos embedding: positions (M,) -> (M, dim), first half sin, second half cos."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d_with_cls(dim: int, grid_size: int) -> torch.Tensor:
+    """2-D sin-cos over a (grid, grid) patch grid, row-major, with a zero row first for CLS.
+
+    Half the width encodes the column index, half the row index (the MAE convention)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding width must be a multiple of 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    grid = torch.cat(
+        [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1
+    )  # (grid*grid, dim)
+    return torch.cat([torch.zeros(1, dim), grid], dim=0)  # (1 + grid*grid, dim)
