@@ -40,12 +40,7 @@ from owl.data.shapes import (
     Scene,
     Shape,
     ShapesConfig,
-    _training_scenes,
-    _vqa_answers,
-    pick_question,
     qa_pairs,
-    render_scene,
-    sample_scene,
     write_shapes_dataset,
 )
 from owl.data.sources import SourceSpec, read_source, record_texts
@@ -244,40 +239,11 @@ def seen_vqa(out: Path, limit: int) -> list[BenchmarkRecord]:
     return records
 
 
-def extra_vqa(out: Path, cfg: ShapesConfig, num: int) -> list[BenchmarkRecord]:
-    """`num` more held-out VQA items (the benchmark's 100 leave +-0.05 of noise): fresh scenes whose
-    layout is in no training file, drawn and asked as the shapes source draws its benchmark."""
-    rng = random.Random(cfg.seed)  # replay write_shapes_dataset's draws to know its layouts
-    eval_scenes = [sample_scene(rng, cfg.max_shapes) for _ in range(3 * cfg.num_eval)]
-    held_out = {s.layout for s in eval_scenes}
-    trained = {
-        s.layout
-        for n in (cfg.num_caption_images, cfg.num_instruction_images)
-        for s in _training_scenes(rng, n, cfg.max_shapes, held_out)
-    }
-    rng = random.Random(cfg.seed + 12345)
-    records = []
-    while len(records) < num:
-        scene = sample_scene(rng, cfg.max_shapes)
-        if scene.layout in trained:
-            continue
-        path = out / "extra" / f"{len(records):05d}.png"
-        path.parent.mkdir(exist_ok=True)
-        render_scene(scene, cfg.image_size).save(path)
-        kind, question, answer = pick_question(qa_pairs(scene), rng)
-        records.append(BenchmarkRecord(id=f"extra-{len(records)}", type="vqa", source="extra",
-                                       images=(str(path),), question=question,
-                                       answers=tuple(_vqa_answers(kind, answer))))  # fmt: skip
-    return records
-
-
-def evaluate(
-    model: OwlModel, tokenizer, bench_dir: Path, limit: int, extra: list[BenchmarkRecord]
-) -> dict[str, float]:
+def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[str, float]:
     model.eval()
     seen = seen_vqa(bench_dir.parent, 2 * limit)
     seen_score = score(seen, predict(model, tokenizer, seen, batch_size=25))["vqa.accuracy"]
-    vqa = read_benchmark(bench_dir / "vqa.jsonl", limit) + extra
+    vqa = read_benchmark(bench_dir / "vqa.jsonl")  # the first `limit`, then the extra items
     text = read_benchmark(bench_dir / "text.jsonl", limit)
     predictions = predict(model, tokenizer, vqa, batch_size=25)
     by_kind: dict[str, list[float]] = {}
@@ -289,7 +255,8 @@ def evaluate(
     blank = score(vqa, predict(model, tokenizer, vqa, batch_size=25, blank_images=True))
     # The same questions answered from the model's own caption of each image: how much of the
     # scene the vision path gets right, whatever the model has learned about answering.
-    vqa, predictions = vqa[:limit], predictions[:limit]  # the benchmark's own items
+    all_vqa_records = vqa
+    vqa, predictions = vqa[:limit], predictions[:limit]  # the first `limit`, as the demo has
     as_caption = [dataclasses.replace(r, question=CAPTION_PROMPT, type="caption") for r in vqa]
     described = predict(
         model, tokenizer, as_caption, batch_size=25, max_new_tokens_by_type={"caption": 60}
@@ -302,11 +269,11 @@ def evaluate(
     ]
     return {
         "vqa": score(vqa, predictions)["vqa.accuracy"],
-        f"vqa_{limit + len(extra)}": all_vqa,
+        f"vqa_{len(all_vqa_records)}": all_vqa,
         "vqa_seen": seen_score,
         "vqa_via_caption": sum(via_caption) / max(1, len(via_caption)),
         **{f"vqa.{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        f"vqa_{limit + len(extra)}_blank": blank["vqa.accuracy"],
+        f"vqa_{len(all_vqa_records)}_blank": blank["vqa.accuracy"],
         "text": score(text, predict(model, tokenizer, text, batch_size=25))["text.accuracy"],
     }
 
@@ -365,11 +332,11 @@ def main() -> None:
     model_cfg = get_config(ns.model, ns.variant, **overrides)
     shapes = dataclasses.replace(ShapesConfig(), seed=ns.seed, num_eval=ns.eval_items,
                                  image_size=model_cfg.vision.image_size,
+                                 num_eval_vqa=ns.eval_items + ns.extra_eval,
                                  **{k: getattr(ns, k) for k in SHAPES_FIELDS})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_shapes_dataset(out, shapes)
-        extra = extra_vqa(out, shapes, ns.extra_eval)
         lengths = (ns.stage1_max_length, ns.stage2_max_length)
         tokenizer, stage1, stage2 = build_corpora(out, model_cfg, ns.vocab_size, lengths)
         print(f"{ns.variant}: {len(stage1.samples)} caption samples, {len(stage2.samples)} "
@@ -388,7 +355,7 @@ def main() -> None:
             load_before = os.getloadavg()[0]
             ms = train_stage(model, corpus, args, stage, ns.seed + stage)
             load = (load_before + os.getloadavg()[0]) / 2
-            metrics = evaluate(model, tokenizer, out / "benchmarks", ns.eval_items, extra)
+            metrics = evaluate(model, tokenizer, out / "benchmarks", ns.eval_items)
             print(f"after stage {stage} ({args}): " + "  ".join(f"{k} {v:.3f}" for k, v in
                   metrics.items()) + f"  | {ms:.0f} ms/step at load {load:.1f}", flush=True)  # fmt: skip
 

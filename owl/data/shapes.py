@@ -88,6 +88,10 @@ class ShapesConfig:
     num_instruction_images: int = 4000
     num_text: int = 1000
     num_eval: int = 50  # items per benchmark type
+    # VQA items, if more than num_eval (0: num_eval): the rest come from fresh scenes whose layout
+    # is in no training file, drawn apart so the training files stay the same. 100 items leave
+    # +-0.05 of sampling noise on an accuracy; 500 about +-0.02.
+    num_eval_vqa: int = 0
     max_shapes: int = 3
     jpeg_every: int = 4  # every n-th training image is written as JPEG, the others as PNG
     # Questions per instruction image, drawn uniformly in [min, max]: more answers per image is
@@ -107,6 +111,11 @@ class ShapesConfig:
             raise ValueError(f"caption_turn_share={self.caption_turn_share}: must be in [0, 1]")
         if not 1 <= self.max_shapes <= len(POSITIONS):
             raise ValueError(f"max_shapes={self.max_shapes}: must be in 1..{len(POSITIONS)}")
+        if self.num_eval_vqa and self.num_eval_vqa < self.num_eval:
+            raise ValueError(
+                f"num_eval_vqa={self.num_eval_vqa}: must be 0 (= num_eval) or >= num_eval "
+                f"({self.num_eval})"
+            )
         if self.image_size < 16:
             raise ValueError(f"image_size={self.image_size}: must be >= 16 to draw shapes")
 
@@ -364,6 +373,31 @@ def _multiple_choice(item_id: str, scene: Scene, image: list[str], rng: random.R
             "options": options, "answer": letter, "hint": captions(scene)[0].split(":")[0].capitalize() + "."}  # fmt: skip
 
 
+def _extra_vqa(out: Path, cfg: ShapesConfig, trained: set, start: int) -> list[dict]:
+    """VQA records beyond the first num_eval: fresh scenes outside every training layout, from an
+    rng of their own (the training files do not change with their number)."""
+    rng = random.Random(f"{cfg.seed}-extra-vqa")
+    records: list[dict] = []
+    attempts = 0
+    while start + len(records) < cfg.num_eval_vqa:
+        attempts += 1
+        if attempts > 1000 * cfg.num_eval_vqa:
+            raise ValueError(
+                f"cannot draw {cfg.num_eval_vqa - start} more VQA scenes outside the training "
+                f"layouts with max_shapes={cfg.max_shapes}: lower num_eval_vqa"
+            )
+        scene = sample_scene(rng, cfg.max_shapes)
+        if scene.layout in trained:
+            continue
+        i = start + len(records)
+        rel = f"images/vqa{i:06d}.png"
+        _save(render_scene(scene, cfg.image_size), out / "benchmarks" / rel, "PNG")
+        kind, question, answer = pick_question(qa_pairs(scene), rng)
+        records.append({"id": f"vqa-{i:05d}", "type": "vqa", "images": [rel],
+                        "question": question, "answers": _vqa_answers(kind, answer)})  # fmt: skip
+    return records
+
+
 def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput:
     """Write the whole synthetic source under `out_dir`; returns the files written and counts."""
     out = Path(out_dir)
@@ -391,12 +425,16 @@ def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput
         text_records.append({"id": f"text-{i:05d}", "type": "text", "images": [],
                              "question": alpaca_prompt(task), "answer": task["output"]})  # fmt: skip
     records["text"] = text_records
+    trained = {s.layout for s in caption_scenes + instruction_scenes}
+    records["vqa"] += _extra_vqa(out, cfg, trained, start=len(records["vqa"]))
+    extra_paths = [r["images"][0] for r in records["vqa"][cfg.num_eval :]]
     for name, items in records.items():
         _write_jsonl(out / "benchmarks" / f"{name}.jsonl", items)
 
     files = ["captions.parquet", "instructions.json", "text_instructions.json"]
     files += [f"benchmarks/{name}.jsonl" for name in records]
-    files += caption_paths + instruction_paths + [f"benchmarks/{p}" for p in eval_paths]
+    files += caption_paths + instruction_paths
+    files += [f"benchmarks/{p}" for p in eval_paths + extra_paths]
     counts = {
         "caption_images": len(caption_scenes),
         "instruction_images": len(instruction_scenes),

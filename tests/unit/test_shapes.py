@@ -208,3 +208,40 @@ def captions_of_any_scene(text: str) -> list[str]:
 def test_bad_question_settings_are_rejected(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):
         ShapesConfig(**fields)
+
+
+def test_more_vqa_items_come_from_fresh_held_out_scenes_and_leave_training_as_it_was(tmp_path):
+    base = ShapesConfig(seed=4, num_caption_images=30, num_instruction_images=30, num_text=5,
+                        num_eval=6)  # fmt: skip
+    write_shapes_dataset(tmp_path / "base", base)
+    more = ShapesConfig(**{**base.__dict__, "num_eval_vqa": 25})
+    written = write_shapes_dataset(tmp_path / "more", more)
+    for name in ("instructions.json", "text_instructions.json", "benchmarks/caption.jsonl",
+                 "benchmarks/multiple_choice.jsonl"):  # fmt: skip
+        assert (tmp_path / "base" / name).read_bytes() == (tmp_path / "more" / name).read_bytes()
+    # captions.parquet: the same rows but for the folder in the file:// URLs
+    base_rows = pq.read_table(tmp_path / "base" / "captions.parquet").drop(["url"])
+    assert base_rows.equals(pq.read_table(tmp_path / "more" / "captions.parquet").drop(["url"]))
+    vqa = _jsonl(tmp_path / "more" / "benchmarks" / "vqa.jsonl")
+    assert len(vqa) == 25 and written.counts["eval_vqa"] == 25
+    assert vqa[:6] == _jsonl(tmp_path / "base" / "benchmarks" / "vqa.jsonl")
+    assert len({r["id"] for r in vqa}) == 25
+    for record in vqa[6:]:
+        assert f"benchmarks/{record['images'][0]}" in written.files
+        assert (tmp_path / "more" / "benchmarks" / record["images"][0]).exists()
+    with pytest.raises(ValueError, match="num_eval_vqa=3"):
+        ShapesConfig(num_eval=6, num_eval_vqa=3)
+
+
+def test_extra_vqa_scenes_avoid_every_training_layout(tmp_path):
+    """One-shape scenes with every layout but one in training: each extra item shows that one."""
+    from owl.data.shapes import SHAPES, _extra_vqa
+
+    keep = Shape("circle", "red", "left")
+    trained = {frozenset({Shape(k, c, p)}) for k in SHAPES for c in COLOURS for p in POSITIONS}
+    trained.discard(frozenset({keep}))
+    cfg = ShapesConfig(max_shapes=1, num_eval=0, num_eval_vqa=12)
+    records = _extra_vqa(tmp_path, cfg, trained, start=0)
+    allowed = {(q, a) for _, q, a in qa_pairs(Scene((keep,), background=0, scale=0.25))}
+    assert len(records) == 12
+    assert all((r["question"], r["answers"][0]) in allowed for r in records)
