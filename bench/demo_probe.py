@@ -223,13 +223,17 @@ def question_kind(question: str) -> str:
 
 
 def seen_vqa(out: Path, limit: int) -> list[BenchmarkRecord]:
-    """The first VQA question of `limit` training conversations, as benchmark records: accuracy on
-    scenes the model trained on, beside the held-out one, tells over- from under-fitting."""
+    """The first VQA question of `limit` training conversations, asked alone with the image, as
+    benchmark records: accuracy on scenes the model trained on, beside the held-out one, tells
+    over- from under-fitting."""
     records = []
     for item in json.loads((out / "instructions.json").read_text()):
-        question, answer = item["conversations"][0]["value"], item["conversations"][1]["value"]
-        if not question.endswith(VQA_SUFFIX):
+        turns = item["conversations"]
+        asked = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2])
+                 if q["value"].endswith(VQA_SUFFIX)]  # fmt: skip
+        if not asked:
             continue
+        question, answer = asked[0]
         question = question.removeprefix("<image>\n").removesuffix(VQA_SUFFIX).strip()
         records.append(BenchmarkRecord(id=item["id"], type="vqa", source="instructions.json",
                                        images=(str(out / item["image"]),), question=question,
