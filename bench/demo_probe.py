@@ -51,7 +51,6 @@ from owl.eval.generate import predict, sample_score, score
 from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
 from owl.model.config import OwlConfig
-from owl.model.positions import sincos_2d_with_cls
 from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import lora_kwargs, param_groups, select_trainable
@@ -293,10 +292,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=("owl2", "owl1"), default="owl2")
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--vision-pos-init", choices=("default", "sincos", "clip"),
-                        default="default",
-                        help="ViT position embedding init: the model's, 2-D sin-cos, or CLIP's "
-                        "N(0, width^-0.5)")  # fmt: skip
+    parser.add_argument("--vision-pos-init", choices=("model", "normal-0.02", "clip"),
+                        default="model",
+                        help="ViT position embedding init: the model's (2-D sin-cos), N(0, 0.02) "
+                        "(the model's before 63f6135), or CLIP's N(0, width^-0.5)")  # fmt: skip
     parser.add_argument("--model-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a model config field, e.g. vision.num_layers=3")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -349,9 +348,8 @@ def main() -> None:
         model = OwlModel(model_cfg)
         pos = model.vision.position_embedding
         with torch.no_grad():
-            if ns.vision_pos_init == "sincos":
-                grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
-                pos.copy_(sincos_2d_with_cls(pos.shape[1], grid))
+            if ns.vision_pos_init == "normal-0.02":
+                pos.normal_(std=0.02)
             elif ns.vision_pos_init == "clip":
                 pos.normal_(std=pos.shape[1] ** -0.5)
         for stage, corpus in ((1, stage1), (2, stage2)):

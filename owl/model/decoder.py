@@ -64,13 +64,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def _hooked(module: nn.Module) -> bool:
+    """True when forward (pre-)hooks are registered on `module` (ZeRO-3 gathers parameters in a
+    forward pre-hook): code that reads its weights directly instead of calling it must not."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _plain_norms(*norms: nn.Module) -> bool:
-    """True when each module is exactly RMSNorm without hooks, so its weight can be used directly;
-    a hooked one (ZeRO-3 gathers parameters in a forward pre-hook) must be called instead."""
-    return all(
-        type(m) is RMSNorm and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
-        for m in norms
-    )
+    """True when each module is exactly RMSNorm without hooks (backward ones included), so its
+    weight can be used directly; a hooked one must be called instead."""
+    return all(type(m) is RMSNorm and not (_hooked(m) or m._backward_hooks) for m in norms)
 
 
 @dataclass
@@ -382,9 +385,7 @@ class TextStep:
         """True when every decoder module is a plain one, without hooks, that this step reproduces."""
         plain = (Decoder, DecoderLayer, Attention, MLP, RMSNorm, Linear, nn.Embedding)
         return all(
-            type(module) in (*plain, nn.ModuleList)
-            and not module._forward_hooks
-            and not module._forward_pre_hooks
+            type(module) in (*plain, nn.ModuleList) and not _hooked(module)
             for module in decoder.modules()
         )
 
