@@ -347,10 +347,7 @@ def _benchmark_records(scenes: list[Scene], images: list[str], rng: random.Rando
     """vqa / caption / multiple_choice records, one scene each, images relative to benchmarks/."""
     records: dict[str, list[dict]] = {"vqa": [], "caption": [], "multiple_choice": []}
     for i in range(num_eval):
-        scene, image = scenes[i], [images[i]]
-        kind, question, answer = pick_question(qa_pairs(scene), rng)
-        records["vqa"].append({"id": f"vqa-{i:05d}", "type": "vqa", "images": image,
-                               "question": question, "answers": _vqa_answers(kind, answer)})  # fmt: skip
+        records["vqa"].append(_vqa_record(i, scenes[i], images[i], rng))
         scene, image = scenes[num_eval + i], [images[num_eval + i]]
         records["caption"].append({"id": f"caption-{i:05d}", "type": "caption", "images": image,
                                    "question": CAPTION_PROMPT, "references": captions(scene)})  # fmt: skip
@@ -392,10 +389,15 @@ def _extra_vqa(out: Path, cfg: ShapesConfig, trained: set, start: int) -> list[d
         i = start + len(records)
         rel = f"images/vqa{i:06d}.png"
         _save(render_scene(scene, cfg.image_size), out / "benchmarks" / rel, "PNG")
-        kind, question, answer = pick_question(qa_pairs(scene), rng)
-        records.append({"id": f"vqa-{i:05d}", "type": "vqa", "images": [rel],
-                        "question": question, "answers": _vqa_answers(kind, answer)})  # fmt: skip
+        records.append(_vqa_record(i, scene, rel, rng))
     return records
+
+
+def _vqa_record(i: int, scene: Scene, image: str, rng: random.Random) -> dict:
+    """Benchmark VQA item `i`: one question about `scene`, its kind drawn first (`pick_question`)."""
+    kind, question, answer = pick_question(qa_pairs(scene), rng)
+    return {"id": f"vqa-{i:05d}", "type": "vqa", "images": [image], "question": question,
+            "answers": _vqa_answers(kind, answer)}  # fmt: skip
 
 
 def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput:
