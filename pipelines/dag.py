@@ -36,7 +36,7 @@ class StepSpec:
     version: str
     roles: dict[str, Role] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
-    # Training keeps its directory between attempts and resumes from its newest checkpoint.
+    # Training and download keep their directory between attempts and resume from what is there.
     resumable: bool = False
     # A training stage: `--dry-run` estimates its GPU memory from its TrainConfig.
     trains: bool = False
@@ -80,7 +80,14 @@ STEPS: dict[str, StepSpec] = {
     spec.name: spec
     for spec in [
         StepSpec("shapes", "pipelines.steps.shapes", "1", uses_seed=True, uses_ray=False),
-        StepSpec("download", "pipelines.steps.download", "1", {"shapes": Role("shapes", False)}),
+        # Resumable: a re-run fetches only the shards a killed attempt did not finish.
+        StepSpec(
+            "download",
+            "pipelines.steps.download",
+            "1",
+            {"shapes": Role("shapes", False)},
+            resumable=True,
+        ),
         StepSpec("filter", "pipelines.steps.filter", "1", {"data": Role("download")}),
         StepSpec(
             "tokenizer",

@@ -10,10 +10,18 @@ resizer reports a truncated JPEG, a decompression bomb, a 0-byte file and HTML b
 "Image decoding error". `CheckedResizer` (`_img2dataset.py`) names them first (header only, no
 pixel decoding) and then hands the bytes to img2dataset's own resizer. Its wandb logger process is
 not started.
+
+Resume: the step is resumable (its folder is kept between attempts and re-runs of the same key).
+A shard is finished when its `*_stats.json` (img2dataset writes it last) parses; a re-run hands
+the finished shard ids to img2dataset's reader as `done_shards` (its incremental mode) and fetches
+only the others, the finished shards' stats (their failure counts) staying as they are. A shard
+cut off half-way (a .tar / .parquet without stats) is written again from its start. If the
+normalised URL list differs from the one the finished shards came from, the step starts over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -42,6 +50,7 @@ for _name, _value in _WORKER_ENV.items():
     os.environ.setdefault(_name, _value)
 
 SHARDS_DIR = "shards"
+RESUME_FILE = "_resume.json"  # the URL list the shards under shards/ come from
 OOM_SHARD_COUNT = 5  # shard names have 5 digits: shards/00000.tar
 
 
@@ -195,6 +204,40 @@ def _aggregate_stats(shards_dir: Path, num_shards: int) -> tuple[dict[str, int],
     return dict(totals), dropped, messages.most_common(20)
 
 
+def _urls_digest(urls_dir: Path, cfg: Config) -> str:
+    """sha256 over the normalised URL list and the settings that decide what a shard holds."""
+    digest = hashlib.sha256(str(cfg.number_sample_per_shard).encode())
+    for path in sorted(urls_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        for name in table.column_names:
+            digest.update(name.encode())
+            for chunk in table.column(name).chunks:
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        digest.update(buf)
+    return digest.hexdigest()
+
+
+def _finished_shards(out_dir: Path, shards_dir: Path, urls_digest: str) -> set[int]:
+    """Ids of the shards a killed earlier attempt finished; clears the folder if they came from
+    another URL list. A stats file cut off while being written does not count."""
+    resume = out_dir / RESUME_FILE
+    previous = json.loads(resume.read_text()).get("urls") if resume.exists() else None
+    if previous != urls_digest:
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        resume.write_text(json.dumps({"urls": urls_digest}))
+        return set()
+    done = set()
+    for path in shards_dir.glob("*_stats.json"):
+        try:
+            json.loads(path.read_text())["status_dict"]
+        except (ValueError, KeyError):
+            path.unlink()
+            continue
+        done.add(int(path.name.split("_")[0]))
+    return done
+
+
 def _manifest(ctx: StepContext, shards_dir: Path) -> Manifest:
     manifest = Manifest(step=ctx.step)
     for tar in sorted(shards_dir.glob("*.tar")):
@@ -213,6 +256,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     work, shards_dir = ctx.out_dir / "_work", ctx.out_dir / SHARDS_DIR
     shutil.rmtree(work, ignore_errors=True)
     extras, num_rows, num_missing = _normalise_url_list(url_list, spec, work)
+    done = _finished_shards(ctx.out_dir, shards_dir, _urls_digest(work / "urls", cfg))
     shards_dir.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir()
     env = {**_WORKER_ENV, **cfg.env}
@@ -221,13 +265,14 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     from img2dataset.reader import Reader
 
     reader = Reader(str(work / "urls"), "parquet", "url", "caption", None, None, extras or None,
-                    cfg.number_sample_per_shard, set(), str(work / "tmp"))  # fmt: skip
+                    cfg.number_sample_per_shard, done, str(work / "tmp"))  # fmt: skip
     downloader = _build_downloader(cfg, reader, shards_dir)
     num_shards = math.ceil(num_rows / cfg.number_sample_per_shard) if num_rows else 0
-    ctx.progress(0, num_shards, f"downloading {num_rows} urls with {distributor}")
+    resumed = f", {len(done)} shards already done" if done else ""
+    ctx.progress(len(done), num_shards, f"downloading {num_rows} urls with {distributor}{resumed}")
     if distributor == "ray":
         _ray_distributor(downloader, reader, env)
-    elif num_shards:
+    elif num_shards > len(done):
         multiprocessing_distributor(cfg.processes_count, downloader, reader, None, 1)
     totals, dropped, messages = _aggregate_stats(shards_dir, num_shards)
     shutil.rmtree(work)
@@ -246,6 +291,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         "failed_to_resize": float(totals.get("failed_to_resize", 0)),
     }
     manifest.info = {"extra_columns": extras, "distributor": distributor,
-                     "top_errors": [[m, n] for m, n in messages], "url_list": url_list}  # fmt: skip
+                     "top_errors": [[m, n] for m, n in messages], "url_list": url_list,
+                     "resumed_shards": len(done)}  # fmt: skip
     ctx.progress(num_shards, num_shards, f"{successes}/{count} images")
     return manifest
