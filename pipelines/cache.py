@@ -7,7 +7,9 @@
 <storage>/executions/<id>/steps/<step>.json  one step in it: state, key, times, run id, error
 ```
 Cache key = sha256 over (step name, step code version, canonical JSON of the step's config and the
-model config it depends on, upstream manifests' digests by role).
+model config it depends on, upstream manifests' digests by role, and the content digest of every
+local file or folder its config names). Content digests are cached per path under
+`<storage>/inputs/`: a file whose size and mtime are unchanged is not read again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
-from owl.data.manifest import MANIFEST_NAME, Manifest
+from owl.data.manifest import MANIFEST_NAME, Manifest, sha256_file
 
 StepState = Literal["running", "done", "failed", "cached", "interrupted", "skipped"]
 
@@ -55,9 +57,17 @@ def plain(value: Any) -> Any:
 
 
 def cache_key(
-    step: str, version: str, config: Any, model: Any, upstream_digests: dict[str, str]
+    step: str,
+    version: str,
+    config: Any,
+    model: Any,
+    upstream_digests: dict[str, str],
+    files: dict[str, str] | None = None,
 ) -> str:
-    """sha256 of everything that determines a step's output (see module docstring)."""
+    """sha256 of everything that determines a step's output (see module docstring).
+
+    `files`: content digest per local input path the config names (`input_paths`); left out of
+    the payload when there is none, so keys of steps that read only upstream outputs stay put."""
     payload = {
         "step": step,
         "version": version,
@@ -65,7 +75,85 @@ def cache_key(
         "model": model,
         "inputs": upstream_digests,
     }
+    if files:
+        payload["files"] = files
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Content digests of the input files a step's config names
+
+
+def input_paths(*parts: Any) -> list[str]:
+    """Every string in the config parts that names an existing local file or folder, as written.
+
+    `@role/...` paths are covered by that upstream step's manifest digest, URIs (`s3://`) are not
+    looked at: their paths are in the config, so the key covers their name, not their content."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and _local_path(value):
+            found.add(value)
+
+    for part in parts:
+        walk(plain(part))
+    return sorted(found)
+
+
+def _local_path(value: str) -> bool:
+    """Whether a config string names an existing local file or folder (not `@role/`, not a URI)."""
+    if not value or value.startswith("@") or "://" in value or "\0" in value:
+        return False
+    return os.path.exists(os.path.expanduser(value))
+
+
+def input_digests(storage: Path, paths: list[str]) -> dict[str, str]:
+    """path (as written) -> sha256 of its content (a folder: of its files' paths and digests)."""
+    return {
+        path: _content_digest(storage, Path(os.path.expanduser(path)).resolve()) for path in paths
+    }
+
+
+def _content_digest(storage: Path, path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's (relative path, sha256) pairs. Files whose size
+    and mtime match the record under `<storage>/inputs/` from an earlier call are not re-read."""
+    record_path = storage / "inputs" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(record_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}  # none yet, or unreadable: recompute
+    files: dict[str, list] = {}
+    if path.is_dir():
+        entries = sorted(
+            (os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/"), Path(d) / f)
+            for d, _, names in os.walk(path, followlinks=True)
+            for f in names
+        )
+    else:
+        entries = [("", path)]
+    for rel, full in entries:
+        stat = full.stat()
+        old = known.get(rel)
+        if isinstance(old, list) and old[:2] == [stat.st_size, stat.st_mtime_ns]:
+            files[rel] = old
+        else:
+            files[rel] = [stat.st_size, stat.st_mtime_ns, sha256_file(full)]
+    if path.is_dir():
+        h = hashlib.sha256()
+        for rel, (_, _, digest) in files.items():
+            h.update(f"{rel}\0{digest}\n".encode())
+        digest = h.hexdigest()
+    else:
+        digest = files[""][2]
+    if files != known:
+        write_json_atomic(record_path, {"path": str(path), "digest": digest, "files": files})
+    return digest
 
 
 def step_dir(storage: Path, step: str, key: str) -> Path:
@@ -80,10 +168,17 @@ def lock_for(storage: Path, step: str, key: str) -> FileLock:
 
 
 def find_committed(out_dir: Path, full: bool = False) -> tuple[Manifest | None, list[str]]:
-    """(manifest, []) for a committed, verified output; (None, problems) otherwise."""
+    """(manifest, []) for a committed, verified output; (None, problems) otherwise.
+
+    A manifest that does not parse (truncated, empty, edited by hand) counts as absent: the
+    problem names the file, and the step is recomputed."""
     if not (out_dir / MANIFEST_NAME).exists():
         return None, []
-    manifest = Manifest.read(out_dir)
+    try:
+        manifest = Manifest.read(out_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        return None, [f"{out_dir / MANIFEST_NAME}: unreadable manifest ({detail})"]
     problems = manifest.verify(out_dir, full=full)
     return (None, problems) if problems else (manifest, [])
 
@@ -162,7 +257,9 @@ def read_executions(storage: Path, job: str | None = None) -> list[ExecutionReco
     """Executions of `job` (all if None), oldest first; dead 'running' ones read as interrupted."""
     records = []
     for path in sorted(_executions(storage).glob("*/execution.json")):
-        record = ExecutionRecord(**json.loads(path.read_text()))
+        record = _read_record(path, ExecutionRecord)
+        if record is None:
+            continue
         if job is None or record.job == job:
             if record.state == "running" and not _alive(record.host, record.pid):
                 record.state = "interrupted"
@@ -173,11 +270,20 @@ def read_executions(storage: Path, job: str | None = None) -> list[ExecutionReco
 def read_step_records(storage: Path, execution_id: str) -> list[StepRecord]:
     """The step records of one execution, in the order they started."""
     folder = _executions(storage) / execution_id / "steps"
-    records = [StepRecord(**json.loads(p.read_text())) for p in folder.glob("*.json")]
+    records = [r for p in folder.glob("*.json") if (r := _read_record(p, StepRecord)) is not None]
     for record in records:
         if record.state == "running" and not _alive(record.host, record.pid):
             record.state = "interrupted"
     return sorted(records, key=lambda r: r.start)
+
+
+def _read_record(path: Path, cls: type) -> Any:
+    """A record, or None when the file does not parse (records are written atomically, so only
+    a hand edit or a damaged disk does that; status must not fail on it)."""
+    try:
+        return cls(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _alive(host: str, pid: int) -> bool:

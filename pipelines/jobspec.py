@@ -35,7 +35,7 @@ from pipelines.dag import StepSpec, active_table
 from pipelines.step import Resources
 
 TOP_LEVEL_FIELDS = ("name", "storage", "mlflow_uri", "ray_address", "seed", "model")
-STEP_RESERVED = ("resources", "retry")
+STEP_RESERVED = ("resources", "retry", "allow_empty")
 # Steps whose Config has these fields size themselves; their `resources` come from there.
 RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 # Storage URIs other than local paths need a POSIX mount today (locks, renames, resumable dirs).
@@ -75,6 +75,8 @@ class StepSection:
     config: Any
     resources: Resources
     retries: RetryPolicy
+    # A data step that keeps no sample fails unless this is set (see runner.OUTPUT_COUNTS).
+    allow_empty: bool = False
 
 
 @dataclass
@@ -230,7 +232,8 @@ def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> 
     _check_role_paths(dataclasses.asdict(config), spec, present, path)
     retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
     resources = _resources(spec, config, section.get("resources"), path)
-    return StepSection(spec=spec, config=config, resources=resources, retries=retries)
+    allow_empty = _coerce(section.get("allow_empty", False), bool, f"{path}.allow_empty")
+    return StepSection(spec, config, resources, retries, allow_empty)
 
 
 def _resources(spec: StepSpec, config: Any, given: Any, path: str) -> Resources:

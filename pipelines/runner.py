@@ -14,6 +14,7 @@ the execution's parent run). After the last step the final model is registered i
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +34,16 @@ from pipelines.step import StepContext, StepInput
 
 # Errors that a retry cannot fix: bad configuration or code, not a flaky node or network.
 NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportError)
+# The statistic in which a data step reports how many samples it wrote (download, filter,
+# tokenize_*): zero fails the step unless its section says `allow_empty: true`.
+OUTPUT_COUNTS = ("num_images", "num_out", "samples_out")
+# ... and the one saying how many came in, for the message.
+INPUT_COUNTS = ("num_urls", "num_in", "samples_in")
 _BYTES_PER_GIB = 1 << 30
+
+
+class EmptyOutput(ValueError):
+    """A data step kept nothing: training on it would be training on nothing."""
 
 
 class StepFailed(RuntimeError):
@@ -148,10 +158,22 @@ def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, 
     return section.config, model
 
 
-def step_key(job: JobSpec, name: str, digests: dict[str, str]) -> str:
+def input_files(job: JobSpec, name: str) -> dict[str, str]:
+    """Content digest of every local file or folder the step's key parts name (URL lists,
+    instruction files, image folders, benchmark files, pretrained folders)."""
     section = job.steps[name]
     config, model = key_parts(job, section.spec, section)
-    return cache.cache_key(name, section.spec.version, config, model, digests)
+    return cache.input_digests(job.storage, cache.input_paths(config, model))
+
+
+def step_key(
+    job: JobSpec, name: str, digests: dict[str, str], files: dict[str, str] | None = None
+) -> str:
+    """The step's cache key; `files` as `input_files` gives them (computed when not passed)."""
+    section = job.steps[name]
+    config, model = key_parts(job, section.spec, section)
+    files = input_files(job, name) if files is None else files
+    return cache.cache_key(name, section.spec.version, config, model, digests, files)
 
 
 def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) -> list[str]:
@@ -187,6 +209,8 @@ class PlannedStep:
     forced: bool
     resources: dict[str, float]
     memory_gib: float | None = None  # training: estimated GPU memory per worker (no activations)
+    # Why a committed output there is not used (an unreadable manifest, a missing file).
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,9 +239,9 @@ def plan(
             if known
             else None
         )
-        manifest = None
+        manifest, problems = None, []
         if key is not None and name not in forced:
-            manifest, _ = cache.find_committed(cache.step_dir(job.storage, name, key))
+            manifest, problems = cache.find_committed(cache.step_dir(job.storage, name, key))
         manifests[name] = manifest
         planned.append(
             PlannedStep(
@@ -229,6 +253,7 @@ def plan(
                 memory_gib=training_memory_gib(job, section)
                 if estimate_memory and section.spec.trains
                 else None,
+                problems=problems,
             )
         )
     return planned
@@ -308,6 +333,9 @@ class Runner:
         self.execution = ExecutionRecord(cache.new_execution_id(), job.name, "running", time.time())
         self.manifests: dict[str, Manifest] = {}
         self.run_ids: dict[str, str] = {}
+        self.files: dict[str, dict[str, str]] = {}  # step -> input file digests in its key
+        # Cached steps whose output a computing step reads: their files' sha256 is checked.
+        self._read_by_computing: set[str] = set()
         self._started_ray = False
 
     def run(
@@ -315,6 +343,7 @@ class Runner:
     ) -> RunResult:
         names = select_steps(self.job, until, self.table)
         forced = forced_steps(self.job, force or [], self.table)
+        self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:
             self.lineage = mlflow_lineage(self.job)
         self.execution.mlflow_run_id = self.lineage.start_pipeline(
@@ -353,6 +382,19 @@ class Runner:
         cache.write_execution_record(self.job.storage, self.execution)
         self.lineage.end_pipeline(result.ok, result.metrics)
 
+    def _inputs_of_computing_steps(self, force: list[str] | None, until: str | None) -> set[str]:
+        """Steps whose committed output a step that computes in this run will read. Their hit
+        checks every file's sha256, not only its size: a same-size corruption of a cached shard
+        is caught before anything is computed from it (a fully cached re-run hashes nothing)."""
+        planned = plan(self.job, force, until, self.table, estimate_memory=False)
+        computing = [p.name for p in planned if not p.cached]
+        return {
+            r.upstream
+            for name in computing
+            for r in self.table[name].roles.values()
+            if r.upstream in self.job.steps
+        }
+
     # --- one step -------------------------------------------------------------------------------
 
     def _inputs(self, name: str) -> dict[str, StepInput]:
@@ -369,11 +411,14 @@ class Runner:
 
     def _run_step(self, name: str, forced: bool, verify: bool) -> StepSummary:
         inputs = self._inputs(name)
-        key = step_key(self.job, name, {role: i.manifest.digest for role, i in inputs.items()})
+        self.files[name] = input_files(self.job, name)
+        digests = {role: i.manifest.digest for role, i in inputs.items()}
+        key = step_key(self.job, name, digests, self.files[name])
         out_dir = cache.step_dir(self.job.storage, name, key)
         record = StepRecord(
             self.execution.execution_id, self.job.name, name, key, "running", start=time.time()
         )
+        verify = verify or name in self._read_by_computing
         manifest = None if forced else self._find_hit(name, out_dir, verify)
         if manifest is None:
             lock = cache.lock_for(self.job.storage, name, key)
@@ -385,9 +430,13 @@ class Runner:
             try:
                 manifest = None if forced else self._find_hit(name, out_dir, verify)
                 if manifest is None:
-                    # --force starts a resumable step over instead of resuming it.
+                    # --force starts a resumable step over instead of resuming it, in a folder
+                    # beside the old output, which stays until the new one commits.
                     keep = self.table[name].resumable and not forced
-                    manifest = self._compute(name, key, out_dir, inputs, record, keep)
+                    build_dir = out_dir
+                    if forced and out_dir.exists():
+                        build_dir = out_dir.with_name(f"{key}.force-{self.execution.execution_id}")
+                    manifest = self._compute(name, key, out_dir, inputs, record, keep, build_dir)
             finally:
                 lock.release()
         if record.state != "done":  # a hit, now or after waiting for another run
@@ -400,7 +449,7 @@ class Runner:
         manifest, problems = cache.find_committed(out_dir, full=verify)
         if problems:
             self.reporter.start(
-                name, f"cached output fails verification, recomputing: {problems[:3]}"
+                name, f"cached output fails verification, recomputing: {'; '.join(problems[:3])}"
             )
         return manifest
 
@@ -439,15 +488,28 @@ class Runner:
         inputs: dict[str, StepInput],
         record: StepRecord,
         keep: bool,
+        build_dir: Path,
     ) -> Manifest:
+        """Run the step in `build_dir` and commit it as `out_dir` (the same folder, or for a
+        forced step one beside it that replaces `out_dir` only once it has committed)."""
         section = self.job.steps[name]
         run_id = self._open_run(name, key, inputs)
         record.mlflow_run_id = run_id
         cache.write_step_record(self.job.storage, record)
         self.reporter.start(name)
         try:
-            manifest = self._attempts(name, section, out_dir, inputs, record, keep)
+            manifest = self._attempts(name, section, build_dir, inputs, record, keep)
+            manifest.step, manifest.key, manifest.code_version = name, key, section.spec.version
+            manifest.created_at = time.time()
+            manifest.info["mlflow_run_id"] = run_id
+            if self.files[name]:
+                manifest.info["input_files"] = dict(self.files[name])
+            manifest.write(build_dir)  # the commit marker, last
+            if build_dir != out_dir:
+                _swap_in(build_dir, out_dir)
         except BaseException as exc:
+            if build_dir != out_dir:
+                shutil.rmtree(build_dir, ignore_errors=True)  # the old output stays as it was
             record.state = "failed" if isinstance(exc, Exception) else "interrupted"
             record.error = _short_error(exc)
             self._end_record(record)
@@ -455,10 +517,6 @@ class Runner:
             if isinstance(exc, Exception):
                 raise StepFailed(name, record.error) from exc
             raise
-        manifest.step, manifest.key, manifest.code_version = name, key, section.spec.version
-        manifest.created_at = time.time()
-        manifest.info["mlflow_run_id"] = run_id
-        manifest.write(out_dir)  # the commit marker, last
         self.lineage.finish_step(run_id, manifest, out_dir, hit=False)
         self.run_ids[name] = run_id
         record.state = "done"
@@ -487,6 +545,8 @@ class Runner:
                     self._context(name, section, out_dir, attempt), section.config, inputs
                 )
                 _check_output(name, manifest, out_dir)
+                if not section.allow_empty:
+                    _check_not_empty(name, manifest)
                 return manifest
             except NON_TRANSIENT:
                 raise
@@ -525,6 +585,8 @@ class Runner:
         }
         if model:
             params["model"] = cache.plain(model)
+        if self.files.get(section.spec.name):
+            params["input_files"] = dict(self.files[section.spec.name])
         return params
 
     def _end_record(self, record: StepRecord) -> None:
@@ -592,6 +654,30 @@ def _check_output(name: str, manifest: Any, out_dir: Path) -> None:
         )
 
 
+def _check_not_empty(name: str, manifest: Manifest) -> None:
+    """Raise EmptyOutput when a data step reports that it kept no sample, saying why."""
+    count = next((k for k in OUTPUT_COUNTS if k in manifest.stats), None)
+    if count is None or manifest.stats[count] > 0:
+        return
+    given = next((k for k in INPUT_COUNTS if k in manifest.stats), None)
+    read = f" of {manifest.stats[given]:g} read ({given})" if given else ""
+    reasons = sorted(manifest.dropped.items(), key=lambda kv: -kv[1])
+    why = ", ".join(f"{k}={v}" for k, v in reasons) if reasons else "no input rows"
+    raise EmptyOutput(
+        f"step {name} kept no samples{read}; dropped by reason: {why}. Fix the inputs, or set "
+        f"`{name}: {{allow_empty: true}}` in the job to continue with an empty output"
+    )
+
+
+def _swap_in(build_dir: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the committed `build_dir`: two renames, then the old one is removed."""
+    old = out_dir.with_name(f"{build_dir.name}.old")
+    if out_dir.exists():
+        out_dir.rename(old)
+    build_dir.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _lineage_inputs(inputs: dict[str, StepInput]) -> dict[str, tuple[str, Path, Manifest]]:
     return {role: (i.name, i.dir, i.manifest) for role, i in inputs.items()}
 
@@ -629,6 +715,8 @@ def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[s
                 "mlflow_run_id": record.mlflow_run_id if record else "",
                 "attempts": record.attempts if record else 0,
                 "error": record.error if record else "",
+                # e.g. an unreadable manifest: the next `owl run` recomputes that step
+                "problems": planned.problems,
             }
         )
     finished = [e for e in executions if e.state == "done"]

@@ -134,7 +134,11 @@ def _show_plan(job: JobSpec, planned: list[dict[str, Any]], as_json: bool) -> No
             f"{res['num_workers']}x({res['cpus_per_worker']:g} CPU, {res['gpus_per_worker']:g} GPU)"
         )
         table.add_row(p["name"], (p["key"] or "after inputs")[:12], state, resources, memory)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for p in planned:
+        for problem in p.get("problems", []):
+            console.print(f"warning: {p['name']}: {problem} (it will be recomputed)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +170,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     console = Console()
     console.print(table)
+    for s in status["steps"]:
+        for problem in s.get("problems", []):
+            console.print(f"warning: {s['step']}: {problem} (the next `owl run` recomputes it)")
     if status["registered_model"]:
         console.print(f"registered_model: {status['registered_model']}")
     if status["metrics"]:

@@ -24,6 +24,8 @@ def _log_call(ctx: StepContext) -> None:
     storage = Path(ctx.extra["storage"])
     with open(storage / "calls.log", "a") as f:
         f.write(f"{ctx.step} {os.getpid()} {ctx.out_dir.name}\n")
+    if (storage / f"fail-{ctx.step}").exists():  # tests make a step fail without a key change
+        raise ValueError(f"{ctx.step}: told to fail by {storage / f'fail-{ctx.step}'}")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class SourceConfig:
     # Transient failures: the first `fail_times` attempts raise (counted under storage).
     fail_times: int = 0
     sleep_s: float = 0.0
+    path: str = ""  # a local text file: its lines are the rows (num_rows and prefix unused)
 
 
 def run_source(ctx: StepContext, cfg: SourceConfig, inputs: dict[str, StepInput]) -> Manifest:
@@ -43,11 +46,13 @@ def run_source(ctx: StepContext, cfg: SourceConfig, inputs: dict[str, StepInput]
         counter.write_text(str(failed + 1))
         raise ConnectionError(f"flaky source, attempt {failed + 1}")
     time.sleep(cfg.sleep_s)
-    (ctx.out_dir / "rows.txt").write_text(
-        "".join(f"{cfg.prefix}-{i}\n" for i in range(cfg.num_rows))
-    )
-    manifest = Manifest(step=ctx.step, stats={"num_rows": float(cfg.num_rows)})
-    manifest.add_file(ctx.out_dir, "rows.txt", rows=cfg.num_rows)
+    if cfg.path:
+        rows = Path(cfg.path).read_text().splitlines()
+    else:
+        rows = [f"{cfg.prefix}-{i}" for i in range(cfg.num_rows)]
+    (ctx.out_dir / "rows.txt").write_text("".join(f"{r}\n" for r in rows))
+    manifest = Manifest(step=ctx.step, stats={"num_rows": float(len(rows))})
+    manifest.add_file(ctx.out_dir, "rows.txt", rows=len(rows))
     return manifest
 
 
@@ -77,7 +82,8 @@ def run_filter(ctx: StepContext, cfg: FilterConfig, inputs: dict[str, StepInput]
         kept, nodes = _keep(rows, cfg.keep_every), 0
     time.sleep(cfg.sleep_s)
     (ctx.out_dir / "kept.txt").write_text("".join(f"{r}\n" for r in kept))
-    manifest = Manifest(step=ctx.step, stats={"kept": float(len(kept)), "ray_nodes": float(nodes)})
+    stats = {"kept": float(len(kept)), "ray_nodes": float(nodes), "num_in": float(len(rows))}
+    manifest = Manifest(step=ctx.step, stats={**stats, "num_out": float(len(kept))})
     manifest.dropped = {"filter.keep_every": len(rows) - len(kept)}
     manifest.add_file(ctx.out_dir, "kept.txt", rows=len(kept))
     return manifest

@@ -253,3 +253,133 @@ def test_rich_progress_shows_live_steps_and_a_summary_table(tmp_path):
         screens.append(screen.getvalue())
     assert "stage1" in screens[0] and "final_loss=0.3633" in screens[0]
     assert "0/4 steps from cache" in screens[0] and "4/4 steps from cache" in screens[1]
+
+
+# --- faults: edited inputs, unreadable manifests, failing --force, empty outputs --------------
+
+
+def test_edited_input_file_recomputes_exactly_what_reads_it(tmp_path):
+    source = tmp_path / "rows.txt"
+    source.write_text("a\nb\nc\nd\n")
+    raw = job_raw(tmp_path / "s", download={"path": str(source)})
+    job, first = run(raw)
+    assert first.ok, first.error
+    download_dir = cache.step_dir(job.storage, "download", first.steps[0].key)
+    digest = cache.sha256_file(source)
+    assert Manifest.read(download_dir).info["input_files"] == {str(source): digest}
+    os.utime(source, ns=(1, 1))  # touched, same bytes: re-hashed once, still the same key
+    _, touched = run(raw)
+    assert set(states(touched).values()) == {"cached"}
+    source.write_text("a\nb\nc\nd\ne\nf\n")  # edited in place
+    _, edited = run(raw)
+    assert set(states(edited).values()) == {"done"}
+    assert edited.steps[0].key != first.steps[0].key
+    assert edited.metrics == {"accuracy": 3.0}  # 6 rows, every second kept
+    # An edit that leaves the step's output as it was recomputes that step only.
+    raw_every = job_raw(tmp_path / "s", download={"path": str(source)}, filter={"keep_every": 9})
+    run(raw_every)
+    source.write_text("a\nb\nc\nd\ne\nf\n")
+    os.utime(source, ns=(2, 2))
+    _, same = run(raw_every)
+    assert states(same) == {"download": "cached", "filter": "cached", "stage1": "cached",
+                            "evaluate": "cached"}  # fmt: skip
+
+
+def test_input_folder_digest_follows_its_files(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"one")
+    storage = tmp_path / "storage"
+    first = cache.input_digests(storage, [str(folder)])
+    (folder / "b.png").write_bytes(b"two")
+    second = cache.input_digests(storage, [str(folder)])
+    (folder / "b.png").write_bytes(b"TWO")
+    third = cache.input_digests(storage, [str(folder)])
+    assert len({first[str(folder)], second[str(folder)], third[str(folder)]}) == 3
+    assert cache.input_paths({"a": [str(folder), "@shapes/x", "s3://b/k", "not-a-path"]}) == [
+        str(folder)
+    ]
+
+
+def test_unreadable_manifest_is_absent_with_a_warning_and_never_blocks(tmp_path, capsys):
+    raw = job_raw(tmp_path)
+    job, first = run(raw)
+    manifest_path = cache.step_dir(job.storage, "filter", first.steps[1].key) / "manifest.json"
+    for damage in ("", '{"step": "filter", "files": [{"pa'):
+        manifest_path.write_text(damage)
+        planned = {p.name: p for p in plan(job, table=TABLE, estimate_memory=False)}
+        assert not planned["filter"].cached
+        assert str(manifest_path) in planned["filter"].problems[0]
+        status = job_status(job, TABLE)
+        assert status["steps"][1]["problems"] == planned["filter"].problems
+        _, again = run(raw)
+        assert again.ok, again.error
+        assert states(again) == {"download": "cached", "filter": "done", "stage1": "cached",
+                                 "evaluate": "cached"}  # fmt: skip
+        assert Manifest.read(manifest_path.parent).key == first.steps[1].key
+
+
+def test_cli_status_and_dry_run_survive_an_empty_manifest(tmp_path, monkeypatch, capsys):
+    from pipelines import cli
+
+    raw = job_raw(tmp_path)
+    job, first = run(raw)
+    manifest_path = cache.step_dir(job.storage, "download", first.steps[0].key) / "manifest.json"
+    manifest_path.write_text("")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("OWL_STEPS_TABLE", "tests.integration.fake_steps:TABLE")
+    assert cli.main(["status", str(job_file)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: download:" in out and "unreadable manifest" in out
+    assert cli.main(["run", str(job_file), "--dry-run", "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert [s["cached"] for s in steps] == [False, False, False, False]
+    assert "unreadable manifest" in steps[0]["problems"][0]
+
+
+def test_failing_force_keeps_the_committed_output_and_checkpoints(tmp_path):
+    raw = job_raw(tmp_path)
+    job, first = run(raw)
+    train_dir = cache.step_dir(job.storage, "stage1", first.steps[2].key)
+    before = {p.relative_to(train_dir): p.read_bytes() for p in train_dir.rglob("*") if p.is_file()}
+    assert Path("checkpoints/step-2.json") in before
+    (job.storage / "fail-stage1").write_text("")
+    _, forced = run(raw, force=["stage1"])
+    assert not forced.ok and "told to fail" in forced.error
+    after = {p.relative_to(train_dir): p.read_bytes() for p in train_dir.rglob("*") if p.is_file()}
+    assert after == before  # the model, its checkpoints and its manifest are untouched
+    assert sorted(p.name for p in train_dir.parent.iterdir()) == [train_dir.name]
+    _, again = run(raw)
+    assert again.ok and states(again)["stage1"] == "cached"
+    (job.storage / "fail-stage1").unlink()
+    _, fixed = run(raw, force=["stage1"])
+    assert fixed.ok and states(fixed)["stage1"] == "done"
+    assert fixed.steps[2].metrics["resumed_from"] == 0.0  # started over, beside the old one
+    assert sorted(p.name for p in train_dir.parent.iterdir()) == [train_dir.name]
+    old_commit = json.loads(before[Path("manifest.json")])["created_at"]
+    assert Manifest.read(train_dir).created_at > old_commit  # the new output, swapped in
+
+
+def test_empty_output_fails_with_counts_unless_allowed(tmp_path):
+    sleeps: list[float] = []
+    raw = job_raw(tmp_path, download={"num_rows": 0})
+    _, result = run(raw, sleeps)
+    assert not result.ok and sleeps == []  # not retried
+    assert "step filter kept no samples of 0 read (num_in)" in result.error
+    assert "allow_empty: true" in result.error
+    raw = job_raw(tmp_path, download={"num_rows": 0}, filter={"allow_empty": True})
+    _, allowed = run(raw, until="filter")
+    assert allowed.ok, allowed.error
+
+
+def test_same_size_corruption_is_caught_when_a_computing_step_reads_it(tmp_path):
+    job, first = run(job_raw(tmp_path))
+    kept = cache.step_dir(job.storage, "filter", first.steps[1].key) / "kept.txt"
+    kept.write_text(kept.read_text().replace("row", "ROW"))  # same size, other content
+    _, again = run(job_raw(tmp_path))  # nothing computes: sizes only, nothing is hashed
+    assert states(again)["filter"] == "cached"
+    _, result = run(job_raw(tmp_path, stage1={"num_steps": 4}))
+    assert states(result) == {"download": "cached", "filter": "done", "stage1": "done",
+                              "evaluate": "done"}  # fmt: skip
+    assert "ROW" not in kept.read_text()
