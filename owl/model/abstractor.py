@@ -5,7 +5,8 @@ One layer (q = queries, x = image features):
     attention: queries from qn, keys/values over [qn; xn] (one softmax over itself + the image)
     y = qn + o_proj(attn)                        # residual from the *normalised* queries
     y = y + w2(ffn_norm(silu(w1 norm2(y)) * w3 norm2(y)))
-Owl2 adds fixed sin-cos embeddings (buffers, recomputed, never saved): 1-D over query indices added
+norm_q, norm_k and norm2 use `norm_eps` (1e-5 in the authors' releases), ffn_norm `layer_norm_eps`
+(1e-6). Owl2 adds fixed sin-cos embeddings (buffers, recomputed, never saved): 1-D over query indices added
 to the query and key inputs, 2-D over the patch grid (a zero row for CLS) added to the image part of
 the key input. Values get none. The output is projected to the decoder width and a learned
 end-of-image vector is appended: K + 1 tokens per image. Linear layers are
@@ -72,10 +73,10 @@ class AbstractorMLP(nn.Module):
 class AbstractorLayer(nn.Module):
     def __init__(self, cfg: AbstractorConfig) -> None:
         super().__init__()
-        self.norm_q = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.norm_k = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm_q = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm_k = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.attn = AbstractorAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = AbstractorMLP(cfg)
 
     def forward(

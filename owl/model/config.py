@@ -46,6 +46,10 @@ class AbstractorConfig:
     num_layers: int = 6
     num_heads: int = 16
     ffn_dim: int = 2816
+    # The authors' abstractors (Owl1 and Owl2) build the query, key and post-attention LayerNorms
+    # without an eps argument (torch's 1e-5) and only the FFN's inner LayerNorm with the config's
+    # eps (1e-6): `norm_eps` is the former, `layer_norm_eps` the latter.
+    norm_eps: float = 1e-5
     layer_norm_eps: float = 1e-6
     # Owl2: fixed sin-cos 1-D query and 2-D grid(+CLS) key embeddings. Owl1: none.
     positional_embeddings: bool = True

@@ -1,4 +1,4 @@
-"""Weights in and out: our folder format, Hugging Face CLIP vision + LLaMA, the authors' Owl2 release.
+"""Weights in and out: our folder format, Hugging Face CLIP vision + LLaMA, the authors' releases.
 
 Our format: `config.json` (OwlConfig.to_dict()) + `model.safetensors`, or numbered shards plus
 `model.safetensors.index.json` when the weights exceed 2 GB. External layouts come in through
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from owl.model.config import OwlConfig
@@ -49,9 +50,16 @@ def save_model(model: OwlModel, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     tied = _tied_keys(model)
-    state = {
-        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied
-    }
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    return write_safetensors(state, directory)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """`model.safetensors`, or numbered shards + `model.safetensors.index.json` past 2 GB (the
+    Hugging Face convention)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     shards = _split_shards(state, MAX_SHARD_BYTES)
     if len(shards) == 1:
         save_file(shards[0], str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -225,15 +233,39 @@ def _rename(
     return {names[k]: v for k, v in kept.items()}
 
 
+def _read_hf_config(directory: Path, what: str) -> dict:
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such folder (expected a Hugging Face {what} folder)")
+    if not (directory / "config.json").exists():
+        raise ValueError(f"{directory}: no config.json; expected a Hugging Face {what} folder")
+    return json.loads((directory / "config.json").read_text())
+
+
+def interpolate_positions(positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """Learned ViT positions (1 + g*g, W), CLS first, resampled to (1 + grid*grid, W): bicubic over
+    the patch grid (align_corners=False, in fp32, as the authors' `get_abs_pos` does), CLS kept.
+    The usual way to run a 224-px CLIP at 448 px. Identity when the grids match."""
+    source = round((positions.shape[0] - 1) ** 0.5)
+    if source * source != positions.shape[0] - 1:
+        raise ValueError(f"{positions.shape[0] - 1} patch positions are not a square grid")
+    if source == grid:
+        return positions
+    width = positions.shape[1]
+    patches = positions[1:].float().reshape(1, source, source, width).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    resized = resized.permute(0, 2, 3, 1).reshape(grid * grid, width).to(positions.dtype)
+    return torch.cat([positions[:1], resized], dim=0)  # (1 + grid*grid, W)
+
+
 def load_clip_vision(cfg: OwlConfig, directory: Path) -> dict[str, torch.Tensor]:
-    """Our `vision.*` tensors from a CLIPVisionModel (or full CLIPModel) folder."""
-    hf = json.loads((directory / "config.json").read_text())
+    """Our `vision.*` tensors from a CLIPVisionModel (or full CLIPModel) folder. A checkpoint of
+    another resolution (same patch size) has its positions interpolated to the config's grid."""
+    hf = _read_hf_config(directory, "CLIP")
     hf = hf.get("vision_config", hf)  # a full CLIPModel nests the vision part
     v = cfg.vision
     _check_fields(
         str(directory),
         {
-            "image_size": (hf.get("image_size"), v.image_size),
             "patch_size": (hf.get("patch_size"), v.patch_size),
             "hidden_size": (hf.get("hidden_size"), v.width),
             "num_hidden_layers": (hf.get("num_hidden_layers"), v.num_layers),
@@ -250,12 +282,17 @@ def load_clip_vision(cfg: OwlConfig, directory: Path) -> dict[str, torch.Tensor]
     def not_vision(key: str) -> bool:
         return not key.startswith(vision_roots) or key.endswith("position_ids")
 
-    return _rename(state, clip_vision_name_map(v.num_layers), str(directory), not_vision)
+    ours = _rename(state, clip_vision_name_map(v.num_layers), str(directory), not_vision)
+    grid = v.image_size // v.patch_size
+    ours["vision.position_embedding"] = interpolate_positions(
+        ours["vision.position_embedding"], grid
+    )
+    return ours
 
 
 def load_llama(cfg: OwlConfig, directory: Path) -> dict[str, torch.Tensor]:
     """Our `decoder.*` tensors from a LlamaForCausalLM folder; MAM copies start as text copies."""
-    hf = json.loads((directory / "config.json").read_text())
+    hf = _read_hf_config(directory, "LLaMA")
     d = cfg.decoder
     rope = hf.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -304,196 +341,72 @@ def init_from_hf(
     clip_vision_dir: str | Path | None = None,
     llama_dir: str | Path | None = None,
 ) -> OwlModel:
-    """A fresh model whose ViT and/or decoder come from Hugging Face folders (the rest random)."""
-    model = OwlModel(cfg)
+    """A model whose ViT and/or decoder come from Hugging Face folders, the rest (always the
+    abstractor) freshly initialised. Built on the meta device: loaded weights are assigned, not
+    copied into a random model first, so a 7B model takes its size in memory once."""
     loaded: dict[str, torch.Tensor] = {}
     if clip_vision_dir is not None:
         loaded.update(load_clip_vision(cfg, Path(clip_vision_dir)))
     if llama_dir is not None:
         loaded.update(load_llama(cfg, Path(llama_dir)))
-    result = model.load_state_dict(loaded, strict=False)
+    return model_with_fresh_rest(cfg, loaded)
+
+
+def model_with_fresh_rest(cfg: OwlConfig, loaded: dict[str, torch.Tensor]) -> OwlModel:
+    """`loaded` assigned; every component (vision, abstractor, decoder) with a weight not in it is
+    built fresh (from-scratch init) and then gets the loaded weights it has."""
+    from owl.model.abstractor import Abstractor
+    from owl.model.decoder import Decoder
+    from owl.model.model import _init_weights
+    from owl.model.vision import VisionEncoder
+
+    with torch.device("meta"):
+        model = OwlModel(cfg)
+    result = model.load_state_dict(loaded, strict=False, assign=True)
     assert not result.unexpected_keys, result.unexpected_keys  # name maps only emit our keys
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    builders = {
+        "vision": lambda: VisionEncoder(cfg.vision, cfg.activation_checkpointing),
+        "abstractor": lambda: Abstractor(
+            cfg.abstractor, cfg.vision, cfg.decoder.hidden, cfg.activation_checkpointing
+        ),
+        "decoder": lambda: Decoder(cfg.decoder, cfg.activation_checkpointing),
+    }
+    for name, build in builders.items():
+        module = getattr(model, name)
+        if any(p.is_meta for p in module.parameters()):
+            kept = {
+                k: v
+                for k, v in module.state_dict().items()
+                if not v.is_meta and f"{name}.{k}" in loaded
+            }
+            fresh = build()
+            fresh.apply(_init_weights)
+            fresh.load_state_dict(kept, strict=False)
+            setattr(model, name, fresh)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model.abstractor.reset_positions(device="cpu")
     return model
 
 
-# ------------------------------------------------------------- the authors' released Owl2 layout
-
-
-def _split_interleaved_qkv(
-    tensor: torch.Tensor, num_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Their fused qkv output is laid out (heads, 3, head_dim): not chunk(3)."""
-    width = tensor.shape[0] // 3
-    grouped = tensor.reshape(num_heads, 3, width // num_heads, *tensor.shape[1:])
-    q, k, v = (grouped[:, i].reshape(width, *tensor.shape[1:]) for i in range(3))
-    return q, k, v
-
-
-_OWL2_LAYER_RENAMES = {
-    "self_attn.q_proj.weight": "attn.q_proj.weight",
-    "self_attn.o_proj.weight": "attn.o_proj.weight",
-    "self_attn.k_proj.multiway.0.weight": "attn.k_proj.weight",
-    "self_attn.k_proj.multiway.1.weight": "attn.k_proj_visual.weight",
-    "self_attn.v_proj.multiway.0.weight": "attn.v_proj.weight",
-    "self_attn.v_proj.multiway.1.weight": "attn.v_proj_visual.weight",
-    "input_layernorm.multiway.0.weight": "input_norm.weight",
-    "input_layernorm.multiway.1.weight": "input_norm_visual.weight",
-    "post_attention_layernorm.multiway.0.weight": "post_attn_norm.weight",
-    "post_attention_layernorm.multiway.1.weight": "post_attn_norm_visual.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-}
-_OWL2_VIT_RENAMES = {
-    "input_layernorm": "norm1",
-    "post_attention_layernorm": "norm2",
-    "self_attn.dense": "attn.o_proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_OWL2_ABSTRACTOR_RENAMES = {
-    "crossattention.attention.query": "attn.q_proj",
-    "crossattention.attention.key": "attn.k_proj",
-    "crossattention.attention.value": "attn.v_proj",
-    "crossattention.norm1": "norm_q",
-    "crossattention.normk": "norm_k",
-    "crossattention.output.out_proj": "attn.o_proj",
-    "crossattention.output.norm2": "norm2",
-    "crossattention.output.mlp.w1": "mlp.w1",
-    "crossattention.output.mlp.w2": "mlp.w2",
-    "crossattention.output.mlp.w3": "mlp.w3",
-    "crossattention.output.mlp.ffn_ln": "mlp.ffn_norm",
-}
-_OWL2_FIXED = {
-    "model.embed_tokens.weight": "decoder.embed_tokens.weight",
-    "model.norm.weight": "decoder.norm.weight",
-    "lm_head.weight": "decoder.lm_head.weight",
-    "model.vision_model.embeddings.patch_embed.weight": "vision.patch_embed.weight",
-    "model.vision_model.embeddings.pre_layernorm.weight": "vision.pre_norm.weight",
-    "model.vision_model.embeddings.pre_layernorm.bias": "vision.pre_norm.bias",
-    "model.vision_model.post_layernorm.weight": "vision.post_norm.weight",
-    "model.vision_model.post_layernorm.bias": "vision.post_norm.bias",
-    "model.visual_abstractor.visual_fc.weight": "abstractor.proj.weight",
-    "model.visual_abstractor.visual_fc.bias": "abstractor.proj.bias",
-}
-
-
-def _convert_owl2_key(
-    key: str, tensor: torch.Tensor, vit_heads: int
-) -> dict[str, torch.Tensor] | None:
-    """Our key(s) for one tensor of the authors' layout; None when the key is not theirs."""
-    if key in _OWL2_FIXED:
-        return {_OWL2_FIXED[key]: tensor}
-    squeezed = {  # their [1, 1, D] / [1, N, D] parameters are plain vectors / matrices in ours
-        "model.vision_model.embeddings.cls_token": "vision.class_embedding",
-        "model.vision_model.embeddings.position_embedding": "vision.position_embedding",
-        "model.visual_abstractor.query_embeds": "abstractor.queries",
-        "model.visual_abstractor.vit_eos": "abstractor.end_of_image",
-    }
-    if key in squeezed:
-        return {squeezed[key]: tensor.reshape(-1, tensor.shape[-1]).squeeze(0)}
-    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key):
-        name = _OWL2_LAYER_RENAMES.get(m.group(2))
-        return {f"decoder.layers.{m.group(1)}.{name}": tensor} if name else None
-    if m := re.fullmatch(r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
-        prefix = f"vision.layers.{m.group(1)}"
-        if m.group(2) == "self_attn.query_key_value":
-            q, k, v = _split_interleaved_qkv(tensor, vit_heads)
-            part = m.group(3)
-            return {f"{prefix}.attn.{n}_proj.{part}": t for n, t in zip("qkv", (q, k, v))}
-        name = _OWL2_VIT_RENAMES.get(m.group(2))
-        return {f"{prefix}.{name}.{m.group(3)}": tensor} if name else None
-    if m := re.fullmatch(
-        r"model\.visual_abstractor\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key
-    ):
-        name = _OWL2_ABSTRACTOR_RENAMES.get(m.group(2))
-        return {f"abstractor.layers.{m.group(1)}.{name}.{m.group(3)}": tensor} if name else None
-    return None
-
-
-def owl2_config_from_release(
-    src: Path, state: dict[str, torch.Tensor], base: OwlConfig
-) -> OwlConfig:
-    """Sizes from tensor shapes; head counts, eps and rope from their config.json (else `base`)."""
-    hf = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
-    visual = hf.get("visual_config", {})
-    vit_hf, abs_hf = visual.get("visual_model", {}), visual.get("visual_abstractor", {})
-
-    def count_layers(prefix: str) -> int:
-        found = {int(m.group(1)) for k in state if (m := re.match(prefix + r"\.(\d+)\.", k))}
-        return len(found)
-
-    embed = state["model.embed_tokens.weight"]
-    num_heads = hf.get("num_attention_heads", base.decoder.num_heads)
-    head_dim = embed.shape[1] // num_heads
-    kv_width = state["model.layers.0.self_attn.k_proj.multiway.0.weight"].shape[0]
-    patch = state["model.vision_model.embeddings.patch_embed.weight"]
-    num_positions = state["model.vision_model.embeddings.position_embedding"].shape[-2]
-    grid = round((num_positions - 1) ** 0.5)
-    rope = hf.get("rope_parameters") or {}
-    return base.replace(
-        variant="owl2",
-        vision={
-            "image_size": grid * patch.shape[-1],
-            "patch_size": patch.shape[-1],
-            "width": patch.shape[0],
-            "num_layers": count_layers(r"model\.vision_model\.encoder\.layers"),
-            "num_heads": vit_hf.get("num_attention_heads", base.vision.num_heads),
-            "mlp_dim": state["model.vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            "layer_norm_eps": vit_hf.get("layer_norm_eps", base.vision.layer_norm_eps),
-        },
-        abstractor={
-            "num_queries": state["model.visual_abstractor.query_embeds"].shape[-2],
-            "width": state["model.visual_abstractor.query_embeds"].shape[-1],
-            "num_layers": count_layers(r"model\.visual_abstractor\.encoder\.layers"),
-            "num_heads": abs_hf.get("num_attention_heads", base.abstractor.num_heads),
-            "ffn_dim": state[
-                "model.visual_abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight"
-            ].shape[0],
-            "layer_norm_eps": abs_hf.get("layer_norm_eps", base.abstractor.layer_norm_eps),
-            "positional_embeddings": True,
-        },
-        decoder={
-            "vocab_size": embed.shape[0],
-            "hidden": embed.shape[1],
-            "num_layers": count_layers(r"model\.layers"),
-            "num_heads": num_heads,
-            "num_kv_heads": kv_width // head_dim,
-            "ffn_dim": state["model.layers.0.mlp.gate_proj.weight"].shape[0],
-            "rms_norm_eps": hf.get("rms_norm_eps", base.decoder.rms_norm_eps),
-            "rope_theta": rope.get("rope_theta", hf.get("rope_theta", base.decoder.rope_theta)),
-            "max_positions": hf.get("max_position_embeddings", base.decoder.max_positions),
-            "modality_adaptive": True,
-            "tie_embeddings": False,
-        },
-    )
+# ------------------------------------------------------------------ the authors' releases
 
 
 def convert_mplug_owl2(
     src_dir: str | Path, dst_dir: str | Path, base: str = "owl2-llama2-7b"
 ) -> OwlConfig:
-    """Convert the authors' released Owl2 folder (.bin shards) into our folder format."""
-    src = Path(src_dir)
-    state = read_hf_state_dict(src)
-    vit_heads = (
-        json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
-    )
-    vit_heads = (
-        vit_heads.get("visual_config", {})
-        .get("visual_model", {})
-        .get("num_attention_heads", get_config(base).vision.num_heads)
-    )
-    converted: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in state.items():
-        mapped = _convert_owl2_key(key, tensor, vit_heads)
-        if mapped is None:
-            unknown.append(key)
-        else:
-            converted.update(mapped)
-    if unknown:
-        raise ValueError(f"{src}: keys not in the mPLUG-Owl2 release layout: {sorted(unknown)}")
-    cfg = owl2_config_from_release(src, state, get_config(base))
-    model = model_from_state_dict(cfg, converted, source=str(src))
-    save_model(model, dst_dir)
-    return cfg
+    """The authors' released Owl2 folder -> our folder (see owl.model.releases)."""
+    from owl.model.releases import convert_release
+
+    return convert_release(src_dir, dst_dir, "owl2", base)[0]
+
+
+def convert_mplug_owl(
+    src_dir: str | Path, dst_dir: str | Path, base: str = "owl1-llama-7b"
+) -> OwlConfig:
+    """The authors' released mPLUG-Owl (Owl1) folder -> our folder (see owl.model.releases)."""
+    from owl.model.releases import convert_release
+
+    return convert_release(src_dir, dst_dir, "owl1", base)[0]

@@ -1,9 +1,11 @@
-"""`owl model summary NAME` and `owl convert mplug-owl2 SRC DST`."""
+"""`owl model summary NAME`; `owl convert mplug-owl2|mplug-owl SRC DST` (the authors' releases
+into our folder) and `owl convert to-release SRC DST` (our folder into their layout)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -18,15 +20,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--json", action="store_true", help="print JSON")
     summary.set_defaults(func=_summary)
 
-    convert = subparsers.add_parser("convert", help="convert released weights into our format")
-    convert_sub = convert.add_subparsers(dest="convert_command", metavar="FORMAT")
-    owl2 = convert_sub.add_parser(
-        "mplug-owl2", help="the authors' released mPLUG-Owl2 folder (.bin shards)"
+    convert = subparsers.add_parser(
+        "convert", help="the authors' released weights into our format, and back"
     )
-    owl2.add_argument("src", help="folder with config.json and pytorch_model*.bin")
-    owl2.add_argument("dst", help="output folder (config.json + safetensors)")
-    owl2.add_argument("--json", action="store_true", help="print JSON")
-    owl2.set_defaults(func=_convert_owl2)
+    convert_sub = convert.add_subparsers(dest="convert_command", metavar="FORMAT")
+    releases = {
+        "mplug-owl2": ("owl2", "the authors' released mPLUG-Owl2 folder -> our folder"),
+        "mplug-owl": ("owl1", "the authors' released mPLUG-Owl (Owl1) folder -> our folder"),
+    }
+    for name, (variant, text) in releases.items():
+        release = convert_sub.add_parser(name, help=text)
+        release.add_argument(
+            "src", help="their folder: config.json + pytorch_model*.bin or *.safetensors"
+        )
+        release.add_argument("dst", help="output folder (config.json + safetensors)")
+        release.add_argument("--json", action="store_true", help="print JSON")
+        release.set_defaults(func=_convert_release, variant=variant)
+    back = convert_sub.add_parser(
+        "to-release", help="our folder -> the authors' layout (their config.json + safetensors)"
+    )
+    back.add_argument("src", help="our model folder (config.json + model.safetensors)")
+    back.add_argument("dst", help="output folder in the authors' layout of the model's variant")
+    back.add_argument("--json", action="store_true", help="print JSON")
+    back.set_defaults(func=_convert_to_release)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -48,18 +69,34 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"  {'total':<24} {total:>16,}  ({total / 1e9:.3f}B)")
 
 
-def _convert_owl2(args: argparse.Namespace) -> int:
+def _convert_release(args: argparse.Namespace) -> int:
+    from owl.model.releases import convert_release
     from owl.model.summary import summarize
-    from owl.model.weights import convert_mplug_owl2
 
-    cfg = convert_mplug_owl2(args.src, args.dst)
+    try:
+        cfg, _ = convert_release(args.src, args.dst, args.variant)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
     result = {
         "dst": args.dst,
+        "variant": cfg.variant,
         "total_params": summarize(cfg)["total_params"],
         "config": cfg.to_dict(),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"wrote {args.dst} ({result['total_params']:,} parameters)")
+        print(f"wrote {args.dst} ({result['total_params']:,} parameters, {cfg.variant})")
+    return 0
+
+
+def _convert_to_release(args: argparse.Namespace) -> int:
+    from owl.model.releases import export_release
+
+    try:
+        export_release(args.src, args.dst)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    result = {"src": args.src, "dst": args.dst}
+    print(json.dumps(result, indent=2) if args.json else f"wrote {args.dst}")
     return 0

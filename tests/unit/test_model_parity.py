@@ -125,3 +125,25 @@ def test_hf_config_mismatch_names_the_field(llama_dir) -> None:
     cfg = get_config("debug-tiny", "owl1", decoder={**DECODER, "ffn_dim": 100})
     with pytest.raises(ValueError, match="intermediate_size"):
         init_from_hf(cfg, llama_dir=llama_dir)
+
+
+def test_clip_positions_are_interpolated_bicubic_to_a_bigger_grid(clip_dir) -> None:
+    """A 4x4-patch CLIP into an 8x8-patch config (the 224 -> 448 px case): CLS kept, the patch
+    positions resampled bicubic over the grid; the rest of the ViT unchanged."""
+    import torch.nn.functional as F
+
+    theirs = CLIPVisionModel.from_pretrained(clip_dir)
+    positions = theirs.embeddings.position_embedding.weight.detach()  # (1 + 16, 32)
+    cfg = _cfg("owl2").replace(vision={"image_size": 64})
+    ours = init_from_hf(cfg, clip_vision_dir=clip_dir)
+    got = ours.vision.position_embedding.detach()
+    assert got.shape == (1 + 64, 32)
+    assert torch.equal(got[0], positions[0])
+    grid = positions[1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    assert torch.allclose(got[1:], expected.permute(0, 2, 3, 1).reshape(64, 32), atol=1e-6)
+    assert torch.equal(
+        ours.vision.layers[0].mlp.fc1.weight, theirs.encoder.layers[0].mlp.fc1.weight
+    )
+    same = init_from_hf(_cfg("owl2"), clip_vision_dir=clip_dir)  # same grid: identity
+    assert torch.equal(same.vision.position_embedding, positions)

@@ -1,0 +1,151 @@
+"""The authors' released layouts (Owl2 and Owl1) as their save_pretrained writes them, buffers
+included: converted, compared with a plain forward of their numerics, and written back exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from owl import IMAGE_TOKEN_ID
+from owl.model import load_model
+from owl.model.releases import LAYOUTS
+from owl.model.weights import read_hf_state_dict
+from pipelines.cli import main as owl_cli
+from tests.unit import release_reference as ref
+
+VARIANTS = {"owl2": "mplug-owl2", "owl1": "mplug-owl"}
+
+
+def _batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two rows, three images (one row holds two), text before, between and after them."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, ref.SIZES["vocab"], (2, 3 * k + 5), generator=g)
+    ids[0, 2 : 2 + k] = IMAGE_TOKEN_ID
+    ids[1, 1 : 1 + k] = IMAGE_TOKEN_ID
+    ids[1, k + 3 : 2 * k + 3] = IMAGE_TOKEN_ID
+    images = torch.randn(3, 3, ref.SIZES["image"], ref.SIZES["image"], generator=g)
+    return ids, ids == IMAGE_TOKEN_ID, images
+
+
+@pytest.mark.parametrize("variant", ["owl2", "owl1"])
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_release_converts_with_logits_equal_to_their_numerics(
+    tmp_path: Path, variant: str, fmt: str, capsys
+) -> None:
+    state, config = ref.make_release(variant)
+    src = ref.write_release(state, config, tmp_path / "release", fmt)
+    code = owl_cli(["convert", VARIANTS[variant], str(src), str(tmp_path / "ours"), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    buffers = [k for k in state if "inv_freq" in k or "pos_embed" in k]
+    assert out["total_params"] == sum(t.numel() for k, t in state.items() if k not in buffers)
+    model = load_model(tmp_path / "ours").eval()
+    cfg = model.cfg
+    assert cfg.variant == variant
+    assert (cfg.abstractor.norm_eps, cfg.abstractor.layer_norm_eps) == (1e-5, 1e-6)
+    assert cfg.vision.layer_norm_eps == 1e-6
+    ids, slots, images = _batch(cfg.num_visual_tokens)
+    with torch.no_grad():
+        ours = model(ids, images)
+        theirs = ref.logits(state, variant, ref.SIZES, ids, slots, images)
+    diff = (ours - theirs).abs()
+    assert diff.max().item() <= 1e-5, diff.max().item()
+    assert diff[slots].max().item() <= 1e-5  # visual positions included
+    assert theirs.abs().mean() > 0.1  # not a comparison of zeros
+
+
+def test_a_wrong_abstractor_eps_is_visible_at_this_tolerance(tmp_path: Path) -> None:
+    """The check above can fail: with the config eps on every abstractor norm (our old numerics)
+    the logits move by more than 1e-5."""
+    state, config = ref.make_release("owl2")
+    ref.write_release(state, config, tmp_path / "release")
+    owl_cli(["convert", "mplug-owl2", str(tmp_path / "release"), str(tmp_path / "ours")])
+    cfg_path = tmp_path / "ours" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["abstractor"]["norm_eps"] = cfg["abstractor"]["layer_norm_eps"]
+    cfg_path.write_text(json.dumps(cfg))
+    model = load_model(tmp_path / "ours").eval()
+    ids, slots, images = _batch(model.cfg.num_visual_tokens)
+    with torch.no_grad():
+        diff = model(ids, images) - ref.logits(state, "owl2", ref.SIZES, ids, slots, images)
+    assert diff.abs().max().item() > 1e-5
+
+
+@pytest.mark.parametrize(
+    "key, change",
+    [
+        ("model.layers.1.self_attn.rotary_emb.inv_freq", lambda t: t * 1.5),
+        ("model.visual_abstractor.encoder.layers.0.crossattention.attention.k_pos_embed",
+         lambda t: t.flip(0)),
+        ("model.visual_abstractor.encoder.layers.1.crossattention.attention.q_pos_embed",
+         lambda t: t[:-1]),
+    ],
+)  # fmt: skip
+def test_a_saved_buffer_that_differs_from_ours_is_a_clear_error(
+    tmp_path: Path, key: str, change, capsys
+) -> None:
+    state, config = ref.make_release("owl2")
+    state[key] = change(state[key])
+    ref.write_release(state, config, tmp_path / "release")
+    code = owl_cli(["convert", "mplug-owl2", str(tmp_path / "release"), str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: ") and f"buffer {key}" in err
+
+
+def test_buffers_in_bf16_are_accepted(tmp_path: Path) -> None:
+    """A release saved in bf16 rounds its buffers too: checked at bf16's precision."""
+    state, config = ref.make_release("owl2")
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    ref.write_release(state, config, tmp_path / "release")
+    assert owl_cli(["convert", "mplug-owl2", str(tmp_path / "release"), str(tmp_path / "o")]) == 0
+
+
+def test_unknown_keys_and_missing_folders_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    state, config = ref.make_release("owl1")
+    state["language_model.mystery.weight"] = torch.zeros(2)
+    ref.write_release(state, config, tmp_path / "release")
+    assert owl_cli(["convert", "mplug-owl", str(tmp_path / "release"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "language_model.mystery.weight" in err
+    assert owl_cli(["convert", "mplug-owl2", str(tmp_path / "release"), str(tmp_path / "o")]) == 2
+    assert "not an mPLUG-Owl2 release" in capsys.readouterr().err
+    assert owl_cli(["convert", "mplug-owl2", str(tmp_path / "nowhere"), str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["owl2", "owl1"])
+def test_export_to_the_release_layout_round_trips_exactly(tmp_path: Path, variant: str) -> None:
+    state, config = ref.make_release(variant)
+    ref.write_release(state, config, tmp_path / "release", "safetensors")
+    owl_cli(["convert", VARIANTS[variant], str(tmp_path / "release"), str(tmp_path / "ours")])
+    assert owl_cli(["convert", "to-release", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    back = read_hf_state_dict(tmp_path / "back")
+    assert set(back) == set(state)  # parameters and buffers, their names
+    for key, tensor in state.items():
+        if "pos_embed" in key:  # recomputed: equal to float32 rounding of their numpy values
+            assert torch.allclose(back[key], tensor, atol=1e-5), key
+        else:
+            assert torch.equal(back[key], tensor), key
+    config_back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config_back["model_type"] == config["model_type"]
+    # and back again: the same model
+    owl_cli(["convert", VARIANTS[variant], str(tmp_path / "back"), str(tmp_path / "again")])
+    first, second = load_model(tmp_path / "ours"), load_model(tmp_path / "again")
+    assert first.cfg == second.cfg
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_release_layouts_name_every_parameter_of_our_model() -> None:
+    from owl.model import build_model, get_config
+    from owl.model.releases import name_map
+
+    for variant, layout in LAYOUTS.items():
+        cfg = get_config("debug-tiny", variant)
+        ours = set(build_model(cfg).state_dict())
+        qkv = {k for k in ours if ".attn." in k and k.startswith("vision.") and "o_proj" not in k}
+        assert set(name_map(cfg, layout).values()) == ours - qkv
