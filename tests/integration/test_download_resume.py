@@ -88,6 +88,7 @@ PATHS = [
 
 RUN = """
 import sys
+from pathlib import Path
 from pipelines.step import StepContext
 from pipelines.steps import download
 cfg = download.Config(url_list=sys.argv[1], image_size=16, timeout=60, number_sample_per_shard={n},
@@ -96,9 +97,10 @@ download.run(StepContext("download", Path(sys.argv[2]), "test", None), cfg, {{}}
 """
 
 
-def _wait(predicate, what: str, timeout: float = 120) -> None:
+def _wait(proc, predicate, what: str, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not predicate():
+        assert proc.poll() is None, f"the download exited ({proc.returncode}) before {what}"
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -118,11 +120,10 @@ def test_killed_download_resumes_with_only_the_missing_shards(tmp_path, server):
         [sys.executable, "-c", RUN.format(n=PER_SHARD), str(url_list), str(out)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     try:
-        _wait(lambda: (shards / "00000_stats.json").exists(), "shard 0 to finish")
-        _wait(lambda: server.counts["/hang.png"] == 1, "shard 1 to start")
+        _wait(proc, lambda: (shards / "00000_stats.json").exists(), "shard 0 finished")
+        _wait(proc, lambda: server.counts["/hang.png"] == 1, "shard 1 started")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
