@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORAGE ?= runs/demo
 
-.PHONY: setup demo test lint format bench clean-demo
+.PHONY: setup java demo test lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed java
+
+# Caption metrics run COCO's PTB tokenizer, a Java program: without Java they are refused.
+java:
+	@command -v java >/dev/null 2>&1 || { echo "java not found: caption metrics need it; install a JRE (e.g. sudo apt-get install default-jre-headless)"; exit 1; }
 
 demo: setup
 	$(BIN)/owl run jobs/demo.yaml --set storage=$(STORAGE)

@@ -267,7 +267,7 @@ def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[st
     for r, p in list(zip(vqa, described))[:3]:
         print(f"    caption: {p['prediction']!r} | {r.question} -> {r.answers[0]}", flush=True)
     via_caption = [
-        vqa_accuracy(answer_from_caption(p["prediction"], r.question), r.answers)
+        vqa_accuracy(answer_from_caption(p["prediction"], r.question), r.answers, "normalized")
         for r, p in zip(vqa, described)
     ]
     return {

@@ -38,6 +38,13 @@ class BenchmarkRecord:
     answer: str = ""  # letter (multiple_choice, text with options), "yes"/"no", or reference
     hint: str = ""  # multiple_choice: context shown before the question
     pair_id: str = ""  # yes_no: questions about one image share it (accuracy+)
+    # Scoring rule (RULES[type] below); "" = the type's default (vqa: the run's rule).
+    rule: str = ""
+    # Prompt style (owl.eval.prompts.PROMPTS); "" = the type's own prompt (the demo's).
+    prompt: str = ""
+    # multiple_choice: rows that are rotations of one question (MMBench's circular copies) share
+    # it, with `extra["circular_shift"]` telling which rotation; "" = the record alone.
+    group: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)  # other fields, kept, not scored
 
 
@@ -69,6 +76,12 @@ def read_benchmark(path: str | os.PathLike, limit: int | None = None) -> list[Be
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
+    unanswered = [r for r in records if is_unanswered(r)]
+    if unanswered and len(unanswered) != len(records):
+        raise ValueError(
+            f"{unanswered[0].source}: no answer, while other records of {path} have one; a file "
+            "is either scored (every record answered) or a submission split (none answered)"
+        )
     return records
 
 
@@ -113,10 +126,42 @@ def parse_record(row: Any, where: str, base_dir: Path) -> BenchmarkRecord:
         answer=_string(row, "answer", where),
         hint=_string(row, "hint", where),
         pair_id=_string(row, "pair_id", where),
+        rule=_string(row, "rule", where),
+        prompt=_string(row, "prompt", where),
+        group=_string(row, "group", where),
         extra={k: v for k, v in row.items() if k not in known},
     )
+    _check_rule(record, where)
     _CHECKS[record_type](record, where)
     return record
+
+
+# Scoring rules a record may name, per type (docs/benchmarks.md "Scoring"); "" is the default.
+RULES: dict[str, tuple[str, ...]] = {
+    "vqa": ("", "vqav2", "vizwiz", "normalized"),
+    "caption": ("",),
+    "multiple_choice": ("", "circular", "single"),
+    "yes_no": ("", "mme", "pope"),
+    "text": ("", "gqa"),
+}
+
+
+def _check_rule(record: BenchmarkRecord, where: str) -> None:
+    if record.rule not in RULES[record.type]:
+        valid = [r for r in RULES[record.type] if r]
+        raise ValueError(
+            f"{where}: field 'rule' is {record.rule!r}; a {record.type} record takes one of {valid}"
+        )
+    if record.rule == "mme" and not isinstance(record.extra.get("category"), str):
+        raise ValueError(f"{where}: an MME record needs its subtask in field 'category'")
+
+
+def is_unanswered(record: BenchmarkRecord) -> bool:
+    """A record of a split without public answers (VQAv2 test-dev, MMBench test): it is asked
+    and its prediction goes to the submission file, but it is not scored."""
+    return (record.type == "vqa" and not record.answers) or (
+        record.type == "multiple_choice" and not record.answer
+    )
 
 
 def _string(row: dict, name: str, where: str, required: bool = False) -> str:
@@ -145,6 +190,8 @@ def _image_path(path: str, where: str, base_dir: Path) -> str:
 def _check_answer_letter(record: BenchmarkRecord, where: str) -> None:
     if not 2 <= len(record.options) <= len(LETTERS):
         raise ValueError(f"{where}: field 'options' needs 2 to {len(LETTERS)} options")
+    if record.type == "multiple_choice" and not record.answer:
+        return  # a split without public answers: predictions go to the submission file
     valid = LETTERS[: len(record.options)]
     if len(record.answer) != 1 or record.answer not in valid:
         raise ValueError(
@@ -154,10 +201,13 @@ def _check_answer_letter(record: BenchmarkRecord, where: str) -> None:
 
 
 def _check_vqa(record: BenchmarkRecord, where: str) -> None:
+    if not record.answers:
+        return  # a split without public answers (VQAv2 test-dev): submission file only
     if len(record.answers) != NUM_VQA_ANSWERS:
         raise ValueError(
             f"{where}: field 'answers' has {len(record.answers)} answers; VQA accuracy needs the "
-            f"{NUM_VQA_ANSWERS} human answers (for one reference answer use type 'text')"
+            f"{NUM_VQA_ANSWERS} human answers (for one reference answer use type 'text'; none for "
+            "a split without public answers)"
         )
 
 

@@ -21,21 +21,27 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from owl.data.image import CLIP_MEAN, preprocess_images
-from owl.eval.benchmarks import BenchmarkRecord
+from owl.eval.benchmarks import BenchmarkRecord, is_unanswered
 from owl.eval.metrics import (
     LETTERS,
     ChoiceResult,
+    MmeResult,
     YesNoResult,
     caption_scores,
+    gqa_correct,
+    mme_scores,
     multiple_choice_scores,
     parse_choice,
     parse_yes_no,
+    parse_yes_no_mme,
+    parse_yes_no_pope,
+    pope_scores,
     rotate_options,
     text_correct,
     vqa_accuracy,
     yes_no_scores,
 )
-from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, prompt_ids
+from owl.eval.prompts import max_new_tokens, prompt_ids
 from owl.model.config import OwlConfig
 from owl.model.model import OwlModel
 
@@ -56,11 +62,20 @@ class Query:
         return self.record.options[self.shift :] + self.record.options[: self.shift]
 
 
+def _rotates(record: BenchmarkRecord, circular: bool) -> bool:
+    """Whether a multiple-choice record is asked once per rotation of its options: by default
+    when `circular`; rule "single" (ScienceQA, SEED, MMBench rows that come with their own
+    circular copies) never, rule "circular" always."""
+    if record.type != "multiple_choice" or record.rule == "single":
+        return False
+    return circular or record.rule == "circular"
+
+
 def expand_queries(records: Sequence[BenchmarkRecord], circular: bool = True) -> list[Query]:
     """Queries in record order; multiple choice once per rotation when `circular`."""
     queries = []
     for record in records:
-        num_shifts = len(record.options) if circular and record.type == "multiple_choice" else 1
+        num_shifts = len(record.options) if _rotates(record, circular) else 1
         queries.extend(Query(record, shift) for shift in range(num_shifts))
     return queries
 
@@ -80,12 +95,15 @@ def load_images(record: BenchmarkRecord, cfg: OwlConfig, blank: bool = False) ->
 
 
 def _batches(
-    queries: Sequence[Query], prompts: Sequence[list[int]], batch_size: int
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    budgets: Sequence[int],
+    batch_size: int,
 ) -> list[list[int]]:
-    """Query indices grouped by type, longest prompts first, cut into batches."""
-    by_type: dict[str, list[int]] = defaultdict(list)
+    """Query indices grouped by type and budget, longest prompts first, cut into batches."""
+    by_type: dict[tuple[str, int], list[int]] = defaultdict(list)
     for index, query in enumerate(queries):
-        by_type[query.record.type].append(index)
+        by_type[(query.record.type, budgets[index])].append(index)
     batches = []
     for indices in by_type.values():
         indices.sort(key=lambda i: -len(prompts[i]))
@@ -96,16 +114,16 @@ def _batches(
 def _check_lengths(
     queries: Sequence[Query],
     prompts: Sequence[list[int]],
-    budgets: Mapping[str, int],
+    budgets: Sequence[int],
     max_positions: int,
 ) -> None:
     """Fail before generating when a prompt plus its budget overruns the model's positions."""
-    for query, prompt in zip(queries, prompts):
-        total = len(prompt) + budgets[query.record.type]
+    for query, prompt, budget in zip(queries, prompts, budgets):
+        total = len(prompt) + budget
         if total > max_positions:
             raise ValueError(
                 f"{query.record.source}: {len(prompt)} prompt tokens (images included) + "
-                f"{budgets[query.record.type]} new exceed the model's {max_positions} positions; "
+                f"{budget} new exceed the model's {max_positions} positions; "
                 "shorten the record or lower max_new_tokens for its type"
             )
 
@@ -125,12 +143,13 @@ def predict(
     """Greedy replies for every query of `records`, in query order (see `expand_queries`).
 
     Each prediction: id, type, shift (option rotation), prediction (decoded text), num_new_tokens.
-    `progress(done, total)` is called after each batch."""
+    A query's budget is `max_new_tokens_by_type[type]` when given, else its prompt style's
+    (owl.eval.prompts.PROMPTS). `progress(done, total)` is called after each batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.cfg
-    budgets = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens_by_type or {})}
     queries = expand_queries(records, circular)
+    budgets = [max_new_tokens(q.record, max_new_tokens_by_type) for q in queries]
     prompts = [
         prompt_ids(
             tokenizer, q.record, variant=cfg.variant, placeholder=cfg.image_placeholder,
@@ -142,7 +161,7 @@ def predict(
     dtype = next(model.parameters()).dtype
     replies: list[list[int]] = [[] for _ in queries]
     done = 0
-    for batch in _batches(queries, prompts, batch_size):
+    for batch in _batches(queries, prompts, budgets, batch_size):
         batch_queries = [queries[i] for i in batch]
         images = None
         if any(q.record.images for q in batch_queries):
@@ -150,7 +169,7 @@ def predict(
         outputs = model.generate(
             [prompts[i] for i in batch],
             images,
-            max_new_tokens=budgets[batch_queries[0].record.type],
+            max_new_tokens=budgets[batch[0]],
             temperature=0.0,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -171,21 +190,29 @@ def predict(
     ]
 
 
-def sample_score(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> float:
+def sample_score(
+    record: BenchmarkRecord, prediction: Mapping[str, Any], vqa_rule: str = "vqav2"
+) -> float:
     """One prediction's score: VQA accuracy, 1.0 / 0.0 for right / wrong, NaN for captions
-    (caption metrics are corpus-level)."""
+    (caption metrics are corpus-level) and for records without public answers. `vqa_rule` is
+    used by VQA records that name no rule of their own."""
     text = prediction["prediction"]
-    if record.type == "vqa":
-        return vqa_accuracy(text, record.answers)
-    if record.type == "caption":
+    if record.type == "caption" or is_unanswered(record):
         return math.nan
+    if record.type == "vqa":
+        return vqa_accuracy(text, record.answers, record.rule or vqa_rule)
     if record.type == "multiple_choice":
-        query = Query(record, int(prediction["shift"]))
-        _, answer = rotate_options(record.options, LETTERS.index(record.answer), query.shift)
-        return float(parse_choice(text, query.options) == answer)
+        result = _choice_result(record, prediction)
+        return float(result.predicted == result.answer)
     if record.type == "yes_no":
-        return float(parse_yes_no(text) == record.answer)
+        return float(_yes_no_parser(record.rule)(text) == record.answer)
+    if record.rule == "gqa":
+        return float(gqa_correct(text, record.answer))
     return float(text_correct(text, record.answer, record.options or None))
+
+
+def _yes_no_parser(rule: str) -> Callable[[str], str | None]:
+    return {"mme": parse_yes_no_mme, "pope": parse_yes_no_pope}.get(rule, parse_yes_no)
 
 
 def score(
@@ -193,9 +220,13 @@ def score(
     predictions: Sequence[Mapping[str, Any]],
     *,
     caption_meteor: bool = True,
+    caption_tokenizer: str = "ptb",
+    vqa_rule: str = "vqav2",
 ) -> dict[str, float]:
     """Metrics per record type, named "<type>.<metric>" (e.g. "vqa.accuracy",
-    "multiple_choice.circular_accuracy", "caption.CIDEr")."""
+    "multiple_choice.circular_accuracy", "caption.CIDEr"). Records of a split without public
+    answers are not scored: their type reports `count` and `unanswered` only (the predictions go
+    to the submission file, `owl.eval.submissions`)."""
     by_id = {r.id: r for r in records}
     missing = sorted(set(by_id) - {p["id"] for p in predictions})
     if missing:
@@ -207,7 +238,13 @@ def score(
         grouped[by_id[prediction["id"]].type].append(prediction)
     metrics: dict[str, float] = {}
     for record_type, preds in grouped.items():
-        values = _score_type(record_type, by_id, preds, caption_meteor)
+        if all(is_unanswered(by_id[p["id"]]) for p in preds):
+            ids = {p["id"] for p in preds}
+            values = {"count": float(len(ids)), "unanswered": float(len(ids))}
+        else:
+            values = _score_type(
+                record_type, by_id, preds, caption_meteor, caption_tokenizer, vqa_rule
+            )
         metrics.update({f"{record_type}.{name}": value for name, value in values.items()})
     return metrics
 
@@ -217,32 +254,58 @@ def _score_type(
     by_id: Mapping[str, BenchmarkRecord],
     predictions: Sequence[Mapping[str, Any]],
     caption_meteor: bool,
+    caption_tokenizer: str,
+    vqa_rule: str,
 ) -> dict[str, float]:
     if record_type == "caption":
         references = {p["id"]: list(by_id[p["id"]].references) for p in predictions}
         hypotheses = {p["id"]: p["prediction"] for p in predictions}
-        return caption_scores(references, hypotheses, meteor=caption_meteor)
+        return caption_scores(
+            references, hypotheses, meteor=caption_meteor, tokenizer=caption_tokenizer
+        )
     if record_type == "multiple_choice":
         return multiple_choice_scores([_choice_result(by_id[p["id"]], p) for p in predictions])
     if record_type == "yes_no":
-        return yes_no_scores(
-            [
-                YesNoResult(
-                    by_id[p["id"]].pair_id, parse_yes_no(p["prediction"]), by_id[p["id"]].answer
-                )
-                for p in predictions
-            ]
-        )
-    values = [sample_score(by_id[p["id"]], p) for p in predictions]
+        return _yes_no_scores(by_id, predictions)
+    values = [sample_score(by_id[p["id"]], p, vqa_rule) for p in predictions]
     return {"accuracy": sum(values) / len(values), "count": float(len(values))}
 
 
+def _yes_no_scores(
+    by_id: Mapping[str, BenchmarkRecord], predictions: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """MME records (rule "mme") get MME's scores, POPE records ("pope") POPE's, the others
+    accuracy / accuracy+ over their pairs; one file holds one kind."""
+    rules = {by_id[p["id"]].rule for p in predictions}
+    if len(rules) > 1:
+        raise ValueError(f"yes/no records mix scoring rules {sorted(rules)}: use one per file")
+    rule = rules.pop()
+    records = [by_id[p["id"]] for p in predictions]
+    parse = _yes_no_parser(rule)
+    parsed = [parse(p["prediction"]) for p in predictions]
+    if rule == "mme":
+        return mme_scores(
+            [
+                MmeResult(str(r.extra["category"]), r.pair_id, guess, r.answer)
+                for r, guess in zip(records, parsed)
+            ]
+        )
+    if rule == "pope":
+        return pope_scores([str(g) for g in parsed], [r.answer for r in records])
+    return yes_no_scores(
+        [YesNoResult(r.pair_id, guess, r.answer) for r, guess in zip(records, parsed)]
+    )
+
+
 def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> ChoiceResult:
+    """One asked rotation. Rows that are copies of one question (`record.group`, MMBench's
+    circular copies) count as rotations of that question: shift = the copy's own rotation
+    (`extra["circular_shift"]`) + the rotation we asked it under."""
     query = Query(record, int(prediction["shift"]))
     _, answer = rotate_options(record.options, LETTERS.index(record.answer), query.shift)
     return ChoiceResult(
-        question_id=record.id,
-        shift=query.shift,
+        question_id=record.group or record.id,
+        shift=query.shift + int(record.extra.get("circular_shift", 0)),
         predicted=parse_choice(prediction["prediction"], query.options),
         answer=answer,
     )
@@ -250,7 +313,9 @@ def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> Ch
 
 def _expected(record: BenchmarkRecord, shift: int) -> str:
     """The reference shown next to a prediction: the commonest human answer, the first reference
-    caption, the correct letter under this rotation, or the record's answer."""
+    caption, the correct letter under this rotation, or the record's answer ("" without one)."""
+    if is_unanswered(record):
+        return ""
     if record.type == "vqa":
         return max(set(record.answers), key=record.answers.count)
     if record.type == "caption":
@@ -261,7 +326,9 @@ def _expected(record: BenchmarkRecord, shift: int) -> str:
 
 
 def prediction_rows(
-    records: Sequence[BenchmarkRecord], predictions: Sequence[Mapping[str, Any]]
+    records: Sequence[BenchmarkRecord],
+    predictions: Sequence[Mapping[str, Any]],
+    vqa_rule: str = "vqav2",
 ) -> list[dict[str, Any]]:
     """Predictions with what a reader needs beside them (question, options as asked, expected
     answer, per-sample score): the rows of the predictions table."""
@@ -276,7 +343,7 @@ def prediction_rows(
                 "question": record.question,
                 "options": list(Query(record, shift).options),
                 "expected": _expected(record, shift),
-                "score": sample_score(record, prediction),
+                "score": sample_score(record, prediction, vqa_rule),
             }
         )
     return rows

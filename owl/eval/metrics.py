@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,11 +67,18 @@ _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 # what the official regex does in effect (its intended look-behind was written as a look-ahead).
 _PERIOD = re.compile(r"\.(?!\d)")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# The official script passes re.UNICODE (= 32) where re.sub takes its `count`: at most 32 periods
+# of an answer are removed, the rest stay. We reproduce that under the official rules.
+OFFICIAL_MAX_PERIODS = 32
+
+# VQA scoring rules (see vqa_accuracy and docs/benchmarks.md "VQA rules").
+VQA_RULES: tuple[str, ...] = ("vqav2", "vizwiz", "normalized")
 
 
-def _strip_punctuation(text: str) -> str:
+def _strip_punctuation(text: str, max_periods: int | None = None) -> str:
     """Official rule: a mark touching a space, or any mark in a text with a "1,000"-style number,
-    is deleted; any other mark becomes a space ("black/white" -> "black white")."""
+    is deleted; any other mark becomes a space ("black/white" -> "black white"). Periods not
+    followed by a digit are removed: the first `max_periods` of them (None: all)."""
     out = text
     glued_number = _DIGIT_COMMA_DIGIT.search(text) is not None
     for mark in _PUNCTUATION:
@@ -80,13 +86,12 @@ def _strip_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=max_periods or 0)
 
 
-def normalize_answer(text: str) -> str:
-    """VQAv2 answer normalisation: punctuation, lower case, number words -> digits, articles
-    dropped, apostrophe-less contractions restored ("dont" -> "don't"), single spaces."""
-    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+def _digits_articles(text: str) -> str:
+    """Lower case, number words -> digits, articles dropped, apostrophe-less contractions
+    restored ("dont" -> "don't"), single spaces (the official processDigitArticle)."""
     words = []
     for word in text.lower().split():
         word = _NUMBER_WORDS.get(word, word)
@@ -95,17 +100,45 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction against the human answers: for each annotator left out,
-    min(1, #other annotators who gave the normalised prediction / 3); averaged over annotators.
+def normalize_answer(text: str, max_periods: int | None = None) -> str:
+    """VQAv2 answer normalisation: punctuation, lower case, number words -> digits, articles
+    dropped, apostrophe-less contractions restored ("dont" -> "don't"), single spaces.
+    `max_periods`: remove at most that many periods (the official scripts: 32)."""
+    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip(), max_periods)
+    return _digits_articles(text)
 
-    The official script normalises the human answers only when they disagree (its answers were
-    already normalised at collection); we always normalise both sides, which gives the same score
-    on VQAv2 and the intended one on other data."""
+
+def _official_human(answer: str, disagree: bool) -> str:
+    """A human answer as the official VQAv2 script compares it: punctuation processed (only)
+    when the ten answers disagree, otherwise left as written."""
+    return _strip_punctuation(answer, OFFICIAL_MAX_PERIODS) if disagree else answer
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], rule: str = "vqav2") -> float:
+    """VQA accuracy of one prediction against the human answers: for each annotator left out,
+    min(1, #other annotators whose answer equals the prediction / 3); averaged over annotators.
+
+    What "equals" means is the `rule`:
+    - "vqav2" (default): the official VQAv2 script (GT-Vision-Lab/VQA vqaEval.py, and the
+      mPLUG-Owl2 authors' copy, identical in this logic). The prediction is fully normalised
+      (`normalize_answer`, at most 32 periods removed). The human answers are compared as
+      written when all of them agree, and with only the punctuation step (no lower-casing,
+      number words or articles) when they disagree; VQAv2/OK-VQA/TextVQA answers were
+      normalised when collected, so this is meant to be a no-op there.
+    - "vizwiz": VizWiz's script: prediction normalised as above, human answers as written.
+    - "normalized": both sides fully normalised, every period: the rule for answers that were
+      not normalised at collection (the demo's shapes benchmark, hand-written files)."""
     if not answers:
         raise ValueError("vqa_accuracy: no human answers given; a VQA record needs 10")
-    predicted = normalize_answer(prediction)
-    human = [normalize_answer(a) for a in answers]
+    if rule == "normalized":
+        predicted = normalize_answer(prediction)
+        human = [normalize_answer(a) for a in answers]
+    elif rule in ("vqav2", "vizwiz"):
+        predicted = normalize_answer(prediction, OFFICIAL_MAX_PERIODS)
+        disagree = rule == "vqav2" and len(set(answers)) > 1
+        human = [_official_human(a, disagree) for a in answers]
+    else:
+        raise ValueError(f"vqa_accuracy: unknown rule {rule!r}; use one of {VQA_RULES}")
     per_left_out = [
         min(1.0, sum(a == predicted for j, a in enumerate(human) if j != i) / 3.0)
         for i in range(len(human))
@@ -121,9 +154,15 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # "B", "(B)", "B.", "B)", "B:" alone, or "B. text" / "(B) text" / "B) text" / "B: text".
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)?[.:]?$|[.:)]\s|\)\s)")
+# "B, text": a letter then a comma (the rest must not name another option letter).
+_LEADING_COMMA = re.compile(r"^\(?([A-Z])\)?\s*,\s*(.*)$", re.DOTALL)
+# "B blue": a letter, a space, then text (accepted only when the text is that option's own).
+_LEADING_SPACE = re.compile(r"^([A-Z])\s+(.+)$", re.DOTALL)
 # "The answer is B", "Answer: (C)", "option D", "correct choice is A." (letter must stand alone).
 _NAMED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*:?\s*\(?([A-Z])(?![\w'])")
 _LONE_LETTER = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
+# Markdown emphasis and code marks ("**B**", "`B`", "__B__"): removed before parsing.
+_MARKDOWN = re.compile(r"\*+|`+|(?<!\w)__|__(?!\w)")
 
 
 def option_letter(index: int) -> str:
@@ -132,26 +171,47 @@ def option_letter(index: int) -> str:
     return LETTERS[index]
 
 
-def parse_choice(reply: str, options: Sequence[str]) -> int | None:
-    """Index of the option a reply picks, or None when it cannot be told without guessing.
+def _lone_option_letters(text: str, num_options: int) -> set[str]:
+    return {x for x in _LONE_LETTER.findall(text) if LETTERS.index(x) < num_options}
 
-    Accepted: a lone letter ("B", "(B)", "B."), a letter leading the reply ("B. red"), a letter
-    named as the answer ("The answer is B"), or the reply being exactly one option's text (after
-    VQA normalisation). Letters beyond the options, or several different letters, give None: an
-    unparseable reply counts as wrong (the authors' scripts picked a random option instead)."""
-    clean = reply.strip().strip("*`\"' ").strip()
+
+def _reply_letters(clean: str, options: Sequence[str]) -> set[str]:
+    """The option letters a reply names by the accepted forms (empty: none of them)."""
     num_options = len(options)
     found = _LEADING_LETTER.match(clean)
     if found:
-        letters = {found.group(1)}
-    else:
-        letters = set(_NAMED_LETTER.findall(clean))
-        if letters:
-            # "The answer is A, or maybe B": any other option letter in the reply makes it moot.
-            letters |= {x for x in _LONE_LETTER.findall(clean) if LETTERS.index(x) < num_options}
+        return {found.group(1)}
+    found = _LEADING_COMMA.match(clean)
+    if found:
+        return {found.group(1)} | _lone_option_letters(found.group(2), num_options)
+    found = _LEADING_SPACE.match(clean)
+    if found:
+        index = LETTERS.index(found.group(1))
+        rest = normalize_answer(found.group(2))
+        if index < num_options and rest and rest == normalize_answer(options[index]):
+            return {found.group(1)}
+    letters = set(_NAMED_LETTER.findall(clean))
+    if letters:
+        # "The answer is A, or maybe B": any other option letter in the reply makes it moot.
+        letters |= _lone_option_letters(clean, num_options)
+    return letters
+
+
+def parse_choice(reply: str, options: Sequence[str]) -> int | None:
+    """Index of the option a reply picks, or None when it cannot be told without guessing.
+
+    Accepted, after markdown marks are removed ("**B**", "`B`"): a lone letter ("B", "(B)",
+    "B."), a letter leading the reply ("B. red", "B) red", "B: red"), a letter and a comma
+    ("B, red", unless another option letter follows), a letter followed by exactly that
+    option's text ("B red" when B is "red"), a letter named as the answer ("The answer is B"),
+    or the reply being exactly one option's text (after VQA normalisation). Letters beyond the
+    options, several different letters, or free text give None: an unparseable reply counts as
+    wrong (the authors' scripts picked a random option instead)."""
+    clean = _MARKDOWN.sub("", reply).strip().strip("\"' ").strip()
+    letters = _reply_letters(clean, options)
     if len(letters) == 1:
         index = LETTERS.index(letters.pop())
-        return index if index < num_options else None
+        return index if index < len(options) else None
     if letters:
         return None
     normalized = normalize_answer(clean)
@@ -244,6 +304,107 @@ def yes_no_scores(results: Sequence[YesNoResult]) -> dict[str, float]:
     }
 
 
+# MME's own subtasks (its eval_tool/calculation.py, and the mPLUG-Owl2 authors' evaluate_mme.py).
+MME_PERCEPTION: tuple[str, ...] = (
+    "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+    "artwork", "OCR",
+)  # fmt: skip
+MME_COGNITION: tuple[str, ...] = (
+    "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning",
+)  # fmt: skip
+
+
+def parse_yes_no_mme(reply: str) -> str | None:
+    """MME's parser: the lower-cased reply if it is "yes" or "no", else "yes" if its first four
+    characters contain "yes", else "no" if they contain "no", else None ("other")."""
+    text = reply.lower()
+    if text in ("yes", "no"):
+        return text
+    if "yes" in text[:4]:
+        return "yes"
+    if "no" in text[:4]:
+        return "no"
+    return None
+
+
+@dataclass(frozen=True)
+class MmeResult:
+    category: str  # one of MME_PERCEPTION + MME_COGNITION
+    image: str  # MME asks two questions per image (one "yes", one "no")
+    predicted: str | None
+    answer: str
+
+
+def mme_scores(results: Sequence[MmeResult]) -> dict[str, float]:
+    """MME as its owners score it: per subtask, acc (over questions) and acc_plus (over images,
+    both questions right), score = 100 * (acc + acc_plus); `perception` and `cognition` are the
+    sums of their subtasks' scores (the mPLUG-Owl2 paper's 1450.19 is the perception total).
+    Subtasks absent from the results are left out of the totals and listed nowhere."""
+    if not results:
+        raise ValueError("mme_scores: no results to score")
+    by_category: dict[str, list[MmeResult]] = defaultdict(list)
+    for result in results:
+        if result.category not in MME_PERCEPTION + MME_COGNITION:
+            raise ValueError(
+                f"mme_scores: unknown subtask {result.category!r}; MME's are "
+                f"{MME_PERCEPTION + MME_COGNITION}"
+            )
+        by_category[result.category].append(result)
+    scores: dict[str, float] = {"perception": 0.0, "cognition": 0.0}
+    for category, items in by_category.items():
+        by_image: dict[str, list[bool]] = defaultdict(list)
+        for item in items:
+            by_image[item.image].append(item.predicted == item.answer)
+        acc = sum(r.predicted == r.answer for r in items) / len(items)
+        acc_plus = sum(all(v) for v in by_image.values()) / len(by_image)
+        score = 100.0 * (acc + acc_plus)
+        scores[f"{category}.acc"] = acc
+        scores[f"{category}.acc_plus"] = acc_plus
+        scores[f"{category}.score"] = score
+        scores["perception" if category in MME_PERCEPTION else "cognition"] += score
+    scores["unparsed"] = float(sum(r.predicted is None for r in results))
+    scores["count"] = float(len(results))
+    return scores
+
+
+def parse_yes_no_pope(reply: str) -> str:
+    """POPE's parser (its evaluate.py): keep the text before the first period, drop commas, and
+    answer "no" if the words include "No", "no" or "not", else "yes" (never unparsed)."""
+    text = reply.split(".")[0].replace(",", "")
+    words = text.split(" ")
+    return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
+
+
+def pope_scores(predicted: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """POPE's metrics with "yes" as the positive class: accuracy, precision, recall, f1 and
+    yes_ratio (share of "yes" predictions)."""
+    if not predicted or len(predicted) != len(answers):
+        raise ValueError("pope_scores: give one prediction per answer (and at least one)")
+    pairs = list(zip(predicted, answers))
+    tp = sum(p == "yes" and a == "yes" for p, a in pairs)
+    fp = sum(p == "yes" and a == "no" for p, a in pairs)
+    tn = sum(p == "no" and a == "no" for p, a in pairs)
+    fn = sum(p == "no" and a == "yes" for p, a in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / len(pairs),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / len(pairs),
+        "count": float(len(pairs)),
+    }
+
+
+def gqa_correct(reply: str, answer: str) -> bool:
+    """GQA: exact match with the single reference answer. GQA's eval.py compares strings as
+    given; the prediction is first lower-cased, stripped and freed of trailing periods, as
+    LLaVA-1.5's convert_gqa_for_eval does (the mPLUG-Owl2 release has no GQA script)."""
+    return reply.strip().rstrip(".").lower() == answer.strip()
+
+
 def text_correct(reply: str, answer: str, options: Sequence[str] | None = None) -> bool:
     """With options: the parsed option letter equals `answer` (a letter). Without: the reply
     equals the reference after VQA normalisation (case, punctuation, articles, number words)."""
@@ -263,8 +424,13 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+CAPTION_TOKENIZERS: tuple[str, ...] = ("ptb", "approx")
+APPROX_SUFFIX = "_approx"
+
+
 def _simple_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """Fallback without Java: lower case, words and numbers only (close to, not equal to, PTB)."""
+    """The approximate tokenizer (no Java): lower case, words and numbers only. Close to, not
+    equal to, PTB: metrics computed with it carry the `_approx` suffix."""
     return {
         key: [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", c.lower())) for c in caps]
         for key, caps in captions.items()
@@ -279,39 +445,51 @@ def _ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]
     )
 
 
+JAVA_MISSING = (
+    "caption metrics need Java for the PTB tokenizer (COCO's official pipeline): install it "
+    "(e.g. apt-get install default-jre-headless), or ask for the approximate tokenizer "
+    "(caption_tokenizer: approx / --caption-tokenizer approx; metrics are then named *_approx)"
+)
+
+
 def caption_scores(
     references: Mapping[str, Sequence[str]],
     predictions: Mapping[str, str],
     *,
     meteor: bool = True,
+    tokenizer: str = "ptb",
 ) -> dict[str, float]:
-    """COCO caption metrics x 100 (as papers report them): Bleu_1..4, ROUGE_L, CIDEr, and METEOR
-    when `meteor` and Java is present. SPICE is never computed: at first use it downloads Stanford
-    CoreNLP models, which cannot work offline. Without Java, captions are tokenised by a simple
-    rule instead of the PTB tokenizer (numbers then differ slightly from the toolkit's)."""
+    """COCO caption metrics x 100 (as papers report them): Bleu_1..4, ROUGE_L, CIDEr (CIDEr-D,
+    pycocoevalcap's), and METEOR when `meteor`. Captions go through the PTB tokenizer (Java), as
+    in COCO's pipeline; without Java this raises ValueError unless `tokenizer="approx"`, which
+    uses a simple rule instead and names every metric with an `_approx` suffix (no METEOR).
+    SPICE is never computed: at first use it downloads Stanford CoreNLP models (not offline)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
+    if tokenizer not in CAPTION_TOKENIZERS:
+        raise ValueError(f"caption tokenizer {tokenizer!r}: use one of {CAPTION_TOKENIZERS}")
     if set(references) != set(predictions):
         raise ValueError("caption_scores: references and predictions must have the same ids")
     if not references:
         raise ValueError("caption_scores: nothing to score")
     if any(not refs for refs in references.values()):
         raise ValueError("caption_scores: every id needs at least one reference caption")
-    has_java = java_available()
-    if not has_java:
-        warnings.warn("java not found: simple caption tokenisation, no METEOR", stacklevel=2)
-    tokenize = _ptb_tokenize if has_java else _simple_tokenize
+    approx = tokenizer == "approx"
+    if not approx and not java_available():
+        raise ValueError(JAVA_MISSING)
+    tokenize = _simple_tokenize if approx else _ptb_tokenize
     refs = tokenize(references)
     hyps = tokenize({key: [text] for key, text in predictions.items()})
+    suffix = APPROX_SUFFIX if approx else ""
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
     for n, value in enumerate(bleu, start=1):
-        scores[f"Bleu_{n}"] = 100.0 * value
-    scores["ROUGE_L"] = 100.0 * float(Rouge().compute_score(refs, hyps)[0])
-    scores["CIDEr"] = 100.0 * float(Cider().compute_score(refs, hyps)[0])
-    if meteor and has_java:
+        scores[f"Bleu_{n}{suffix}"] = 100.0 * value
+    scores[f"ROUGE_L{suffix}"] = 100.0 * float(Rouge().compute_score(refs, hyps)[0])
+    scores[f"CIDEr{suffix}"] = 100.0 * float(Cider().compute_score(refs, hyps)[0])
+    if meteor and not approx:
         scores["METEOR"] = 100.0 * _meteor(refs, hyps)
     scores["count"] = float(len(references))
     return scores

@@ -19,6 +19,7 @@ CHAT_HELP = "commands: /image PATH (add an image to your next message), /reset, 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_eval(subparsers)
     _register_chat(subparsers)
+    _register_bench(subparsers)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +41,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score a model on benchmark files")
     _add_model_args(parser)
     parser.add_argument(
-        "--benchmark", required=True, action="append", help="benchmark file (.jsonl/.parquet); "
-        "repeat for several (format: docs/benchmarks.md)",
+        "--benchmark", required=True, action="append", help="benchmark file (.jsonl/.parquet) "
+        "or official files as [name=]kind:path,path (e.g. vqav2:questions.json,annotations.json,"
+        "images/); repeat for several (docs/benchmarks.md)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
@@ -51,9 +53,62 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-circular", action="store_true", help="ask each choice question once")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (starts a JVM)")
     parser.add_argument(
-        "--predictions", default=None, help="folder to write <benchmark>.parquet to"
-    )
+        "--caption-tokenizer", choices=("ptb", "approx"), default="ptb", help="ptb: COCO's "
+        "(needs Java); approx: no Java, metrics named *_approx",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vqa-rule", choices=("vqav2", "vizwiz", "normalized"), default="vqav2",
+        help="VQA rule for records that name none (default: the official VQAv2 script)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--predictions", default=None, help="folder to write <benchmark>.parquet to (and "
+        "submission files for splits without public answers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--imported", default=None, help="folder for benchmarks imported from official files "
+        "(default: a temporary folder)",
+    )  # fmt: skip
     parser.set_defaults(func=_eval)
+
+
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    from owl.eval.importers import KINDS
+
+    bench = subparsers.add_parser("bench", help="benchmark files: import official formats")
+    commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND")
+    parser = commands.add_parser(
+        "import", help="official benchmark files -> a benchmark file (docs/benchmarks.md)"
+    )
+    parser.add_argument("kind", choices=sorted(KINDS), help="which benchmark's files")
+    parser.add_argument("paths", nargs="+", help="the official files and the image folder")
+    parser.add_argument("--out", required=True, help="folder to write <name>.jsonl into")
+    parser.add_argument("--name", default="", help="benchmark name (default: the kind)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=_bench_import)
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+
+
+def _bench_import(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from owl.eval.benchmarks import read_benchmark
+    from owl.eval.importers import import_benchmark
+
+    try:
+        path = import_benchmark(args.kind, args.paths, args.out, args.name)
+        records = read_benchmark(path)  # the written file must read back cleanly
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    types = dict(Counter(r.type for r in records))
+    unanswered = sum(1 for r in records if r.extra.get("submission"))
+    if args.json:
+        print(json.dumps({"kind": args.kind, "path": str(path), "records": len(records),
+                          "types": types, "unanswered": unanswered}))  # fmt: skip
+        return 0
+    note = f" ({unanswered} without answers: submission split)" if unanswered else ""
+    print(f"{args.kind}: {len(records)} records {types} -> {path}{note}")
+    return 0
 
 
 def _register_chat(subparsers: argparse._SubParsersAction) -> None:
@@ -104,30 +159,76 @@ def _eval(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from owl.eval.benchmarks import benchmark_name, read_benchmark
+    from owl.eval.benchmarks import benchmark_name
     from owl.eval.generate import predict, prediction_rows, score
+    from owl.eval.metrics import JAVA_MISSING, java_available
+    from owl.eval.submissions import submission_format, write_submission
 
+    try:
+        loaded = _read_benchmarks(args)
+        if (
+            args.caption_tokenizer == "ptb"
+            and any(r.type == "caption" for _, recs in loaded for r in recs)
+            and not java_available()
+        ):
+            raise ValueError(JAVA_MISSING)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model, tokenizer = _load(args)
     results: dict[str, dict[str, float]] = {}
-    for path in args.benchmark:
-        records = read_benchmark(path, args.limit)
+    submissions: dict[str, str] = {}
+    for path, records in loaded:
         predictions = predict(
             model, tokenizer, records, batch_size=args.batch_size,
             blank_images=args.blank_images, circular=not args.no_circular,
         )  # fmt: skip
         name = benchmark_name(path)
-        results[name] = score(records, predictions, caption_meteor=not args.no_meteor)
+        results[name] = score(
+            records, predictions, caption_meteor=not args.no_meteor,
+            caption_tokenizer=args.caption_tokenizer, vqa_rule=args.vqa_rule,
+        )  # fmt: skip
+        fmt = submission_format(records)
         if args.predictions:
             out = Path(args.predictions) / f"{name}.parquet"
             out.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions)), out)
+            rows = prediction_rows(records, predictions, args.vqa_rule)
+            pq.write_table(pa.Table.from_pylist(rows), out)
+            if fmt is not None:
+                target = Path(args.predictions) / "submissions" / name
+                submissions[name] = str(write_submission(target, fmt, records, predictions))
+        elif fmt is not None:
+            print(f"note: {name} has no public answers; pass --predictions DIR to write its "
+                  "submission file", file=sys.stderr)  # fmt: skip
     if args.json:
-        print(json.dumps({"model": args.model, "metrics": results}, indent=2))
+        print(json.dumps({"model": args.model, "metrics": results, "submissions": submissions},
+                         indent=2))  # fmt: skip
         return 0
     for name, metrics in results.items():
         for metric, value in metrics.items():
             print(f"{name:<20} {metric:<36} {value:10.4f}")
+    for name, path in submissions.items():
+        print(f"{name:<20} submission file: {path}")
     return 0
+
+
+def _read_benchmarks(args: argparse.Namespace) -> list[tuple[str, list[Any]]]:
+    """(file, records) per --benchmark; import specs are imported first."""
+    import tempfile
+
+    from owl.eval.benchmarks import read_benchmark
+    from owl.eval.importers import import_benchmark, parse_spec
+
+    loaded = []
+    for entry in args.benchmark:
+        spec = parse_spec(entry)
+        path = entry
+        if spec is not None:
+            name, kind, paths = spec
+            folder = args.imported or tempfile.mkdtemp(prefix="owl-imported-")
+            path = str(import_benchmark(kind, paths, folder, name))
+        loaded.append((path, read_benchmark(path, args.limit)))
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------

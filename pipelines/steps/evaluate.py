@@ -7,6 +7,12 @@ actor, and all chunks are queued at once so actors stay busy across benchmarks. 
 scores (the caption toolkit's Java runs there), writes `predictions/<benchmark>.parquet` and
 returns the metrics in `Manifest.stats` (docs/benchmarks.md explains names and rules).
 
+A benchmark entry is a benchmark file or an import spec, `[name=]kind:path,path,...` (e.g.
+`vqav2:questions.json,annotations.json,images/`): the official files are imported into
+`imported/` first (owl.eval.importers). A benchmark without public answers (VQAv2 test-dev,
+MMBench test) is generated and not scored: its upload file is written to
+`submissions/<benchmark>.json|.xlsx`, listed in the manifest's files and artifacts.
+
 Benchmark images are read by the actors from the paths in the files: on a multi-node cluster
 they must be on storage every node sees (the pipeline's storage root is).
 """
@@ -24,6 +30,9 @@ import pyarrow.parquet as pq
 
 from owl.data.manifest import Manifest
 from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
+from owl.eval.importers import import_benchmark, parse_spec
+from owl.eval.metrics import CAPTION_TOKENIZERS, JAVA_MISSING, VQA_RULES, java_available
+from owl.eval.submissions import submission_format, write_submission
 from pipelines.step import StepContext, StepInput, resolve_path
 
 # Ray, torch and transformers (through owl.eval.generate / prompts) are imported where the step
@@ -32,6 +41,8 @@ from pipelines.step import StepContext, StepInput, resolve_path
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 PREDICTIONS_DIR = "predictions"
+SUBMISSIONS_DIR = "submissions"
+IMPORTED_DIR = "imported"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -43,7 +54,8 @@ def _shapes_benchmarks() -> list[str]:
 
 @dataclass
 class Config:
-    # Benchmark files (.jsonl / .parquet); `@role/...` paths resolve inside an input's folder.
+    # Benchmark files (.jsonl / .parquet) or import specs (`vqav2:questions.json,images/`);
+    # `@role/...` paths resolve inside an input's folder.
     benchmarks: list[str] = field(default_factory=_shapes_benchmarks)
     batch_size: int = 16
     num_workers: int = 2  # Ray actors; each loads the model once
@@ -56,6 +68,11 @@ class Config:
     limit: int | None = None  # first N records of each benchmark (None: all)
     circular: bool = True  # ask multiple-choice questions once per rotation of the options
     caption_meteor: bool = True  # METEOR starts a JVM (seconds); off for quick runs
+    # ptb: COCO's PTB tokenizer (needs Java; refused without it). approx: a simple tokenizer,
+    # metrics then named *_approx (CIDEr_approx, ...), never under the official names.
+    caption_tokenizer: str = "ptb"
+    # VQA records naming no rule of their own: vqav2 (the official script), vizwiz, normalized.
+    vqa_rule: str = "vqav2"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
 
     def __post_init__(self) -> None:
@@ -70,6 +87,14 @@ class Config:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        if self.caption_tokenizer not in CAPTION_TOKENIZERS:
+            raise ValueError(
+                f"caption_tokenizer: {self.caption_tokenizer!r} is not one of {CAPTION_TOKENIZERS}"
+            )
+        if self.vqa_rule not in VQA_RULES:
+            raise ValueError(f"vqa_rule: {self.vqa_rule!r} is not one of {VQA_RULES}")
+        for entry in self.benchmarks:
+            parse_spec(entry)  # a malformed spec fails when the job file is read
 
 
 class EvalWorker:
@@ -104,14 +129,14 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
 
     started = time.monotonic()
-    benchmarks = {
-        benchmark_name(path): read_benchmark(resolve_path(path, inputs), cfg.limit)
-        for path in cfg.benchmarks
-    }
+    files = [_benchmark_file(ctx, entry, inputs) for entry in cfg.benchmarks]
+    benchmarks = {benchmark_name(path): read_benchmark(path, cfg.limit) for path in files}
     if len(benchmarks) != len(cfg.benchmarks):
         raise ValueError(
-            f"benchmarks: two files share a name (file name without extension): {cfg.benchmarks}"
+            f"benchmarks: two share a name (file name without extension, or the spec's "
+            f"kind; name one `name=kind:...`): {cfg.benchmarks}"
         )
+    _check_caption_tokenizer(cfg, benchmarks)
     workers = _start_workers(cfg, inputs)
     passes = [(name, False) for name in benchmarks]
     if cfg.blank_image_control:
@@ -128,12 +153,21 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     manifest = Manifest(step=ctx.step)
     for (name, blank), preds in zip(passes, predictions):
         records = benchmarks[name]
-        metrics = score(records, preds, caption_meteor=cfg.caption_meteor and not blank)
+        metrics = score(
+            records, preds, caption_meteor=cfg.caption_meteor and not blank,
+            caption_tokenizer=cfg.caption_tokenizer, vqa_rule=cfg.vqa_rule,
+        )  # fmt: skip
         manifest.stats.update(_metric_names(name, records, metrics, blank))
         rel = f"{PREDICTIONS_DIR}/{name}{'.blank' if blank else ''}.parquet"
-        _write_predictions(ctx.out_dir / rel, records, preds)
+        _write_predictions(ctx.out_dir / rel, records, preds, cfg.vqa_rule)
         manifest.add_file(ctx.out_dir, rel, rows=len(preds))
         manifest.artifacts.append(rel)
+        fmt = None if blank else submission_format(records)
+        if fmt is not None:
+            path = write_submission(ctx.out_dir / SUBMISSIONS_DIR / name, fmt, records, preds)
+            sub_rel = str(path.relative_to(ctx.out_dir))
+            manifest.add_file(ctx.out_dir, sub_rel, rows=len(records))
+            manifest.artifacts.append(sub_rel)
     manifest.stats["eval.num_queries"] = float(sum(len(p) for p in predictions))
     manifest.stats["eval.seconds"] = time.monotonic() - started
     manifest.info["benchmarks"] = {
@@ -141,8 +175,28 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         for name, path in zip(benchmarks, cfg.benchmarks)
     }
     manifest.info["max_new_tokens"] = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens}
+    manifest.info["vqa_rule"] = cfg.vqa_rule
+    manifest.info["caption_tokenizer"] = cfg.caption_tokenizer
     ctx.progress(len(passes), len(passes), "scored")
     return manifest
+
+
+def _benchmark_file(ctx: StepContext, entry: str, inputs: dict[str, StepInput]) -> str:
+    """A benchmark file path; an import spec is imported into `imported/` first."""
+    spec = parse_spec(entry)
+    if spec is None:
+        return resolve_path(entry, inputs)
+    name, kind, paths = spec
+    ctx.progress(0, 1, f"importing {kind} from {len(paths)} path(s)")
+    resolved = [resolve_path(p, inputs) for p in paths]
+    return str(import_benchmark(kind, resolved, ctx.out_dir / IMPORTED_DIR, name))
+
+
+def _check_caption_tokenizer(cfg: Config, benchmarks: dict[str, list[BenchmarkRecord]]) -> None:
+    """Refuse before generating: caption metrics under the PTB tokenizer need Java."""
+    has_captions = any(r.type == "caption" for recs in benchmarks.values() for r in recs)
+    if has_captions and cfg.caption_tokenizer == "ptb" and not java_available():
+        raise ValueError(JAVA_MISSING)
 
 
 def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
@@ -185,11 +239,9 @@ def _predict_all(
     """Predictions per pass (benchmark, blank?), each in record order."""
     import ray
 
-    from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
-
     options = {
         "batch_size": cfg.batch_size,
-        "max_new_tokens_by_type": {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens},
+        "max_new_tokens_by_type": dict(cfg.max_new_tokens),  # others: their prompt style's
         "circular": cfg.circular,
     }
     futures = []
@@ -225,9 +277,12 @@ def _metric_names(
 
 
 def _write_predictions(
-    path: Path, records: Sequence[BenchmarkRecord], predictions: Sequence[dict[str, Any]]
+    path: Path,
+    records: Sequence[BenchmarkRecord],
+    predictions: Sequence[dict[str, Any]],
+    vqa_rule: str,
 ) -> None:
     from owl.eval.generate import prediction_rows
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions)), path)
+    pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions, vqa_rule)), path)

@@ -3,6 +3,7 @@ whole and in order, equal to a single in-process run; metrics and tables are wri
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,3 +101,30 @@ def test_missing_model_folder_is_reported(
     )
     with pytest.raises(ValueError, match="no model/ folder"):
         evaluate.run(ctx, cfg, inputs)
+
+
+def test_evaluate_step_imports_specs_and_writes_submission(
+    local_ray: None, step_inputs: dict[str, StepInput], tmp_path: Path
+) -> None:
+    from official_files import write_vqav2
+
+    write_vqav2(tmp_path / "official")
+    q = tmp_path / "official"
+    cfg = evaluate.Config(
+        benchmarks=[
+            f"vqav2:{q}/v2_OpenEnded_mscoco_val2014_questions.json,"
+            f"{q}/v2_mscoco_val2014_annotations.json,{q}/val2014",
+            f"vqav2_testdev=vqav2:{q}/v2_OpenEnded_mscoco_test-dev2015_questions.json,{q}/test2015",
+        ],
+        num_workers=2, blank_image_control=False,
+    )  # fmt: skip
+    ctx = StepContext(
+        step="evaluate", out_dir=tmp_path / "out", job_name="t", model=get_config("debug-tiny")
+    )
+    manifest = evaluate.run(ctx, cfg, step_inputs)
+    assert manifest.stats["vqav2.vqa.count"] == 2.0 and "vqav2.vqa.accuracy" in manifest.stats
+    assert manifest.stats["vqav2_testdev.vqa.unanswered"] == 1.0
+    assert "vqav2_testdev.vqa.accuracy" not in manifest.stats
+    assert "submissions/vqav2_testdev.json" in manifest.artifacts
+    rows = json.loads((tmp_path / "out/submissions/vqav2_testdev.json").read_text())
+    assert [r["question_id"] for r in rows] == [7005] and isinstance(rows[0]["answer"], str)

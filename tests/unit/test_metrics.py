@@ -45,10 +45,14 @@ def test_normalize_answer(raw: str, normalized: str) -> None:
 
 
 def test_vqa_accuracy_leave_one_out_arithmetic() -> None:
-    # 2 of 10 annotators said "2": leaving out one of them leaves 1 match (1/3), leaving out any
-    # of the other 8 leaves 2 matches (2/3): (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+    # Rule "normalized": 2 of 10 annotators said "2" (after normalisation): leaving out one of
+    # them leaves 1 match (1/3), leaving out any of the other 8 leaves 2 (2/3):
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
     answers = ["2", "two"] + ["3"] * 8
-    assert vqa_accuracy("Two.", answers) == pytest.approx(0.6)
+    assert vqa_accuracy("Two.", answers, "normalized") == pytest.approx(0.6)
+    # Official rule: the disagreeing human answers get only the punctuation step, so "two"
+    # stays "two" and only "2" matches: (1 * 0 + 9 * 1/3) / 10 = 0.3.
+    assert vqa_accuracy("Two.", answers) == pytest.approx(0.3)
     # 8 of 10 said "3": min(1, 7/3) and min(1, 8/3) are both 1.
     assert vqa_accuracy("3", answers) == pytest.approx(1.0)
     # 3 of 10: leaving one of the three out leaves 2/3, else 3/3 -> (3 * 2/3 + 7) / 10 = 0.9.

@@ -1,0 +1,119 @@
+"""Tiny files in each benchmark's official schema (written here, nothing downloaded), named as
+their owners name them, so docs/benchmarks.md's commands run as written in a folder of them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+
+def _image(path: Path, colour=(200, 40, 40), fmt: str = "JPEG") -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 20), colour).save(buffer, fmt)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def write_vqav2(root: Path) -> None:
+    for image_id in (42, 73):
+        _image(root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+    _json(root / "v2_OpenEnded_mscoco_val2014_questions.json", {
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+        "data_subtype": "val2014",
+        "questions": [
+            {"image_id": 42, "question": "What colour is it?", "question_id": 42000},
+            {"image_id": 73, "question": "How many?", "question_id": 73001},
+        ],
+    })  # fmt: skip
+    answers = {42000: ["red"] * 9 + ["dark red"], 73001: ["2"] * 6 + ["two"] * 4}
+    _json(root / "v2_mscoco_val2014_annotations.json", {
+        "info": {}, "license": {}, "data_subtype": "val2014",
+        "annotations": [
+            {"question_id": qid, "image_id": qid // 1000, "question_type": "what",
+             "answer_type": "other", "multiple_choice_answer": a[0],
+             "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": i + 1}
+                         for i, x in enumerate(a)]}
+            for qid, a in answers.items()
+        ],
+    })  # fmt: skip
+    _image(root / "test2015" / "COCO_test2015_000000000007.jpg")
+    _json(root / "v2_OpenEnded_mscoco_test-dev2015_questions.json", {
+        "data_subtype": "test-dev2015",
+        "questions": [{"image_id": 7, "question": "Is it red?", "question_id": 7005}],
+    })  # fmt: skip
+
+
+def write_okvqa(root: Path) -> None:
+    _image(root / "val2014" / "COCO_val2014_000000000042.jpg")
+    _json(root / "OpenEnded_mscoco_val2014_questions.json", {
+        "data_subtype": "val2014",
+        "questions": [{"image_id": 42, "question": "What sport?", "question_id": 420}],
+    })  # fmt: skip
+    _json(root / "mscoco_val2014_annotations.json", {
+        "annotations": [{"question_id": 420, "image_id": 42, "answers": [
+            {"answer": a, "raw_answer": a, "answer_confidence": "yes", "answer_id": i}
+            for i, a in enumerate(["tennis"] * 10, start=1)]}],
+    })  # fmt: skip
+
+
+def write_mmbench(
+    root: Path, with_answers: bool = True, name: str = "mmbench_dev_20230712.tsv"
+) -> None:
+    png = base64.b64encode(_image(root / "_tmp.png", (10, 200, 10), "PNG")).decode()
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
+              "source", "l2-category", "comment", "split"]  # fmt: skip
+    rows = [
+        [0, "What colour?", "nan", "red", "green", "", "", "B", "color", png, "x", "attr", "", "dev"],
+        [1, "Which shape?", "A drawing.", "circle", "square", "star", "", "A", "shape", png,
+         "x", "attr", "", "dev"],
+        [1000001, "Which shape?", "A drawing.", "square", "star", "circle", "", "C", "shape",
+         "1", "x", "attr", "", "dev"],
+    ]  # fmt: skip
+    if not with_answers:
+        header.remove("answer")
+        rows = [r[:7] + r[8:] for r in rows]
+    lines = ["\t".join(header)] + ["\t".join(str(v) for v in r) for r in rows]
+    (root / name).write_text("\n".join(lines) + "\n")
+
+
+def write_mme(root: Path) -> None:
+    base = root / "MME_Benchmark_release_version"
+    _image(base / "existence" / "000000006040.jpg")
+    (base / "existence" / "000000006040.txt").write_text(
+        "Is there a train in this image? Please answer yes or no.\tYes\n"
+        "Is there a bed in this image? Please answer yes or no.\tNo\n"
+    )
+    _image(base / "artwork" / "images" / "10002.jpg")
+    (base / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (base / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
+        "Is this artwork created by Hals? Please answer yes or no.\tYes\n"
+        "Is this artwork created by Monet? Please answer yes or no.\tNo\n"
+    )
+
+
+def write_pope(root: Path) -> None:
+    _image(root / "val2014" / "COCO_val2014_000000310196.jpg")
+    lines = [
+        {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+         "text": "Is there a snowboard in the image?", "label": "yes"},
+        {"question_id": 2, "image": "COCO_val2014_000000310196.jpg",
+         "text": "Is there a dog in the image?", "label": "no"},
+    ]  # fmt: skip
+    (root / "coco_pope_adversarial.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def write_all(root: Path) -> None:
+    write_vqav2(root)
+    write_mmbench(root)
+    write_mme(root)
+    write_pope(root)

@@ -1,0 +1,206 @@
+"""Importers from each benchmark's official files (tiny ones, written in the owners' schema by
+the tests), the submission files for splits without answers, and docs/benchmarks.md's commands
+run as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from eval_helpers import make_model, make_tokenizer
+from official_files import _image, _json, write_all, write_mmbench, write_okvqa, write_vqav2
+
+from owl.eval.benchmarks import read_benchmark
+from owl.eval.importers import import_benchmark, parse_spec
+from owl.eval.submissions import submission_format, write_submission
+from pipelines.cli import main
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+
+
+def _documented_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("owl ")]
+
+
+def test_documented_commands_run_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    write_all(tmp_path)
+    make_model(tmp_path / "runs/demo/stage2", make_tokenizer(tmp_path / "tok"))
+    monkeypatch.chdir(tmp_path)
+    commands = _documented_commands()
+    assert len(commands) >= 6
+    for command in commands:
+        capsys.readouterr()
+        assert main(shlex.split(command)[1:]) == 0, command
+    out = json.loads(capsys.readouterr().out)  # the last command: owl eval --json
+    vqa = out["metrics"]["vqav2"]
+    assert vqa["vqa.count"] == 2.0 and 0.0 <= vqa["vqa.accuracy"] <= 1.0
+
+    vqav2 = read_benchmark("benchmarks/vqav2.jsonl")
+    assert [r.id for r in vqav2] == ["42000", "73001"]  # official question ids
+    assert vqav2[0].extra["question_id"] == 42000 and vqav2[0].rule == "vqav2"
+    assert vqav2[1].answers == ("2",) * 6 + ("two",) * 4
+    assert Path(vqav2[0].images[0]).name == "COCO_val2014_000000000042.jpg"
+    testdev = read_benchmark("benchmarks/vqav2_testdev.jsonl")
+    assert testdev[0].answers == () and submission_format(testdev) == "vqav2"
+    assert Path(testdev[0].images[0]).parent.name == "test2015"
+
+    mmbench = read_benchmark("benchmarks/mmbench_dev.jsonl")
+    assert [r.id for r in mmbench] == ["0", "1", "1000001"]
+    assert mmbench[0].options == ("red", "green") and mmbench[0].hint == ""  # "nan" hint
+    assert mmbench[1].hint == "A drawing." and mmbench[1].prompt == "mmbench"
+    assert [r.group for r in mmbench] == ["0", "1", "1"]  # copies grouped with their question
+    assert mmbench[2].extra["circular_shift"] == 1 and mmbench[2].rule == "single"
+    assert Path(mmbench[2].images[0]).read_bytes() == Path(mmbench[1].images[0]).read_bytes()
+
+    mme = read_benchmark("benchmarks/mme.jsonl")
+    assert {r.extra["category"] for r in mme} == {"existence", "artwork"}
+    assert [r.answer for r in mme] == ["yes", "no", "yes", "no"]
+    assert len({r.pair_id for r in mme}) == 2 and mme[0].rule == "mme"
+
+    pope = read_benchmark("benchmarks/pope_adversarial.jsonl")
+    assert [(r.id, r.answer, r.rule) for r in pope] == [("1", "yes", "pope"), ("2", "no", "pope")]
+
+
+def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
+    write_okvqa(tmp_path / "ok")
+    okvqa = import_benchmark("okvqa", [tmp_path / "ok/OpenEnded_mscoco_val2014_questions.json",
+                                       tmp_path / "ok/mscoco_val2014_annotations.json",
+                                       tmp_path / "ok/val2014"], tmp_path / "out")  # fmt: skip
+    assert [r.id for r in read_benchmark(okvqa)] == ["420"]
+
+    _image(tmp_path / "tv/train_images/abc123.jpg")
+    _json(tmp_path / "tv/TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "abc123", "question": "What brand?",
+         "answers": ["nokia"] * 10, "image_classes": []}]})  # fmt: skip
+    textvqa = read_benchmark(import_benchmark(
+        "textvqa", [tmp_path / "tv/TextVQA_0.5.1_val.json", tmp_path / "tv/train_images"],
+        tmp_path / "out"))  # fmt: skip
+    assert textvqa[0].id == "34602" and textvqa[0].rule == "vqav2"
+
+    _image(tmp_path / "vw/val/VizWiz_val_00000001.jpg")
+    _json(tmp_path / "vw/val.json", [{"image": "VizWiz_val_00000001.jpg", "question": "What?",
+          "answerable": 1, "answer_type": "other",
+          "answers": [{"answer": "soup", "answer_confidence": "yes"}] * 10}])  # fmt: skip
+    vizwiz = read_benchmark(import_benchmark("vizwiz", [tmp_path / "vw/val.json",
+                                                        tmp_path / "vw/val"], tmp_path / "out"))  # fmt: skip
+    assert vizwiz[0].id == "VizWiz_val_00000001" and vizwiz[0].rule == "vizwiz"
+
+    _image(tmp_path / "gqa/images/n161313.jpg")
+    _json(tmp_path / "gqa/testdev_balanced_questions.json", {"20968379": {
+        "imageId": "n161313", "question": "Is the sky blue?", "answer": "yes",
+        "fullAnswer": "Yes, the sky is blue.", "isBalanced": True}})  # fmt: skip
+    gqa = read_benchmark(import_benchmark("gqa", [tmp_path / "gqa/testdev_balanced_questions.json",
+                                                  tmp_path / "gqa/images"], tmp_path / "out"))  # fmt: skip
+    assert (gqa[0].id, gqa[0].type, gqa[0].answer, gqa[0].rule) == (
+        "20968379",
+        "text",
+        "yes",
+        "gqa",
+    )
+
+    _image(tmp_path / "sqa/images/test/5/image.png", fmt="PNG")
+    _json(tmp_path / "sqa/problems.json", {
+        "5": {"question": "Which is a mammal?", "choices": ["frog", "cat", "fish"], "answer": 1,
+              "hint": "Look at the picture.", "image": "image.png", "split": "test"},
+        "6": {"question": "No image.", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": None, "split": "test"},
+        "7": {"question": "Train.", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": "image.png", "split": "train"}})  # fmt: skip
+    sqa = read_benchmark(import_benchmark("scienceqa", [tmp_path / "sqa/problems.json",
+                                                        tmp_path / "sqa/images"], tmp_path / "out"))  # fmt: skip
+    assert [(r.id, r.answer, r.rule, r.hint) for r in sqa] == [
+        ("5", "B", "single", "Look at the picture.")
+    ]
+
+    _image(tmp_path / "seed/SEED-Bench-image/1454426_2591111986.jpg")
+    _json(tmp_path / "seed/SEED-Bench.json", {"questions": [
+        {"answer": "C", "choice_a": "one", "choice_b": "two", "choice_c": "three",
+         "choice_d": "four", "data_id": "1454426_2591111986.jpg", "data_type": "image",
+         "question": "How many towels?", "question_id": "101669", "question_type_id": 5},
+        {"answer": "A", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d",
+         "data_id": "v1.mp4", "data_type": "video", "question": "?", "question_id": "9",
+         "question_type_id": 10}]})  # fmt: skip
+    seed = read_benchmark(import_benchmark("seed", [tmp_path / "seed/SEED-Bench.json",
+                                                    tmp_path / "seed/SEED-Bench-image"], tmp_path / "out"))  # fmt: skip
+    assert [(r.id, r.answer, len(r.options)) for r in seed] == [("101669", "C", 4)]
+
+
+def test_caption_kinds(tmp_path: Path) -> None:
+    _image(tmp_path / "coco/val2014/COCO_val2014_000000391895.jpg")
+    _json(tmp_path / "coco/dataset_coco.json", {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
+         "split": "test", "cocoid": 391895, "sentids": [0, 1],
+         "sentences": [{"raw": "A man rides a bike.", "tokens": []},
+                       {"raw": "A cyclist on a road.", "tokens": []}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "imgid": 1,
+         "split": "train", "cocoid": 1, "sentences": [{"raw": "x"}]}]})  # fmt: skip
+    coco = read_benchmark(import_benchmark("coco_karpathy", [tmp_path / "coco/dataset_coco.json",
+                                                             tmp_path / "coco"], tmp_path / "out"))  # fmt: skip
+    assert [(r.id, r.references, r.prompt) for r in coco] == [
+        ("391895", ("A man rides a bike.", "A cyclist on a road."), "coco_caption")
+    ]
+
+    _image(tmp_path / "f30k/images/1000092795.jpg")
+    _json(tmp_path / "f30k/dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
+        {"filename": "1000092795.jpg", "imgid": 0, "split": "test",
+         "sentences": [{"raw": "Two young guys."}]}]})  # fmt: skip
+    flickr = read_benchmark(import_benchmark("flickr30k", [tmp_path / "f30k/dataset_flickr30k.json",
+                                                           tmp_path / "f30k/images"], tmp_path / "out"))  # fmt: skip
+    assert flickr[0].id == "1000092795"
+
+    _image(tmp_path / "nocaps/val/0013ea2087020901.jpg")
+    _json(tmp_path / "nocaps/nocaps_val_4500_captions.json", {
+        "images": [{"id": 0, "file_name": "0013ea2087020901.jpg", "domain": "in-domain"}],
+        "annotations": [{"image_id": 0, "id": 0, "caption": "A dog."},
+                        {"image_id": 0, "id": 1, "caption": "A brown dog."}]})  # fmt: skip
+    nocaps = read_benchmark(import_benchmark(
+        "nocaps", [tmp_path / "nocaps/nocaps_val_4500_captions.json", tmp_path / "nocaps/val"],
+        tmp_path / "out"))  # fmt: skip
+    assert nocaps[0].references == ("A dog.", "A brown dog.")
+
+
+def test_submission_files(tmp_path: Path) -> None:
+    from openpyxl import load_workbook
+
+    write_vqav2(tmp_path)
+    testdev = read_benchmark(import_benchmark(
+        "vqav2", [tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+                  tmp_path / "test2015"], tmp_path / "out", "vqav2_testdev"))  # fmt: skip
+    path = write_submission(tmp_path / "sub" / "vqav2_testdev", "vqav2", testdev,
+                            [{"id": "7005", "shift": 0, "prediction": "yes"}])  # fmt: skip
+    assert json.loads(path.read_text()) == [{"question_id": 7005, "answer": "yes"}]
+
+    write_mmbench(tmp_path, with_answers=False, name="mmbench_test_en_20231003.tsv")
+    test = read_benchmark(import_benchmark("mmbench", [tmp_path / "mmbench_test_en_20231003.tsv"],
+                                           tmp_path / "out", "mmbench_test"))  # fmt: skip
+    assert submission_format(test) == "mmbench"
+    predictions = [{"id": r.id, "shift": 0, "prediction": p} for r, p in zip(test, "BAC")]
+    sheet = write_submission(tmp_path / "sub" / "mmbench_test", "mmbench", test, predictions)
+    rows = list(load_workbook(sheet).active.iter_rows(values_only=True))
+    assert rows[0] == ("index", "question", "A", "B", "C", "D", "prediction")
+    assert rows[1] == (0, "What colour?", "red", "green", None, None, "B")
+    assert [r[0] for r in rows[1:]] == [0, 1, 1000001]
+
+
+def test_specs_and_errors(tmp_path: Path, capsys) -> None:
+    assert parse_spec("vqav2:q.json,a.json,images/") == (
+        "vqav2",
+        "vqav2",
+        ["q.json", "a.json", "images/"],
+    )
+    assert parse_spec("dev=mmbench:x.tsv") == ("dev", "mmbench", ["x.tsv"])
+    assert parse_spec("@shapes/benchmarks/vqa.jsonl") is None
+    assert parse_spec("runs/x:y.jsonl") is None
+    _json(tmp_path / "q.json", {"data_subtype": "val2014", "questions": [{"image_id": 1}]})
+    (tmp_path / "images").mkdir()
+    code = main(["bench", "import", "vqav2", str(tmp_path / "q.json"), str(tmp_path / "images"),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "'question_id' missing" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="unknown benchmark kind"):
+        import_benchmark("vqa3", [], tmp_path)

@@ -1,0 +1,177 @@
+"""The owners' scoring rules on hand-computed cases: the official VQAv2 script's conventions
+(human answers left as written when all agree, at most 32 periods stripped), VizWiz's, MME's
+per-subtask acc / acc+ and perception / cognition totals, POPE, GQA, MMBench circular groups,
+the caption tokenizer refusing to change a metric silently, and the widened letter parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from owl.eval import metrics
+from owl.eval.benchmarks import BenchmarkRecord
+from owl.eval.generate import score
+from owl.eval.metrics import (
+    MmeResult,
+    caption_scores,
+    gqa_correct,
+    mme_scores,
+    parse_choice,
+    parse_yes_no_mme,
+    parse_yes_no_pope,
+    pope_scores,
+    vqa_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "rule", "expected"),
+    [
+        # All ten agree: the official script compares them as written. The prediction is
+        # normalised ("t-shirt" -> "t shirt"), the humans are not: no match.
+        ("t-shirt", ["t-shirt"] * 10, "vqav2", 0.0),
+        ("t-shirt", ["t-shirt"] * 10, "normalized", 1.0),
+        # ... so an unnormalised human answer ("Yes") never matches the lower-cased prediction.
+        ("yes", ["Yes"] * 10, "vqav2", 0.0),
+        ("yes", ["Yes"] * 10, "normalized", 1.0),
+        ("Yes.", ["yes"] * 10, "vqav2", 1.0),  # the prediction is always normalised
+        # At most 32 periods are stripped (re.sub's count argument took re.UNICODE = 32).
+        ("yes" + "." * 32, ["yes"] * 10, "vqav2", 1.0),
+        ("yes" + "." * 40, ["yes"] * 10, "vqav2", 0.0),
+        ("yes" + "." * 40, ["yes"] * 10, "normalized", 1.0),
+        # Disagreeing humans get the punctuation step only: "black/white" -> "black white".
+        ("black white", ["black/white"] * 5 + ["gray"] * 5, "vqav2", 1.0),
+        ("black white", ["black/white"] * 5 + ["gray"] * 5, "vizwiz", 0.0),  # humans as written
+        # ... but not the number/article step: "two" stays "two" while "Two" becomes "2".
+        ("Two", ["two"] * 5 + ["three"] * 5, "vqav2", 0.0),
+        ("Two", ["two"] * 5 + ["three"] * 5, "normalized", 1.0),
+    ],
+)
+def test_vqa_rules_edge_cases(prediction, answers, rule, expected) -> None:
+    assert vqa_accuracy(prediction, answers, rule) == pytest.approx(expected)
+
+
+def test_vqa_unknown_rule() -> None:
+    with pytest.raises(ValueError, match="unknown rule"):
+        vqa_accuracy("a", ["a"] * 10, "lenient")
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("**B**", 1),
+        ("`B`", 1),
+        ("__C__", 2),
+        ("**B.** blue", 1),
+        ("B,", 1),
+        ("B, blue", 1),
+        ("(B), blue", 1),
+        ("B blue", 1),  # the letter followed by exactly its option's text
+        ("B the blue", 1),  # ... after VQA normalisation
+        ("B green", None),  # the text is another option's: no guess
+        ("A cat sat", None),  # "A" as an article
+        ("A, B", None),  # two letters
+        ("B, or maybe C", None),
+        ("It is blue-ish", None),  # free text is never guessed
+    ],
+)
+def test_parse_choice_markdown_and_comma_forms(reply: str, expected: int | None) -> None:
+    assert parse_choice(reply, ["red", "blue", "green"]) == expected
+
+
+def test_mme_scores_per_subtask_and_totals() -> None:
+    assert [parse_yes_no_mme(r) for r in ("Yes", "yes, there is", "Not sure", "maybe")] == [
+        "yes", "yes", "no", None,
+    ]  # fmt: skip
+    results = [
+        # existence: image 1 both right, image 2 one right -> acc 3/4, acc+ 1/2 -> 125
+        MmeResult("existence", "1.jpg", "yes", "yes"),
+        MmeResult("existence", "1.jpg", "no", "no"),
+        MmeResult("existence", "2.jpg", "no", "yes"),
+        MmeResult("existence", "2.jpg", "no", "no"),
+        # count: both right -> 200
+        MmeResult("count", "3.jpg", parse_yes_no_mme("yes, there is"), "yes"),
+        MmeResult("count", "3.jpg", parse_yes_no_mme("Not sure"), "no"),
+        # code_reasoning (cognition): one unparsed, one right -> acc 1/2, acc+ 0 -> 50
+        MmeResult("code_reasoning", "4.png", parse_yes_no_mme("maybe"), "yes"),
+        MmeResult("code_reasoning", "4.png", "no", "no"),
+    ]
+    scores = mme_scores(results)
+    assert scores["existence.acc"] == pytest.approx(0.75)
+    assert scores["existence.acc_plus"] == pytest.approx(0.5)
+    assert scores["existence.score"] == pytest.approx(125.0)
+    assert scores["count.score"] == pytest.approx(200.0)
+    assert scores["code_reasoning.score"] == pytest.approx(50.0)
+    assert scores["perception"] == pytest.approx(325.0)
+    assert scores["cognition"] == pytest.approx(50.0)
+    assert scores["unparsed"] == 1.0
+    with pytest.raises(ValueError, match="unknown subtask"):
+        mme_scores([MmeResult("colour", "x", "yes", "yes")])
+
+
+def test_pope_parser_and_metrics() -> None:
+    replies = ["Yes, there is a dog.", "There is no cat.", "No.", "I do not see one", "yes"]
+    predicted = [parse_yes_no_pope(r) for r in replies]
+    assert predicted == ["yes", "no", "no", "no", "yes"]
+    scores = pope_scores(predicted, ["yes", "no", "yes", "no", "no"])
+    # TP 1, FP 1, TN 2, FN 1
+    assert scores["accuracy"] == pytest.approx(0.6)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(0.5)
+    assert scores["f1"] == pytest.approx(0.5)
+    assert scores["yes_ratio"] == pytest.approx(0.4)
+
+
+def test_gqa_exact_match() -> None:
+    assert gqa_correct(" Yes.", "yes")
+    assert gqa_correct("Table", "table")
+    assert not gqa_correct("the table", "table")  # no article stripping: GQA is exact
+    assert not gqa_correct("tables", "table")
+
+
+def test_mmbench_circular_copies_are_one_question() -> None:
+    def row(index: int, options, answer, group="", shift=0) -> BenchmarkRecord:
+        return BenchmarkRecord(
+            id=str(index), type="multiple_choice", source="t", question="Q?",
+            options=tuple(options), answer=answer, rule="single", group=group,
+            extra={"circular_shift": shift},
+        )  # fmt: skip
+
+    records = [
+        row(1, ["cat", "dog"], "A", "1", 0),
+        row(1000001, ["dog", "cat"], "B", "1", 1),  # the copy, options rotated
+        row(2, ["red", "blue"], "B", "2", 0),
+        row(1000002, ["blue", "red"], "A", "2", 1),
+    ]
+    predictions = [
+        {"id": "1", "shift": 0, "prediction": "A"},
+        {"id": "1000001", "shift": 0, "prediction": "B"},  # right again: question 1 right
+        {"id": "2", "shift": 0, "prediction": "B"},
+        {"id": "1000002", "shift": 0, "prediction": "B"},  # wrong on the copy
+    ]
+    scores = score(records, predictions)
+    assert scores["multiple_choice.count"] == 2.0
+    assert scores["multiple_choice.accuracy"] == pytest.approx(1.0)  # the main rows
+    assert scores["multiple_choice.circular_accuracy"] == pytest.approx(0.5)
+
+
+def test_caption_metrics_refuse_without_java_unless_approx(monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    refs = {"1": ["a red circle on the left"], "2": ["a blue square"]}
+    hyps = {"1": "a red circle", "2": "a blue square"}
+    with pytest.raises(ValueError, match="apt-get install default-jre-headless"):
+        caption_scores(refs, hyps, meteor=False)
+    approx = caption_scores(refs, hyps, meteor=True, tokenizer="approx")
+    assert "CIDEr" not in approx and "METEOR" not in approx
+    assert approx["CIDEr_approx"] > 0 and "Bleu_4_approx" in approx
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB tokenizer)")
+def test_caption_metrics_with_ptb_keep_official_names() -> None:
+    scores = caption_scores({"1": ["A red circle."]}, {"1": "a red circle"}, meteor=False)
+    assert "CIDEr" in scores and not any(k.endswith("_approx") for k in scores)
+
+
+def test_unanswered_split_is_counted_not_scored() -> None:
+    record = BenchmarkRecord(id="7", type="vqa", source="t", images=("x",), question="Q?")
+    scores = score([record], [{"id": "7", "shift": 0, "prediction": "yes"}])
+    assert scores == {"vqa.count": 1.0, "vqa.unanswered": 1.0}
