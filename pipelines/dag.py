@@ -80,6 +80,16 @@ STEPS: dict[str, StepSpec] = {
     spec.name: spec
     for spec in [
         StepSpec("shapes", "pipelines.steps.shapes", "1", uses_seed=True, uses_ray=False),
+        # The starting model from model.pretrained (HF CLIP + LLaMA, or an authors' release).
+        StepSpec(
+            "init",
+            "pipelines.steps.init",
+            "1",
+            uses_model=True,
+            uses_pretrained=True,
+            uses_seed=True,
+            uses_ray=False,
+        ),
         # Resumable: a re-run fetches only the shards a killed attempt did not finish.
         StepSpec(
             "download",
@@ -114,7 +124,11 @@ STEPS: dict[str, StepSpec] = {
             "stage1",
             "pipelines.steps.train",
             "1",
-            {"data": Role("tokenize_captions"), "tokenizer": Role("tokenizer")},
+            {
+                "data": Role("tokenize_captions"),
+                "tokenizer": Role("tokenizer"),
+                "init": Role("init", required=False),
+            },
             resources=_TRAIN,
             resumable=True,
             trains=True,

@@ -52,11 +52,13 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class PretrainedPaths:
-    """Folders of pretrained weights (Hugging Face layouts); empty = random initialisation."""
+    """Folders of pretrained weights, read by the `init` step: Hugging Face CLIP / LLaMA folders,
+    or the authors' released mPLUG-Owl2 / mPLUG-Owl folder; empty = not used."""
 
     clip: str = ""
     llama: str = ""
     owl2: str = ""
+    owl1: str = ""
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ class Lineage:
             tags={} if producer else {f"{TAG}producer_run_id": run_id},
         )
         self.log_inputs(run_id, inputs)
+        self._log_pretrained(run_id, manifest)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -174,12 +175,21 @@ class Lineage:
             metrics=_output_metrics(manifest),
             tags=_output_tags(manifest, out_dir, producer),
         )
+        self._log_pretrained(run_id, manifest)
         if not hit:  # curves and artifacts stay with the run that computed the output
             self._log_curves(run_id, manifest.curves)
             self.client.log_artifact(run_id, str(out_dir / MANIFEST_NAME))
             for rel in manifest.artifacts:
                 if (out_dir / rel).is_file():
                     self.client.log_artifact(run_id, str(out_dir / rel))
+
+    def _log_pretrained(self, run_id: str, manifest: Manifest) -> None:
+        """The pretrained folders a step read (the init step's `info["pretrained"]`: kind ->
+        {path, sha256}) as dataset inputs: the end of `owl audit model`'s chain."""
+        folders = manifest.info.get("pretrained") or {}
+        datasets = [_folder_input(kind, f["path"], f["sha256"]) for kind, f in folders.items()]
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
 
     def _log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:
         now = int(time.time() * 1000)
@@ -256,6 +266,15 @@ def _dataset_input(role: str, step: str, out_dir: Path, manifest: Manifest) -> D
         f"{TAG}producer_run_id": str(manifest.info.get("mlflow_run_id", "")),
         f"{TAG}cache_key": manifest.key,
     }
+    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+
+
+def _folder_input(kind: str, path: str, sha256: str) -> DatasetInput:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path))
+    dataset = MetaDataset(source=source, name=f"pretrained.{kind}", digest=sha256[:DIGEST_CHARS])
+    tags = {"mlflow.data.context": f"pretrained.{kind}", f"{TAG}sha256": sha256, f"{TAG}path": path}
     return DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
 
 

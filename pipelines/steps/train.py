@@ -1,7 +1,7 @@
 """The `stage1` / `stage2` steps: one training stage on Ray Train (V2 API) + DeepSpeed.
 
-Roles: stage1 {"data": tokenize_captions, "tokenizer"}; stage2 {"data": tokenize_instructions,
-"init": stage1, "tokenizer"}. Writes `model/` (an `owl.model.load_model` folder) and keeps Ray
+Roles: stage1 {"data": tokenize_captions, "tokenizer", "init": the init step (optional)}; stage2
+{"data": tokenize_instructions, "init": stage1, "tokenizer"}. Writes `model/` (an `owl.model.load_model` folder) and keeps Ray
 Train checkpoints under `checkpoints/`: a re-run of the same step key resumes from the newest one.
 """
 
@@ -104,6 +104,12 @@ def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
     if cfg.stage == 2:
         if "init" not in inputs:
             raise ValueError("train: stage 2 needs an `init` input (the stage-1 step)")
+        return str(inputs["init"].dir / "model")
+    if "init" in inputs:  # the init step's starting model
+        if cfg.init_model:
+            raise ValueError(
+                "stage1.init_model and the init step both give the starting model: remove one"
+            )
         return str(inputs["init"].dir / "model")
     return resolve_path(cfg.init_model, inputs) if cfg.init_model else ""
 
