@@ -100,10 +100,24 @@ def input_paths(*parts: Any) -> list[str]:
                 walk(v)
         elif isinstance(value, str) and _local_path(value):
             found.add(value)
+        elif isinstance(value, str):
+            found.update(p for p in _benchmark_spec_paths(value) if _local_path(p))
 
     for part in parts:
         walk(plain(part))
     return sorted(found)
+
+
+def _benchmark_spec_paths(value: str) -> list[str]:
+    """The official files of a benchmark import spec (`vqav2:questions.json,images/`), so their
+    content is in the evaluate step's key like a benchmark file's."""
+    from owl.eval.importers import parse_spec
+
+    try:
+        spec = parse_spec(value)
+    except ValueError:
+        return []
+    return spec[2] if spec else []
 
 
 def _local_path(value: str) -> bool:

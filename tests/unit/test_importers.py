@@ -204,3 +204,13 @@ def test_specs_and_errors(tmp_path: Path, capsys) -> None:
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="unknown benchmark kind"):
         import_benchmark("vqa3", [], tmp_path)
+
+
+def test_spec_files_are_in_the_cache_key(tmp_path: Path) -> None:
+    from pipelines import cache
+
+    write_vqav2(tmp_path)
+    q = str(tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json")
+    images = str(tmp_path / "test2015")
+    found = cache.input_paths({"benchmarks": [f"vqav2:{q},{images}", "@shapes/b/vqa.jsonl"]})
+    assert found == sorted([q, images])
