@@ -299,9 +299,10 @@ def _missing(value: str) -> bool:
 
 def import_mmbench(inputs: _Inputs, out_dir: Path, name: str) -> list[Record]:
     """MMBench TSV (index, question, hint, A..D[E], answer [absent on test], category, image as
-    base64 [or the index of a row with the same image]). Rows whose index is >= 1e6 are
-    circular copies of row index % 1e6 (VLMEvalKit's layout): each is asked as given and a
-    question counts only if all its copies are right. Without copies we rotate the options."""
+    base64 [or the index of a row with the same image]). Rows whose group (VLMEvalKit: the
+    `g_index` column, else index % 1e6) is another row are circular copies of it: each is asked
+    as given and a question counts only if all its copies are right. Without copies we rotate
+    the options ourselves."""
     path = inputs.one_file("MMBench TSV")
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", newline="") as f:
@@ -314,7 +315,13 @@ def import_mmbench(inputs: _Inputs, out_dir: Path, name: str) -> list[Record]:
     image_dir = out_dir / f"{name}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
     by_index = {int(r["index"]): r for r in rows}
-    has_copies = any(i >= MMBENCH_COPY for i in by_index)
+
+    def group_of(row: dict) -> int:  # VLMEvalKit: a `g_index` column, else index % 1e6
+        g_index = (row.get("g_index") or "").strip()
+        return int(float(g_index)) if g_index else int(row["index"]) % MMBENCH_COPY
+
+    has_copies = any(group_of(r) != i for i, r in by_index.items())
+    copies: dict[int, int] = {}  # copies seen per group: each gets its own rotation number
     records = []
     for number, row in enumerate(rows, start=2):
         where = f"{path}:{number}"
@@ -333,7 +340,9 @@ def import_mmbench(inputs: _Inputs, out_dir: Path, name: str) -> list[Record]:
             category=row.get("category", ""), l2_category=row.get("l2-category", ""),
         )  # fmt: skip
         if has_copies:
-            record.update(group=str(index % MMBENCH_COPY), circular_shift=index // MMBENCH_COPY)
+            group = group_of(row)
+            copies[group] = copies.get(group, 0) + (group != index)
+            record.update(group=str(group), circular_shift=copies[group] if group != index else 0)
         else:
             record["rule"] = "circular"
         if not record["answer"]:
