@@ -164,11 +164,28 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "evaluate", "pipelines.steps.evaluate", "1", _eval_roles("stage2"), uses_model=True
         ),
+        # The registered model: our folder (+ peft adapter), the authors' layout, the model card.
+        StepSpec(
+            "export",
+            "pipelines.steps.export",
+            "1",
+            {
+                "stage2": Role("stage2", required=False),
+                "stage1": Role("stage1", required=False),
+                "evaluate": Role("evaluate", required=False),
+                "evaluate_stage1": Role("evaluate_stage1", required=False),
+                "init": Role("init", required=False),
+                "captions": Role("tokenize_captions", required=False),
+                "instructions": Role("tokenize_instructions", required=False),
+            },
+            uses_model=True,
+            uses_ray=False,
+        ),
     ]
 }
 
-# The training step whose model is registered at the end of a run, most final first.
-REGISTER_FROM = ("stage2", "stage1")
+# The step whose `model/` is registered at the end of a run, most final first.
+REGISTER_FROM = ("export", "stage2", "stage1")
 # The evaluation whose metrics `owl status` reports, most final first.
 METRICS_FROM = ("evaluate", "evaluate_stage1")
 

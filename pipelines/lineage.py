@@ -33,6 +33,7 @@ from owl.data.manifest import MANIFEST_NAME, Manifest
 # 100 params / 100 tags / 1000 metrics per batch call.
 DIGEST_CHARS = 36
 PARAM_VALUE_CHARS = 6000
+CARD_CHARS = 5000  # what we keep of a model card as the model version's description
 _BATCH = 100
 TAG = "owl."
 
@@ -240,6 +241,11 @@ class Lineage:
             )
             version_tags = {**tags, f"{TAG}model_digest": digest, f"{TAG}model_dir": str(model_dir)}
             existing = mlflow.register_model(f"models:/{logged.model_id}", name, tags=version_tags)
+            card = model_dir / "README.md"  # the export step's model card
+            if card.is_file():
+                existing = self.client.update_model_version(
+                    name, existing.version, description=card.read_text()[:CARD_CHARS]
+                )
         if alias not in (getattr(existing, "aliases", None) or []):  # a re-run: already there
             self.client.set_registered_model_alias(name, alias, existing.version)
         return name, str(existing.version)

@@ -4,19 +4,31 @@ Only decoder attention projections get adapters: the ViT and abstractor have mod
 short names (q_proj, ...) and stay untouched. After `apply_lora` exactly the LoRA parameters plus
 the parameters of `modules_to_save` require grad (the authors' release re-enabled gradients on the
 whole LLM after wrapping it; we do not). `modules_to_save` modules are trained in place, not copied.
+
+`save_adapter` writes peft's own adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
+keys `base_model.model.<module>...` as `PeftModel.save_pretrained` writes them): on the model the
+adapters were put on (the stage-1 model for Owl1's stage 2), `peft.PeftModel.from_pretrained(base,
+folder)` gives the trained model's logits. Modules trained whole next to the adapters (the abstractor
+when stage 2 trains it) go in as peft `modules_to_save`.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 from torch import nn
 
 from owl.model.model import OwlModel
 
+ADAPTER_DIR = "adapter"  # in an exported model folder
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DECODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "k_proj_visual", "v_proj_visual")
 
 
@@ -63,12 +75,51 @@ def apply_lora(
 
 def merge_lora(model: OwlModel) -> OwlModel:
     """Fold every adapter into its base weight and remove the wrappers: plain OwlModel names."""
+    return unwrap_lora(model, merge=True)
+
+
+def unwrap_lora(model: OwlModel, merge: bool = False) -> OwlModel:
+    """Remove the LoRA wrappers (folding the adapters in first when `merge`): plain names."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, module in wrapped:
-        module.merge()
+        if merge:
+            module.merge()
         parent_name, _, child = name.rpartition(".")
         parent: nn.Module = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
     for param in model.parameters():
         param.requires_grad = True
     return model
+
+
+def trained_modules(model: OwlModel) -> list[str]:
+    """Top-level modules (vision, abstractor, decoder) with a trainable parameter that is not an
+    adapter: what an adapter folder must carry whole (peft `modules_to_save`)."""
+    return [
+        name
+        for name, module in model.named_children()
+        if any(p.requires_grad and "lora_" not in n for n, p in module.named_parameters())
+    ]
+
+
+def save_adapter(
+    model: OwlModel, directory: str | Path, modules_to_save: Sequence[str] | None = None
+) -> Path:
+    """The adapters of a LoRA-wrapped model (and `modules_to_save`, default `trained_modules`) as
+    a peft adapter folder that `peft.PeftModel.from_pretrained(base, directory)` loads."""
+    if not hasattr(model, "peft_config"):
+        raise ValueError("save_adapter: the model has no LoRA adapters (see apply_lora)")
+    modules = list(trained_modules(model) if modules_to_save is None else modules_to_save)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.peft_config["default"])
+    config.modules_to_save = modules or None
+    config.save_pretrained(str(directory))
+    prefix = "base_model.model."
+    state = {prefix + k: v for k, v in get_peft_model_state_dict(model).items()}
+    for name in modules:
+        for param_name, param in model.get_submodule(name).named_parameters():
+            state[f"{prefix}{name}.{param_name}"] = param
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return directory

@@ -322,8 +322,10 @@ def _save_and_report(
 def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
     """Rank 0 writes the consolidated model folder (ZeRO-3 parameters gathered first).
 
-    With LoRA: `merge_lora` folds the adapters into the weights (in place: training is over);
-    otherwise the folder holds the base weights and `lora/` the adapter apart.
+    With LoRA the adapters go to `adapter/` in peft's format (`owl.model.lora.save_adapter`:
+    `peft.PeftModel.from_pretrained` loads it on the stage's starting model), and the folder holds
+    the merged weights (`merge_lora`, in place: training is over), or with `merge_lora: false` the
+    base weights.
     """
     from owl.model import save_model
 
@@ -333,34 +335,11 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
         model = engine.module
         if not any("lora_" in n for n, _ in model.named_parameters()):
             save_model(model, directory)
-        elif job.train.merge_lora:
-            from owl.model.lora import merge_lora
+            return
+        from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora
 
-            save_model(merge_lora(model), directory)
-        else:
-            _export_lora_apart(model, job.train, directory)
-
-
-def _export_lora_apart(model: torch.nn.Module, cfg: TrainConfig, directory: Path) -> None:
-    import json
-
-    from peft.tuners.lora import LoraLayer
-    from safetensors.torch import save_file
-
-    from owl.model import save_model
-
-    adapter = {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in model.state_dict().items()
-        if "lora_" in name
-    }
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-    save_model(model, directory)
-    (directory / "lora").mkdir()
-    save_file(adapter, str(directory / "lora" / "adapter.safetensors"))
-    (directory / "lora" / "adapter_config.json").write_text(json.dumps(lora_kwargs(cfg), indent=2))
+        save_adapter(model, directory / ADAPTER_DIR)
+        save_model(merge_lora(model) if job.train.merge_lora else unwrap_lora(model), directory)
 
 
 @contextlib.contextmanager

@@ -63,3 +63,80 @@ def test_merged_model_has_plain_names_and_the_same_logits() -> None:
         after = merged(*batch)
     assert set(merged.state_dict()) == plain_names
     assert (before - after).abs().max() <= 1e-5
+
+
+def test_adapter_folder_is_peft_format_and_loads_with_the_same_logits(tmp_path) -> None:
+    """As after Owl1's stage 2 with the abstractor trained: adapters and the abstractor changed;
+    peft's own PeftModel.from_pretrained on the stage-1 model gives the trained model's logits."""
+    import json
+
+    from peft import PeftModel
+
+    from owl.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, trained_modules
+
+    torch.manual_seed(0)
+    base_state = {k: v.clone() for k, v in build_model("debug-tiny").state_dict().items()}
+    model = build_model("debug-tiny")
+    model.load_state_dict(base_state)
+    model = apply_lora(model, modules_to_save=("abstractor",)).eval()
+    with torch.no_grad():  # "training": adapters and the abstractor move
+        for name, param in model.named_parameters():
+            if "lora_B" in name or name.startswith("abstractor."):
+                param.add_(torch.randn_like(param) * 0.3)
+    assert trained_modules(model) == ["abstractor"]
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]  # fmt: skip
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 32)
+    assert config["modules_to_save"] == ["abstractor"]
+    base = build_model("debug-tiny")
+    base.load_state_dict(base_state)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    batch = _batch(model.cfg.num_visual_tokens)
+    with torch.no_grad():
+        expected, got = model(*batch), loaded(*batch)
+        untouched = build_model("debug-tiny")
+        untouched.load_state_dict(base_state)
+        before = untouched.eval()(*batch)
+    assert (expected - got).abs().max() <= 1e-5
+    assert (expected - before).abs().max() > 1e-2  # the adapter carries the change
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge: bool) -> None:
+    """The trainer's export (rank 0): `adapter/` in peft's format next to merged (or base) weights."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    from owl.model import load_model
+    from owl.train.config import TrainConfig
+    from owl.train.loop import WorkerJob, _export
+
+    torch.manual_seed(1)
+    base_state = {k: v.clone() for k, v in build_model("debug-tiny").state_dict().items()}
+    model = build_model("debug-tiny")
+    model.load_state_dict(base_state)
+    model = apply_lora(model).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    batch = _batch(model.cfg.num_visual_tokens)
+    with torch.no_grad():
+        expected = model(*batch)
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
+    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=model.cfg, shards=[])
+    _export(engine, job, tmp_path / "export", rank=0)
+    exported = load_model(tmp_path / "export").eval()
+    base = build_model("debug-tiny")
+    base.load_state_dict(base_state)
+    with torch.no_grad():
+        folder = exported(*batch)
+        peft = PeftModel.from_pretrained(base, str(tmp_path / "export" / "adapter")).eval()(*batch)
+    assert (peft - expected).abs().max() <= 1e-5
+    if merge:
+        assert (folder - expected).abs().max() <= 1e-5
+    else:
+        assert set(exported.state_dict()) == set(base_state)
+        assert all(torch.equal(exported.state_dict()[k], v) for k, v in base_state.items())

@@ -1,0 +1,191 @@
+"""Step `export`: the final model as it is registered and handed out.
+
+Writes `model/`, the folder the runner registers in MLflow:
+- our folder (`config.json` + safetensors, `owl.model.load_model` reads it), hard-linked from the
+  final training stage (stage2, else stage1), with `adapter/` when that stage trained LoRA (peft's
+  format: `peft.PeftModel.from_pretrained(stage-1 model, "model/adapter")`);
+- `release/`: the same weights in the authors' layout (their config.json + safetensors, buffers
+  included), for their code and tools built on it (`release: false` to skip);
+- `README.md`: the model card: where the weights started, the data (digests, counts), the training
+  steps and their settings, the evaluation metrics, and the MLflow run id of every step.
+Step bodies do not call MLflow: the run ids come from the input manifests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from owl.data.manifest import Manifest
+from pipelines.step import StepContext, StepInput
+
+OUT = "model"
+RELEASE = "release"
+CARD = "README.md"
+_TRAIN_SETTINGS = ("lr", "max_steps", "epochs", "micro_batch_size", "grad_accum", "max_length",
+                   "zero_stage", "trainable", "lora_r", "lora_alpha", "lora_targets")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    # Also write the authors' layout under model/release/.
+    release: bool = True
+
+
+def final_stage(inputs: dict[str, StepInput]) -> StepInput:
+    for role in ("stage2", "stage1"):
+        if role in inputs:
+            return inputs[role]
+    raise ValueError("export: needs a training stage (stage1 or stage2) in the job")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard links (no copy of a 7B model on the same filesystem), else copies."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
+    from owl.model.releases import export_release
+
+    stage = final_stage(inputs)
+    out = ctx.out_dir / OUT
+    ctx.progress(0, None, f"linking the {stage.name} model")
+    _link_tree(stage.dir / "model", out)
+    if cfg.release:
+        ctx.progress(0, None, "writing the authors' layout")
+        try:
+            export_release(out, out / RELEASE)
+        except ValueError as exc:
+            raise ValueError(f"export: {exc}; or set `export: {{release: false}}`") from exc
+    (out / CARD).write_text(model_card(ctx, inputs, stage, out))
+    manifest = Manifest(step=ctx.step)
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            manifest.add_file(ctx.out_dir, path.relative_to(ctx.out_dir).as_posix())
+    manifest.artifacts.append(f"{OUT}/{CARD}")
+    manifest.info = {"from": stage.name, "release": cfg.release}
+    return manifest
+
+
+# ---------------------------------------------------------------------------------- the card
+
+
+def _run_id(step: StepInput) -> str:
+    return str(step.manifest.info.get("mlflow_run_id", ""))
+
+
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_card(ctx: StepContext, inputs: dict[str, StepInput], stage: StepInput, out: Path) -> str:
+    """The model card (Markdown): everything here comes from the input manifests and folders."""
+    from owl.model.summary import summarize
+
+    model = ctx.model
+    params = summarize(model)["total_params"]
+    parts = [
+        f"# {ctx.job_name}\n",
+        f"mPLUG-{'Owl2' if model.variant == 'owl2' else 'Owl'} ({model.variant}), size "
+        f"`{model.name}`, {params:,} parameters, {model.vision.image_size} px images, "
+        f"{model.num_visual_tokens} visual tokens per image. Trained with owl (job `{ctx.job_name}`, "
+        f"execution `{ctx.extra.get('execution_id', '')}`); the weights are from step "
+        f"`{stage.name}`.\n",
+        "## Files\n",
+        _files_section(out),
+        "## Starting weights\n",
+        _init_section(inputs),
+        "## Data\n",
+        _data_section(inputs),
+        "## Training\n",
+        _training_section(inputs),
+        "## Evaluation\n",
+        _evaluation_section(inputs),
+        "## Lineage (MLflow run of each step)\n",
+        _table(
+            [
+                (role, step.name, f"`{_run_id(step)}`", f"`{step.manifest.digest[:16]}`")
+                for role, step in sorted(inputs.items())
+            ],
+            ("input", "step", "MLflow run id", "output digest"),
+        ),  # fmt: skip
+        "",
+        f"Registered in MLflow by `owl run`; `owl audit model {ctx.job_name}@current` walks back "
+        "from it to the URL lists and pretrained folders.",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _files_section(out: Path) -> str:
+    rows = [
+        ("`config.json`, `model*.safetensors`", "owl format: `owl.model.load_model(path)`"),
+    ]
+    if (out / "adapter").is_dir():
+        rows.append(
+            ("`adapter/`", "LoRA adapter in peft's format: "
+             "`peft.PeftModel.from_pretrained(stage1_model, path + '/adapter')`")
+        )  # fmt: skip
+    if (out / RELEASE).is_dir():
+        rows.append((f"`{RELEASE}/`", "the authors' checkpoint layout (their config.json)"))
+    return _table(rows, ("file", "what")) + "\n"
+
+
+def _init_section(inputs: dict[str, StepInput]) -> str:
+    if "init" not in inputs:
+        return "No init step in the job: fresh initialisation, or `stage1.init_model`.\n"
+    folders = inputs["init"].manifest.info.get("pretrained", {})
+    rows = [(kind, f"`{f['path']}`", f"`{f['sha256']}`") for kind, f in folders.items()]
+    return _table(rows, ("kind", "folder", "content sha256")) + "\n"
+
+
+def _data_section(inputs: dict[str, StepInput]) -> str:
+    rows = []
+    for role in ("captions", "instructions"):
+        if role in inputs:
+            manifest = inputs[role].manifest
+            rows_count = sum(f.rows or 0 for f in manifest.files)
+            tokens = sum(f.tokens or 0 for f in manifest.files)
+            rows.append((role, inputs[role].name, f"{rows_count:,}", f"{tokens:,}",
+                         len(manifest.files), f"`{manifest.digest[:16]}`"))  # fmt: skip
+    if not rows:
+        return "Not recorded (the tokenize steps are not inputs of this export).\n"
+    return _table(rows, ("data", "step", "rows", "tokens", "shards", "digest")) + "\n"
+
+
+def _training_section(inputs: dict[str, StepInput]) -> str:
+    rows = []
+    for role in ("stage1", "stage2"):
+        if role not in inputs:
+            continue
+        manifest = inputs[role].manifest
+        stats = manifest.stats
+        settings = manifest.info.get("train_config", {})
+        chosen = ", ".join(f"{k}={settings[k]}" for k in _TRAIN_SETTINGS if k in settings)
+        rows.append((role, f"{stats.get('steps', 0):.0f}", f"{stats.get('tokens', 0):,.0f}",
+                     f"{stats.get('final_loss', float('nan')):.4f}", chosen))  # fmt: skip
+    return _table(rows, ("stage", "steps", "tokens", "final loss", "settings")) + "\n"
+
+
+def _evaluation_section(inputs: dict[str, StepInput]) -> str:
+    rows = []
+    for role in ("evaluate", "evaluate_stage1"):
+        if role in inputs:
+            stats = inputs[role].manifest.stats
+            rows += [(role, k, f"{v:.4g}") for k, v in sorted(stats.items()) if "seconds" not in k]
+    if not rows:
+        return "No evaluation step in the job.\n"
+    return _table(rows, ("step", "metric", "value")) + "\n"

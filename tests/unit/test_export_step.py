@@ -1,0 +1,104 @@
+"""The `export` step: the final model folder (+ peft adapter), the authors' layout, the model card,
+and the card registered with the model in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from owl import IMAGE_TOKEN_ID
+from owl.data.manifest import FileEntry, Manifest
+from owl.model import build_model, get_config, load_model, save_model
+from owl.model.lora import apply_lora, save_adapter
+from owl.model.releases import convert_release
+from pipelines.dag import REGISTER_FROM
+from pipelines.step import StepContext, StepInput
+from pipelines.steps import export
+
+CFG = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5})
+
+
+def _input(tmp: Path, name: str, run_id: str, **fields) -> StepInput:
+    info = {"mlflow_run_id": run_id, **fields.pop("info", {})}
+    manifest = Manifest(step=name, info=info, **fields)
+    return StepInput(name, tmp / name, manifest)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, StepInput]:
+    torch.manual_seed(0)
+    base = build_model(CFG)
+    save_model(base, tmp_path / "stage1" / "model")
+    lora = apply_lora(build_model(CFG))
+    lora.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    save_adapter(lora, tmp_path / "stage2" / "model" / "adapter")
+    save_model(build_model(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
+    shard = FileEntry("shards/0.arrow", 10, "ab" * 32, rows=7, tokens=321)
+    return {
+        "stage1": _input(tmp_path, "stage1", "run-s1", stats={"steps": 5.0, "final_loss": 2.5}),
+        "stage2": _input(
+            tmp_path, "stage2", "run-s2", stats={"steps": 3.0, "final_loss": 1.25},
+            info={"train_config": {"lr": 2e-5, "lora_r": 8}},
+        ),
+        "evaluate": _input(tmp_path, "evaluate", "run-ev", stats={"vqa.accuracy": 0.8125}),
+        "captions": _input(tmp_path, "tokenize_captions", "run-tc", files=[shard]),
+    }  # fmt: skip
+
+
+def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs) -> None:
+    ctx = StepContext("export", tmp_path / "out", "rehearsal", CFG, extra={"execution_id": "e1"})
+    manifest = export.run(ctx, export.Config(), inputs)
+    out = tmp_path / "out" / "model"
+    assert REGISTER_FROM[0] == "export"
+    listed = {f.path for f in manifest.files}
+    assert {"model/config.json", "model/README.md", "model/adapter/adapter_model.safetensors",
+            "model/release/config.json", "model/release/model.safetensors"} <= listed  # fmt: skip
+    ours, stage2 = load_model(out), load_model(tmp_path / "stage2" / "model")
+    k = CFG.num_visual_tokens
+    ids = torch.randint(0, 256, (1, k + 6))
+    ids[0, 1 : 1 + k] = IMAGE_TOKEN_ID
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(ids, images), stage2.eval()(ids, images))
+    # The authors' layout converts back to the same weights.
+    cfg, state = convert_release(out / "release", None, "owl1", base="debug-tiny")
+    assert cfg.decoder == CFG.decoder and cfg.abstractor == CFG.abstractor
+    for key, tensor in stage2.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    card = (out / "README.md").read_text()
+    for fact in ("run-s1", "run-s2", "run-ev", "run-tc", "vqa.accuracy", "0.8125", "321",
+                 "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current"):  # fmt: skip
+        assert fact in card, fact
+
+
+def test_a_model_without_a_faithful_release_layout_says_how_to_skip_it(tmp_path, inputs) -> None:
+    cfg = get_config("debug-tiny", "owl1")  # abstractor norm_eps 1e-6: not the authors' 1e-5
+    save_model(build_model(cfg), tmp_path / "stage2" / "model")
+    ctx = StepContext("export", tmp_path / "out", "j", cfg)
+    with pytest.raises(ValueError, match=r"release: false"):
+        export.run(ctx, export.Config(), inputs)
+    manifest = export.run(StepContext("export", tmp_path / "o2", "j", cfg), export.Config(release=False), inputs)  # fmt: skip
+    assert not any(f.path.startswith("model/release/") for f in manifest.files)
+
+
+def test_the_card_is_the_registered_version_description(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.lineage import Lineage
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "README.md").write_text("# card\nrun ids here\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lineage = Lineage(uri, "cards", str(tmp_path / "artifacts"))
+    run_id = lineage.client.create_run(lineage.experiment_id).info.run_id
+    name, version = lineage.register_model("carded", model_dir, run_id, "d" * 64, {})
+    assert (
+        MlflowClient(uri).get_model_version(name, version).description == "# card\nrun ids here\n"
+    )
