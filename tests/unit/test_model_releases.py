@@ -149,3 +149,24 @@ def test_release_layouts_name_every_parameter_of_our_model() -> None:
         ours = set(build_model(cfg).state_dict())
         qkv = {k for k in ours if ".attn." in k and k.startswith("vision.") and "o_proj" not in k}
         assert set(name_map(cfg, layout).values()) == ours - qkv
+
+
+def test_documented_convert_commands_run_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    import re
+    import shlex
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "model.md"
+    blocks = re.findall(r"```bash\n(.*?)```", docs.read_text(), re.DOTALL)
+    commands = [line for b in blocks for line in b.splitlines() if line.startswith("owl convert")]
+    assert len(commands) == 3
+    monkeypatch.chdir(tmp_path)
+    for variant, folder in (("owl2", "mplug-owl2-llama2-7b"), ("owl1", "mplug-owl-llama-7b")):
+        ref.write_release(*ref.make_release(variant), tmp_path / folder)
+    for command in commands:
+        assert owl_cli(shlex.split(command)[1:]) == 0, command
+    capsys.readouterr()
+    assert load_model("out/owl2").cfg.variant == "owl2"
+    assert load_model("out/owl1").cfg.variant == "owl1"
+    assert (
+        json.loads(Path("out/owl2-release/config.json").read_text())["model_type"] == "mplug_owl2"
+    )
