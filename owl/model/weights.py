@@ -423,7 +423,19 @@ def pretrained_model(
     """The model a job starts from, given its pretrained folders {clip, llama, owl2, owl1} (empty
     strings are unset): an authors' release (owl2 / owl1) converted as a whole, or CLIP and/or
     LLaMA Hugging Face folders with the rest (always the abstractor) initialised fresh from `seed`.
-    Returns the model and a description (source, what was loaded, position interpolation)."""
+    In fp32 whatever the folders hold (fp16 LLaMA, a bf16 release): one dtype, the one training
+    keeps its master weights in. Returns the model and a description (source, what was loaded,
+    position interpolation)."""
+    model, info = _pretrained_model(cfg, folders, seed)
+    info["source_dtypes"] = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    )
+    return model.float(), info
+
+
+def _pretrained_model(
+    cfg: OwlConfig, folders: dict[str, str], seed: int
+) -> tuple[OwlModel, dict[str, object]]:
     given = {k: v for k, v in folders.items() if v}
     unknown = sorted(set(given) - set(PRETRAINED_KINDS))
     if unknown:

@@ -119,6 +119,7 @@ def test_same_grid_keeps_positions_and_the_abstractor_follows_the_seed(
 
 def test_release_folder_through_the_step(tmp_path: Path) -> None:
     state, config = ref.make_release("owl1")
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}  # a bf16 release
     src = ref.write_release(state, config, tmp_path / "release")
     s = ref.SIZES
     model = {
@@ -135,7 +136,8 @@ def test_release_folder_through_the_step(tmp_path: Path) -> None:
     }  # fmt: skip
     result = _run(_job(tmp_path / "s", {"owl1": str(src)}, model))
     ours = load_model(tmp_path / "s" / "steps" / "init" / result.steps[0].key / "model")
-    assert torch.equal(ours.decoder.embed_tokens.weight, state["language_model.model.embed_tokens.weight"])  # fmt: skip
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}  # one dtype: fp32
+    assert torch.equal(ours.decoder.embed_tokens.weight, state["language_model.model.embed_tokens.weight"].float())  # fmt: skip
     wrong = {**model, "overrides": {**model["overrides"], "decoder": {**model["overrides"]["decoder"], "max_positions": 512}}}  # fmt: skip
     failed = Runner(_job(tmp_path / "t", {"owl1": str(src)}, wrong), Reporter(quiet=True), NullLineage()).run()  # fmt: skip
     assert not failed.ok and "model.decoder.max_positions" in failed.error
