@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,10 +432,14 @@ def release_config(cfg: OwlConfig, layout: Layout) -> dict:
 
 
 def convert_release(
-    src_dir: str | Path, dst_dir: str | Path | None, variant: str, base: str | None = None
+    src_dir: str | Path,
+    dst_dir: str | Path | None,
+    variant: str,
+    base: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> tuple[OwlConfig, dict[str, torch.Tensor]]:
     """Read a release folder; write our folder to `dst_dir` (unless None). Returns the config and
-    our state dict."""
+    our state dict. `progress` gets a line per phase (a 7B release takes minutes)."""
     from owl.model.weights import model_from_state_dict, read_hf_state_dict, save_model
 
     layout = LAYOUTS[variant]
@@ -445,16 +450,20 @@ def convert_release(
     if not config_path.exists():
         raise ValueError(f"{src}: no config.json; is this the mPLUG-{variant} release folder?")
     hf = json.loads(config_path.read_text())
+    progress(f"reading {src}")
     state = read_hf_state_dict(src)
     base_cfg = get_config(base or ("owl2-llama2-7b" if variant == "owl2" else "owl1-llama-7b"))
     cfg = config_from_release(hf, state, layout, base_cfg)
     ours = from_release(cfg, state, layout, str(src))
     if dst_dir is not None:
+        progress(f"writing {dst_dir}")
         save_model(model_from_state_dict(cfg, ours, source=str(src)), dst_dir)
     return cfg, ours
 
 
-def export_release(model_dir: str | Path, dst_dir: str | Path) -> Path:
+def export_release(
+    model_dir: str | Path, dst_dir: str | Path, progress: Callable[[str], None] = lambda m: None
+) -> Path:
     """Our folder -> the authors' layout: config.json + model.safetensors (sharded past 2 GB)."""
     from owl.model.weights import (
         CONFIG_FILE,
@@ -469,9 +478,11 @@ def export_release(model_dir: str | Path, dst_dir: str | Path) -> Path:
         raise ValueError(f"{model_dir}: no {CONFIG_FILE}; is this a folder written by save_model?")
     cfg = OwlConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
     layout = LAYOUTS[cfg.variant]
+    config = release_config(cfg, layout)
+    progress(f"reading {model_dir}")
     state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
     dst = Path(dst_dir)
-    config = release_config(cfg, layout)
+    progress(f"writing {dst}")
     write_safetensors(to_release(cfg, state, layout), dst)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst

@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     back.set_defaults(func=_convert_to_release)
 
 
+def _progress(message: str) -> None:
+    print(f"{message} ...", file=sys.stderr, flush=True)
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -74,7 +78,7 @@ def _convert_release(args: argparse.Namespace) -> int:
     from owl.model.summary import summarize
 
     try:
-        cfg, _ = convert_release(args.src, args.dst, args.variant)
+        cfg, _ = convert_release(args.src, args.dst, args.variant, progress=_progress)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     result = {
@@ -94,7 +98,7 @@ def _convert_to_release(args: argparse.Namespace) -> int:
     from owl.model.releases import export_release
 
     try:
-        export_release(args.src, args.dst)
+        export_release(args.src, args.dst, progress=_progress)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     result = {"src": args.src, "dst": args.dst}
