@@ -319,9 +319,16 @@ def config_from_release(
     num_positions = state[f"{layout.vision}embeddings.position_embedding"].shape[-2]
     queries = state[layout.queries]
     abstractor_layer0 = f"{layout.abstractor}encoder.layers.0.crossattention."
-    rope = text_hf.get("rope_scaling")
-    if rope:
-        raise ValueError(f"rope_scaling {rope}: not supported (the releases use none)")
+    unsupported = {
+        "rope_scaling": (text_hf.get("rope_scaling"), None),
+        "vision hidden_act": (vision_hf.get("hidden_act", "quick_gelu"), "quick_gelu"),
+        "vision use_cls_token": (vision_hf.get("use_cls_token", True), True),
+        "vision use_post_layernorm": (vision_hf.get("use_post_layernorm", True), True),
+    }
+    wrong = {k: got for k, (got, want) in unsupported.items() if got != want}
+    if wrong:
+        raise ValueError(f"config.json {wrong}: not supported (the released models use "
+                         f"{ {k: want for k, (_, want) in unsupported.items()} })")  # fmt: skip
     return base.replace(
         variant=layout.variant,
         vision={

@@ -487,11 +487,12 @@ def _from_release(cfg: OwlConfig, kind: str, folder: str) -> tuple[OwlModel, dic
             f"model.pretrained.{kind}: a {variant} release, but the job's model is {cfg.variant}"
         )
     release_cfg, state = convert_release(folder, None, variant)
+    token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")  # the job's tokenizer decides
     wrong = {
         f"model.{section}.{name}": f"release {value} vs job {getattr(getattr(cfg, section), name)}"
         for section in ("vision", "abstractor", "decoder")
         for name, value in release_cfg.to_dict()[section].items()
-        if getattr(getattr(cfg, section), name) != value
+        if getattr(getattr(cfg, section), name) != value and name not in token_ids
     }
     if wrong:
         raise ValueError(
