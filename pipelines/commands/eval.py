@@ -156,6 +156,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="owl-imported-") as scratch:
+        return _eval_in(args, args.imported or scratch)
+
+
+def _eval_in(args: argparse.Namespace, imported: str) -> int:
+    """`owl eval` with imported benchmarks written under `imported` (kept while it runs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -165,7 +173,7 @@ def _eval(args: argparse.Namespace) -> int:
     from owl.eval.submissions import submission_format, write_submission
 
     try:
-        loaded = _read_benchmarks(args)
+        loaded = _read_benchmarks(args.benchmark, args.limit, imported)
         if (
             args.caption_tokenizer == "ptb"
             and any(r.type == "caption" for _, recs in loaded for r in recs)
@@ -212,22 +220,21 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_benchmarks(args: argparse.Namespace) -> list[tuple[str, list[Any]]]:
-    """(file, records) per --benchmark; import specs are imported first."""
-    import tempfile
-
+def _read_benchmarks(
+    entries: list[str], limit: int | None, imported: str
+) -> list[tuple[str, list[Any]]]:
+    """(file, records) per --benchmark; import specs are imported into `imported` first."""
     from owl.eval.benchmarks import read_benchmark
     from owl.eval.importers import import_benchmark, parse_spec
 
     loaded = []
-    for entry in args.benchmark:
+    for entry in entries:
         spec = parse_spec(entry)
         path = entry
         if spec is not None:
             name, kind, paths = spec
-            folder = args.imported or tempfile.mkdtemp(prefix="owl-imported-")
-            path = str(import_benchmark(kind, paths, folder, name))
-        loaded.append((path, read_benchmark(path, args.limit)))
+            path = str(import_benchmark(kind, paths, imported, name))
+        loaded.append((path, read_benchmark(path, limit)))
     return loaded
 
 

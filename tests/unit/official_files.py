@@ -117,3 +117,107 @@ def write_all(root: Path) -> None:
     write_mmbench(root)
     write_mme(root)
     write_pope(root)
+
+
+def write_textvqa(root: Path) -> str:
+    _image(root / "train_images/abc123.jpg")
+    _json(root / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "abc123", "question": "What brand?",
+         "answers": ["nokia"] * 10, "image_classes": []}]})  # fmt: skip
+    return f"textvqa:{root}/TextVQA_0.5.1_val.json,{root}/train_images"
+
+
+def write_vizwiz(root: Path) -> str:
+    _image(root / "val/VizWiz_val_00000001.jpg")
+    _json(root / "val.json", [{"image": "VizWiz_val_00000001.jpg", "question": "What?",
+          "answerable": 1, "answer_type": "other",
+          "answers": [{"answer": "soup", "answer_confidence": "yes"}] * 10}])  # fmt: skip
+    return f"vizwiz:{root}/val.json,{root}/val"
+
+
+def write_gqa(root: Path) -> str:
+    _image(root / "images/n161313.jpg")
+    _json(root / "testdev_balanced_questions.json", {"20968379": {
+        "imageId": "n161313", "question": "Is the sky blue?", "answer": "yes",
+        "fullAnswer": "Yes, the sky is blue.", "isBalanced": True}})  # fmt: skip
+    return f"gqa:{root}/testdev_balanced_questions.json,{root}/images"
+
+
+def write_scienceqa(root: Path) -> str:
+    _image(root / "images/test/5/image.png", fmt="PNG")
+    _json(root / "problems.json", {
+        "5": {"question": "Which is a mammal?", "choices": ["frog", "cat", "fish"], "answer": 1,
+              "hint": "Look at the picture.", "image": "image.png", "split": "test"},
+        "6": {"question": "No image.", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": None, "split": "test"},
+        "7": {"question": "Train.", "choices": ["a", "b"], "answer": 0, "hint": "",
+              "image": "image.png", "split": "train"}})  # fmt: skip
+    return f"scienceqa:{root}/problems.json,{root}/images"
+
+
+def write_seed(root: Path) -> str:
+    _image(root / "SEED-Bench-image/1454426_2591111986.jpg")
+    _json(root / "SEED-Bench.json", {"questions": [
+        {"answer": "C", "choice_a": "one", "choice_b": "two", "choice_c": "three",
+         "choice_d": "four", "data_id": "1454426_2591111986.jpg", "data_type": "image",
+         "question": "How many towels?", "question_id": "101669", "question_type_id": 5},
+        {"answer": "A", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d",
+         "data_id": "v1.mp4", "data_type": "video", "question": "?", "question_id": "9",
+         "question_type_id": 10}]})  # fmt: skip
+    return f"seed:{root}/SEED-Bench.json,{root}/SEED-Bench-image"
+
+
+def write_coco_karpathy(root: Path) -> str:
+    _image(root / "val2014/COCO_val2014_000000391895.jpg")
+    _json(root / "dataset_coco.json", {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
+         "split": "test", "cocoid": 391895, "sentids": [0, 1],
+         "sentences": [{"raw": "A man rides a bike.", "tokens": []},
+                       {"raw": "A cyclist on a road.", "tokens": []}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "imgid": 1,
+         "split": "train", "cocoid": 1, "sentences": [{"raw": "x"}]}]})  # fmt: skip
+    return f"coco_karpathy:{root}/dataset_coco.json,{root}"
+
+
+def write_flickr30k(root: Path) -> str:
+    _image(root / "images/1000092795.jpg")
+    _json(root / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
+        {"filename": "1000092795.jpg", "imgid": 0, "split": "test",
+         "sentences": [{"raw": "Two young guys."}]}]})  # fmt: skip
+    return f"flickr30k:{root}/dataset_flickr30k.json,{root}/images"
+
+
+def write_nocaps(root: Path) -> str:
+    _image(root / "val/0013ea2087020901.jpg")
+    _json(root / "nocaps_val_4500_captions.json", {
+        "images": [{"id": 0, "file_name": "0013ea2087020901.jpg", "domain": "in-domain"}],
+        "annotations": [{"image_id": 0, "id": 0, "caption": "A dog."},
+                        {"image_id": 0, "id": 1, "caption": "A brown dog."}]})  # fmt: skip
+    return f"nocaps:{root}/nocaps_val_4500_captions.json,{root}/val"
+
+
+def every_kind(root: Path) -> dict[str, str]:
+    """A spec per importer kind, over files written under `root` (one folder per kind)."""
+    write_vqav2(root / "vqav2")
+    write_okvqa(root / "okvqa")
+    write_mmbench(root / "mmbench")
+    write_mme(root / "mme")
+    write_pope(root / "pope")
+    v, o = root / "vqav2", root / "okvqa"
+    return {
+        "vqav2": f"vqav2:{v}/v2_OpenEnded_mscoco_val2014_questions.json,"
+        f"{v}/v2_mscoco_val2014_annotations.json,{v}/val2014",
+        "okvqa": f"okvqa:{o}/OpenEnded_mscoco_val2014_questions.json,"
+        f"{o}/mscoco_val2014_annotations.json,{o}/val2014",
+        "mmbench": f"mmbench:{root}/mmbench/mmbench_dev_20230712.tsv",
+        "mme": f"mme:{root}/mme/MME_Benchmark_release_version",
+        "pope": f"pope:{root}/pope/coco_pope_adversarial.json,{root}/pope/val2014",
+        "textvqa": write_textvqa(root / "textvqa"),
+        "vizwiz": write_vizwiz(root / "vizwiz"),
+        "gqa": write_gqa(root / "gqa"),
+        "scienceqa": write_scienceqa(root / "scienceqa"),
+        "seed": write_seed(root / "seed"),
+        "coco_karpathy": write_coco_karpathy(root / "coco"),
+        "flickr30k": write_flickr30k(root / "flickr30k"),
+        "nocaps": write_nocaps(root / "nocaps"),
+    }

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from eval_helpers import make_model, make_tokenizer
-from official_files import _image, _json, write_all, write_mmbench, write_okvqa, write_vqav2
+from official_files import _json, every_kind, write_all, write_mmbench, write_vqav2
 
 from owl.eval.benchmarks import read_benchmark
 from owl.eval.importers import import_benchmark, parse_spec
+from owl.eval.metrics import java_available
 from owl.eval.submissions import submission_format, write_submission
 from pipelines.cli import main
 
@@ -66,101 +67,61 @@ def test_documented_commands_run_as_written(tmp_path: Path, monkeypatch, capsys)
 
 
 def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
-    write_okvqa(tmp_path / "ok")
-    okvqa = import_benchmark("okvqa", [tmp_path / "ok/OpenEnded_mscoco_val2014_questions.json",
-                                       tmp_path / "ok/mscoco_val2014_annotations.json",
-                                       tmp_path / "ok/val2014"], tmp_path / "out")  # fmt: skip
-    assert [r.id for r in read_benchmark(okvqa)] == ["420"]
+    specs = every_kind(tmp_path)
+    out = tmp_path / "out"
 
-    _image(tmp_path / "tv/train_images/abc123.jpg")
-    _json(tmp_path / "tv/TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
-        {"question_id": 34602, "image_id": "abc123", "question": "What brand?",
-         "answers": ["nokia"] * 10, "image_classes": []}]})  # fmt: skip
-    textvqa = read_benchmark(import_benchmark(
-        "textvqa", [tmp_path / "tv/TextVQA_0.5.1_val.json", tmp_path / "tv/train_images"],
-        tmp_path / "out"))  # fmt: skip
+    def imported(kind: str):
+        _, _, paths = parse_spec(specs[kind])
+        return read_benchmark(import_benchmark(kind, paths, out))
+
+    assert [r.id for r in imported("okvqa")] == ["420"]
+    textvqa = imported("textvqa")
     assert textvqa[0].id == "34602" and textvqa[0].rule == "vqav2"
-
-    _image(tmp_path / "vw/val/VizWiz_val_00000001.jpg")
-    _json(tmp_path / "vw/val.json", [{"image": "VizWiz_val_00000001.jpg", "question": "What?",
-          "answerable": 1, "answer_type": "other",
-          "answers": [{"answer": "soup", "answer_confidence": "yes"}] * 10}])  # fmt: skip
-    vizwiz = read_benchmark(import_benchmark("vizwiz", [tmp_path / "vw/val.json",
-                                                        tmp_path / "vw/val"], tmp_path / "out"))  # fmt: skip
+    vizwiz = imported("vizwiz")
     assert vizwiz[0].id == "VizWiz_val_00000001" and vizwiz[0].rule == "vizwiz"
-
-    _image(tmp_path / "gqa/images/n161313.jpg")
-    _json(tmp_path / "gqa/testdev_balanced_questions.json", {"20968379": {
-        "imageId": "n161313", "question": "Is the sky blue?", "answer": "yes",
-        "fullAnswer": "Yes, the sky is blue.", "isBalanced": True}})  # fmt: skip
-    gqa = read_benchmark(import_benchmark("gqa", [tmp_path / "gqa/testdev_balanced_questions.json",
-                                                  tmp_path / "gqa/images"], tmp_path / "out"))  # fmt: skip
+    gqa = imported("gqa")
     assert (gqa[0].id, gqa[0].type, gqa[0].answer, gqa[0].rule) == (
         "20968379",
         "text",
         "yes",
         "gqa",
     )
-
-    _image(tmp_path / "sqa/images/test/5/image.png", fmt="PNG")
-    _json(tmp_path / "sqa/problems.json", {
-        "5": {"question": "Which is a mammal?", "choices": ["frog", "cat", "fish"], "answer": 1,
-              "hint": "Look at the picture.", "image": "image.png", "split": "test"},
-        "6": {"question": "No image.", "choices": ["a", "b"], "answer": 0, "hint": "",
-              "image": None, "split": "test"},
-        "7": {"question": "Train.", "choices": ["a", "b"], "answer": 0, "hint": "",
-              "image": "image.png", "split": "train"}})  # fmt: skip
-    sqa = read_benchmark(import_benchmark("scienceqa", [tmp_path / "sqa/problems.json",
-                                                        tmp_path / "sqa/images"], tmp_path / "out"))  # fmt: skip
+    sqa = imported("scienceqa")  # test problems with an image only
     assert [(r.id, r.answer, r.rule, r.hint) for r in sqa] == [
         ("5", "B", "single", "Look at the picture.")
     ]
-
-    _image(tmp_path / "seed/SEED-Bench-image/1454426_2591111986.jpg")
-    _json(tmp_path / "seed/SEED-Bench.json", {"questions": [
-        {"answer": "C", "choice_a": "one", "choice_b": "two", "choice_c": "three",
-         "choice_d": "four", "data_id": "1454426_2591111986.jpg", "data_type": "image",
-         "question": "How many towels?", "question_id": "101669", "question_type_id": 5},
-        {"answer": "A", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d",
-         "data_id": "v1.mp4", "data_type": "video", "question": "?", "question_id": "9",
-         "question_type_id": 10}]})  # fmt: skip
-    seed = read_benchmark(import_benchmark("seed", [tmp_path / "seed/SEED-Bench.json",
-                                                    tmp_path / "seed/SEED-Bench-image"], tmp_path / "out"))  # fmt: skip
+    seed = imported("seed")  # image questions only
     assert [(r.id, r.answer, len(r.options)) for r in seed] == [("101669", "C", 4)]
-
-
-def test_caption_kinds(tmp_path: Path) -> None:
-    _image(tmp_path / "coco/val2014/COCO_val2014_000000391895.jpg")
-    _json(tmp_path / "coco/dataset_coco.json", {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
-         "split": "test", "cocoid": 391895, "sentids": [0, 1],
-         "sentences": [{"raw": "A man rides a bike.", "tokens": []},
-                       {"raw": "A cyclist on a road.", "tokens": []}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "imgid": 1,
-         "split": "train", "cocoid": 1, "sentences": [{"raw": "x"}]}]})  # fmt: skip
-    coco = read_benchmark(import_benchmark("coco_karpathy", [tmp_path / "coco/dataset_coco.json",
-                                                             tmp_path / "coco"], tmp_path / "out"))  # fmt: skip
+    coco = imported("coco_karpathy")  # the Karpathy test split only
     assert [(r.id, r.references, r.prompt) for r in coco] == [
         ("391895", ("A man rides a bike.", "A cyclist on a road."), "coco_caption")
     ]
+    assert imported("flickr30k")[0].id == "1000092795"
+    assert imported("nocaps")[0].references == ("A dog.", "A brown dog.")
 
-    _image(tmp_path / "f30k/images/1000092795.jpg")
-    _json(tmp_path / "f30k/dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
-        {"filename": "1000092795.jpg", "imgid": 0, "split": "test",
-         "sentences": [{"raw": "Two young guys."}]}]})  # fmt: skip
-    flickr = read_benchmark(import_benchmark("flickr30k", [tmp_path / "f30k/dataset_flickr30k.json",
-                                                           tmp_path / "f30k/images"], tmp_path / "out"))  # fmt: skip
-    assert flickr[0].id == "1000092795"
 
-    _image(tmp_path / "nocaps/val/0013ea2087020901.jpg")
-    _json(tmp_path / "nocaps/nocaps_val_4500_captions.json", {
-        "images": [{"id": 0, "file_name": "0013ea2087020901.jpg", "domain": "in-domain"}],
-        "annotations": [{"image_id": 0, "id": 0, "caption": "A dog."},
-                        {"image_id": 0, "id": 1, "caption": "A brown dog."}]})  # fmt: skip
-    nocaps = read_benchmark(import_benchmark(
-        "nocaps", [tmp_path / "nocaps/nocaps_val_4500_captions.json", tmp_path / "nocaps/val"],
-        tmp_path / "out"))  # fmt: skip
-    assert nocaps[0].references == ("A dog.", "A brown dog.")
+def test_owl_eval_scores_every_kind_from_official_files(tmp_path: Path, capsys) -> None:
+    specs = every_kind(tmp_path)
+    model = make_model(tmp_path / "model", make_tokenizer(tmp_path / "tok"))
+    argv = ["eval", "--model", str(model), "--json", "--no-meteor", "--batch-size", "4",
+            "--caption-tokenizer", "ptb" if java_available() else "approx"]  # fmt: skip
+    for spec in specs.values():
+        argv += ["--benchmark", spec]
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert set(metrics) == set(specs)
+    assert 0 <= metrics["vqav2"]["vqa.accuracy"] <= 1
+    assert 0 <= metrics["gqa"]["text.accuracy"] <= 1
+    assert {"multiple_choice.accuracy", "multiple_choice.circular_accuracy"} <= set(
+        metrics["mmbench"]
+    )
+    mme = metrics["mme"]
+    assert mme["yes_no.perception"] == pytest.approx(
+        mme["yes_no.existence.score"] + mme["yes_no.artwork.score"]
+    )
+    assert {"yes_no.f1", "yes_no.yes_ratio"} <= set(metrics["pope"])
+    cider = "caption.CIDEr" if java_available() else "caption.CIDEr_approx"
+    assert all(cider in metrics[k] for k in ("coco_karpathy", "flickr30k", "nocaps"))
 
 
 def test_submission_files(tmp_path: Path) -> None:
