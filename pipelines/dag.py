@@ -109,14 +109,14 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "tokenize_captions",
             "pipelines.steps.tokenize_captions",
-            "1",
+            "2",  # 2: writes a per-shard index beside each shard
             {"data": Role("filter"), "tokenizer": Role("tokenizer")},
             uses_model=True,
         ),
         StepSpec(
             "tokenize_instructions",
             "pipelines.steps.tokenize_instructions",
-            "1",
+            "2",  # 2: writes a per-shard index beside each shard
             {"tokenizer": Role("tokenizer"), "shapes": Role("shapes", False)},
             uses_model=True,
         ),

@@ -3,6 +3,10 @@
 `ShardWriter` appends record batches and rolls over to a new `shard-NNNNN.arrow` every
 `rows_per_shard` rows, so its memory is one batch and the file names depend only on the row order.
 `close()` returns what a manifest needs per file (path, rows, tokens).
+
+Beside each shard the writer puts its *index*, `shard-NNNNN.index.npy`: an int32 array (3, rows)
+of per-sample tokens, images and supervised tokens. The streaming loader plans a shard's samples
+(drops, packing) from it without touching the shard's token or image buffers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,40 @@ import pyarrow.compute as pc
 
 from owl.data.schema import TOKENIZED_SCHEMA, check_schema
 
+INDEX_SUFFIX = ".index.npy"
+INDEX_FIELDS = ("num_tokens", "num_images", "num_supervised")
+
+
+def index_path(shard_path: str) -> str:
+    """The per-shard index beside a shard: shards/shard-00000.arrow -> shard-00000.index.npy."""
+    return shard_path.removesuffix(".arrow") + INDEX_SUFFIX
+
+
+def shard_index(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """(3, rows) int32: tokens, images and supervised tokens of each sample of a shard."""
+    return np.stack(
+        [
+            np.asarray(table.column("num_tokens"), dtype=np.int32),
+            np.asarray(pc.list_value_length(table.column("images")), dtype=np.int32),
+            np.asarray(table.column("num_supervised"), dtype=np.int32),
+        ]
+    )
+
+
+def write_index(path: str | os.PathLike, index: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(index, dtype=np.int32), allow_pickle=False)
+
+
+def read_index(path: str | os.PathLike, rows: int) -> np.ndarray:
+    index = np.load(str(path), allow_pickle=False)
+    if index.shape != (len(INDEX_FIELDS), rows) or index.dtype != np.int32:
+        raise ValueError(
+            f"{path}: index of shape {index.shape} {index.dtype}, expected (3, {rows}) int32; "
+            "re-run the tokenize step"
+        )
+    return index
+
 
 @dataclass
 class ShardInfo:
@@ -26,6 +64,7 @@ class ShardInfo:
     rows: int
     tokens: int
     supervised: int
+    index: str = ""  # its index file, relative like `path`
 
 
 def _flat(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -122,19 +161,25 @@ class ShardWriter:
         (self.root / subdir).mkdir(parents=True, exist_ok=True)
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._current: ShardInfo | None = None
+        self._index_parts: list[np.ndarray] = []
         self.shards: list[ShardInfo] = []
 
     def _open_next(self) -> None:
         rel = f"{self.subdir}/shard-{len(self.shards):05d}.arrow"
         self._writer = pa.ipc.new_file(str(self.root / rel), self.schema)
-        self._current = ShardInfo(path=rel, rows=0, tokens=0, supervised=0)
+        self._current = ShardInfo(path=rel, rows=0, tokens=0, supervised=0, index=index_path(rel))
+        self._index_parts = []
         self.shards.append(self._current)
 
     def _close_current(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            assert self._current is not None
+            parts = self._index_parts or [np.zeros((len(INDEX_FIELDS), 0), np.int32)]
+            write_index(self.root / self._current.index, np.concatenate(parts, axis=1))
         self._writer = None
         self._current = None
+        self._index_parts = []
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if isinstance(batch, pa.Table):
@@ -152,6 +197,7 @@ class ShardWriter:
             take = min(self.rows_per_shard - self._current.rows, batch.num_rows - offset)
             part = batch.slice(offset, take)
             self._writer.write_batch(part)
+            self._index_parts.append(shard_index(part))
             self._current.rows += take
             self._current.tokens += int(pc.sum(part.column("num_tokens")).as_py() or 0)
             self._current.supervised += int(pc.sum(part.column("num_supervised")).as_py() or 0)

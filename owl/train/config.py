@@ -43,6 +43,11 @@ class TrainConfig:
     packing: bool = True
     max_images_per_row: int = 8
     packing_window: int = 16  # open rows the packer tries before starting a new one
+    # Data loading: "streaming" deals shards to workers and reads each worker's shards in
+    # shuffle buffers of `shuffle_buffer` samples (owl.data.loader.StreamingLoader); "global"
+    # plans the whole dataset on every worker (the earlier ShardLoader).
+    loader: str = "streaming"
+    shuffle_buffer: int = 16384
     # Memory: ZeRO stage (0, 2 or 3) and activation checkpointing of decoder/ViT layers.
     zero_stage: int = 2
     activation_checkpointing: bool = False
@@ -119,6 +124,8 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
         (cfg.fail_mode in ("raise", "kill"), "fail_mode must be 'raise' or 'kill'"),
         (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
+        (cfg.loader in ("streaming", "global"), "loader must be 'streaming' or 'global'"),
+        (cfg.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
     ]
     for ok, message in checks:

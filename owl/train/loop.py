@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from owl.data.loader import LoaderConfig, ShardLoader, ShardRef
+from owl.data.loader import LoaderConfig, ShardLoader, ShardRef, StreamingLoader
 from owl.model.config import OwlConfig
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
@@ -45,7 +45,9 @@ class WorkerJob:
     shards: list[ShardRef]
     init_model_dir: str = ""  # a folder `owl.model.load_model` reads; empty = fresh init
     pad_id: int = 0
-    verify_shards: bool = True  # sha256 of every shard before reading (the step does it once)
+    # sha256 of the shards: the global loader checks every shard up front (the step does it once
+    # and passes False); the streaming loader checks each shard where and when it first opens it.
+    verify_shards: bool = True
 
 
 class Session(Protocol):
@@ -94,7 +96,7 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
     return state
 
 
-def total_optimizer_steps(cfg: TrainConfig, loader: ShardLoader) -> int:
+def total_optimizer_steps(cfg: TrainConfig, loader: ShardLoader | StreamingLoader) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     micro_batches = sum(loader.batches_per_epoch(e) for e in range(cfg.epochs))
@@ -147,10 +149,34 @@ def loader_config(cfg: TrainConfig, model: OwlConfig, pad_id: int) -> LoaderConf
         pad_id=pad_id,
         image_size=model.vision.image_size,
         image_mode=model.image_mode,
+        shuffle_buffer=cfg.shuffle_buffer,
     )
 
 
-def _build_loader(job: WorkerJob, session: Session) -> ShardLoader:
+def build_loader(
+    cfg: TrainConfig,
+    shards: list[ShardRef],
+    loader_cfg: LoaderConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    verify: bool = True,
+) -> ShardLoader | StreamingLoader:
+    """The loader `cfg.loader` names, for one rank."""
+    kind = StreamingLoader if cfg.loader == "streaming" else ShardLoader
+    return kind(shards, loader_cfg, rank=rank, world_size=world_size, verify=verify)
+
+
+def _build_loader(job: WorkerJob, session: Session) -> ShardLoader | StreamingLoader:
+    if job.train.loader == "streaming":
+        return build_loader(
+            job.train,
+            job.shards,
+            loader_config(job.train, job.model, job.pad_id),
+            rank=session.rank,
+            world_size=session.world_size,
+            verify=job.verify_shards,
+        )
     return ShardLoader(
         job.shards,
         loader_config(job.train, job.model, job.pad_id),
@@ -202,7 +228,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _train_step(
-    engine: Any, loader: ShardLoader, job: WorkerJob, world_size: int
+    engine: Any, loader: ShardLoader | StreamingLoader, job: WorkerJob, world_size: int
 ) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches; local (this rank's) counts."""
     batches = [next(loader) for _ in range(job.train.grad_accum)]
@@ -249,7 +275,7 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int, started_fresh: bool) -> 
 
 def _train(
     engine: Any,
-    loader: ShardLoader,
+    loader: ShardLoader | StreamingLoader,
     job: WorkerJob,
     session: Session,
     state: TrainState,
@@ -301,7 +327,7 @@ def _window_metrics(
 
 def _save_and_report(
     engine: Any,
-    loader: ShardLoader,
+    loader: ShardLoader | StreamingLoader,
     job: WorkerJob,
     session: Session,
     state: TrainState,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,15 +164,19 @@ def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, 
 def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError("train: needs a `data` input (tokenized shards)")
-    from owl.data.loader import ShardLoader, shards_from_manifest
-    from owl.train.loop import WorkerJob, loader_config
+    from owl.data.loader import shards_from_manifest
+    from owl.train.loop import WorkerJob, build_loader, loader_config
 
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
-    # Build the loader once here: digests, schema and "enough data for every worker" are checked
-    # before any worker starts, and its drop counts go into the manifest.
+    # Build the loader once here: "enough data for every worker" is checked before any worker
+    # starts. The global loader also checks every digest here and counts its drops; the
+    # streaming one reads only the manifest and one shard's index here: the workers check the
+    # digests of the shards they open and count the drops (summed in `_finish`).
     pad_id = ctx.model.decoder.pad_token_id
     loader_cfg = loader_config(cfg, ctx.model, pad_id)
-    dropped = dict(ShardLoader(shards, loader_cfg, world_size=cfg.num_workers).dropped)
+    streaming = cfg.loader == "streaming"
+    driver_loader = build_loader(cfg, shards, loader_cfg, world_size=cfg.num_workers)
+    dropped = {} if streaming else dict(driver_loader.dropped)
     check_resources(cfg)
     table = _trainable_table(ctx, cfg)
     job = WorkerJob(
@@ -180,14 +185,14 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         shards=shards,
         init_model_dir=_init_model_dir(cfg, inputs),
         pad_id=pad_id,
-        verify_shards=False,  # verified above; workers read the same files
+        verify_shards=streaming,  # global: verified above; workers read the same files
     )
     started = time.perf_counter()
     result = build_trainer(ctx, cfg, job).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
-    manifest.dropped = dropped
+    manifest.dropped = dropped or manifest.dropped
     return manifest
 
 
@@ -207,8 +212,13 @@ def _finish(
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(directory / EXPORT_DIR, model_dir)
         saved = torch.load(directory / "worker-rank0.pt", weights_only=False)
+        dropped: Counter = Counter()  # the streaming loader's counts, every rank's
+        for worker_file in sorted(directory.glob("worker-rank*.pt")):
+            loader_state = torch.load(worker_file, weights_only=False)["loader"]
+            dropped.update(loader_state.get("dropped", {}))
     state: checkpoint.TrainState = saved["state"]
     manifest = Manifest(step=ctx.step)
+    manifest.dropped = {k: v for k, v in sorted(dropped.items()) if v}
     for path in sorted(model_dir.rglob("*")):
         if path.is_file():
             manifest.add_file(ctx.out_dir, path.relative_to(ctx.out_dir).as_posix())

@@ -15,7 +15,7 @@ from PIL import Image
 from owl import IMAGE_TOKEN_ID
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
-from owl.data.shards import read_shard
+from owl.data.shards import index_path, read_index, read_shard
 from owl.data.sources import SourceSpec
 from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
 from pipelines.step import Resources, StepContext, StepInput
@@ -132,11 +132,21 @@ def _check_shards(out_dir: Path, manifest: Manifest) -> list[dict]:
     manifest.write(out_dir)
     assert Manifest.read(out_dir).verify(out_dir, full=True) == []
     rows = []
-    for entry in manifest.files:
+    entries = {e.path: e for e in manifest.files}
+    shards = [e for e in manifest.files if e.path.endswith(".arrow")]
+    assert len(entries) == 2 * len(shards)  # each shard and its index
+    for entry in shards:
         table = read_shard(out_dir / entry.path)
         assert table.schema.equals(TOKENIZED_SCHEMA)
         assert entry.rows == table.num_rows
         assert entry.tokens == sum(len(ids) for ids in table.column("input_ids").to_pylist())
+        # The per-shard index the streaming loader plans from: tokens, images, supervised.
+        index = read_index(out_dir / entries[index_path(entry.path)].path, entry.rows)
+        assert index.tolist() == [
+            [len(ids) for ids in table.column("input_ids").to_pylist()],
+            [len(images) for images in table.column("images").to_pylist()],
+            [sum(x >= 0 for x in labels) for labels in table.column("labels").to_pylist()],
+        ]
         rows.extend(table.to_pylist())
     return rows
 
@@ -154,7 +164,9 @@ def test_tokenize_captions(workdir: Path, tokenizer_input: StepInput, tmp_path: 
     ]
     manifest = tokenize_captions.run(_ctx(tmp_path, "tokenize_captions"), cfg, inputs)
     rows = _check_shards(tmp_path / "tokenize_captions", manifest)
-    assert [len(rows)] == [30] and [f.rows for f in manifest.files] == [12, 12, 6]
+    assert [len(rows)] == [30] and [
+        f.rows for f in manifest.files if f.path.endswith(".arrow")
+    ] == [12, 12, 6]
     # Input order is kept across tasks (deterministic shards), the blank caption is counted.
     assert [r["sample_id"] for r in rows] == [f"k0-{i}" for i in range(16)] + [
         f"k1-{i}" for i in range(14)
