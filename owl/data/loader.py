@@ -300,6 +300,9 @@ class _Share:
         return self.perm[k], glob - self.starts[k]
 
 
+CALIBRATION = 65536  # samples packed at start-up to measure rows per sample
+
+
 class StreamingLoader:
     """Yields collated micro-batches for one rank, forever, touching only this rank's shards.
 
@@ -314,8 +317,8 @@ class StreamingLoader:
     in order; micro-batches are consecutive rows.
 
     Every rank yields exactly `batches_per_epoch()` micro-batches per epoch, computed up front
-    from row counts alone: shares' sizes x rows per sample, measured by packing the first buffer
-    of (epoch 0, rank 0). A rank with rows left over skips them (counted in
+    from row counts alone: shares' sizes x rows per sample, measured by packing the first buffers
+    of (epoch 0, rank 0) (up to `CALIBRATION` samples, from their shards' indexes). A rank with rows left over skips them (counted in
     `loader.epoch_tail_rows`); one that runs short continues into re-shuffled buffers from the
     start of its share (counted in `loader.epoch_fill_rows`).
 
@@ -447,11 +450,16 @@ class StreamingLoader:
         return [[samples[i] for i in row] for row in rows]
 
     def _estimate_batches(self) -> int:
-        """Micro-batches per rank per epoch, the same on every rank, from row counts and one
-        packed buffer (epoch 0, rank 0, buffer 0: its index only, a shard or two)."""
-        buffer = self._buffer_samples(0, 0, rank=0)
-        rows = self._plan_buffer(0, 0, rank=0, count=False)
-        per_sample = len(rows) / len(buffer)
+        """Micro-batches per rank per epoch, the same on every rank, from row counts and the rows
+        per sample of the first buffers of (epoch 0, rank 0), up to CALIBRATION samples: their
+        shards' indexes only, a few small files."""
+        samples = rows = 0
+        for buffer in range(self.buffers_per_epoch):
+            samples += len(self._buffer_samples(0, buffer, rank=0))
+            rows += len(self._plan_buffer(0, buffer, rank=0, count=False))
+            if samples >= CALIBRATION:
+                break
+        per_sample = rows / samples
         samples = self._share_min * sum(self._quota) / self._quota[0]
         return int(samples * per_sample) // self.cfg.micro_batch_size
 

@@ -188,12 +188,28 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         verify_shards=streaming,  # global: verified above; workers read the same files
     )
     started = time.perf_counter()
-    result = build_trainer(ctx, cfg, job).fit()
+    try:
+        result = build_trainer(ctx, cfg, job).fit()
+    except Exception as exc:
+        cause = _worker_value_error(exc)
+        if cause is None:
+            raise
+        raise ValueError(cause) from exc  # e.g. a worker found a shard that does not match
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
     manifest.dropped = dropped or manifest.dropped
     return manifest
+
+
+def _worker_value_error(exc: BaseException) -> str | None:
+    """The message of a ValueError a worker raised (a data error, e.g. a corrupted shard the
+    streaming loader found on opening it), from Ray Train's WorkerGroupError; else None."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)  # RayTaskError wraps the worker's exception
+        if isinstance(cause, ValueError):
+            return str(cause.args[0]) if cause.args else str(cause)
+    return None
 
 
 def _finish(
