@@ -11,10 +11,14 @@ A file is either a JSON array (`.json`, parsed incrementally) or one JSON object
 `Record` per usable sample and a `Bad(reason, source)` per unusable one (malformed line, unknown
 speaker, missing field) so the caller counts it; a file that cannot be read at all, or whose first
 record lacks the format's fields, raises ValueError naming the file and field before any work.
+A file (and its image folder) may be an object-store URI (`s3://...`, see `owl.data.uri`),
+streamed from there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from typing import Any, BinaryIO, Literal
 
 import ijson
 
+from owl.data import uri
 from owl.data.templates import Turn
 
 SourceFormat = Literal["llava", "alpaca", "sharegpt"]
@@ -70,14 +75,21 @@ class Bad:
     source: str
 
 
-def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
+def _open_binary(path: str | Path) -> contextlib.AbstractContextManager[BinaryIO]:
+    if uri.is_uri(str(path)):
+        filesystem, inner = uri.resolve(str(path))
+        return filesystem.open_input_stream(inner)  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _iter_json_objects(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(index, object) pairs, streamed: a `.json` array is parsed incrementally (ijson) and a
     `.jsonl` file read line by line, so a file is never held in memory whole. A malformed JSONL
     line yields (index, None); an unreadable or malformed `.json` raises ValueError (possibly
     after earlier records were yielded: the error names the file)."""
     try:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+        if str(path).endswith(".jsonl"):
+            with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
                 for index, line in enumerate(f):
                     if not line.strip():
                         continue
@@ -86,12 +98,12 @@ def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
                     except json.JSONDecodeError:
                         yield index, None
             return
-        with open(path, "rb") as f:
+        with _open_binary(path) as f:
             first = _first_byte(f)
             if first != b"[":
                 what = {b"{": "an object", b"": "an empty file"}.get(first, "a single value")
                 raise ValueError(f"{path}: expected a JSON array of samples, got {what}")
-            f.seek(0)
+        with _open_binary(path) as f:  # again from the start (object streams do not seek)
             # use_float: numbers as float, as json.load gives them (ijson's default is Decimal)
             yield from enumerate(ijson.items(f, "item", use_float=True))
     except (OSError, UnicodeDecodeError, ijson.JSONError) as exc:
@@ -153,10 +165,14 @@ def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record 
     return Record(sample_id, turns, images, source)
 
 
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if uri.is_uri(path) else str(Path(path).parent)
+
+
 def read_source(spec: SourceSpec) -> Iterator[Record | Bad]:
     """Records of one instruction file, in file order."""
-    path = Path(spec.path)
-    image_folder = spec.image_folder or str(path.parent)
+    path = spec.path
+    image_folder = spec.image_folder or _parent(path)
     for index, obj in _iter_json_objects(path):
         yield _parse(spec, obj, index, image_folder)
 
@@ -164,8 +180,9 @@ def read_source(spec: SourceSpec) -> Iterator[Record | Bad]:
 def check_source(spec: SourceSpec) -> None:
     """Raise ValueError before any work if the file is unreadable or its first record lacks the
     format's fields (usually: the wrong `format` was given)."""
-    path = Path(spec.path)
-    if not path.is_file():
+    path = spec.path
+    found = uri.file_type(path) == "file" if uri.is_uri(path) else Path(path).is_file()
+    if not found:
         raise ValueError(f"{spec.path}: instruction file not found")
     for _, obj in _iter_json_objects(path):
         if obj is None:

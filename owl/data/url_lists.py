@@ -3,7 +3,8 @@
 `read_url_list` checks the structure of every file first (a missing column or an unreadable file is
 a ValueError naming the file and the column), then yields normalised Arrow tables with the columns
 `url`, `caption` and the kept extra columns (scores such as `similarity`, `punsafe`, `pwatermark`).
-Rows without a URL are counted, not yielded.
+Rows without a URL are counted, not yielded. A URL list (a file or a folder of files) may be
+an object-store URI (`s3://bucket/urls/`, see `owl.data.uri`), read directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+
+from owl.data import uri
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
 
@@ -67,6 +70,16 @@ PRESETS: dict[str, UrlListSpec] = {
 
 def list_url_files(path: str, input_format: str) -> list[str]:
     """The files of a URL list: `path` itself, or the sorted `*.<input_format>` files in a folder."""
+    if uri.is_uri(path):
+        kind = uri.file_type(path)
+        if kind == "missing":
+            raise ValueError(f"{path}: URL list not found")
+        if kind == "file":
+            return [path]
+        files = uri.list_files(path, f".{input_format}")
+        if not files:
+            raise ValueError(f"{path}: folder has no *.{input_format} files")
+        return files
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, f"*.{input_format}")))
         if not files:
@@ -77,14 +90,20 @@ def list_url_files(path: str, input_format: str) -> list[str]:
     return [path]
 
 
+def _source(path: str) -> str | pa.NativeFile:
+    """What pyarrow's readers take: the local path, or an open object-store file."""
+    return uri.open_input_file(path) if uri.is_uri(path) else path
+
+
 def _file_columns(path: str, spec: UrlListSpec) -> list[str]:
     if spec.input_format == "parquet":
-        return pq.read_schema(path).names
+        return pq.read_schema(_source(path)).names
     if spec.column_names is not None:
         return list(spec.column_names)
     if spec.input_format in ("csv", "tsv"):  # the header line only
         delimiter = "\t" if spec.input_format == "tsv" else ","
-        with pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter)) as r:
+        options = pa_csv.ParseOptions(delimiter=delimiter)
+        with pa_csv.open_csv(_source(path), parse_options=options) as r:
             return r.schema.names
     return _read_table(path, spec).column_names
 
@@ -92,15 +111,18 @@ def _file_columns(path: str, spec: UrlListSpec) -> list[str]:
 def _read_table(path: str, spec: UrlListSpec) -> pa.Table:
     fmt = spec.input_format
     if fmt == "parquet":
-        return pq.read_table(path)
+        return pq.read_table(_source(path))
     if fmt in ("csv", "tsv"):
         return pa_csv.read_csv(
-            path,
+            _source(path),
             read_options=pa_csv.ReadOptions(column_names=spec.column_names),
             parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
         )
     if fmt == "jsonl":
-        return pa_json.read_json(path)
+        return pa_json.read_json(_source(path))
+    if uri.is_uri(path):
+        with uri.open_input_file(path) as f:
+            return pa.Table.from_pylist(json.loads(f.read()))
     with open(path) as f:  # a JSON array of objects
         return pa.Table.from_pylist(json.load(f))
 

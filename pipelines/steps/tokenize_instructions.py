@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from owl.data import uri
 from owl.data.manifest import Manifest
 from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
 from owl.data.templates import DropSample, Turn
@@ -63,11 +63,7 @@ def _read_image(path: str) -> bytes | None:
             return None
         with open(path, "rb") as f:
             return f.read()
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    if filesystem.get_file_info(inner).type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_file(inner) as f:
-        return f.read()
+    return uri.read_bytes(path)  # s3://, gs://, ... (owl.data.uri)
 
 
 def encode_conversation_batch(
