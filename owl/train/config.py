@@ -46,7 +46,7 @@ class TrainConfig:
     # Data loading: "streaming" deals shards to workers and reads each worker's shards in
     # shuffle buffers of `shuffle_buffer` samples (owl.data.loader.StreamingLoader); "global"
     # plans the whole dataset on every worker (the earlier ShardLoader).
-    loader: str = "streaming"
+    loader: str = "global"
     shuffle_buffer: int = 16384
     # Memory: ZeRO stage (0, 2 or 3) and activation checkpointing of decoder/ViT layers.
     zero_stage: int = 2
