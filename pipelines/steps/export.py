@@ -174,7 +174,9 @@ def _training_section(inputs: dict[str, StepInput]) -> str:
         manifest = inputs[role].manifest
         stats = manifest.stats
         settings = manifest.info.get("train_config", {})
-        chosen = ", ".join(f"{k}={settings[k]}" for k in _TRAIN_SETTINGS if k in settings)
+        lora = manifest.info.get("trainable_parameters", {}).get("lora", {}).get("trainable")
+        names = [k for k in _TRAIN_SETTINGS if lora or not k.startswith("lora_")]
+        chosen = ", ".join(f"{k}={settings[k]}" for k in names if k in settings)
         rows.append((role, f"{stats.get('steps', 0):.0f}", f"{stats.get('tokens', 0):,.0f}",
                      f"{stats.get('final_loss', float('nan')):.4f}", chosen))  # fmt: skip
     return _table(rows, ("stage", "steps", "tokens", "final loss", "settings")) + "\n"

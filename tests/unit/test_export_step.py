@@ -41,10 +41,14 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
     save_model(build_model(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
     shard = FileEntry("shards/0.arrow", 10, "ab" * 32, rows=7, tokens=321)
     return {
-        "stage1": _input(tmp_path, "stage1", "run-s1", stats={"steps": 5.0, "final_loss": 2.5}),
+        "stage1": _input(
+            tmp_path, "stage1", "run-s1", stats={"steps": 5.0, "final_loss": 2.5},
+            info={"train_config": {"lr": 1e-4, "lora_r": 8}},
+        ),
         "stage2": _input(
             tmp_path, "stage2", "run-s2", stats={"steps": 3.0, "final_loss": 1.25},
-            info={"train_config": {"lr": 2e-5, "lora_r": 8}},
+            info={"train_config": {"lr": 2e-5, "lora_r": 8},
+                  "trainable_parameters": {"lora": {"trainable": 64, "total": 64}}},
         ),
         "evaluate": _input(tmp_path, "evaluate", "run-ev", stats={"vqa.accuracy": 0.8125}),
         "captions": _input(tmp_path, "tokenize_captions", "run-tc", files=[shard]),
@@ -72,6 +76,7 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
     for key, tensor in stage2.state_dict().items():
         assert torch.equal(state[key], tensor), key
     card = (out / "README.md").read_text()
+    assert "| stage1 | 5 | 0 | 2.5000 | lr=0.0001 |" in card  # no LoRA there: no LoRA settings
     for fact in ("run-s1", "run-s2", "run-ev", "run-tc", "vqa.accuracy", "0.8125", "321",
                  "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current"):  # fmt: skip
         assert fact in card, fact
