@@ -175,3 +175,48 @@ def test_unanswered_split_is_counted_not_scored() -> None:
     record = BenchmarkRecord(id="7", type="vqa", source="t", images=("x",), question="Q?")
     scores = score([record], [{"id": "7", "shift": 0, "prediction": "yes"}])
     assert scores == {"vqa.count": 1.0, "vqa.unanswered": 1.0}
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB tokenizer)")
+def test_caption_scores_equal_the_official_coco_pipeline(monkeypatch) -> None:
+    """COCOEvalCap (COCO's own pipeline: pycocotools COCO + loadRes, PTB tokenizer, the toolkit's
+    scorers) on the same captions gives the same Bleu/ROUGE_L/CIDEr as caption_scores. Its SPICE
+    (downloads models) and METEOR (slow JVM) are swapped for stubs; the rest runs as shipped."""
+    import pycocoevalcap.eval as coco_eval
+    from pycocotools.coco import COCO
+
+    class _Skipped:
+        def method(self) -> str:
+            return "skipped"
+
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+    monkeypatch.setattr(coco_eval, "Spice", _Skipped)
+    monkeypatch.setattr(coco_eval, "Meteor", _Skipped)
+    references = {
+        1: ["A man riding a bike down the street.", "A cyclist on a city road."],
+        2: ["Two dogs play in the snow.", "A pair of dogs running through snow!"],
+        3: ["A plate of food with broccoli, rice and meat."],
+    }
+    predictions = {1: "a man rides a bike on a street", 2: "two dogs in the snow", 3: "food"}
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": i} for i in references],
+        "annotations": [
+            {"id": 10 * i + j, "image_id": i, "caption": c}
+            for i, caps in references.items()
+            for j, c in enumerate(caps)
+        ],
+    }
+    coco.createIndex()
+    results = coco.loadRes([{"image_id": i, "caption": c} for i, c in predictions.items()])
+    official = coco_eval.COCOEvalCap(coco, results)
+    official.evaluate()
+    ours = caption_scores(
+        {str(i): refs for i, refs in references.items()},
+        {str(i): c for i, c in predictions.items()},
+        meteor=False,
+    )
+    for name in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert ours[name] == pytest.approx(100.0 * official.eval[name], abs=1e-9), name
