@@ -176,3 +176,29 @@ def test_documented_convert_commands_run_as_written(tmp_path: Path, monkeypatch,
     assert (
         json.loads(Path("out/owl2-release/config.json").read_text())["model_type"] == "mplug_owl2"
     )
+
+
+@pytest.mark.parametrize("name", ["owl2-llama2-7b", "owl1-llama-7b"])
+def test_a_7b_release_layout_gives_exactly_the_recipe_model_config(name: str) -> None:
+    """At full size (tensors on the meta device: shapes only), a release whose config.json leaves
+    the eps to their classes' defaults converts to the recipe's config: `init` from the authors'
+    release needs no model.overrides."""
+    from owl.model import OwlModel, get_config
+    from owl.model.releases import config_from_release, from_release, release_config, to_release
+
+    cfg = get_config(name)
+    layout = LAYOUTS[cfg.variant]
+    with torch.device("meta"):
+        ours = OwlModel(cfg).state_dict()
+    theirs = to_release(cfg, ours, layout)
+    hf = release_config(cfg, layout)
+    if cfg.variant == "owl2":
+        vision, abstractor = hf["visual_config"]["visual_model"], hf["visual_config"]["visual_abstractor"]  # fmt: skip
+    else:
+        vision, abstractor = hf["vision_config"], hf["visual_abstractor_config"]
+    del vision["layer_norm_eps"], abstractor["layer_norm_eps"]
+    got = config_from_release(hf, theirs, layout, get_config(name))
+    assert got == cfg
+    buffers = [k for k in theirs if k.endswith(("pos_embed", "inv_freq"))]
+    params = {k: v for k, v in theirs.items() if k not in buffers}
+    assert set(from_release(got, params, layout, "meta")) == set(ours)
