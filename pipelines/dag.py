@@ -94,15 +94,15 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "download",
             "pipelines.steps.download",
-            "1",
+            "2",  # 2: images decoded and normalised, URLs percent-encoded, total deadline
             {"shapes": Role("shapes", False)},
             resumable=True,
         ),
-        StepSpec("filter", "pipelines.steps.filter", "1", {"data": Role("download")}),
+        StepSpec("filter", "pipelines.steps.filter", "2", {"data": Role("download")}),  # 2: no NULs
         StepSpec(
             "tokenizer",
             "pipelines.steps.tokenizer",
-            "1",
+            "2",  # 2: null Alpaca fields and NULs are bad records, not text
             {"data": Role("filter"), "shapes": Role("shapes", False)},
             uses_ray=False,
         ),
@@ -116,7 +116,7 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "tokenize_instructions",
             "pipelines.steps.tokenize_instructions",
-            "2",  # 2: writes a per-shard index beside each shard
+            "3",  # 2: writes a per-shard index beside each shard; 3: images decoded, normalised
             {"tokenizer": Role("tokenizer"), "shapes": Role("shapes", False)},
             uses_model=True,
         ),

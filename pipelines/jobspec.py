@@ -112,7 +112,10 @@ def load_job(
     """Read a job file (or `env:VAR`, YAML text in an environment variable), apply `--set`
     overrides and validate."""
     text = _read_job_text(str(path))
-    raw = yaml.safe_load(text) or {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {yaml_error(exc)}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a job file is a YAML mapping, got {type(raw).__name__}")
     for item in overrides or []:
@@ -146,7 +149,27 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             where = ".".join(parts[: i + 1])
             raise ValueError(f"--set {item!r}: {where} is a {type(child).__name__}, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ValueError(
+            f"--set {item!r}: the value is not valid YAML: {yaml_error(exc)}; quote it, "
+            f"e.g. --set '{key}=\"...\"'"
+        ) from exc
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line, with its position: 'line 3, column 7: mapping values are not
+    allowed here (while scanning a simple key)'."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    start = getattr(exc, "context_mark", None)
+    if context and start is not None and start is not mark:
+        context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+    text = f"{problem} ({context})" if context else f"{problem}"
+    return where + " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------------------------

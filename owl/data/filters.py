@@ -2,13 +2,13 @@
 
 The filter step applies them per sample (`sample_problem`), then removes exact duplicates across
 the whole dataset (`duplicate_keys`), and counts every removal under `filter.<reason>`.
-The download step uses `sniff_image_problem` to name bad downloads before img2dataset decodes them.
+`sniff_image_problem` names bytes that are not a usable image (the download step decodes each
+download with `owl.data.image.checked_image_bytes` before img2dataset sees it).
 """
 
 from __future__ import annotations
 
 import html
-import io
 import math
 import re
 from collections.abc import Mapping
@@ -17,11 +17,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
+
+from owl.data.image import ImageProblem, checked_image_bytes
 
 _URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _TAG_RE = re.compile(r"<[^>]{0,200}>")
 _SPACE_RE = re.compile(r"\s+")
+# NUL and the other C0/C1 control characters (tab and newlines are whitespace, collapsed anyway).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,11 @@ class FilterRules:
 
 
 def clean_caption(text: str | None, *, strip_urls: bool = True, strip_html: bool = True) -> str:
-    """Caption with HTML tags/entities and URLs removed and whitespace collapsed."""
+    """Caption with control characters (NUL...), HTML tags/entities and URLs removed and
+    whitespace collapsed."""
     if not text:
         return ""
+    text = _CONTROL_RE.sub(" ", text)
     if strip_html:
         text = html.unescape(_TAG_RE.sub(" ", text))
     if strip_urls:
@@ -144,40 +149,15 @@ def duplicate_keys(table: pa.Table, column: str) -> set[str]:
     return set(pc.filter(table.column("key"), pc.invert(is_first)).to_pylist())
 
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 def sniff_image_problem(data: bytes, max_pixels: int) -> str | None:
-    """Why downloaded bytes are not a usable image, found without decoding the pixels, or None.
-
-    Reasons: "empty file", "not an image", "decompression bomb" (declared size over `max_pixels`),
-    "truncated image" (a JPEG without its end marker, a PNG without its IEND chunk).
-    """
-    if not data:
-        return "empty file"
+    """Why bytes are not a usable image, or None: "empty file", "not an image", "decompression
+    bomb" (declared size over `max_pixels`, found before decoding), "truncated image" (the pixels
+    do not decode to the end). Decodes fully (`owl.data.image.checked_image_bytes`)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        return "decompression bomb"
-    except Exception:  # noqa: BLE001 (PIL raises many types for bytes it cannot parse)
-        return "truncated image" if data.startswith((_JPEG_MAGIC, _PNG_MAGIC)) else "not an image"
-    if width * height > max_pixels:
-        return "decompression bomb"
-    if _is_truncated(data):
-        return "truncated image"
+        checked_image_bytes(data, max_pixels)
+    except ImageProblem as exc:
+        return exc.reason.replace("_", " ")
     return None
-
-
-def _is_truncated(data: bytes) -> bool:
-    """A JPEG without its end-of-image marker or a PNG without its IEND chunk near the end."""
-    tail = data[-1024:].rstrip(b"\0\r\n ")
-    if data.startswith(_JPEG_MAGIC):
-        return not tail.endswith(b"\xff\xd9")
-    if data.startswith(_PNG_MAGIC):
-        return b"IEND" not in tail[-12:]
-    return False
 
 
 # img2dataset / urllib failure messages -> readable reason keys (first match wins).

@@ -2,15 +2,18 @@
 
 - `llava`: LLaVA / mPLUG-Owl2 JSON: `{"id", "image": path | [paths], "conversations":
   [{"from": "human"|"gpt", "value": "<image>\\n..."}]}`; images relative to `image_folder`
-  (default: the JSON file's folder) or absolute / filesystem URIs.
-- `alpaca`: `{"instruction", "input", "output"}`, text only.
+  (default: the JSON file's folder), or absolute paths / filesystem URIs inside it. An image path
+  that leaves that root (`../x.jpg`, `/etc/hostname`) is a `Bad("image_outside_root")`; the check
+  is on the path as written, so symlinks placed inside the root (a linked `coco/`) are followed.
+- `alpaca`: `{"instruction", "input", "output"}`, text only; a null `input` is empty, a null
+  `instruction` or `output` is a `Bad("missing_field")` (never the text "None").
 - `sharegpt`: ShareGPT / Vicuna `{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`.
 
 A file is either a JSON array (`.json`, parsed incrementally) or one JSON object per line
 (`.jsonl`, read line by line): a file is streamed, never loaded whole. Readers yield a
 `Record` per usable sample and a `Bad(reason, source)` per unusable one (malformed line, unknown
-speaker, missing field) so the caller counts it; a file that cannot be read at all, or whose first
-record lacks the format's fields, raises ValueError naming the file and field before any work.
+speaker, missing field, a NUL character in a text: `nul_character`) so the caller counts it; a
+file that cannot be read at all, or whose first record lacks the format's fields, raises ValueError naming the file and field before any work.
 A file (and its image folder) may be an object-store URI (`s3://...`, see `owl.data.uri`),
 streamed from there.
 """
@@ -43,7 +46,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 @dataclass(frozen=True)
 class SourceSpec:
-    format: str
+    format: SourceFormat  # checked when a job file is validated (a Literal)
     path: str
     image_folder: str | None = None
 
@@ -135,10 +138,25 @@ def _conversation_turns(conversations: Any) -> list[Turn] | str:
     return turns
 
 
-def _resolve_image(name: str, folder: str) -> str:
-    if "://" in name or os.path.isabs(name):
-        return name
-    return f"{folder.rstrip('/')}/{name}"
+def _resolve_image(name: str, folder: str) -> str | None:
+    """The image's path or URI, or None when it is outside the image root `folder`."""
+    if uri.is_uri(folder):  # an object-store root: the URI must stay under it
+        root = folder.rstrip("/") + "/"
+        full = name if uri.is_uri(name) else root + name.lstrip("/")
+        parts = full[len(root) :].split("/") if full.startswith(root) else [".."]
+        return full if ".." not in parts else None
+    if uri.is_uri(name):
+        return None
+    root = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(folder, name))  # an absolute `name` replaces `folder`
+    return path if path.startswith(root.rstrip(os.sep) + os.sep) else None
+
+
+def _text(value: Any) -> str | None:
+    """A field's text; None for null, a list or a mapping (not text a model should learn)."""
+    if value is None or isinstance(value, dict | list):
+        return None
+    return str(value)
 
 
 def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record | Bad:
@@ -149,19 +167,25 @@ def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record 
         return Bad("missing_field", source)
     sample_id = str(obj.get("id", source))
     if spec.format == "alpaca":
-        prompt = str(obj["instruction"]).strip()
-        extra = str(obj.get("input") or "").strip()
-        user = f"{prompt}\n\n{extra}" if extra else prompt
-        return Record(
-            sample_id, [Turn("user", user), Turn("assistant", str(obj["output"]))], source=source
-        )
-    turns = _conversation_turns(obj["conversations"])
-    if isinstance(turns, str):
-        return Bad(turns, source)
+        prompt, output = _text(obj["instruction"]), _text(obj["output"])
+        if prompt is None or output is None:
+            return Bad("missing_field", source)
+        extra = (_text(obj.get("input")) or "").strip()
+        user = f"{prompt.strip()}\n\n{extra}" if extra else prompt.strip()
+        turns = [Turn("user", user), Turn("assistant", output)]
+    else:
+        turns = _conversation_turns(obj["conversations"])
+        if isinstance(turns, str):
+            return Bad(turns, source)
+    if any("\0" in turn.text for turn in turns):
+        return Bad("nul_character", source)
     images: list[str] = []
     if spec.format == "llava" and obj.get("image"):
         names = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
-        images = [_resolve_image(str(n), image_folder) for n in names]
+        resolved = [_resolve_image(str(n), image_folder) for n in names]
+        if any(path is None for path in resolved):
+            return Bad("image_outside_root", source)
+        images = [path for path in resolved if path is not None]
     return Record(sample_id, turns, images, source)
 
 

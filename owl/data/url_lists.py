@@ -4,7 +4,10 @@
 a ValueError naming the file and the column), then yields normalised Arrow tables with the columns
 `url`, `caption` and the kept extra columns (scores such as `similarity`, `punsafe`, `pwatermark`).
 Rows without a URL are counted, not yielded. A URL list (a file or a folder of files) may be
-an object-store URI (`s3://bucket/urls/`, see `owl.data.uri`), read directly.
+an object-store URI (`s3://bucket/urls/`, see `owl.data.uri`), read directly. URLs are
+percent-encoded (spaces, non-ASCII characters; an internationalised host name in IDNA), so that
+urllib fetches what was meant. Text that is not UTF-8, or a URL column that does not hold text,
+is a ValueError naming the file, the column and the first bad row: a retry cannot fix it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -144,10 +148,78 @@ def kept_columns(path: str, spec: UrlListSpec) -> list[str]:
     return list(spec.extra_cols)
 
 
-def normalise(table: pa.Table, spec: UrlListSpec, extras: list[str]) -> tuple[pa.Table, int]:
+# Characters left as they are in each part of a URL (RFC 3986 reserved ones, and '%' so that an
+# already-encoded URL is not encoded twice).
+_SAFE_PATH = "/%:@!$&'()*+,;=~-._"
+_SAFE_QUERY = _SAFE_PATH + "?"
+
+
+def encode_url(url: str) -> str:
+    """`url` with spaces and non-ASCII characters percent-encoded (UTF-8) and a non-ASCII host
+    name in IDNA; a URL that needs neither is returned unchanged."""
+    if url.isascii() and " " not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = urllib.parse.quote(host, safe="")
+        netloc = f"{userinfo}{at}{host}{colon}{port}"
+    return urllib.parse.urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            urllib.parse.quote(parts.path, safe=_SAFE_PATH),
+            urllib.parse.quote(parts.query, safe=_SAFE_QUERY),
+            urllib.parse.quote(parts.fragment, safe=_SAFE_QUERY),
+        )
+    )
+
+
+def _text_column(table: pa.Table, col: str, role: str, file: str) -> pa.ChunkedArray:
+    """Column `col` as UTF-8 strings; ValueError naming the file, column and first bad row when it
+    holds bytes that are not UTF-8, or (the URL column) values that are not text at all."""
+    column = table.column(col)
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if role == "url_col" and not (text or binary or pa.types.is_null(kind)):
+        raise ValueError(f"{file}: column {col!r} ({role}) holds {kind}, not text URLs")
+    try:
+        if text:
+            column.validate(full=True)  # checks UTF-8, in C++
+        return column.cast(pa.string())  # binary: checks UTF-8 too
+    except pa.ArrowInvalid as exc:
+        if not (text or binary):
+            raise ValueError(f"{file}: column {col!r} ({role}): {exc}") from exc
+        raw = column.cast(pa.large_binary()) if text else column
+        for row, value in enumerate(raw.to_pylist()):
+            try:
+                (value or b"").decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise ValueError(
+                    f"{file}: column {col!r} ({role}) row {row}: not valid UTF-8 "
+                    f"({value[:40]!r}: {bad.reason} at byte {bad.start}); re-encode it as UTF-8"
+                ) from bad
+        raise ValueError(f"{file}: column {col!r} ({role}): {exc}") from exc
+
+
+def normalise(
+    table: pa.Table, spec: UrlListSpec, extras: list[str], file: str = "URL list"
+) -> tuple[pa.Table, int]:
     """(table with url, caption, extras; number of rows dropped for a missing URL)."""
-    url = pc.utf8_trim_whitespace(table.column(spec.url_col).cast(pa.string()))
-    caption = pc.fill_null(table.column(spec.caption_col).cast(pa.string()), "")
+    url = pc.utf8_trim_whitespace(_text_column(table, spec.url_col, "url_col", file))
+    needs_encoding = pc.or_(pc.invert(pc.string_is_ascii(url)), pc.match_substring(url, " "))
+    if pc.any(needs_encoding).as_py():
+        urls = [encode_url(u) if u else u for u in url.to_pylist()]
+        url = pa.chunked_array([pa.array(urls, pa.string())])
+    caption = pc.fill_null(_text_column(table, spec.caption_col, "caption_col", file), "")
     columns = {"url": url, "caption": caption}
     for name in extras:
         columns[f"source_{name}" if name in RESERVED_COLUMNS else name] = table.column(name)
@@ -165,5 +237,10 @@ def check_url_list(path: str, spec: UrlListSpec) -> dict[str, list[str]]:
 def read_url_list(path: str, spec: UrlListSpec) -> Iterator[tuple[str, pa.Table, int]]:
     """Yield (file, normalised table, rows dropped for a missing URL) per file, after checking all."""
     for file, extras in check_url_list(path, spec).items():
-        table, num_missing = normalise(_read_table(file, spec), spec, extras)
+        try:
+            table = _read_table(file, spec)
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            utf8 = "; is it UTF-8?" if "utf" in str(exc).lower() else ""
+            raise ValueError(f"{file}: cannot read it as {spec.input_format}: {exc}{utf8}") from exc
+        table, num_missing = normalise(table, spec, extras, file)
         yield file, table, num_missing

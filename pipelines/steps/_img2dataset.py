@@ -1,4 +1,12 @@
-"""img2dataset's resizer preceded by a header check that names bad bytes precisely.
+"""img2dataset's parts with two changes:
+- `CheckedResizer`: img2dataset's resizer preceded by our own decode, which names bad bytes
+  precisely and normalises the rest (`owl.data.image.checked_image_bytes`: EXIF orientation,
+  16-bit, alpha, CMYK, bytes after a JPEG's end marker) before img2dataset's OpenCV decoder sees
+  them;
+- `DeadlineDownloader`: img2dataset's downloader, whose urllib fetches (in each download process
+  or Ray task) go through an opener that gives each URL a total deadline. urllib's `timeout`
+  bounds each socket operation only: a server trickling a byte every few seconds would hold a
+  download thread for as long as it likes.
 
 In its own module so that `pipelines.steps.download` imports (for its `Config`) without
 img2dataset, while the class still pickles by reference into download processes and Ray tasks.
@@ -6,7 +14,12 @@ img2dataset, while the class still pickles by reference into download processes 
 
 from __future__ import annotations
 
+import functools
+import http.client
+import io
 import os
+import time
+import urllib.request
 from typing import Any
 
 from pipelines.steps.download import _WORKER_ENV
@@ -14,22 +27,107 @@ from pipelines.steps.download import _WORKER_ENV
 for _name, _value in _WORKER_ENV.items():  # before img2dataset imports albumentations
     os.environ.setdefault(_name, _value)
 
+from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from owl.data.filters import sniff_image_problem  # noqa: E402
+from owl.data.image import ImageProblem, checked_image_bytes  # noqa: E402
 
 
 class CheckedResizer(Resizer):
-    """Names a truncated JPEG, a decompression bomb, a 0-byte file or HTML bytes (header only,
-    no pixel decoding), then hands the bytes to img2dataset's own resizer."""
+    """Names a truncated image, a decompression bomb (from its header), a 0-byte file or HTML
+    bytes; hands plain images' bytes as they are, and others normalised to 8-bit RGB PNG, to
+    img2dataset's own resizer."""
 
     def __init__(self, max_image_pixels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_image_pixels = max_image_pixels
 
     def __call__(self, img_stream, blurring_bbox_list=None):  # noqa: ANN001 (img2dataset's API)
-        problem = sniff_image_problem(img_stream.getvalue(), self.max_image_pixels)
-        if problem is not None:
-            return None, None, None, None, None, problem
-        img_stream.seek(0)
-        return super().__call__(img_stream, blurring_bbox_list)
+        try:
+            data = checked_image_bytes(img_stream.getvalue(), self.max_image_pixels)
+        except ImageProblem as exc:  # the message maps to download.<reason> (download_reason)
+            return None, None, None, None, None, exc.reason.replace("_", " ")
+        return super().__call__(io.BytesIO(data), blurring_bbox_list)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """Reads the body in pieces and stops with a timeout once the connection's deadline passed."""
+
+    deadline: float = float("inf")
+    total_s: float = 0.0
+
+    def read(self, amt: int | None = None) -> bytes:
+        if amt is not None:
+            self._check_deadline()
+            return super().read(amt)
+        pieces = []
+        while True:
+            self._check_deadline()
+            piece = self.read1(1 << 16)  # what has arrived, without waiting for more
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            self.close()
+            raise TimeoutError(f"timed out: the whole download took over {self.total_s:g}s")
+
+
+class _DeadlineMixin:
+    """An http.client connection whose response must be complete `total_s` after it started."""
+
+    response_class = _DeadlineResponse
+
+    def __init__(self, *args: Any, total_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.total_s = total_s
+        self.started = time.monotonic()
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        response = super().getresponse()
+        response.deadline = self.started + self.total_s
+        response.total_s = self.total_s
+        return response
+
+
+class _DeadlineHTTPConnection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, total_s: float) -> None:
+        super().__init__()
+        self.total_s = total_s
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, total_s=self.total_s), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, total_s: float) -> None:
+        super().__init__()
+        self.total_s = total_s
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_DeadlineHTTPSConnection, total_s=self.total_s)
+        return self.do_open(connection, req, context=self._context)
+
+
+class DeadlineDownloader(Downloader):
+    """img2dataset's Downloader; each URL's fetch must finish within `timeout` seconds in total.
+
+    The opener is installed where the shard is downloaded (a download process or a Ray task):
+    urllib's process-wide default opener, through its public `install_opener`."""
+
+    def __call__(self, row):  # noqa: ANN001, ANN204 (img2dataset's API)
+        urllib.request.install_opener(
+            urllib.request.build_opener(
+                _DeadlineHTTPHandler(self.timeout), _DeadlineHTTPSHandler(self.timeout)
+            )
+        )
+        return super().__call__(row)

@@ -29,7 +29,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow.parquet as pq
 
@@ -57,26 +57,32 @@ OOM_SHARD_COUNT = 5  # shard names have 5 digits: shards/00000.tar
 @dataclass
 class Config:
     url_list: str = "@shapes/captions.parquet"  # a file or a folder of files
-    preset: str = ""  # "laion", "coyo" or "cc3m": format and column defaults of that dataset
-    input_format: str = ""  # parquet | csv | tsv | json | jsonl; "" = the preset's or parquet
+    # "laion", "coyo" or "cc3m": format and column defaults of that dataset
+    preset: Literal["", "laion", "coyo", "cc3m"] = ""
+    # "" = the preset's, or parquet
+    input_format: Literal["", "parquet", "csv", "tsv", "json", "jsonl"] = ""
     url_col: str = ""  # "" = the preset's or "url"
     caption_col: str = ""  # "" = the preset's or "caption"
     # Extra columns kept with each sample (scores...); None = the preset's, or every other column.
     save_additional_columns: list[str] | None = None
     column_names: list[str] | None = None  # for csv/tsv without a header line
     image_size: int = 32
-    resize_mode: str = "border"  # img2dataset: no | keep_ratio | center_crop | border | ...
-    encode_format: str = "jpg"
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
+        "border"
+    )
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = 95
     min_image_size: int = 0
     max_aspect_ratio: float | None = None
     max_image_pixels: int = 89_478_485  # declared size above this = decompression bomb (PIL's)
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds for the whole fetch of one URL (and for each socket read)
     retries: int = 0
     processes_count: int = 1
     thread_count: int = 32
     number_sample_per_shard: int = 10_000
-    distributor: str = "auto"  # multiprocessing | ray | auto (ray on a multi-node cluster)
+    distributor: Literal["auto", "multiprocessing", "ray"] = (
+        "auto"  # auto: ray on a multi-node cluster
+    )
     env: dict[str, str] = field(default_factory=dict)  # extra env vars for download processes
 
 
@@ -116,10 +122,9 @@ def _normalise_url_list(path: str, spec: UrlListSpec, work: Path) -> tuple[list[
 
 
 def _build_downloader(cfg: Config, reader: Reader, shards_dir: Path) -> Downloader:
-    from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from pipelines.steps._img2dataset import CheckedResizer
+    from pipelines.steps._img2dataset import CheckedResizer, DeadlineDownloader
 
     resizer = CheckedResizer(
         cfg.max_image_pixels,
@@ -131,7 +136,7 @@ def _build_downloader(cfg: Config, reader: Reader, shards_dir: Path) -> Download
         min_image_size=cfg.min_image_size,
         max_aspect_ratio=cfg.max_aspect_ratio or float("inf"),
     )
-    return Downloader(
+    return DeadlineDownloader(  # `timeout`: the whole fetch of one URL, not one socket read
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,
         thread_count=cfg.thread_count,

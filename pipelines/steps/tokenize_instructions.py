@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from owl.data import uri
+from owl.data.image import ImageProblem, checked_image_bytes
 from owl.data.manifest import Manifest
 from owl.data.sources import Bad, Record, SourceSpec, check_source, read_source
 from owl.data.templates import DropSample, Turn
@@ -78,7 +79,10 @@ def encode_conversation_batch(
     """Rows (sample_id, turns, images, source) -> tokenized rows: reads the images, encodes.
 
     A sample the template rejects is counted under that reason; one whose template is fine but an
-    image file is missing under "missing_image" (its images are not read further)."""
+    image file is missing under "missing_image", one whose image does not decode under the
+    `owl.data.image` reason (not_an_image, truncated_image, empty_file, decompression_bomb); its
+    images are not read further. Images that need it are normalised (16-bit, alpha, CMYK, EXIF
+    orientation) and stored as PNG (`checked_image_bytes`)."""
     image_paths = [json.loads(paths) for paths in batch.column("images").to_pylist()]
     samples = [
         ([Turn(role, text) for role, text in json.loads(turns)], len(paths))
@@ -95,7 +99,11 @@ def encode_conversation_batch(
             if data is None:
                 pieces[row] = DropSample("missing_image", path)
                 break
-            found.append(data)
+            try:  # decoded once here: training never meets an image it cannot decode
+                found.append(checked_image_bytes(data))
+            except ImageProblem as exc:
+                pieces[row] = DropSample(exc.reason, f"{path}: {exc}")
+                break
         else:
             images.extend(found)
     encoded = encode_piece_lists(

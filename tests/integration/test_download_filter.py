@@ -5,12 +5,15 @@ import io
 import os
 import socket
 import struct
+import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +23,9 @@ from PIL import Image
 from pipelines.step import StepContext, StepInput
 from pipelines.steps import download
 from pipelines.steps import filter as filter_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.integration import bad_images  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +65,41 @@ ROUTES = {
     "/trunc.jpg": _truncated_jpeg(),
     "/bomb.png": _png_bomb(),
     "/empty.png": b"",
+    # Decoders get these wrong; each must arrive as the colours it shows (see EXPECTED_COLOURS).
+    "/grey16.png": bad_images.grey16_png(0x8000),
+    "/rgb16.png": bad_images.rgb16_png(),
+    "/rgba16.png": bad_images.rgba16_png(),
+    "/palette.png": bad_images.palette_alpha_png(),
+    "/cmyk.jpg": bad_images.cmyk_jpeg(),
+    "/exif.jpg": bad_images.sideways_jpeg(),
+    "/trailing.jpg": bad_images.trailing_bytes_jpeg(),
+    # Fetched only if the URL list's spaces / non-ASCII characters are percent-encoded.
+    "/with space.png": _png((0, 0, 250), noise_seed=11),
+    "/caf\u00e9 \u6771.png": _png((250, 250, 0), noise_seed=12),
+}
+# (x, y) -> RGB of the image as stored by the download step (32x32, border-padded).
+EXPECTED_COLOURS = {
+    "grey16.png": {(16, 16): (128, 128, 128)},
+    "rgb16.png": {(16, 16): (64, 128, 192)},
+    "rgba16.png": {(16, 16): (192, 64, 128)},
+    "palette.png": {(4, 16): (255, 255, 255), (28, 16): bad_images.RED},
+    "cmyk.jpg": {(16, 16): (30, 160, 60)},
+    "exif.jpg": {(16, 4): bad_images.RED, (16, 28): bad_images.BLUE},  # upright: 16 wide, 32 high
 }
 
 
 class _Handler(BaseHTTPRequestHandler):
     changing = 0  # /changing.png serves a different image on every request
+    trickle_s: list[float] = []  # how long each /trickle.png client stayed connected
     lock = threading.Lock()
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        self.path = urllib.parse.unquote(self.path)  # what the client percent-encoded
         if self.path == "/slow.png":
             time.sleep(6)  # > the download timeout below, with margin for a loaded machine
+        if self.path == "/trickle.png":  # every read gets a byte in time; the whole takes 20 s
+            self._trickle(GOOD["/good2.png"][:80])
+            return
         if self.path == "/changing.png":
             with _Handler.lock:
                 _Handler.changing += 1
@@ -83,6 +114,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client timed out
             self.wfile.write(body)
+
+    def _trickle(self, body: bytes) -> None:
+        """One byte every 0.25 s; records how long the client stayed (`trickle_s`)."""
+        start = time.monotonic()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.25)
+        _Handler.trickle_s.append(time.monotonic() - start)
 
     def log_message(self, *args):
         pass
@@ -136,6 +180,11 @@ def _url_list(tmp: Path, base: str) -> Path:
         ((tmp / "absent.png").as_uri(), "a local file that is not there", 0.4),
         (f"{base}/good5.png", "the last good one", 0.4),
         (f"{base}/changing.png", "same url and caption", 0.4),
+        (f"{base}/trickle.png", "a trickling server", 0.4),
+        *[(f"{base}/{name}", f"decoders get {name} wrong", 0.4) for name in EXPECTED_COLOURS],
+        (f"{base}/trailing.jpg", "bytes after the end marker", 0.4),
+        (f"{base}/with space.png", "a space in the url", 0.4),
+        (f"{base}/caf\u00e9 \u6771.png", "non-ascii characters in the url", 0.4),
     ]
     path = tmp / "urls.parquet"
     url, caption, similarity = zip(*rows)
@@ -146,7 +195,7 @@ def _url_list(tmp: Path, base: str) -> Path:
 DOWNLOAD_DROPS = {
     "download.404": 1,
     "download.connection_refused": 1,
-    "download.timeout": 1,
+    "download.timeout": 2,
     "download.not_an_image": 1,
     "download.truncated_image": 1,
     "download.decompression_bomb": 1,
@@ -195,10 +244,10 @@ def test_download_counts_every_failure_by_reason(steps):
     _, _, data, _ = steps
     manifest = data.manifest
     assert manifest.dropped == DOWNLOAD_DROPS
-    assert manifest.stats["num_urls"] == 19
-    assert manifest.stats["num_images"] == 19 - sum(DOWNLOAD_DROPS.values())
+    assert manifest.stats["num_urls"] == 29
+    assert manifest.stats["num_images"] == 29 - sum(DOWNLOAD_DROPS.values())
     tars = [f for f in manifest.files if f.path.endswith(".tar")]
-    assert [f.path for f in tars] == ["shards/00000.tar", "shards/00001.tar", "shards/00002.tar"]
+    assert [f.path for f in tars] == [f"shards/0000{i}.tar" for i in range(4)]
     assert sum(f.rows for f in tars) == manifest.stats["num_images"]
     assert manifest.verify(data.dir, full=True) == []
     assert not (data.dir / "_work").exists()
@@ -221,8 +270,12 @@ def test_filter_counts_every_rule_and_dedups_across_shards(steps):
     ]
     assert table.num_rows == data.manifest.stats["num_images"] - sum(FILTER_DROPS.values())
     assert manifest.stats["num_out"] == table.num_rows
-    rows = {r["url"].rsplit("/", 1)[1]: r for r in table.to_pylist()}
-    assert sorted(rows) == ["changing.png", "good0.png", "good1.png", "good5.png", "local.png"]
+    rows = {urllib.parse.unquote(r["url"].rsplit("/", 1)[1]): r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(
+        ["changing.png", "good0.png", "good1.png", "good5.png", "local.png", "trailing.jpg"]
+        + list(EXPECTED_COLOURS)
+        + ["with space.png", "caf\u00e9 \u6771.png"]
+    )
     assert rows["good0.png"]["caption"] == "a red square see"
     assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
     image = Image.open(io.BytesIO(rows["good1.png"]["image"]))
@@ -256,3 +309,59 @@ def test_structural_errors_stop_before_work(tmp_path):
         download.run(_ctx("download", tmp_path / "out"), download.Config(url_list=str(bad)), {})
     with pytest.raises(ValueError, match="preset='laion5b'"):
         download.run(_ctx("download", tmp_path / "out"), download.Config(preset="laion5b"), {})
+
+
+def test_images_decoders_get_wrong_arrive_with_their_colours(steps):
+    _, _, _, filtered = steps
+    table = pa.concat_tables(pq.read_table(filtered.dir / f.path) for f in filtered.manifest.files)
+    images = {r["url"].rsplit("/", 1)[1]: r["image"] for r in table.to_pylist()}
+    for name, points in EXPECTED_COLOURS.items():
+        pixels = np.asarray(Image.open(io.BytesIO(images[name])).convert("RGB"), np.int32)
+        for (x, y), rgb in points.items():
+            assert np.abs(pixels[y, x] - np.array(rgb)).max() <= 24, (name, (x, y), pixels[y, x])
+
+
+def test_trickling_server_hits_the_total_deadline(steps):
+    """/trickle.png sends a byte every 0.25 s: every socket read is in time, the whole takes 20 s."""
+    for _ in range(50):  # the server notices the closed connection at its next write or two
+        if _Handler.trickle_s:
+            break
+        time.sleep(0.1)
+    # The first request is the `steps` download's (timeout 3 s), counted as download.timeout.
+    assert _Handler.trickle_s and _Handler.trickle_s[0] < 8, _Handler.trickle_s
+
+
+def test_text_a_retry_cannot_fix_names_file_column_and_row(tmp_path):
+    def run_on(table: pa.Table) -> None:
+        path = tmp_path / "urls.parquet"
+        pq.write_table(table, path)
+        download.run(_ctx("download", tmp_path / "out"), download.Config(url_list=str(path)), {})
+
+    not_utf8 = pa.array([b"http://x/1.png", b"http://x/\xff.png"], pa.binary()).view(pa.string())
+    with pytest.raises(ValueError, match=r"urls\.parquet: column 'url' \(url_col\) row 1: not val"):
+        run_on(pa.table({"url": not_utf8, "caption": ["a", "b"]}))
+    binary = pa.array([b"fine", b"\xfe\xff"], pa.binary())
+    with pytest.raises(
+        ValueError, match=r"column 'caption' \(caption_col\) row 1: not valid UTF-8"
+    ):
+        run_on(pa.table({"url": ["http://x/1.png", "http://x/2.png"], "caption": binary}))
+    with pytest.raises(ValueError, match=r"column 'url' \(url_col\) holds int64, not text URLs"):
+        run_on(pa.table({"url": [1, 2], "caption": ["a", "b"]}))
+
+
+def test_every_download_failing_fails_the_step_with_counts(tmp_path, server):
+    from pipelines.runner import EmptyOutput, _check_not_empty
+
+    path = tmp_path / "urls.parquet"
+    urls = [f"{server}/missing{i}.png" for i in range(3)] + [f"{server}/html"]
+    pq.write_table(pa.table({"url": urls, "caption": ["a"] * 4}), path)
+    data = _download(tmp_path, path, "multiprocessing")
+    expected = (
+        r"download kept no samples of 4 read \(num_urls\); dropped by reason: download\.404=3"
+    )
+    with pytest.raises(EmptyOutput, match=expected + r", download\.not_an_image=1"):
+        _check_not_empty("download", data.manifest)
+    pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": []}), path)
+    empty = _download(tmp_path / "empty", path, "multiprocessing")
+    with pytest.raises(EmptyOutput, match=r"of 0 read \(num_urls\); dropped by reason: no input"):
+        _check_not_empty("download", empty.manifest)

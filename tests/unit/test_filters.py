@@ -130,3 +130,8 @@ def test_sniff_image_problem_names_bad_bytes():
 )
 def test_download_reason(message, reason):
     assert download_reason(message) == reason
+
+
+def test_control_characters_never_reach_a_caption():
+    assert clean_caption("a red\x00 square\x07 on\x1bblue") == "a red square on blue"
+    assert clean_caption("\x00\x00") == ""

@@ -4,6 +4,7 @@ planning with --dry-run."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -125,3 +126,43 @@ def test_every_job_file_validates_and_plans(job_file, tmp_path, capfd):
 
 def test_jobs_directory_has_the_three_recipes():
     assert {p.stem for p in JOB_FILES} >= {"demo", "owl1-llama-7b", "owl2-llama2-7b"}
+
+
+def test_yaml_syntax_errors_are_one_line_errors_with_their_position(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        'name: x\nstorage: /tmp/x\nshapes: {}\ndownload:\n  url_list: "a\n  timeout: 3\n'
+    )
+    assert cli.main(["run", str(job), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {job}: not valid YAML: line 7, column 1: found unexpected end")
+    assert "quoted scalar that starts at line 5, column 13" in err and "Traceback" not in err
+    job.write_text("name: x\nstorage: /tmp/x\nshapes:\n  num_eval: 1\n bad: 2\n")
+    assert cli.main(["status", str(job)]) == 2
+    assert "line 5, column 2: expected <block end>" in capsys.readouterr().err
+    job.write_text("name: x\nstorage: /tmp/x\nshapes: {}\n")
+    assert cli.main(["run", str(job), "--dry-run", "--set", "shapes={num_eval: [1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --set 'shapes={num_eval: [1': the value is not valid YAML: line 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"download": {"distributor": "rayy"}}, "download.distributor: 'rayy' is not allowed"),
+        ({"download": {"resize_mode": "crop"}}, "download.resize_mode: 'crop' is not allowed"),
+        ({"download": {"input_format": "xlsx"}}, "download.input_format: 'xlsx' is not allowed"),
+        (
+            {"tokenize_instructions": {"sources": [{"format": "lava", "path": "x.json"}]}},
+            "tokenize_instructions.sources[0].format: 'lava' is not allowed; expected one of "
+            "['llava', 'alpaca', 'sharegpt']",
+        ),
+    ],
+)
+def test_enumerated_fields_are_checked_at_validation(section, expected):
+    raw = {"name": "x", "storage": "/tmp/x", "shapes": {}, "download": {}, "filter": {},
+           "tokenizer": {}, **section}  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        parse_job(raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,9 @@ from owl.data.sources import SourceSpec
 from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
 from pipelines.step import Resources, StepContext, StepInput
 from pipelines.steps import tokenize_captions, tokenize_instructions, tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.integration import bad_images  # noqa: E402
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
@@ -78,6 +82,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shapes = root / "shapes"
     (shapes / "images").mkdir(parents=True)
     (shapes / "images/a.png").write_bytes(_png("blue"))
+    (shapes / "images/grey16.png").write_bytes(bad_images.grey16_png(0x8000, size=8))
     good = {
         "id": "good",
         "image": "images/a.png",
@@ -88,6 +93,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     lines = [
         json.dumps(good),
+        json.dumps({**good, "id": "grey16", "image": "images/grey16.png"}),
+        json.dumps({**good, "id": "json", "image": "instructions.jsonl"}),  # the file itself
+        json.dumps({**good, "id": "etc", "image": "/etc/hostname"}),
+        json.dumps({**good, "id": "up", "image": "../filter/manifest.json"}),
         "{broken",
         json.dumps({**good, "id": "missing", "image": "images/none.png"}),
         json.dumps({**good, "id": "noimage", "image": None}),
@@ -104,6 +113,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (shapes / "instructions.jsonl").write_text("\n".join(lines))
     (shapes / "text.json").write_text(
         json.dumps([{"instruction": "Repeat: cat", "input": "", "output": "cat"}] * 3)
+    )
+    (shapes / "nulls.json").write_text(
+        json.dumps(
+            [
+                {"instruction": "Say dog", "input": None, "output": "dog"},  # null input: none
+                {"instruction": "Say dog", "input": "", "output": None},
+                {"instruction": None, "input": "", "output": "dog"},
+                {"instruction": "Say\u0000dog", "input": "", "output": "dog"},
+            ]
+        )
     )
     return root
 
@@ -189,25 +208,34 @@ def test_tokenize_instructions_counts_bad_records(
         sources=[
             SourceSpec("llava", "@shapes/instructions.jsonl"),
             SourceSpec("alpaca", "@shapes/text.json"),
+            SourceSpec("alpaca", "@shapes/nulls.json"),
         ],
         batch_size=2,
-        rows_per_task=3,  # the 7 records that reach encoding go to 3 tasks; order is kept
+        rows_per_task=3,  # the 9 records that reach encoding go to 3 tasks; order is kept
     )
     inputs = {"tokenizer": tokenizer_input, "shapes": shapes}
     manifest = tokenize_instructions.run(_ctx(tmp_path, "tokenize_instructions"), cfg, inputs)
     rows = _check_shards(tmp_path / "tokenize_instructions", manifest)
     assert manifest.dropped == {
+        "tokenize_instructions.image_outside_root": 2,
         "tokenize_instructions.malformed_json": 1,
+        "tokenize_instructions.missing_field": 2,
         "tokenize_instructions.missing_image": 1,
         "tokenize_instructions.not_alternating": 1,
+        "tokenize_instructions.not_an_image": 1,
+        "tokenize_instructions.nul_character": 1,
         "tokenize_instructions.placeholder_image_mismatch": 1,
     }
     assert [(r["sample_id"], r["kind"], len(r["images"])) for r in rows] == [
         ("good", "multimodal", 1),
+        ("grey16", "multimodal", 1),
         *[(f"{workdir}/shapes/text.json:{i}", "text", 0) for i in range(3)],
+        (f"{workdir}/shapes/nulls.json:0", "text", 0),
     ]
-    assert rows[0]["images"] == [_png("blue")]
-    assert manifest.stats["samples_in"] == 8 and manifest.stats["supervised_tokens"] > 0
+    assert rows[0]["images"] == [_png("blue")]  # a plain image is stored as it came
+    grey = Image.open(io.BytesIO(rows[1]["images"][0]))  # a 16-bit one normalised, not white
+    assert grey.mode == "RGB" and grey.getpixel((3, 3)) == (128, 128, 128)
+    assert manifest.stats["samples_in"] == 16 and manifest.stats["supervised_tokens"] > 0
     assert not (tmp_path / "tokenize_instructions" / "_work").exists()  # records' work files
 
 
