@@ -125,7 +125,10 @@ def model_from_state_dict(
     with torch.device("meta"):
         model = OwlModel(cfg)
     check_keys(set(model.state_dict()) - _tied_keys(model), set(state), source)
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches: one line naming the tensors
+        raise ValueError(f"{source}: {' '.join(str(exc).split())[:1000]}") from exc
     if cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     model.abstractor.reset_positions(device="cpu")

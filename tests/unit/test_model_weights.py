@@ -71,3 +71,13 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing keys \['decoder.norm.weight'\]") as err:
         load_model(tmp_path)
     assert "unexpected keys ['decoder.extra.weight']" in str(err.value)
+
+
+def test_a_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path) -> None:
+    save_model(build_model("debug-tiny"), tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["decoder.norm.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"size mismatch for decoder\.norm\.weight") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
