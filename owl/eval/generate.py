@@ -10,6 +10,7 @@ speed, never answers.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -268,7 +269,25 @@ def _score_type(
     if record_type == "yes_no":
         return _yes_no_scores(by_id, predictions)
     values = [sample_score(by_id[p["id"]], p, vqa_rule) for p in predictions]
-    return {"accuracy": sum(values) / len(values), "count": float(len(values))}
+    scores = {"accuracy": sum(values) / len(values), "count": float(len(values))}
+    if record_type == "vqa":
+        scores.update(_per_answer_type(by_id, predictions, values))
+    return scores
+
+
+def _per_answer_type(
+    by_id: Mapping[str, BenchmarkRecord],
+    predictions: Sequence[Mapping[str, Any]],
+    values: Sequence[float],
+) -> dict[str, float]:
+    """VQA accuracy per the official answer types (`answer_type`: "yes/no", "number", "other"),
+    as the VQAv2 and VizWiz servers report it: "accuracy_yes_no", ...; none without types."""
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for prediction, value in zip(predictions, values):
+        answer_type = by_id[prediction["id"]].extra.get("answer_type")
+        if isinstance(answer_type, str) and answer_type:
+            by_type[re.sub(r"\W+", "_", answer_type.lower())].append(value)
+    return {f"accuracy_{name}": sum(v) / len(v) for name, v in sorted(by_type.items())}
 
 
 def _yes_no_scores(

@@ -118,13 +118,15 @@ def _vqa_like(inputs: _Inputs, rule: str) -> list[Record]:
     if questions_file is None:
         raise ValueError(f"{inputs.kind}: give the questions JSON (with key 'questions')")
     answers: dict[Any, list[str]] | None = None
+    answer_types: dict[Any, str] = {}
     if annotations_file is not None:
         answers = {}
         for n, ann in enumerate(_field(annotations, "annotations", str(annotations_file))):
             where = f"{annotations_file}: annotations[{n}]"
-            answers[_field(ann, "question_id", where)] = [
-                str(_field(a, "answer", where)) for a in _field(ann, "answers", where)
-            ]
+            qid = _field(ann, "question_id", where)
+            answers[qid] = [str(_field(a, "answer", where)) for a in _field(ann, "answers", where)]
+            if ann.get("answer_type"):
+                answer_types[qid] = str(ann["answer_type"])
     subtype = str(questions.get("data_subtype", ""))
     image_subtype = "test2015" if subtype.startswith("test") else subtype  # test-dev2015 too
     folder = inputs.image_dir()
@@ -145,6 +147,8 @@ def _vqa_like(inputs: _Inputs, rule: str) -> list[Record]:
             raise ValueError(f"{where}: question {qid} has no annotation in {annotations_file}")
         else:
             record["answers"] = answers[qid]
+            if qid in answer_types:
+                record["answer_type"] = answer_types[qid]
         records.append(record)
     return records
 
@@ -198,6 +202,8 @@ def import_vizwiz(inputs: _Inputs) -> list[Record]:
         }  # fmt: skip
         if row.get("answers"):
             record["answers"] = [str(_field(a, "answer", where)) for a in row["answers"]]
+            if row.get("answer_type"):
+                record["answer_type"] = str(row["answer_type"])
         else:
             record.update(answers=[], submission="vizwiz")
         records.append(record)

@@ -44,6 +44,7 @@ def test_documented_commands_run_as_written(tmp_path: Path, monkeypatch, capsys)
     assert [r.id for r in vqav2] == ["42000", "73001"]  # official question ids
     assert vqav2[0].extra["question_id"] == 42000 and vqav2[0].rule == "vqav2"
     assert vqav2[1].answers == ("2",) * 6 + ("two",) * 4
+    assert vqav2[0].extra["answer_type"] == "other"
     assert Path(vqav2[0].images[0]).name == "COCO_val2014_000000000042.jpg"
     testdev = read_benchmark("benchmarks/vqav2_testdev.jsonl")
     assert testdev[0].answers == () and submission_format(testdev) == "vqav2"

@@ -220,3 +220,73 @@ def test_caption_scores_equal_the_official_coco_pipeline(monkeypatch) -> None:
     )
     for name in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
         assert ours[name] == pytest.approx(100.0 * official.eval[name], abs=1e-9), name
+
+
+def test_vqa_accuracy_per_official_answer_type() -> None:
+    def vqa(qid: str, answer: str, answer_type: str | None) -> BenchmarkRecord:
+        extra = {"answer_type": answer_type} if answer_type else {}
+        return BenchmarkRecord(
+            id=qid, type="vqa", source="t", images=("x",), question="Q?",
+            answers=(answer,) * 10, extra=extra,
+        )  # fmt: skip
+
+    records = [vqa("1", "yes", "yes/no"), vqa("2", "2", "number"), vqa("3", "red", "other"),
+               vqa("4", "no", "yes/no")]  # fmt: skip
+    replies = {"1": "Yes", "2": "3", "3": "red", "4": "yes"}
+    scores = score(records, [{"id": i, "shift": 0, "prediction": r} for i, r in replies.items()])
+    assert scores["vqa.accuracy"] == pytest.approx(0.5)
+    assert scores["vqa.accuracy_yes_no"] == pytest.approx(0.5)
+    assert scores["vqa.accuracy_number"] == 0.0 and scores["vqa.accuracy_other"] == 1.0
+    # without answer types (the demo's files): no per-type metric
+    plain = score([vqa("5", "red", None)], [{"id": "5", "shift": 0, "prediction": "red"}])
+    assert set(plain) == {"vqa.accuracy", "vqa.count"}
+
+
+def test_type_default_prompts_are_unchanged() -> None:
+    """The demo's benchmarks name no prompt style: their prompts are exactly the project's
+    generic ones the demo's metrics were measured with (strings as before the prompt table)."""
+    from owl.eval.prompts import max_new_tokens, question_text
+
+    def record(record_type: str, **fields) -> BenchmarkRecord:
+        return BenchmarkRecord(id="1", type=record_type, source="t", **fields)  # type: ignore[arg-type]
+
+    cases = [
+        (record("vqa", question="What?"),
+         "What? Answer the question using a single word or phrase.", 10),
+        (record("caption"), "Provide a one-sentence caption for the provided image.", 30),
+        (record("multiple_choice", question="Q?", options=("a", "b", "c"), answer="A", hint="Hint."),
+         "Hint.\nQ?\nA. a\nB. b\nC. c\nAnswer with the option's letter from the given choices directly.", 10),
+        (record("multiple_choice", question="Q?", options=("a", "b"), answer="A"),
+         "Q?\nA. a\nB. b\nAnswer with the option's letter from the given choices directly.", 10),
+        (record("yes_no", question="Is it? Please answer yes or no.", answer="yes", pair_id="p"),
+         "Is it? Please answer yes or no.", 10),
+        (record("yes_no", question="Is it?", answer="yes", pair_id="p"),
+         "Is it? Please answer yes or no.", 10),
+        (record("text", question="Capital?", answer="Paris"), "Capital?", 64),
+        (record("text", question="Capital?", options=("x", "y"), answer="A", hint="h"),
+         "h\nCapital?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.", 64),
+    ]  # fmt: skip
+    for rec, text, budget in cases:
+        assert question_text(rec) == text
+        assert max_new_tokens(rec) == budget
+
+
+def test_authors_prompts_for_imported_benchmarks() -> None:
+    """MMBench keeps the authors' 'N/A' hint and U+2019 apostrophe; MME drops its yes/no
+    instruction for the short-answer suffix (evaluate_mmbench.py / evaluate_mme.py)."""
+    from owl.eval.prompts import max_new_tokens, question_text
+
+    mmbench = BenchmarkRecord(id="1", type="multiple_choice", source="t", question="Q?",
+                              options=("a", "b"), answer="A", prompt="mmbench")  # fmt: skip
+    assert question_text(mmbench) == (
+        "N/A\nQ?\nA. a\nB. b\nAnswer with the option\u2019s letter from the given choices directly."
+    )
+    mme = BenchmarkRecord(id="2", type="yes_no", source="t", images=("x",), answer="yes",
+                          question="Is there a dog? Please answer yes or no.", pair_id="p",
+                          prompt="mme")  # fmt: skip
+    assert question_text(mme) == (
+        "Is there a dog? \nAnswer the question using a single word or phrase."
+    )
+    caption = BenchmarkRecord(id="3", type="caption", source="t", images=("x",),
+                              references=("r",), prompt="coco_caption")  # fmt: skip
+    assert max_new_tokens(caption) == 60 and max_new_tokens(mme) == 10
