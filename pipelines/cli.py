@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from pipelines.errors import USER_ERRORS, one_line
 
 # Command modules, in help order. Each exposes `register(subparsers)`.
 COMMAND_MODULES = ("run", "model", "data", "eval")
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except USER_ERRORS as exc:  # one line that says what to fix; OWL_DEBUG=1 for the traceback
+        if os.environ.get("OWL_DEBUG"):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ```yaml
 name: demo
 storage: /data/owl            # local path (or file:// URI); shared by every node of the cluster
-mlflow_uri: ""                # default: sqlite:///<storage>/mlflow.db, artifacts under storage
+mlflow_uri: ""                # default: MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
 ray_address: ""               # default: a local Ray started for the run
 seed: 0
 model: {name: demo, variant: owl2, overrides: {decoder: {num_layers: 2}},
@@ -188,6 +188,8 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
         raise ValueError("name: required, a short job name (used for the MLflow experiment)")
     storage = parse_storage(_typed(raw.get("storage", ""), str, "storage"))
     mlflow_uri = _typed(raw.get("mlflow_uri") or "", str, "mlflow_uri")
+    # The environment (a Secret on the cluster) wins over the default store; the job's own wins.
+    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow_artifacts = None
     if not mlflow_uri:
         mlflow_uri = f"sqlite:///{storage / 'mlflow.db'}"

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from owl.data.manifest import MANIFEST_NAME, Manifest
+from pipelines.errors import UserError
 
 # MLflow limits (mlflow/utils/validation.py): dataset digest 36 chars, param value 6000 chars,
 # 100 params / 100 tags / 1000 metrics per batch call.
@@ -36,6 +37,44 @@ PARAM_VALUE_CHARS = 6000
 CARD_CHARS = 5000  # what we keep of a model card as the model version's description
 _BATCH = 100
 TAG = "owl."
+# The MLflow UI's experiment kind (the tag its front end reads): a model-training experiment, so it
+# opens on runs and models, not on the GenAI evaluation views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+_AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def is_auth_error(exc: MlflowException) -> bool:
+    """The server refused the credentials (or got none): 401 / 403."""
+    text = str(exc)
+    return exc.error_code in _AUTH_CODES or "error code 401" in text or "error code 403" in text
+
+
+def auth_message(uri: str) -> str:
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if who:
+        return (
+            f"the MLflow server at {uri} refused user {who!r}: check MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD and the user's permission on the experiment"
+        )
+    return (
+        f"the MLflow server at {uri} requires credentials: set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+    )
+
+
+def check_store(uri: str, create: bool) -> None:
+    """A SQLite store that does not exist yet is only created by a run (`create`); reading one
+    that is not there is an error instead of a new empty database."""
+    if not uri.startswith("sqlite:///") or create:
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if not path.is_file():
+        raise UserError(
+            f"no MLflow store at {path}: no run of this job has recorded there yet (the job's "
+            "storage is resolved from the current folder: run from the folder you ran the job "
+            "in, or pass --set storage=PATH)"
+        )
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -71,17 +110,40 @@ class Lineage:
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)  # the registry and LoggedModel APIs read it
+        self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
-        self.experiment_id = self._experiment(experiment, artifact_location)
+        try:
+            self.experiment_id = self._experiment(experiment, artifact_location)
+        except MlflowException as exc:
+            if is_auth_error(exc):
+                raise UserError(auth_message(tracking_uri)) from None
+            raise
         self.parent_run_id = ""
+        self.open_runs: set[str] = set()  # runs started and not yet ended (closed on interrupt)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older owl: say what it is
+                self.client.set_experiment_tag(
+                    found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
             return found.experiment_id
+        tags = {
+            EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+            "mlflow.note.content": (
+                f"owl job `{name}`: one parent run per `owl run`, a child run per step (its "
+                "config, cache key, input datasets and statistics); the final model is a "
+                f"version of the registered model `{name}`."
+            ),
+        }
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:  # created meanwhile by a concurrent run
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location, tags=tags
+            )
+        except MlflowException as exc:  # created meanwhile by a concurrent run
+            if is_auth_error(exc):
+                raise
             return self.client.get_experiment_by_name(name).experiment_id
 
     # --- runs -----------------------------------------------------------------------------------
@@ -104,6 +166,15 @@ class Lineage:
         if self.parent_run_id:
             self._log(self.parent_run_id, metrics=metrics)
             self.client.set_terminated(self.parent_run_id, "FINISHED" if ok else "FAILED")
+
+    def end_interrupted(self, step_run_id: str, reason: str) -> None:
+        """A stopped or killed execution: the computing step's run and the parent run KILLED,
+        with the reason as the `owl.error` tag."""
+        runs = [r for r in (step_run_id, self.parent_run_id) if r]
+        for run_id in runs:  # the states first: the driver may be killed any moment now
+            self.client.set_terminated(run_id, "KILLED")
+        for run_id in runs:
+            self.client.set_tag(run_id, f"{TAG}error", reason[:PARAM_VALUE_CHARS])
 
     def _step_tags(self, step: str, key: str, version: str, hit: bool) -> dict[str, str]:
         return {
@@ -246,7 +317,8 @@ class Lineage:
                 existing = self.client.update_model_version(
                     name, existing.version, description=card.read_text()[:CARD_CHARS]
                 )
-        if alias not in (getattr(existing, "aliases", None) or []):  # a re-run: already there
+        # No alias for a partial run's model; a re-run finds it already there.
+        if alias and alias not in (getattr(existing, "aliases", None) or []):
             self.client.set_registered_model_alias(name, alias, existing.version)
         return name, str(existing.version)
 
@@ -321,6 +393,24 @@ def _file_counts(manifest: Manifest) -> dict[str, float]:
 # Audit: walk the graph back
 
 
+def _store_errors(func: Any) -> Any:
+    """Audits read an existing store: a missing SQLite file or refused credentials are one-line
+    user errors, not a new empty database or "no such version"."""
+
+    @functools.wraps(func)
+    def wrapper(tracking_uri: str, *args: Any) -> Any:
+        check_store(tracking_uri, create=False)
+        try:
+            return func(tracking_uri, *args)
+        except MlflowException as exc:
+            if is_auth_error(exc):
+                raise UserError(auth_message(tracking_uri)) from None
+            raise UserError(f"the MLflow store at {tracking_uri}: {exc.message}") from None
+
+    return wrapper
+
+
+@_store_errors
 def audit_model(tracking_uri: str, ref: str) -> dict[str, Any]:
     """`NAME`, `NAME@alias` or `NAME/version` -> the model version and the chain of step runs
     that produced it, back to the steps without inputs (the URL lists)."""
@@ -356,9 +446,15 @@ def _model_version(client: MlflowClient, ref: str) -> Any:
             return client.get_model_version(name, number)
         versions = client.search_model_versions(f"name = '{ref}'")
     except MlflowException as exc:
-        raise ValueError(f"{ref}: no such registered model version ({exc.message})") from exc
+        if is_auth_error(exc):
+            raise UserError(auth_message(client.tracking_uri)) from None
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(
+                f"{ref}: the MLflow store at {client.tracking_uri} failed: {exc.message}"
+            ) from None
+        raise UserError(f"{ref}: no such registered model version ({exc.message})") from None
     if not versions:
-        raise ValueError(f"{ref}: no registered model of that name")
+        raise UserError(f"{ref}: no registered model of that name")
     return max(versions, key=lambda v: int(v.version))
 
 
@@ -406,10 +502,11 @@ def _all_step_runs(client: MlflowClient) -> Iterable[Any]:
                 break
 
 
+@_store_errors
 def audit_dataset(tracking_uri: str, digest: str) -> dict[str, Any]:
     """Who produced the output with this digest (full or a prefix of >= 8 chars) and who read it."""
     if len(digest) < 8:
-        raise ValueError(f"{digest!r}: give at least 8 characters of the digest")
+        raise UserError(f"{digest!r}: give at least 8 characters of the digest")
     client = MlflowClient(tracking_uri)
     producers, consumers = [], []
     for run in _all_step_runs(client):
@@ -425,4 +522,6 @@ def audit_dataset(tracking_uri: str, digest: str) -> dict[str, Any]:
             full = {t.key: t.value for t in dataset_input.tags}.get(f"{TAG}sha256", "")
             if full.startswith(digest):
                 consumers.append({**summary, "input_step": dataset_input.dataset.name})
+    if not producers and not consumers:
+        raise UserError(f"no dataset with a digest starting {digest!r} in {tracking_uri}")
     return {"digest": digest, "producers": producers, "consumers": consumers}

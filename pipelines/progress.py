@@ -1,11 +1,21 @@
 """Terminal progress for `owl run`: live per-step bars with rich on a TTY, plain lines otherwise
-(or nothing on stdout with --json, where the summary is printed as JSON by the command)."""
+(or nothing on stdout with --json, where the summary is printed as JSON by the command).
+
+What Ray, Ray Train, Ray Data, DeepSpeed and the steps print goes to `console.log` in the
+execution's folder (`captured_output`); the terminal gets owl's own lines: a line (or live bar)
+per step, training's step / loss / tokens per second / ETA, and a summary ending with the
+registered model and where to look at it. `owl run --verbose` shows everything instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
@@ -30,6 +40,8 @@ HEADLINE_METRICS = (
     "multiple_choice.circular_accuracy",
     "text.accuracy",
 )
+# Plain (non-terminal) output: at most one progress line per step in this many seconds.
+PLAIN_UPDATE_S = 30.0
 
 
 def _key_metrics(metrics: dict[str, float], limit: int = 4) -> str:
@@ -38,24 +50,38 @@ def _key_metrics(metrics: dict[str, float], limit: int = 4) -> str:
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
+def registered_line(registered: dict[str, str], alias: str) -> str:
+    if not registered:
+        return ""
+    at = f" (@{alias})" if alias else " (alias not moved: not the job's final model)"
+    return f"registered model {registered['name']} version {registered['version']}{at}"
+
+
 class Reporter:
     """Plain-text reporter: one line per event, to `stream` (stderr keeps stdout for --json)."""
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False):
+    def __init__(
+        self, stream: TextIO | None = None, quiet: bool = False, update_s: float = PLAIN_UPDATE_S
+    ):
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.update_s = update_s
         self._last_update: dict[str, float] = {}
 
     def _line(self, text: str) -> None:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line of information (where the logs go, a table), printed as is."""
+        self._line(text)
+
     def start(self, step: str, note: str = "") -> None:
         self._line(f"[owl] {step}: started {note}".rstrip())
 
     def update(self, step: str, done: float, total: float | None, message: str) -> None:
         now = time.monotonic()
-        if now - self._last_update.get(step, 0.0) < 5.0:  # plain logs: at most one line per 5 s
+        if now - self._last_update.get(step, 0.0) < self.update_s:
             return
         self._last_update[step] = now
         amount = f"{done:g}/{total:g}" if total else f"{done:g}"
@@ -64,12 +90,24 @@ class Reporter:
     def finish(self, step: str, state: str, duration_s: float, note: str = "") -> None:
         self._line(f"[owl] {step}: {state} in {duration_s:.1f}s {note}".rstrip())
 
-    def close(self, summaries: list[StepSummary]) -> None:
+    def close(
+        self,
+        summaries: list[StepSummary],
+        registered: dict[str, str] | None = None,
+        alias: str = "",
+        look: list[str] | None = None,
+    ) -> None:
         for s in summaries:
             self._line(
-                f"[owl] summary {s.step:<22} {s.state:<8} {s.duration_s:8.1f}s {s.key[:12]} "
+                f"[owl] summary {s.step:<22} {s.state:<11} {s.duration_s:8.1f}s {s.key[:12]} "
                 f"{_key_metrics(s.metrics)}".rstrip()
             )
+        hits = sum(s.state == "cached" for s in summaries)
+        self._line(f"[owl] {hits}/{len(summaries)} steps from cache")
+        if registered:
+            self._line(f"[owl] {registered_line(registered, alias)}")
+        for line in look or []:
+            self._line(f"[owl] {line}")
 
 
 class RichReporter(Reporter):
@@ -87,9 +125,15 @@ class RichReporter(Reporter):
         )
         self.tasks: dict[str, TaskID] = {}
 
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
     def start(self, step: str, note: str = "") -> None:
         if not self.tasks:
             self.bars.start()
+        if step in self.tasks:  # a retry or a notice: same bar, new status
+            self.bars.update(self.tasks[step], status=note or "running")
+            return
         self.tasks[step] = self.bars.add_task(step, total=None, step=step, status=note or "running")
 
     def update(self, step: str, done: float, total: float | None, message: str) -> None:
@@ -103,12 +147,21 @@ class RichReporter(Reporter):
         self.bars.update(task, total=1, completed=1, status=f"{state} {note}".strip())
         self.bars.stop_task(task)
 
-    def close(self, summaries: list[StepSummary]) -> None:
+    def close(
+        self,
+        summaries: list[StepSummary],
+        registered: dict[str, str] | None = None,
+        alias: str = "",
+        look: list[str] | None = None,
+    ) -> None:
         if self.tasks:
             self.bars.stop()
         table = Table(title="owl run")
-        for column in ("step", "state", "time", "key", "metrics"):
-            table.add_column(column)
+        table.add_column("step", no_wrap=True)
+        table.add_column("state", no_wrap=True, min_width=11)
+        table.add_column("time", no_wrap=True, justify="right")
+        table.add_column("key", no_wrap=True)
+        table.add_column("metrics", overflow="fold")
         for s in summaries:
             table.add_row(
                 s.step, s.state, f"{s.duration_s:.1f}s", s.key[:12], _key_metrics(s.metrics)
@@ -116,11 +169,65 @@ class RichReporter(Reporter):
         hits = sum(s.state == "cached" for s in summaries)
         table.caption = f"{hits}/{len(summaries)} steps from cache"
         self.console.print(table)
+        if registered:
+            self.console.print(registered_line(registered, alias), highlight=False, markup=False)
+        for line in look or []:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def make_reporter(json_mode: bool = False) -> Reporter:
+def make_reporter(json_mode: bool = False, stream: TextIO | None = None) -> Reporter:
+    """The reporter for `owl run`: quiet with --json, live bars on a terminal, plain lines (no
+    ANSI codes) otherwise. `stream` is where owl's own lines go (default stderr)."""
+    stream = stream or sys.stderr
     if json_mode:
-        return Reporter(quiet=True)
-    if sys.stderr.isatty():
-        return RichReporter()
-    return Reporter()
+        return Reporter(stream, quiet=True)
+    if stream.isatty() and os.environ.get("TERM") != "dumb":
+        return RichReporter(Console(file=stream))
+    return Reporter(stream)
+
+
+@contextlib.contextmanager
+def captured_output(log_path: Path) -> Iterator[TextIO]:
+    """Send file descriptors 1 and 2 (this process, its threads, and the subprocesses and Ray
+    log streams it starts) to `log_path`; yield a stream on the original stderr for owl's own
+    lines. Restored on exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        yield terminal
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        terminal.close()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def training_message(metrics: dict[str, float], total_steps: int | None) -> str:
+    """`loss 2.3140, 1,234 tok/s, ETA 3m05s` from the metrics a training worker reports."""
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    step = metrics.get("step")
+    if total_steps and step is not None and metrics.get("step_time_s"):
+        parts.append(f"ETA {format_eta((total_steps - step) * metrics['step_time_s'])}")
+    return ", ".join(parts)

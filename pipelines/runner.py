@@ -13,11 +13,15 @@ the execution's parent run). After the last step the final model is registered i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,6 +88,7 @@ class LineageSink(Protocol):
         tags: dict[str, str],
         alias: str = "current",
     ) -> tuple[str, str]: ...
+    def end_interrupted(self, step_run_id: str, reason: str) -> None: ...
 
 
 class NullLineage:
@@ -130,6 +135,9 @@ class NullLineage:
         alias: str = "current",
     ) -> tuple[str, str]:
         return "", ""
+
+    def end_interrupted(self, step_run_id: str, reason: str) -> None:
+        pass
 
 
 def mlflow_lineage(job: JobSpec) -> LineageSink:
@@ -337,6 +345,10 @@ class Runner:
         # Cached steps whose output a computing step reads: their files' sha256 is checked.
         self._read_by_computing: set[str] = set()
         self._started_ray = False
+        self._result: RunResult | None = None
+        self._current: StepRecord | None = None  # the step computing now (closed on interrupt)
+        self._interrupted = ""
+        self._alias = ""  # the alias this run moved to its model ("" if none)
 
     def run(
         self, force: list[str] | None = None, until: str | None = None, verify: bool = False
@@ -346,6 +358,10 @@ class Runner:
         self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:
             self.lineage = mlflow_lineage(self.job)
+        with self._termination_handled():
+            return self._run(names, forced, verify)
+
+    def _run(self, names: list[str], forced: set[str], verify: bool) -> RunResult:
         self.execution.mlflow_run_id = self.lineage.start_pipeline(
             self.job.name, self.execution.execution_id, self.job.raw
         )
@@ -353,6 +369,7 @@ class Runner:
         result = RunResult(
             self.execution.execution_id, ok=False, mlflow_run_id=self.execution.mlflow_run_id
         )
+        self._result = result
         try:
             for name in names:
                 result.steps.append(self._run_step(name, name in forced, verify))
@@ -365,13 +382,41 @@ class Runner:
             self._close(result, "failed", _short_error(exc))
             raise
         except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM): record it, then stop
-            self._close(result, "interrupted", repr(exc))
+            self.interrupt(_interrupt_reason(exc))
             raise
         finally:
             self._shutdown_ray()
         self._close(result, "done" if result.ok else "failed", result.error)
-        self.reporter.close(result.steps)
+        self.reporter.close(
+            result.steps, result.registered_model, self._alias, self._where_to_look(result)
+        )
         return result
+
+    def _where_to_look(self, result: RunResult) -> list[str]:
+        """The commands / URLs that show this run and its model in MLflow."""
+        uri = self.job.mlflow_uri
+        if not self.execution.mlflow_run_id:
+            return []
+        experiment = getattr(self.lineage, "experiment_id", "")
+        model = result.registered_model
+        if uri.startswith(("http://", "https://")):
+            base = uri.rstrip("/")
+            lines = [f"run: {base}/#/experiments/{experiment}/runs/{self.execution.mlflow_run_id}"]
+            if model:
+                lines.append(f"model: {base}/#/models/{model['name']}/versions/{model['version']}")
+        else:
+            lines = [
+                f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then "
+                f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{self.execution.mlflow_run_id}"
+            ]
+        if model:
+            ref = (
+                f"{model['name']}@{self._alias}"
+                if self._alias
+                else f"{model['name']}/{model['version']}"
+            )
+            lines.append(f"lineage: owl audit model {ref} --mlflow-uri {uri}")
+        return lines
 
     def _close(self, result: RunResult, state: str, error: str) -> None:
         self.execution.state = state  # type: ignore[assignment]
@@ -394,6 +439,63 @@ class Runner:
             for r in self.table[name].roles.values()
             if r.upstream in self.job.steps
         }
+
+    # --- stop and kill --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _termination_handled(self) -> Iterator[None]:
+        """SIGTERM (`owl stop`, `ray job stop`, `kill`) and SIGINT (Ctrl-C) close the records
+        first (the step and the execution as interrupted, their MLflow runs KILLED), then unwind.
+        Ray's driver has 3 s (RAY_JOB_STOP_WAIT_TIME_S) before SIGKILL, so nothing slow comes
+        first."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._install_handlers()
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        how = "stopped (owl stop, ray job stop or kill)" if signum == signal.SIGTERM else "Ctrl-C"
+        reason = f"{signal.Signals(signum).name}: {how}"
+        if self._interrupted:  # a second signal while closing: stop now
+            raise KeyboardInterrupt(reason)
+        self.interrupt(reason)
+        raise KeyboardInterrupt(reason)
+
+    def interrupt(self, reason: str) -> None:
+        """Record the interruption once: the running step and the execution as `interrupted` with
+        `reason` (local files first, they are fast), then their MLflow runs as KILLED."""
+        if self._interrupted:
+            return
+        self._interrupted = reason
+        if self._result is None and not self.execution.mlflow_run_id:
+            return  # nothing recorded yet
+        step_run_id = ""
+        if self._current is not None:
+            record = self._current
+            record.state, record.error = "interrupted", reason
+            self._end_record(record)
+            step_run_id = record.mlflow_run_id
+            self.reporter.finish(record.step, "interrupted", record.duration_s, reason)
+            self._current = None
+        self.execution.state = "interrupted"
+        self.execution.end = time.time()
+        self.execution.error = reason
+        cache.write_execution_record(self.job.storage, self.execution)
+        try:
+            self.lineage.end_interrupted(step_run_id, reason)
+        except Exception as exc:  # the records above stand; say why MLflow was not updated
+            self.reporter.finish("mlflow", "not updated", 0.0, _short_error(exc)[:200])
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -497,6 +599,7 @@ class Runner:
         record.mlflow_run_id = run_id
         cache.write_step_record(self.job.storage, record)
         self.reporter.start(name)
+        self._current = record
         try:
             manifest = self._attempts(name, section, build_dir, inputs, record, keep)
             manifest.step, manifest.key, manifest.code_version = name, key, section.spec.version
@@ -504,23 +607,33 @@ class Runner:
             manifest.info["mlflow_run_id"] = run_id
             if self.files[name]:
                 manifest.info["input_files"] = dict(self.files[name])
+            # Which outputs it was computed from (e.g. `owl chat` finds a model's tokenizer step).
+            manifest.info.setdefault(
+                "inputs",
+                {role: {"step": i.name, "key": i.manifest.key} for role, i in inputs.items()},
+            )
             manifest.write(build_dir)  # the commit marker, last
             if build_dir != out_dir:
                 _swap_in(build_dir, out_dir)
         except BaseException as exc:
             if build_dir != out_dir:
                 shutil.rmtree(build_dir, ignore_errors=True)  # the old output stays as it was
-            record.state = "failed" if isinstance(exc, Exception) else "interrupted"
+            if not isinstance(exc, Exception):  # interrupted: the step's record and run say so
+                self.interrupt(_interrupt_reason(exc))
+                raise
+            self._current = None
+            record.state = "failed"
             record.error = _short_error(exc)
             self._end_record(record)
             self.lineage.finish_step(run_id, None, out_dir, hit=False, error=record.error)
-            if isinstance(exc, Exception):
-                raise StepFailed(name, record.error) from exc
-            raise
+            raise StepFailed(name, record.error) from exc
+        self._current = None
         self.lineage.finish_step(run_id, manifest, out_dir, hit=False)
         self.run_ids[name] = run_id
         record.state = "done"
         self._end_record(record)
+        if isinstance(manifest.info.get("trainable_table"), str):  # once, not once per worker
+            self.reporter.note(f"[owl] {name}: parameters\n{manifest.info['trainable_table']}")
         return manifest
 
     def _attempts(
@@ -602,6 +715,8 @@ class Runner:
         if not ray.is_initialized():
             ray.init(address=self.job.ray_address or None, log_to_driver=True)
             self._started_ray = True
+            self._install_handlers()  # ray.init replaced the SIGTERM handler with sys.exit
+            _private_token_file()
 
     def _shutdown_ray(self) -> None:
         if self._started_ray:
@@ -613,14 +728,20 @@ class Runner:
     # --- after the last step --------------------------------------------------------------------
 
     def _register(self) -> dict[str, str]:
+        """Register the newest model this run produced. Only the job's final model (its last
+        training stage) moves the alias; a partial run (`--until stage1`) registers a version
+        without touching it."""
         final = next((s for s in REGISTER_FROM if s in self.manifests), None)
         if final is None:
             return {}
+        job_final = next((s for s in REGISTER_FROM if s in self.job.steps), None)
+        is_final = final == job_final
         manifest = self.manifests[final]
         tags = {
             "owl.job": self.job.name,
             "owl.pipeline_run_id": self.execution.mlflow_run_id,
             "owl.execution_id": self.execution.execution_id,
+            "owl.model_step": final,
         }
         for step, m in self.manifests.items():
             tags[f"owl.digest.{step}"] = m.digest
@@ -630,8 +751,10 @@ class Runner:
         # Concurrent runs of one job register the same output once (see Lineage.register_model).
         with cache.lock_for(self.job.storage, "register", manifest.digest):
             name, version = self.lineage.register_model(
-                self.job.name, model_dir, self.run_ids.get(final, ""), manifest.digest, tags
-            )
+                self.job.name, model_dir, self.run_ids.get(final, ""), manifest.digest, tags,
+                alias="current" if is_final else "",
+            )  # fmt: skip
+        self._alias = "current" if name and is_final else ""
         return {"name": name, "version": version} if name else {}
 
     def _metrics(self) -> dict[str, float]:
@@ -682,6 +805,23 @@ def _lineage_inputs(inputs: dict[str, StepInput]) -> dict[str, tuple[str, Path, 
     return {role: (i.name, i.dir, i.manifest) for role, i in inputs.items()}
 
 
+def _interrupt_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT: Ctrl-C"
+    return _short_error(exc)
+
+
+def _private_token_file() -> None:
+    """Ray writes the token of a cluster it starts to ~/.ray/auth_token readable by everyone on
+    the machine; only its owner should read it."""
+    path = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+
+
 def _short_error(exc: BaseException) -> str:
     lines = traceback.format_exception_only(type(exc), exc)
     return "".join(lines).strip()[-2000:]
@@ -689,6 +829,16 @@ def _short_error(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Status
+
+
+def tracking_source(job: JobSpec) -> str:
+    """Where the job's MLflow tracking URI comes from: the job file, the environment, or the
+    default SQLite store under storage."""
+    if job.raw.get("mlflow_uri"):
+        return "job file"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return "default SQLite store under storage"
 
 
 def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[str, Any]:
@@ -725,6 +875,7 @@ def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[s
         "job": job.name,
         "storage": str(job.storage),
         "mlflow_uri": job.mlflow_uri,
+        "mlflow_uri_from": tracking_source(job),
         "last_execution": dataclasses.asdict(last) if last else None,
         "steps": steps,
         "registered_model": finished[-1].registered_model if finished else {},

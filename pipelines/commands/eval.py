@@ -133,7 +133,35 @@ def resolve_model_dirs(model: str, tokenizer: str | None) -> tuple[Path, Path]:
     for candidate in (model_dir / "tokenizer", model_dir.parent / "tokenizer"):
         if (candidate / "tokenizer.json").exists():
             return model_dir, candidate
+    found = job_tokenizer(model_dir.parent)
+    if found is not None:
+        return model_dir, found
     raise ValueError(f"--model {model}: no tokenizer/ folder inside or beside it; pass --tokenizer")
+
+
+def job_tokenizer(step_dir: Path) -> Path | None:
+    """The tokenizer a training step's output was trained with: `<storage>/steps/<stage>/<key>`
+    names its `tokenizer` input in its manifest; outputs committed before owl recorded inputs
+    fall back to the storage's only tokenizer output."""
+    from owl.data.manifest import MANIFEST_NAME
+
+    steps = step_dir.parent.parent
+    if steps.name != "steps" or not (step_dir / MANIFEST_NAME).is_file():
+        return None
+    info = json.loads((step_dir / MANIFEST_NAME).read_text()).get("info", {})
+    source = info.get("inputs", {}).get("tokenizer")
+    if source:
+        folder = steps / source["step"] / source["key"] / "tokenizer"
+        return folder if (folder / "tokenizer.json").is_file() else None
+    committed = [p.parent / "tokenizer" for p in steps.glob(f"tokenizer/*/{MANIFEST_NAME}")]
+    committed = [p for p in committed if (p / "tokenizer.json").is_file()]
+    if len(committed) > 1:
+        raise ValueError(
+            f"--model {step_dir}: this storage has {len(committed)} tokenizer outputs and the "
+            f"model's manifest does not say which it used; pass --tokenizer "
+            f"{steps / 'tokenizer'}/<key>/tokenizer"
+        )
+    return committed[0] if committed else None
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.cache import canonical_json
+from pipelines.errors import UserError
 from pipelines.jobspec import JobSpec, load_job, to_yaml
-from pipelines.progress import make_reporter
+from pipelines.progress import captured_output, make_reporter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster with `owl submit`: environments, data, outputs, caches.
@@ -75,11 +76,16 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify", action="store_true", help="check cached files' sha256, not only sizes"
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's, DeepSpeed's and the steps' own output "
+        "on the terminal (default: console.log in the execution's folder)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.runner import Runner, plan
+    from pipelines.dag import active_table
+    from pipelines.runner import Runner, forced_steps, plan, select_steps
 
     try:
         job = load_job(args.job, args.overrides)
@@ -87,15 +93,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             planned = [p.to_dict() for p in plan(job, args.force, args.until)]
             _show_plan(job, planned, args.json)
             return 0
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # `owl stop` / `ray job stop` send SIGTERM
-        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
-            result = Runner(job, make_reporter(args.json)).run(args.force, args.until, args.verify)
+        forced_steps(job, args.force, active_table())  # bad --force / --until: before any log
+        select_steps(job, args.until, active_table())
     except ValueError as exc:
         return _fail(str(exc))
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # until the runner installs its own
+    runner = Runner(job)
+    log_path = job.storage / "executions" / runner.execution.execution_id / "console.log"
+    if args.verbose:
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            runner.reporter = make_reporter(args.json)
+            result = runner.run(args.force, args.until, args.verify)
+    else:
+        with captured_output(log_path) as terminal:
+            runner.reporter = make_reporter(args.json, terminal)
+            runner.reporter.note(
+                f"[owl] {job.name}: execution {runner.execution.execution_id}; Ray, DeepSpeed "
+                f"and step logs go to {log_path} (--verbose shows them)"
+            )
+            result = runner.run(args.force, args.until, args.verify)
     if args.json:
         _print_json(result.to_dict())
     elif not result.ok:
         print(f"error: {result.error}", file=sys.stderr)
+        if not args.verbose:
+            print(f"the step's full output: {log_path}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
@@ -162,14 +184,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     table = Table(title=f"{status['job']} ({status['storage']})")
-    for column in ("step", "state", "time", "key", "MLflow run"):
-        table.add_column(column)
+    for column in ("step", "state", "time", "key"):  # never cut: the words a user reads
+        table.add_column(column, no_wrap=True, min_width=11 if column == "state" else None)
+    table.add_column("MLflow run", overflow="fold")
     for s in status["steps"]:
         table.add_row(
             s["step"], s["state"], f"{s['duration_s']:.1f}s", s["key"][:12], s["mlflow_run_id"]
         )
-    console = Console()
+    console = Console(soft_wrap=True, highlight=False)
     console.print(table)
+    console.print(f"MLflow: {status['mlflow_uri']} ({status['mlflow_uri_from']})")
     for s in status["steps"]:
         for problem in s.get("problems", []):
             console.print(f"warning: {s['step']}: {problem} (the next `owl run` recomputes it)")
@@ -237,7 +261,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _show_model_audit(report: dict[str, Any]) -> None:
     model = report["model"]
-    console = Console()
+    console = Console(soft_wrap=True, highlight=False)
     console.print(f"model {model['name']} version {model['version']}")
     for entry in report["chain"]:
         counts = ", ".join(f"{k}={v:g}" for k, v in entry["counts"].items())
@@ -253,7 +277,7 @@ def _show_model_audit(report: dict[str, Any]) -> None:
 
 
 def _show_dataset_audit(report: dict[str, Any]) -> None:
-    console = Console()
+    console = Console(soft_wrap=True, highlight=False)
     console.print(f"dataset {report['digest']}")
     for p in report["producers"]:
         console.print(f"  produced by {p['step']} run {p['run_id']} ({p['cache']})")
@@ -299,13 +323,74 @@ def _add_job_ops(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _client(address: str) -> Any:
-    from ray.job_submission import JobSubmissionClient
-
+    """A JobSubmissionClient for `address`, with Ray's failures turned into one-line errors."""
     if not address:
-        raise ValueError(
+        raise UserError(
             "no Ray address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
         )
-    return JobSubmissionClient(address)
+    _enable_token_auth_if_configured()
+    from ray.job_submission import JobSubmissionClient
+
+    with ray_errors(address):
+        return JobSubmissionClient(address)
+
+
+def _token_source() -> str:
+    """Where the Ray client would read a token from ("" if there is none)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: no such file (the cluster's token)")
+        return path
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else ""
+
+
+def _enable_token_auth_if_configured() -> None:
+    """Ray's client sends its token only with RAY_AUTH_MODE=token; a user who set up a token
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) means to use it."""
+    source = _token_source()  # a RAY_AUTH_TOKEN_PATH that names no file: said here
+    if "RAY_AUTH_MODE" not in os.environ and source:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+@contextlib.contextmanager
+def ray_errors(address: str, submission_id: str = "") -> Iterator[None]:
+    """Ray Job Submission failures as one-line user errors that say what to check."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        source = _token_source() or "none found"
+        if "403" in exc.message or "invalid" in exc.message.lower():
+            raise UserError(
+                f"the Ray cluster at {address} rejected the token (from {source}): use the "
+                "cluster's RAY_AUTH_TOKEN (infra/README.md, Ray token authentication)"
+            ) from None
+        raise UserError(
+            f"the Ray cluster at {address} requires a token and none was sent: set "
+            "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it (infra/README.md)"
+        ) from None
+    except ConnectionError as exc:
+        raise UserError(
+            f"cannot reach the Ray dashboard at {address} ({_first_line(exc)}): is the cluster "
+            "up, and is this its dashboard address (http://HEAD:8265)?"
+        ) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if submission_id and ("404" in text or "does not exist" in text):
+            raise UserError(f"no job {submission_id} on the Ray cluster at {address}") from None
+        raise UserError(f"the Ray cluster at {address}: {_first_line(exc)}") from None
+    except ValueError as exc:  # e.g. an address Ray cannot parse
+        raise UserError(f"--address {address}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def submission_base_id(raw: dict[str, Any]) -> str:
@@ -316,7 +401,7 @@ def submission_base_id(raw: dict[str, Any]) -> str:
 
 
 def submit_job(
-    job: JobSpec, address: str, python: str = "python", working_dir: Path = PROJECT_ROOT
+    job: JobSpec, address: str, python: str = "python", working_dir: Path | None = None
 ) -> tuple[str, str]:
     """(submission id, "submitted" | "attached"): a job with the same id that is still pending or
     running is attached to; after a finished one the next free `-rN` id is used."""
@@ -325,7 +410,8 @@ def submit_job(
     client = _client(address)
     raw = {**job.raw, "storage": str(job.storage)}
     base = submission_base_id(raw)
-    known = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}
+    with ray_errors(address):
+        known = {j.submission_id: str(j.status) for j in client.list_jobs() if j.submission_id}
     attempt = 1
     while True:
         sid = base if attempt == 1 else f"{base}-r{attempt}"
@@ -342,18 +428,41 @@ def submit_job(
     }
     if os.environ.get("OWL_STEPS_TABLE"):  # a custom step table travels with the job
         env_vars["OWL_STEPS_TABLE"] = os.environ["OWL_STEPS_TABLE"]
-    runtime_env = {
-        "working_dir": str(working_dir),
-        "excludes": SUBMIT_EXCLUDES + _storage_exclude(job.storage, working_dir),
-        "env_vars": env_vars,
-    }
-    client.submit_job(
-        entrypoint=f"{python} -m pipelines.cli run env:OWL_JOB_YAML",
-        submission_id=sid,
-        runtime_env=runtime_env,
-        metadata={"owl.job": job.name},
-    )
+    runtime_env = {**code_runtime_env(job.storage, working_dir), "env_vars": env_vars}
+    with ray_errors(address):
+        client.submit_job(
+            entrypoint=f"{python} -m pipelines.cli run env:OWL_JOB_YAML",
+            submission_id=sid,
+            runtime_env=runtime_env,
+            metadata={"owl.job": job.name},
+        )
     return sid, "submitted"
+
+
+def is_source_checkout(root: Path) -> bool:
+    """True for the project's own folder (a clone or an editable install), False for an installed
+    package, whose parent folder is site-packages."""
+    pyproject = root / "pyproject.toml"
+    return pyproject.is_file() and 'name = "owl"' in pyproject.read_text()
+
+
+def code_runtime_env(storage: Path, working_dir: Path | None = None) -> dict[str, Any]:
+    """What carries owl's code to the cluster: the project folder as the working_dir from a
+    checkout; from an installed (non-editable) package only the `owl` and `pipelines` packages
+    as py_modules, never the site-packages folder they sit in."""
+    root = working_dir or PROJECT_ROOT
+    if working_dir is not None or is_source_checkout(root):
+        return {
+            "working_dir": str(root),
+            "excludes": SUBMIT_EXCLUDES + _storage_exclude(storage, root),
+        }
+    import owl
+    import pipelines
+
+    return {
+        "py_modules": [str(Path(m.__file__).resolve().parent) for m in (owl, pipelines)],
+        "excludes": ["__pycache__"],
+    }
 
 
 def _storage_exclude(storage: Path, working_dir: Path) -> list[str]:
@@ -366,19 +475,17 @@ def _storage_exclude(storage: Path, working_dir: Path) -> list[str]:
 def wait_for(address: str, submission_id: str, poll_s: float = 2.0) -> str:
     client = _client(address)
     while True:
-        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        with ray_errors(address, submission_id):
+            status = str(client.get_job_status(submission_id)).split(".")[-1]
         if status in _TERMINAL:
             return status
         time.sleep(poll_s)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    try:
-        job = load_job(args.job, args.overrides)
-        sid, how = submit_job(job, args.address, args.python)
-        status = wait_for(args.address, sid) if args.wait else ""
-    except (ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
+    job = load_job(args.job, args.overrides)
+    sid, how = submit_job(job, args.address, args.python)
+    status = wait_for(args.address, sid) if args.wait else ""
     if args.json:
         _print_json({"submission_id": sid, "action": how, "status": status})
     else:
@@ -388,14 +495,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    try:
-        client = _client(args.address)
+    client = _client(args.address)
+    with ray_errors(args.address, args.submission_id):
         if args.follow and not args.json:
+            client.get_job_status(args.submission_id)  # an unknown id: one line, not a traceback
             asyncio.run(_tail(client, args.submission_id))
             return 0
         logs = client.get_job_logs(args.submission_id)
-    except (ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
     if args.json:
         _print_json({"submission_id": args.submission_id, "logs": logs})
     else:
@@ -409,10 +515,9 @@ async def _tail(client: Any, submission_id: str) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    try:
-        stopped = _client(args.address).stop_job(args.submission_id)
-    except (ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
+    client = _client(args.address)
+    with ray_errors(args.address, args.submission_id):
+        stopped = client.stop_job(args.submission_id)
     if args.json:
         _print_json({"submission_id": args.submission_id, "stopped": bool(stopped)})
     else:

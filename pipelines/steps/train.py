@@ -115,7 +115,9 @@ def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
     return resolve_path(cfg.init_model, inputs) if cfg.init_model else ""
 
 
-def build_trainer(ctx: StepContext, cfg: TrainConfig, job: WorkerJob) -> TorchTrainer:
+def build_trainer(
+    ctx: StepContext, cfg: TrainConfig, job: WorkerJob, callbacks: list[Any] | None = None
+) -> TorchTrainer:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,6 +140,7 @@ def build_trainer(ctx: StepContext, cfg: TrainConfig, job: WorkerJob) -> TorchTr
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
 
@@ -189,7 +192,8 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     )
     started = time.perf_counter()
     try:
-        result = build_trainer(ctx, cfg, job).fit()
+        with training_progress(ctx, cfg) as callback:
+            result = build_trainer(ctx, cfg, job, callbacks=[callback]).fit()
     except Exception as exc:
         cause = _worker_value_error(exc)
         if cause is None:
@@ -264,6 +268,68 @@ def _finish(
 
 
 LOSS_PLOT = "loss_curve.png"
+
+
+def _progress_path(ctx: StepContext) -> Path:
+    """Where the Ray Train controller leaves rank 0's latest metrics for the driver to show."""
+    if not ctx.extra.get("storage") or not ctx.extra.get("execution_id"):
+        return ctx.out_dir / ".progress.json"  # not listed in the manifest: not an output
+    execution = Path(ctx.extra["storage"]) / "executions" / ctx.extra["execution_id"]
+    return execution / f"progress-{ctx.step}.json"
+
+
+def _progress_callback(path: Path) -> Any:
+    """A Ray Train callback (it runs in the controller, after every report of the workers) that
+    writes rank 0's metrics to `path`."""
+    from ray.train import UserCallback
+
+    from pipelines.cache import write_json_atomic
+
+    class ProgressFile(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if metrics and metrics[0]:
+                write_json_atomic(path, {k: float(v) for k, v in metrics[0].items()})
+
+    return ProgressFile()
+
+
+@contextlib.contextmanager
+def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -> Iterator[Any]:
+    """Yield the callback for the trainer; meanwhile a driver thread turns what it writes into
+    `ctx.progress(step, total, "loss ..., tok/s, ETA")` (the metrics the workers report anyway)."""
+    import json
+    import threading
+
+    from pipelines.progress import training_message
+
+    path = _progress_path(ctx)
+    path.unlink(missing_ok=True)
+    total = cfg.max_steps if cfg.max_steps > 0 else None
+    done = threading.Event()
+
+    def watch() -> None:
+        seen = 0.0
+        while True:
+            stop = done.wait(poll_s)  # one more look after training ends: its last report
+            try:
+                mtime = path.stat().st_mtime_ns
+                if mtime != seen:
+                    metrics = json.loads(path.read_text())
+                    seen = mtime
+                    ctx.progress(metrics.get("step", 0.0), total, training_message(metrics, total))
+            except (OSError, ValueError):
+                pass
+            if stop:
+                return
+
+    ctx.progress(0, total, "starting Ray Train workers")
+    thread = threading.Thread(target=watch, name=f"owl-progress-{ctx.step}", daemon=True)
+    thread.start()
+    try:
+        yield _progress_callback(path)
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], *, title: str) -> None:

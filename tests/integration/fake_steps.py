@@ -173,6 +173,17 @@ TABLE: dict[str, StepSpec] = {
 # The same steps, with `filter` running its work as a Ray task (the runner connects to Ray first).
 RAY_TABLE: dict[str, StepSpec] = {**TABLE, "filter": replace(TABLE["filter"], uses_ray=True)}
 
+# Two training stages, like the real DAG: stage2 starts from stage1 and is the job's final model.
+MODULES["stage2"] = _Module(TrainConfig, run_train)
+TWO_STAGE_TABLE: dict[str, StepSpec] = {
+    **{name: TABLE[name] for name in ("download", "filter", "stage1")},
+    "stage2": FakeSpec(
+        "stage2", __name__, "1", {"data": Role("filter"), "init": Role("stage1")}, resumable=True,
+        uses_model=True, uses_seed=True, uses_ray=False, fixed={"stage": 2},
+    ),
+    "evaluate": replace(TABLE["evaluate"], roles={"model": Role("stage2")}),
+}  # fmt: skip
+
 
 def fake_job(name: str, storage: Path | str, **sections: Any) -> dict[str, Any]:
     """A raw job over TABLE's steps: small defaults, each section dict merged over its default,

@@ -98,10 +98,17 @@ def data(tmp_path_factory) -> StepInput:
     return _write_data(tmp_path_factory.mktemp("tokenized"), count=80)
 
 
+PROGRESS: dict[Path, list[tuple[float, float | None, str]]] = {}
+
+
 def _run(out_dir: Path, cfg: TrainConfig, data: StepInput):
     from pipelines.steps import train
 
-    ctx = StepContext(step="stage1", out_dir=out_dir, job_name="test", model=MODEL)
+    reported = PROGRESS.setdefault(out_dir, [])
+    ctx = StepContext(
+        step="stage1", out_dir=out_dir, job_name="test", model=MODEL,
+        progress=lambda done, total, message: reported.append((done, total, message)),
+    )  # fmt: skip
     return train.run(ctx, cfg, {"data": data})
 
 
@@ -129,6 +136,10 @@ def test_uninterrupted_run_exports_model_and_metrics(reference) -> None:
     assert manifest.info["trainable_parameters"]["decoder_text"]["trainable"] == 0
     before = load_model(out / "model")  # trained vision weights differ from a fresh init
     assert before.cfg == MODEL
+    # The driver showed the workers' reports as they came: step, loss, tokens/s, ETA.
+    live = [(done, total, m) for done, total, m in PROGRESS[out] if m.startswith("loss ")]
+    assert live and {total for _, total, _ in live} == {6}
+    assert "tok/s" in live[0][2] and ("ETA" in live[0][2] or live[0][0] == 6)
 
 
 def test_interrupted_run_resumes_to_identical_weights(reference, data, tmp_path) -> None:

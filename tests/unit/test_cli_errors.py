@@ -1,0 +1,181 @@
+"""Every user error of every `owl` command is one `error: ...` line and a non-zero exit, never a
+traceback; and the fixes that come with them (`owl chat` finds a training step's tokenizer,
+audits never create an empty store, `owl submit` from an installed package ships no
+site-packages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipelines import cli  # noqa: E402
+from pipelines.commands.eval import resolve_model_dirs  # noqa: E402
+from pipelines.commands.run import code_runtime_env  # noqa: E402
+from pipelines.jobspec import parse_job  # noqa: E402
+from pipelines.progress import Reporter  # noqa: E402
+from pipelines.runner import Runner  # noqa: E402
+from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
+
+
+def owl(args: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """The real `owl` entry point in a fresh interpreter."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+class Done:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def owl_here(monkeypatch, capsys):
+    """`owl ARGS` in this process (cheaper than a new interpreter each time), in folder `cwd`."""
+
+    def call(args: list[str], cwd: Path = ROOT, **env: str) -> Done:
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            patch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+            patch.setenv("OWL_STEPS_TABLE", _TABLE)
+            for key, value in env.items():
+                patch.setenv(key, value)
+            capsys.readouterr()
+            rc = cli.main(args)
+            out, err = capsys.readouterr()
+        return Done(rc, out, err)
+
+    return call
+
+
+def one_error_line(done) -> str:
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """A finished fake job with a relative storage, as a user's job file has it."""
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "job.yaml").write_text(yaml.safe_dump(fake_job("errs", "runs/errs")))
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        job = parse_job(yaml.safe_load((folder / "job.yaml").read_text()), TABLE)
+        assert Runner(job, Reporter(quiet=True), table=TABLE).run().ok
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+def test_user_errors_are_one_line(tmp_path, finished_job, owl_here):
+    job = str(finished_job / "job.yaml")
+    cases = {
+        ("run", str(tmp_path / "nope.yaml")): "no such job file",
+        ("run", job, "--until", "nosuch"): "--until nosuch: not a step",
+        ("submit", job, "--address", "http://127.0.0.1:9"): "cannot reach the Ray dashboard",
+        ("logs", "owl-x", "--address", "http://127.0.0.1:9"): "cannot reach the Ray dashboard",
+        ("stop", "owl-x"): "no Ray address",
+        ("eval", "--model", str(tmp_path), "--benchmark", str(tmp_path / "vqa.jsonl")):
+            "vqa.jsonl: benchmark file not found",
+        ("chat", "--model", str(tmp_path)): "no config.json",
+        ("model", "summary", "nosuch"): "unknown model config",
+        ("audit", "model", "errs@current"): "no MLflow tracking URI",
+    }  # fmt: skip
+    for args, expected in cases.items():
+        line = one_error_line(owl_here(list(args), cwd=finished_job))
+        assert expected in line, (args, line)
+    missing_token = owl_here(
+        ["submit", job, "--address", "http://127.0.0.1:9"], cwd=finished_job,
+        RAY_AUTH_TOKEN_PATH=str(tmp_path / "none.token"),
+    )  # fmt: skip
+    assert "RAY_AUTH_TOKEN_PATH" in one_error_line(missing_token)
+    # The real entry point, in a fresh interpreter: the same one line.
+    assert "no such job file" in one_error_line(owl_here(["status", str(tmp_path / "nope.yaml")]))
+
+
+_TABLE = "tests.integration.fake_steps:TABLE"
+
+
+def test_audit_from_another_folder_creates_no_store(tmp_path, finished_job, owl_here):
+    job = str(finished_job / "job.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    line = one_error_line(owl_here(["audit", "model", "errs@current", "--job", job], cwd=elsewhere))
+    assert "no MLflow store at" in line and "--set storage" in line
+    assert list(elsewhere.rglob("*")) == []  # no runs/errs/mlflow.db made there
+
+    found = owl_here(["audit", "model", "errs@current", "--job", job, "--json"], cwd=finished_job)
+    assert found.returncode == 0, found.stderr
+    assert [e["step"] for e in json.loads(found.stdout)["chain"]] == [
+        "stage1",
+        "filter",
+        "download",
+    ]
+    unknown = owl_here(["audit", "dataset", "0123456789abcdef", "--job", job], cwd=finished_job)  # fmt: skip
+    assert "no dataset with a digest starting '0123456789abcdef'" in one_error_line(unknown)
+    no_version = owl_here(["audit", "model", "errs/7", "--job", job], cwd=finished_job)  # fmt: skip
+    assert "errs/7: no such registered model version" in one_error_line(no_version)
+
+
+def test_chat_finds_the_tokenizer_of_a_training_step_folder(tmp_path):
+    steps = tmp_path / "storage" / "steps"
+    for key in ("k1", "k2"):  # two tokenizer outputs: the manifest says which one
+        tok = steps / "tokenizer" / key / "tokenizer"
+        tok.mkdir(parents=True)
+        (tok / "tokenizer.json").write_text("{}")
+        (tok.parent / "manifest.json").write_text("{}")
+    stage2 = steps / "stage2" / "s2"
+    (stage2 / "model").mkdir(parents=True)
+    (stage2 / "model" / "config.json").write_text("{}")
+    manifest = {"info": {"inputs": {"tokenizer": {"step": "tokenizer", "key": "k2"}}}}
+    (stage2 / "manifest.json").write_text(json.dumps(manifest))
+    model_dir, tokenizer_dir = resolve_model_dirs(str(stage2), None)
+    assert model_dir == stage2 / "model"
+    assert tokenizer_dir == steps / "tokenizer" / "k2" / "tokenizer"
+    (stage2 / "manifest.json").write_text("{}")  # an older output: which of the two is unknown
+    with pytest.raises(ValueError, match="2 tokenizer outputs"):
+        resolve_model_dirs(str(stage2), None)
+
+
+def test_the_runner_records_each_outputs_inputs(tmp_path):
+    job = parse_job(fake_job("inputs", tmp_path), TABLE)
+    result = Runner(job, Reporter(quiet=True), table=TABLE).run()
+    keys = {s.step: s.key for s in result.steps}
+    manifest = json.loads(
+        (tmp_path / "steps" / "stage1" / keys["stage1"] / "manifest.json").read_text()
+    )
+    assert manifest["info"]["inputs"] == {"data": {"step": "filter", "key": keys["filter"]}}
+
+
+def test_submit_from_an_installed_package_ships_only_owls_packages(tmp_path):
+    from_checkout = code_runtime_env(tmp_path / "storage")
+    assert from_checkout["working_dir"] == str(ROOT)
+    site_packages = tmp_path / "site-packages"  # no pyproject.toml of owl there
+    site_packages.mkdir()
+    import pipelines.commands.run as run_module
+
+    saved = run_module.PROJECT_ROOT
+    run_module.PROJECT_ROOT = site_packages
+    try:
+        installed = code_runtime_env(tmp_path / "storage")
+    finally:
+        run_module.PROJECT_ROOT = saved
+    assert "working_dir" not in installed
+    assert [Path(p).name for p in installed["py_modules"]] == ["owl", "pipelines"]

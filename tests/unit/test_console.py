@@ -1,0 +1,122 @@
+"""`owl run`'s console and MLflow set-up on light fake steps: only the job's final model moves
+`@current`; the tracking URI from the environment wins over the default store and `owl status`
+says which; the experiment is a model-training one; logs go to console.log and the terminal gets
+owl's own lines, without ANSI codes when it is not a terminal, ending with the model version and
+where to look."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+
+from pipelines.jobspec import parse_job  # noqa: E402
+from pipelines.lineage import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG  # noqa: E402
+from pipelines.progress import Reporter, captured_output, training_message  # noqa: E402
+from pipelines.runner import Runner, job_status  # noqa: E402
+from tests.integration.fake_steps import TWO_STAGE_TABLE, fake_job  # noqa: E402
+
+
+def two_stage(storage: Path, **extra) -> dict:
+    return fake_job("twostage", storage, stage2={"num_steps": 2}, **extra)
+
+
+def run(raw: dict, until: str | None = None):
+    job = parse_job(raw, TWO_STAGE_TABLE)
+    return job, Runner(job, Reporter(quiet=True), table=TWO_STAGE_TABLE).run(until=until)
+
+
+def test_only_the_jobs_final_model_moves_current(tmp_path):
+    job, partial = run(two_stage(tmp_path), until="stage1")
+    client = MlflowClient(job.mlflow_uri)
+    assert partial.ok and partial.registered_model == {"name": "twostage", "version": "1"}
+    assert client.get_registered_model("twostage").aliases == {}  # a stage-1 model: no alias
+
+    _, full = run(two_stage(tmp_path))
+    assert full.registered_model == {"name": "twostage", "version": "2"}
+    current = client.get_model_version_by_alias("twostage", "current")
+    assert str(current.version) == "2" and current.tags["owl.model_step"] == "stage2"
+
+    _, again = run(two_stage(tmp_path), until="stage1")  # cached stage 1: @current stays put
+    assert again.registered_model == {"name": "twostage", "version": "1"}
+    assert str(client.get_model_version_by_alias("twostage", "current").version) == "2"
+
+    experiment = client.get_experiment_by_name("twostage")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_tracking_uri_from_the_environment_wins_over_the_default(tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    job = parse_job(two_stage(tmp_path / "storage"), TWO_STAGE_TABLE)
+    assert job.mlflow_uri == f"sqlite:///{store}"
+    status = job_status(job, TWO_STAGE_TABLE)
+    assert status["mlflow_uri"] == f"sqlite:///{store}"
+    assert status["mlflow_uri_from"] == "MLFLOW_TRACKING_URI"
+    explicit = parse_job(two_stage(tmp_path, mlflow_uri="http://example:5000"), TWO_STAGE_TABLE)
+    assert explicit.mlflow_uri == "http://example:5000"  # the job file's own still wins
+    assert job_status(explicit, TWO_STAGE_TABLE)["mlflow_uri_from"] == "job file"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    default = parse_job(two_stage(tmp_path / "storage"), TWO_STAGE_TABLE)
+    assert default.mlflow_uri.endswith("/storage/mlflow.db")
+    assert job_status(default, TWO_STAGE_TABLE)["mlflow_uri_from"].startswith("default SQLite")
+
+
+def test_captured_output_sends_fds_to_the_log_and_yields_the_terminal(tmp_path, capfd):
+    log = tmp_path / "x" / "console.log"
+    with captured_output(log) as terminal:
+        os.write(1, b"from fd 1\n")  # what Ray, DeepSpeed and the steps print lands there
+        os.write(2, b"from fd 2\n")
+        subprocess.run(["echo", "from a subprocess"], check=True)
+        terminal.write("owl line\n")
+    out, err = capfd.readouterr()
+    assert "owl line" in err and "from" not in out + err
+    assert log.read_text().splitlines() == [
+        "from fd 1", "from fd 2", "from a subprocess"
+    ]  # fmt: skip
+
+
+def test_training_message_has_loss_throughput_and_eta():
+    message = training_message(
+        {"step": 40.0, "loss": 2.5, "tokens_per_s": 12345.6, "step_time_s": 0.5}, 100
+    )
+    assert message == "loss 2.5000, 12,346 tok/s, ETA 0m30s"
+    assert training_message({"step": 1.0, "loss": 1.0}, None) == "loss 1.0000"
+
+
+def test_owl_run_console_is_owls_own_lines_and_ends_with_the_model(tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(two_stage(tmp_path / "storage")))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OWL_STEPS_TABLE": "tests.integration.fake_steps:TWO_STAGE_TABLE",
+        "TERM": "xterm-256color",  # not a terminal anyway (a pipe): no ANSI codes
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", str(job_file)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert "\x1b[" not in console
+    lines = console.splitlines()
+    assert all(line.startswith("[owl]") or line.startswith(" ") or line[:5] in ("group", "all  ")
+               or line.split()[0] in ("vision", "abstractor", "decoder", "language") for line in lines
+               if line.strip()), console  # fmt: skip
+    assert lines[-3] == "[owl] registered model twostage version 1 (@current)"
+    assert "#/experiments/" in lines[-2]
+    assert lines[-1].startswith("[owl] lineage: owl audit model twostage@current --mlflow-uri ")
+    (execution,) = (tmp_path / "storage" / "executions").iterdir()
+    assert (execution / "console.log").is_file()
+    record = json.loads((execution / "execution.json").read_text())
+    assert record["state"] == "done"
