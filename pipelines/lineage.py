@@ -109,7 +109,14 @@ class Lineage:
     """Records one pipeline execution in MLflow."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)  # the registry and LoggedModel APIs read it
+        # ... and MLflow also exports it as MLFLOW_TRACKING_URI, which would then choose the store
+        # of every job this process (or a child) parses next: put the environment back.
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         try:

@@ -34,8 +34,10 @@ def run(raw: dict, until: str | None = None):
     return job, Runner(job, Reporter(quiet=True), table=TWO_STAGE_TABLE).run(until=until)
 
 
-def test_only_the_jobs_final_model_moves_current(tmp_path):
+def test_only_the_jobs_final_model_moves_current(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job, partial = run(two_stage(tmp_path), until="stage1")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow's export of it is undone
     client = MlflowClient(job.mlflow_uri)
     assert partial.ok and partial.registered_model == {"name": "twostage", "version": "1"}
     assert client.get_registered_model("twostage").aliases == {}  # a stage-1 model: no alias
