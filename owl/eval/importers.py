@@ -350,7 +350,7 @@ def import_mmbench(inputs: _Inputs, out_dir: Path, name: str) -> list[Record]:
             copies[group] = copies.get(group, 0) + (group != index)
             record.update(group=str(group), circular_shift=copies[group] if group != index else 0)
         else:
-            record["rule"] = "circular"
+            record["rule"] = ""  # rotated by us unless the run turns circular evaluation off
         if not record["answer"]:
             record["submission"] = "mmbench"
         records.append(record)

@@ -136,6 +136,20 @@ def test_submission_files(tmp_path: Path) -> None:
                             [{"id": "7005", "shift": 0, "prediction": "yes"}])  # fmt: skip
     assert json.loads(path.read_text()) == [{"question_id": 7005, "answer": "yes"}]
 
+    (tmp_path / "vw_test").mkdir()
+    _json(tmp_path / "test.json", [{"image": "VizWiz_test_00000003.jpg", "question": "What?"}])
+    from official_files import _image
+
+    _image(tmp_path / "vw_test" / "VizWiz_test_00000003.jpg")
+    vizwiz = read_benchmark(import_benchmark("vizwiz", [tmp_path / "test.json", tmp_path / "vw_test"],
+                                             tmp_path / "out", "vizwiz_test"))  # fmt: skip
+    assert submission_format(vizwiz) == "vizwiz"
+    path = write_submission(tmp_path / "sub" / "vizwiz_test", "vizwiz", vizwiz,
+                            [{"id": "VizWiz_test_00000003", "shift": 0, "prediction": "unanswerable"}])  # fmt: skip
+    assert json.loads(path.read_text()) == [
+        {"image": "VizWiz_test_00000003.jpg", "answer": "unanswerable"}
+    ]
+
     write_mmbench(tmp_path, with_answers=False, name="mmbench_test_en_20231003.tsv")
     test = read_benchmark(import_benchmark("mmbench", [tmp_path / "mmbench_test_en_20231003.tsv"],
                                            tmp_path / "out", "mmbench_test"))  # fmt: skip
