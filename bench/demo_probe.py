@@ -55,6 +55,9 @@ from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import lora_kwargs, param_groups, select_trainable
 
+# The VQA rule the demo scores its shapes benchmark with (jobs/demo.yaml, docs/benchmarks.md).
+RULE = "normalized"
+
 # ShapesConfig fields the probe exposes as flags.
 SHAPES_FIELDS = ("num_caption_images", "num_instruction_images", "num_text", "max_shapes",
                  "min_questions", "max_questions", "caption_turn_share")  # fmt: skip
@@ -245,17 +248,21 @@ def seen_vqa(out: Path, limit: int) -> list[BenchmarkRecord]:
 def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[str, float]:
     model.eval()
     seen = seen_vqa(bench_dir.parent, 2 * limit)
-    seen_score = score(seen, predict(model, tokenizer, seen, batch_size=25))["vqa.accuracy"]
+    seen_score = score(seen, predict(model, tokenizer, seen, batch_size=25), vqa_rule=RULE)[
+        "vqa.accuracy"
+    ]
     vqa = read_benchmark(bench_dir / "vqa.jsonl")  # the first `limit`, then the extra items
     text = read_benchmark(bench_dir / "text.jsonl", limit)
     predictions = predict(model, tokenizer, vqa, batch_size=25)
     by_kind: dict[str, list[float]] = {}
     for record, prediction in zip(vqa, predictions):
         by_kind.setdefault(question_kind(record.question), []).append(
-            sample_score(record, prediction)
+            sample_score(record, prediction, RULE)
         )
-    all_vqa = score(vqa, predictions)["vqa.accuracy"]
-    blank = score(vqa, predict(model, tokenizer, vqa, batch_size=25, blank_images=True))
+    all_vqa = score(vqa, predictions, vqa_rule=RULE)["vqa.accuracy"]
+    blank = score(
+        vqa, predict(model, tokenizer, vqa, batch_size=25, blank_images=True), vqa_rule=RULE
+    )
     # The same questions answered from the model's own caption of each image: how much of the
     # scene the vision path gets right, whatever the model has learned about answering.
     all_vqa_records = vqa
@@ -267,11 +274,11 @@ def evaluate(model: OwlModel, tokenizer, bench_dir: Path, limit: int) -> dict[st
     for r, p in list(zip(vqa, described))[:3]:
         print(f"    caption: {p['prediction']!r} | {r.question} -> {r.answers[0]}", flush=True)
     via_caption = [
-        vqa_accuracy(answer_from_caption(p["prediction"], r.question), r.answers, "normalized")
+        vqa_accuracy(answer_from_caption(p["prediction"], r.question), r.answers, RULE)
         for r, p in zip(vqa, described)
     ]
     return {
-        "vqa": score(vqa, predictions)["vqa.accuracy"],
+        "vqa": score(vqa, predictions, vqa_rule=RULE)["vqa.accuracy"],
         f"vqa_{len(all_vqa_records)}": all_vqa,
         "vqa_seen": seen_score,
         "vqa_via_caption": sum(via_caption) / max(1, len(via_caption)),
