@@ -190,6 +190,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         pad_id=pad_id,
         verify_shards=streaming,  # global: verified above; workers read the same files
     )
+    resumed = _announce_resume(ctx, cfg)
     started = time.perf_counter()
     try:
         with training_progress(ctx, cfg) as callback:
@@ -203,7 +204,24 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
     manifest.dropped = dropped or manifest.dropped
+    # Restored from the last step, nothing trains and Ray Train returns that checkpoint, whose
+    # state was saved by the run that wrote it (resumed_from_step 0): say where this one began.
+    previous = manifest.stats["resumed_from_step"]
+    manifest.stats["resumed_from_step"] = float(max(previous, resumed))
     return manifest
+
+
+def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
+    """The step of the checkpoint this run resumes from (0: none), said in the log and progress."""
+    from owl.train import checkpoint
+
+    newest = checkpoint.newest_checkpoint(ctx.out_dir / "checkpoints")
+    if newest is None:
+        return 0
+    step = int(newest.name.rpartition("-")[2])
+    print(f"{ctx.step}: resuming from step {step} ({newest})", flush=True)
+    ctx.progress(step, cfg.max_steps or None, f"resuming from step {step}")
+    return step
 
 
 def _worker_value_error(exc: BaseException) -> str | None:

@@ -178,3 +178,14 @@ def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
         _run(tmp_path / "d", BASE, broken)
     assert not list((tmp_path / "d" / "checkpoints").glob("**/step-*"))
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_restored_from_its_last_checkpoint_says_so(reference, data, capsys) -> None:
+    """A driver killed after the final checkpoint but before the manifest: the re-run restores
+    the last step, trains nothing, and its manifest and log say where it resumed from."""
+    out, first = reference
+    before = _weights(out)
+    manifest = _run(out, BASE, data)
+    assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] == 6
+    assert "stage1: resuming from step 6" in capsys.readouterr().out
+    assert _max_diff(_weights(out), before) == 0.0
