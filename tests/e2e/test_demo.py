@@ -41,16 +41,19 @@ def demo(tmp_path_factory):
 
 
 def test_demo_runs_every_step_and_registers_the_model(demo):
-    _, result = demo
+    storage, result = demo
     assert result["ok"], result["error"]
     states = {s["step"]: s["state"] for s in result["steps"]}
     expected = {
         "shapes", "download", "filter", "tokenizer", "tokenize_captions",
-        "tokenize_instructions", "stage1", "evaluate_stage1", "stage2", "evaluate",
+        "tokenize_instructions", "stage1", "evaluate_stage1", "stage2", "evaluate", "export",
     }  # fmt: skip
     assert set(states) == expected
     assert set(states.values()) == {"done"}
     assert result["registered_model"]["name"] == "demo"
+    export = next(s for s in result["steps"] if s["step"] == "export")
+    card = (storage / "steps" / "export" / export["key"] / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and "vqa.accuracy" in card
 
 
 def test_demo_model_learns_through_the_vision_path(demo):
