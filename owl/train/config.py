@@ -48,6 +48,12 @@ class TrainConfig:
     # plans the whole dataset on every worker (the earlier ShardLoader).
     loader: str = "global"
     shuffle_buffer: int = 16384
+    # Data mixing (loader=streaming): more tokenized datasets drawn together with the stage's
+    # `data` input, {folder: weight}; a folder is a tokenize step's output (with its
+    # manifest.json), possibly `@role/...`. The `data` input has weight `data_weight`; every
+    # shuffle buffer takes samples from each dataset in proportion to its weight.
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)
+    data_weight: float = 1.0
     # Memory: ZeRO stage (0, 2 or 3) and activation checkpointing of decoder/ViT layers.
     zero_stage: int = 2
     activation_checkpointing: bool = False
@@ -126,6 +132,8 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
         (cfg.loader in ("streaming", "global"), "loader must be 'streaming' or 'global'"),
         (cfg.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),
+        (not cfg.mix or cfg.loader == "streaming", "mix needs loader: streaming"),
+        (all(w > 0 for w in [cfg.data_weight, *cfg.mix.values()]), "mix weights must be > 0"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
     ]
     for ok, message in checks:

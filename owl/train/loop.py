@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from owl.data.loader import LoaderConfig, ShardLoader, ShardRef, StreamingLoader
+from owl.data.loader import Dataset, LoaderConfig, ShardLoader, ShardRef, StreamingLoader
 from owl.model.config import OwlConfig
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
@@ -48,6 +48,9 @@ class WorkerJob:
     # sha256 of the shards: the global loader checks every shard up front (the step does it once
     # and passes False); the streaming loader checks each shard where and when it first opens it.
     verify_shards: bool = True
+    # With `train.mix`: the stage's datasets and weights (the streaming loader reads these
+    # instead of `shards`, which is then the first dataset's).
+    datasets: list[Dataset] = field(default_factory=list)
 
 
 class Session(Protocol):
@@ -155,7 +158,7 @@ def loader_config(cfg: TrainConfig, model: OwlConfig, pad_id: int) -> LoaderConf
 
 def build_loader(
     cfg: TrainConfig,
-    shards: list[ShardRef],
+    shards: list[ShardRef] | list[Dataset],
     loader_cfg: LoaderConfig,
     *,
     rank: int = 0,
@@ -171,7 +174,7 @@ def _build_loader(job: WorkerJob, session: Session) -> ShardLoader | StreamingLo
     if job.train.loader == "streaming":
         return build_loader(
             job.train,
-            job.shards,
+            job.datasets or job.shards,
             loader_config(job.train, job.model, job.pad_id),
             rank=session.rank,
             world_size=session.world_size,

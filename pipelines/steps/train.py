@@ -178,7 +178,8 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     pad_id = ctx.model.decoder.pad_token_id
     loader_cfg = loader_config(cfg, ctx.model, pad_id)
     streaming = cfg.loader == "streaming"
-    driver_loader = build_loader(cfg, shards, loader_cfg, world_size=cfg.num_workers)
+    datasets = mix_datasets(cfg, shards, inputs)
+    driver_loader = build_loader(cfg, datasets or shards, loader_cfg, world_size=cfg.num_workers)
     dropped = {} if streaming else dict(driver_loader.dropped)
     check_resources(cfg)
     table = _trainable_table(ctx, cfg)
@@ -189,6 +190,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         init_model_dir=_init_model_dir(cfg, inputs),
         pad_id=pad_id,
         verify_shards=streaming,  # global: verified above; workers read the same files
+        datasets=datasets,
     )
     resumed = _announce_resume(ctx, cfg)
     started = time.perf_counter()
@@ -222,6 +224,24 @@ def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
     print(f"{ctx.step}: resuming from step {step} ({newest})", flush=True)
     ctx.progress(step, cfg.max_steps or None, f"resuming from step {step}")
     return step
+
+
+def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -> list:
+    """`cfg.mix` as loader datasets, the `data` input first; [] without a mix."""
+    if not cfg.mix:
+        return []
+    from owl.data.loader import Dataset, shards_from_manifest
+
+    datasets = [Dataset(shards, cfg.data_weight, "data")]
+    for path, weight in cfg.mix.items():
+        folder = Path(resolve_path(path, inputs))
+        if not (folder / "manifest.json").is_file():
+            raise ValueError(
+                f"train.mix: {path}: no manifest.json there; give a tokenize step's output folder"
+            )
+        manifest = Manifest.read(folder)
+        datasets.append(Dataset(shards_from_manifest(manifest, folder), weight, path))
+    return datasets
 
 
 def _worker_value_error(exc: BaseException) -> str | None:

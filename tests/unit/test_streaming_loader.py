@@ -193,3 +193,30 @@ def test_drops_are_counted_and_shards_without_index_work(tmp_path) -> None:
     assert loader.dropped["loader.too_many_images"] > 0
     with pytest.raises(ValueError, match="no tokenized shards"):
         StreamingLoader([], CFG)
+
+
+def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
+    from owl.train.config import TrainConfig
+    from owl.train.loop import build_loader
+    from pipelines.step import StepInput
+    from pipelines.steps.train import mix_datasets
+
+    other = tmp_path / "other"
+    text = _write(tmp_path, "other", count=30, per_shard=10, seed=3)
+    manifest = Manifest(step="tokenize_test")
+    for ref in text:
+        manifest.add_file(other, Path(ref.path).relative_to(other).as_posix(), rows=ref.rows)
+        manifest.add_file(other, Path(ref.index).relative_to(other).as_posix(), rows=ref.rows)
+    manifest.write(other)
+    inputs = {"extra": StepInput("extra", other, manifest)}
+    cfg = TrainConfig(loader="streaming", mix={"@extra": 1.0}, data_weight=4.0)
+    datasets = mix_datasets(cfg, shards, inputs)
+    assert [(len(d.shards), d.weight) for d in datasets] == [(10, 4.0), (3, 1.0)]
+    loader = build_loader(cfg, datasets, LoaderConfig(**{**CFG.__dict__, "shuffle_buffer": 20}))
+    refs = [ref for batch in _epoch(loader) for row in batch for ref in row]
+    assert 3 < Counter(d for d, _, _ in refs)[0] / Counter(d for d, _, _ in refs)[1] < 5
+    assert mix_datasets(TrainConfig(), shards, inputs) == []
+    with pytest.raises(ValueError, match="mix needs loader: streaming"):
+        TrainConfig(loader="global", mix={"@extra": 1.0})
+    with pytest.raises(ValueError, match=r"train.mix: /nowhere: no manifest.json"):
+        mix_datasets(TrainConfig(loader="streaming", mix={"/nowhere": 1.0}), shards, inputs)
