@@ -380,6 +380,7 @@ class StreamingLoader:
             )
         self.epoch = self.buffer = self.row = self.done = 0
         self._buffer_key: tuple[int, int] | None = None
+        self._counted: tuple[int, int] | None = None
         self._buffer_rows: list[list[tuple[int, int, int]]] = []
 
     # -- plan ---------------------------------------------------------------------------------
@@ -520,7 +521,8 @@ class StreamingLoader:
 
     def _rows_of(self, epoch: int, buffer: int) -> list[list[tuple[int, int, int]]]:
         if self._buffer_key != (epoch, buffer):
-            self._buffer_rows = self._plan_buffer(epoch, buffer)
+            counted = (epoch, buffer) == self._counted  # its drops are in the restored counts
+            self._buffer_rows = self._plan_buffer(epoch, buffer, count=not counted)
             self._buffer_key = (epoch, buffer)
         return self._buffer_rows
 
@@ -591,7 +593,8 @@ class StreamingLoader:
         self.epoch, self.buffer = int(state["epoch"]), int(state["buffer"])
         self.row, self.done = int(state["row"]), int(state["done"])
         self.dropped = Counter(state.get("dropped", {}))
-        self._buffer_key = None  # replanned (and its drops counted) on the next batch
+        self._buffer_key = None  # replanned on the next batch
+        self._counted = (self.epoch, self.buffer) if self.row else None
 
 
 def _cache_put(cache: dict, key: Any, value: Any, limit: int) -> None:

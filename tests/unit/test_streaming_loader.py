@@ -220,3 +220,20 @@ def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
         TrainConfig(loader="global", mix={"@extra": 1.0})
     with pytest.raises(ValueError, match=r"train.mix: /nowhere: no manifest.json"):
         mix_datasets(TrainConfig(loader="streaming", mix={"/nowhere": 1.0}), shards, inputs)
+
+
+def test_drop_counts_survive_a_resume_without_double_counting(tmp_path) -> None:
+    manifest = write_shards(tmp_path, mixed_samples(40), per_shard=15)
+    refs = shards_from_manifest(manifest, tmp_path)
+    cfg = LoaderConfig(**{**CFG.__dict__, "max_length": 40, "shuffle_buffer": 12})
+    straight = StreamingLoader(refs, cfg)
+    for _ in range(7):
+        next(straight)
+    resumed = StreamingLoader(refs, cfg)
+    for _ in range(3):
+        next(resumed)
+    again = StreamingLoader(refs, cfg)
+    again.load_state_dict(resumed.state_dict())
+    for _ in range(4):
+        next(again)
+    assert again.dropped == straight.dropped and straight.dropped["loader.too_long"] > 0
