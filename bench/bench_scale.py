@@ -8,10 +8,11 @@ The largest size is written once; the smaller sizes are the manifests of its fir
 
 Then, per size, `--ranks` processes start at once, each one rank of the streaming loader
 (`owl.data.loader.StreamingLoader`, the digests checked lazily as in training) and report:
-start-up (constructor: manifest -> shard permutation -> calibration from one shard's index),
+start-up (manifest read -> shard refs -> constructor: shard permutation, calibration from the
+first buffer's indexes; wall and CPU time: the CPU time is what a loaded machine does not blur),
 time to the first micro-batch (its first shard's sha256 + a buffer planned), micro-batches/s
 over `--batches` collated batches (images decoded and resized, as training gets them), the
-shards it opened, and its peak RSS (ru_maxrss; also the RSS after imports, before the loader).
+shards it opened, and its peak RSS (VmHWM; also the peak after imports, before the loader).
 The earlier whole-dataset loader (`ShardLoader`, train.loader=global) runs as the baseline at
 `--baseline-sizes` in the same invocation.
 
@@ -115,6 +116,36 @@ def _manifest_for(out: Path, size: int, rows_per_shard: int) -> Path:
     return folder
 
 
+def _virtual(out: Path, size: int, rows_per_shard: int) -> Path:
+    """A dataset of `size` samples made of symlinks to the written shards (each used several
+    times under other names): what a rank reads at start-up (manifest, shard rows, a few
+    indexes) is that of a real dataset of this size."""
+    from owl.data.manifest import Manifest
+
+    full = {f.path: f for f in Manifest.read(out).files}
+    real = sum(1 for p in full if p.endswith(".arrow"))
+    folder = out / f"virtual-{size}"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "shards").mkdir(parents=True)
+    manifest = Manifest(step="bench_scale")
+    for i in range(-(-size // rows_per_shard)):
+        for suffix in (".arrow", ".index.npy"):
+            source = full[f"shards/shard-{i % real:05d}{suffix}"]
+            name = f"shards/shard-{i:05d}{suffix}"
+            os.symlink(out / source.path, folder / name)
+            manifest.files.append(type(source)(**{**vars(source), "path": name}))
+    manifest.write(folder)
+    return folder
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: build the loader, draw batches, print one JSON line."""
     import torch
@@ -123,31 +154,35 @@ def worker(args: argparse.Namespace) -> None:
     from owl.data.manifest import Manifest
 
     torch.set_num_threads(1)
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_imports = _peak_rss_mb()
     cfg = LoaderConfig(micro_batch_size=12, max_length=256, max_images_per_row=8, image_size=32)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     manifest = Manifest.read(args.manifest)
     shards = shards_from_manifest(manifest, args.data)
     kind = StreamingLoader if args.loader == "streaming" else ShardLoader
     loader = kind(shards, cfg, rank=args.rank, world_size=args.ranks, verify=True)
-    startup = time.perf_counter() - started
+    startup, startup_cpu = time.perf_counter() - started, time.process_time() - cpu
     next(loader)
     first = time.perf_counter() - started
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
         next(loader)
     rate = args.batches / (time.perf_counter() - t0)
+    cpu_rate = args.batches / (time.process_time() - c0)  # per CPU-second: load-independent
     opened = len(getattr(loader, "_verified", ())) or len(shards)
     print(json.dumps({
-        "rank": args.rank, "startup_s": startup, "first_batch_s": first, "batches_per_s": rate,
+        "rank": args.rank, "startup_s": startup, "startup_cpu_s": startup_cpu, "first_batch_s": first, "batches_per_s": rate, "batches_per_cpu_s": cpu_rate,
         "rss_after_imports_mb": rss_imports,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "batches_per_epoch": loader.batches_per_epoch(0), "shards_opened": opened,
         "shards": sum(1 for s in shards),
     }))  # fmt: skip
 
 
-def measure(data: Path, manifest: Path, loader: str, ranks: int, batches: int) -> list[dict]:
+def measure(
+    data: Path, manifest: Path, loader: str, ranks: int, batches: int, only: list[int] | None = None
+) -> list[dict]:
+    """Ranks `only` (default: all) of a `ranks`-rank run, started at once."""
     procs = [
         subprocess.Popen(
             [
@@ -170,8 +205,8 @@ def measure(data: Path, manifest: Path, loader: str, ranks: int, batches: int) -
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        for r in range(ranks)
+        )
+        for r in (only if only is not None else range(ranks))
     ]
     results = []
     for proc in procs:
@@ -182,6 +217,32 @@ def measure(data: Path, manifest: Path, loader: str, ranks: int, batches: int) -
     return results
 
 
+def _print(size: int, what: str, per_rank: list[dict]) -> None:
+    """The worst rank's numbers (slowest start-up, largest RSS, lowest rate)."""
+    worst = {
+        k: max(r[k] for r in per_rank)
+        for k in (
+            "startup_s",
+            "startup_cpu_s",
+            "first_batch_s",
+            "peak_rss_mb",
+            "rss_after_imports_mb",
+        )
+    }
+    rate = min(r["batches_per_s"] for r in per_rank)
+    cpu_rate = min(r["batches_per_cpu_s"] for r in per_rank)
+    opened = max(r["shards_opened"] for r in per_rank)
+    print(
+        f"{size:>11,} {what}: start-up {worst['startup_s']:.2f} s "
+        f"(CPU {worst['startup_cpu_s']:.2f} s), first batch "
+        f"{worst['first_batch_s']:.2f} s, peak RSS {worst['peak_rss_mb']:.0f} MiB "
+        f"(after imports {worst['rss_after_imports_mb']:.0f}), {rate:.1f} batches/s "
+        f"({cpu_rate:.1f} per CPU-second), "
+        f"shards opened {opened}/{per_rank[0]['shards']}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/owl-bench-scale"))
@@ -190,6 +251,17 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument(
+        "--virtual",
+        default="348M",
+        help="also a dataset of this size made of symlinks to the written shards",
+    )
+    parser.add_argument(
+        "--virtual-ranks",
+        type=int,
+        default=64,
+        help="read by this many ranks (ranks 0 and the last one are run)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--clean", action="store_true", help="remove --out and exit")
     # internal: one rank
@@ -206,11 +278,11 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
         print(f"removed {args.out}")
         return
-    sizes = sorted(_size(s) for s in args.sizes.split(","))
+    sizes = sorted(_size(s) for s in args.sizes.split(",") if s)
     baseline = {_size(s) for s in args.baseline_sizes.split(",") if s}
-    need = max(sizes + list(baseline))
+    need = max(sizes + list(baseline), default=0)  # 0: use what is written (--virtual only)
     marker = args.out / f"written-{need}-{args.rows_per_shard}"
-    if not marker.exists():
+    if need and not marker.exists():
         shutil.rmtree(args.out, ignore_errors=True)
         args.out.mkdir(parents=True)
         print(f"writing {need:,} samples to {args.out}", flush=True)
@@ -228,19 +300,15 @@ def main() -> None:
         for loader in loaders:
             per_rank = measure(args.out, manifest, loader, args.ranks, args.batches)
             rows.append({"samples": size, "loader": loader, "ranks": per_rank})
-            worst = {
-                k: max(r[k] for r in per_rank)
-                for k in ("startup_s", "first_batch_s", "peak_rss_mb", "rss_after_imports_mb")
-            }
-            rate = min(r["batches_per_s"] for r in per_rank)
-            opened = max(r["shards_opened"] for r in per_rank)
-            print(
-                f"{size:>11,} {loader:9} start-up {worst['startup_s']:7.2f} s  first batch "
-                f"{worst['first_batch_s']:7.2f} s  peak RSS {worst['peak_rss_mb']:7.0f} MiB "
-                f"(after imports {worst['rss_after_imports_mb']:.0f})  {rate:6.1f} batches/s  "
-                f"shards opened {opened}/{per_rank[0]['shards']}",
-                flush=True,
-            )
+            _print(size, loader, per_rank)
+    if args.virtual:
+        size = _size(args.virtual)
+        folder = _virtual(args.out, size, args.rows_per_shard)
+        last = args.virtual_ranks - 1
+        per_rank = measure(folder, folder, "streaming", args.virtual_ranks, args.batches, [0, last])
+        rows.append({"samples": size, "loader": "streaming", "virtual": True,
+                     "world_size": args.virtual_ranks, "ranks": per_rank})  # fmt: skip
+        _print(size, f"streaming, ranks 0 and {last} of {args.virtual_ranks} (symlinked)", per_rank)
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
