@@ -130,7 +130,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     import ray
 
     from owl.eval.generate import score
-    from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS
+    from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, max_new_tokens, style_of
 
     started = time.monotonic()
     files = [_benchmark_file(ctx, entry, inputs) for entry in cfg.benchmarks]
@@ -142,15 +142,15 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         )
     _check_caption_tokenizer(cfg, benchmarks)
     workers = _start_workers(cfg, inputs)
-    ray.get([worker.ready.remote() for worker in workers])
-    loaded = time.monotonic()
     passes = [(name, False) for name in benchmarks]
     if cfg.blank_image_control:
         passes += [(name, True) for name, recs in benchmarks.items() if any(r.images for r in recs)]
-    ctx.progress(
-        0, len(passes), f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)"
-    )
     try:
+        ray.get([worker.ready.remote() for worker in workers])
+        loaded = time.monotonic()
+        ctx.progress(
+            0, len(passes), f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)"
+        )
         predictions = _predict_all(ctx, cfg, workers, benchmarks, passes)
     finally:
         for worker in workers:
@@ -183,6 +183,11 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         for name, path in zip(benchmarks, cfg.benchmarks)
     }
     manifest.info["max_new_tokens"] = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens}
+    # What each benchmark was asked with: prompt style -> generation budget.
+    manifest.info["prompts"] = {
+        name: {style_of(r): max_new_tokens(r, cfg.max_new_tokens) for r in records}
+        for name, records in benchmarks.items()
+    }
     manifest.info["vqa_rule"] = cfg.vqa_rule
     manifest.info["caption_tokenizer"] = cfg.caption_tokenizer
     ctx.progress(len(passes), len(passes), "scored")

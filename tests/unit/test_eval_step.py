@@ -126,5 +126,6 @@ def test_evaluate_step_imports_specs_and_writes_submission(
     assert manifest.stats["vqav2_testdev.vqa.unanswered"] == 1.0
     assert "vqav2_testdev.vqa.accuracy" not in manifest.stats
     assert "submissions/vqav2_testdev.json" in manifest.artifacts
+    assert manifest.info["prompts"]["vqav2"] == {"short_answer": 10}
     rows = json.loads((tmp_path / "out/submissions/vqav2_testdev.json").read_text())
     assert [r["question_id"] for r in rows] == [7005] and isinstance(rows[0]["answer"], str)
