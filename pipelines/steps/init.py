@@ -37,7 +37,8 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
         if not Path(folder).expanduser().is_dir():
             raise ValueError(f"model.pretrained.{kind}: {folder}: no such folder")
     ctx.progress(0, None, f"loading {', '.join(f'{k}={v}' for k, v in folders.items()) or '-'}")
-    model, described = pretrained_model(ctx.model, folders, seed=ctx.seed)
+    expanded = {k: str(Path(v).expanduser()) for k, v in folders.items()}
+    model, described = pretrained_model(ctx.model, expanded, seed=ctx.seed)
     ctx.progress(0, None, "saving the starting model")
     save_model(model, ctx.out_dir / OUT)
     manifest = Manifest(step=ctx.step)
