@@ -477,6 +477,7 @@ def _run_entry(client: MlflowClient, run_id: str) -> dict[str, Any]:
                 "step": dataset_input.dataset.name,
                 "digest": input_tags.get(f"{TAG}sha256", dataset_input.dataset.digest),
                 "producer_run_id": input_tags.get(f"{TAG}producer_run_id", ""),
+                **({"path": input_tags[f"{TAG}path"]} if f"{TAG}path" in input_tags else {}),
             }
         )
     metrics = run.data.metrics

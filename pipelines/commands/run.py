@@ -269,9 +269,8 @@ def _show_model_audit(report: dict[str, Any]) -> None:
             f"  {entry['step']:<22} run {entry['run_id']} out {entry['output_digest'][:16]} {counts}"
         )
         for i in entry["inputs"]:
-            console.print(
-                f"      <- {i['role']}: {i['step']} {i['digest'][:16]} (run {i['producer_run_id']})"
-            )
+            source = f"folder {i['path']}" if i.get("path") else f"run {i['producer_run_id']}"
+            console.print(f"      <- {i['role']}: {i['step']} {i['digest'][:16]} ({source})")
         for k, v in entry.get("params", {}).items():
             console.print(f"      {k} = {v}")
 

@@ -172,6 +172,8 @@ def test_pretrained_folders_are_dataset_inputs_that_audit_reaches(tmp_path: Path
         f"pretrained.{k}": manifest["info"]["pretrained"][k]["sha256"] for k in ("clip", "llama")
     }
     assert inputs["pretrained.llama"] == manifest["info"]["input_files"][str(folders["llama"])]
+    paths = {i["step"]: i.get("path") for i in chain[0]["inputs"]}
+    assert paths == {f"pretrained.{k}": str(folders[k]) for k in ("clip", "llama")}
 
 
 def test_stage1_starts_from_the_init_step_and_refuses_a_second_start(tmp_path: Path) -> None:
