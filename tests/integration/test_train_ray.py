@@ -172,11 +172,13 @@ def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
     broken = _write_data(tmp_path / "broken", count=8)
     victim = broken.dir / "shards" / "shard-00001.arrow"
     victim.write_bytes(victim.read_bytes()[:-8] + b"corrupt!")
-    # The streaming loader checks a shard's digest in the worker that opens it, before any of
-    # its rows is used: the run stops with the shard named, before a first step.
-    with pytest.raises(ValueError, match=r"shard-00001\.arrow: sha256 does not match"):
-        _run(tmp_path / "d", BASE, broken)
-    assert not list((tmp_path / "d" / "checkpoints").glob("**/step-*"))
+    # The global loader: the driver checks every digest before a worker starts. The streaming
+    # loader: the worker that opens the shard checks it before using any of its rows; the run
+    # stops with the shard named (a one-line ValueError from the worker's), before a first step.
+    for name, loader in (("d", "global"), ("e", "streaming")):
+        with pytest.raises(ValueError, match=r"shard-00001\.arrow: sha256 does not match"):
+            _run(tmp_path / name, BASE.replace(loader=loader), broken)
+        assert not list((tmp_path / name / "checkpoints").glob("**/step-*"))
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
