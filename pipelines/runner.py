@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import traceback
@@ -345,6 +346,7 @@ class Runner:
         # Cached steps whose output a computing step reads: their files' sha256 is checked.
         self._read_by_computing: set[str] = set()
         self._started_ray = False
+        self._reaper: subprocess.Popen | None = None  # see pipelines/reaper.py
         self._result: RunResult | None = None
         self._current: StepRecord | None = None  # the step computing now (closed on interrupt)
         self._interrupted = ""
@@ -713,8 +715,13 @@ class Runner:
         import ray  # imported only when a step computes: a cached re-run does not start Ray
 
         if not ray.is_initialized():
-            ray.init(address=self.job.ray_address or None, log_to_driver=True)
+            context = ray.init(address=self.job.ray_address or None, log_to_driver=True)
             self._started_ray = True
+            if not self.job.ray_address and not os.environ.get("RAY_ADDRESS"):
+                # A local cluster of our own: its helpers must not outlive a killed `owl run`.
+                from pipelines import reaper
+
+                self._reaper = reaper.start(context.address_info["session_dir"])
             self._install_handlers()  # ray.init replaced the SIGTERM handler with sys.exit
             _private_token_file()
 
@@ -724,6 +731,10 @@ class Runner:
 
             ray.shutdown()
             self._started_ray = False
+        if self._reaper is not None:
+            self._reaper.terminate()
+            self._reaper.wait()
+            self._reaper = None
 
     # --- after the last step --------------------------------------------------------------------
 

@@ -86,3 +86,37 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
         fresh = Manifest.read(clean.storage / "steps" / step / records[step].key)
         assert resumed.digest == fresh.digest
     assert result["metrics"] == reference.metrics
+
+
+def test_killed_driver_leaves_no_ray_processes(tmp_path):
+    """`owl run` started a local Ray (filter runs a Ray task) and is killed during training:
+    nothing of that Ray session may keep running (its dashboard and runtime-env agents did)."""
+    import tempfile
+
+    from pipelines.reaper import session_processes
+
+    storage = tmp_path / "storage"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_raw(storage)))
+    ray_tmp = tempfile.mkdtemp(prefix="owlk", dir="/tmp")  # short: Ray's socket paths
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OWL_STEPS_TABLE": "tests.integration.fake_steps:RAY_TABLE",
+        "RAY_TMPDIR": ray_tmp,
+    }
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(job_file), "--json"]
+    driver = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = storage / "steps" / "stage1"
+    wait_until(lambda: list(checkpoints.glob("*/checkpoints/step-*.json")), 240, "a checkpoint")
+    assert session_processes(ray_tmp)  # the local Ray is up
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    try:
+        wait_until(lambda: not session_processes(ray_tmp), 60, "the Ray processes to exit")
+    finally:
+        for proc in session_processes(ray_tmp):  # never leave them behind, even on failure
+            proc.kill()
