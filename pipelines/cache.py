@@ -84,6 +84,11 @@ def cache_key(
 # Content digests of the input files a step's config names
 
 
+# Config fields whose strings are never input files, though they may name existing paths
+# (download.env: environment variables for the download processes, e.g. HOME=/root).
+NOT_INPUTS = frozenset({"env"})
+
+
 def input_paths(*parts: Any) -> list[str]:
     """Every string in the config parts that names an existing local file or folder, as written.
 
@@ -93,8 +98,9 @@ def input_paths(*parts: Any) -> list[str]:
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
+            for k, v in value.items():
+                if k not in NOT_INPUTS:
+                    walk(v)
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v)

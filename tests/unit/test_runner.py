@@ -296,9 +296,9 @@ def test_input_folder_digest_follows_its_files(tmp_path):
     (folder / "b.png").write_bytes(b"TWO")
     third = cache.input_digests(storage, [str(folder)])
     assert len({first[str(folder)], second[str(folder)], third[str(folder)]}) == 3
-    assert cache.input_paths({"a": [str(folder), "@shapes/x", "s3://b/k", "not-a-path"]}) == [
-        str(folder)
-    ]
+    assert cache.input_paths(
+        {"a": [str(folder), "@shapes/x", "s3://b/k", "not-a-path"], "env": {"HOME": str(tmp_path)}}
+    ) == [str(folder)]
 
 
 def test_unreadable_manifest_is_absent_with_a_warning_and_never_blocks(tmp_path, capsys):
