@@ -1,5 +1,10 @@
 # The two commands a newcomer needs (see README): `make demo` and `make test`.
-PY ?= python3
+# A Python the whole stack supports: 3.10 to 3.13 (CI runs 3.11). The first of these found on
+# PATH is used; `make setup PY=/path/to/python3.12` picks another.
+SUPPORTED := (3, 10) <= sys.version_info[:2] <= (3, 13)
+PY ?= $(firstword $(foreach p,python3.11 python3.12 python3.13 python3.10 python3,\
+	$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit(not ($(SUPPORTED)))' \
+	2>/dev/null && echo $(p))))
 VENV ?= .venv
 BIN := $(VENV)/bin
 STORAGE ?= runs/demo
@@ -7,6 +12,8 @@ STORAGE ?= runs/demo
 .PHONY: setup java demo test lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
+	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
+	@$(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if $(SUPPORTED) else f"error: $(PY) is Python {v}; owl supports 3.10 to 3.13: run make PY=python3.11 (or another 3.10-3.13)")'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU wheel; GPU users install their CUDA build of torch first.

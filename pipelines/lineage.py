@@ -12,6 +12,7 @@ weights stay in the pipeline storage) registered in the model registry with an a
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -109,6 +110,9 @@ class Lineage:
     """Records one pipeline execution in MLflow."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        # MLflow would print a "View run ... at: URL" line per run it ends (over HTTP); owl prints
+        # where to look once, in its summary.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)  # the registry and LoggedModel APIs read it
         # ... and MLflow also exports it as MLFLOW_TRACKING_URI, which would then choose the store
@@ -345,13 +349,25 @@ def _dataset_input(role: str, step: str, out_dir: Path, manifest: Manifest) -> D
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(out_dir))
     dataset = MetaDataset(source=source, name=step, digest=manifest.digest[:DIGEST_CHARS])
+    entity = dataset._to_mlflow_entity()
+    # The UI shows a dataset's profile: what this output is, in numbers, with its full digest.
+    profile = {
+        "description": f"output of step {step}, read as {role!r}",
+        **{k: int(v) for k, v in _file_counts(manifest).items()},
+        "sha256": manifest.digest,
+        "cache_key": manifest.key,
+    }
+    entity = Dataset(
+        name=entity.name, digest=entity.digest, source_type=entity.source_type,
+        source=entity.source, schema=entity.schema, profile=json.dumps(profile),
+    )  # fmt: skip
     tags = {
         "mlflow.data.context": role,
         f"{TAG}sha256": manifest.digest,
         f"{TAG}producer_run_id": str(manifest.info.get("mlflow_run_id", "")),
         f"{TAG}cache_key": manifest.key,
     }
-    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+    return DatasetInput(entity, [InputTag(k, v) for k, v in tags.items()])
 
 
 def _folder_input(kind: str, path: str, sha256: str) -> DatasetInput:

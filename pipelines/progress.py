@@ -197,11 +197,13 @@ def captured_output(log_path: Path) -> Iterator[TextIO]:
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    log = os.fdopen(os.dup(log_fd), "w", buffering=1)  # for sys.stdout / sys.stderr objects
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
     try:
-        yield terminal
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield terminal
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -211,6 +213,7 @@ def captured_output(log_path: Path) -> Iterator[TextIO]:
         os.close(saved_out)
         os.close(saved_err)
         terminal.close()
+        log.close()
 
 
 def format_eta(seconds: float) -> str:

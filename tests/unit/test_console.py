@@ -51,6 +51,14 @@ def test_only_the_jobs_final_model_moves_current(tmp_path, monkeypatch):
     assert again.registered_model == {"name": "twostage", "version": "1"}
     assert str(client.get_model_version_by_alias("twostage", "current").version) == "2"
 
+    # Dataset inputs are named after the step that made them and described in their profile.
+    stage2 = client.get_run(current.tags["owl.run.stage2"])
+    inputs = {i.dataset.name: i for i in stage2.inputs.dataset_inputs}
+    assert set(inputs) == {"filter", "stage1"}
+    profile = json.loads(inputs["filter"].dataset.profile)
+    assert profile["description"] == "output of step filter, read as 'data'"
+    assert profile["rows"] == 3 and profile["files"] == 1 and len(profile["sha256"]) == 64
+
     experiment = client.get_experiment_by_name("twostage")
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
 
@@ -77,12 +85,14 @@ def test_captured_output_sends_fds_to_the_log_and_yields_the_terminal(tmp_path, 
     with captured_output(log) as terminal:
         os.write(1, b"from fd 1\n")  # what Ray, DeepSpeed and the steps print lands there
         os.write(2, b"from fd 2\n")
+        print("from sys.stdout", flush=True)  # the Python objects too (MLflow prints to them)
+        print("from sys.stderr", file=sys.stderr, flush=True)
         subprocess.run(["echo", "from a subprocess"], check=True)
         terminal.write("owl line\n")
     out, err = capfd.readouterr()
     assert "owl line" in err and "from" not in out + err
     assert log.read_text().splitlines() == [
-        "from fd 1", "from fd 2", "from a subprocess"
+        "from fd 1", "from fd 2", "from sys.stdout", "from sys.stderr", "from a subprocess"
     ]  # fmt: skip
 
 

@@ -1,0 +1,175 @@
+"""infra/mlflow.yaml's server, for real: `mlflow server --app-name basic-auth` with the auth config
+of its ConfigMap, the project's dependencies (Flask-WTF) and a user the test creates. A job of
+light fake steps runs against it with the tracking URI and credentials from the environment only
+(MLFLOW_TRACKING_URI / _USERNAME / _PASSWORD, as the RayJob's Secret gives them), re-runs fully
+cached, and `owl audit` walks its lineage; missing or wrong credentials are one-line errors that
+say so (not "no such version")."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipelines import cli  # noqa: E402
+from tests.integration.fake_steps import fake_job  # noqa: E402
+
+pytestmark = pytest.mark.integration
+ADMIN_PASSWORD = secrets.token_hex(12)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deployment_auth_ini(database: Path) -> str:
+    """basic_auth.ini from infra/mlflow.yaml's ConfigMap, its database moved to `database`."""
+    docs = list(yaml.safe_load_all((ROOT / "infra" / "mlflow.yaml").read_text()))
+    (config,) = [d for d in docs if d and d["kind"] == "ConfigMap"]
+    lines = config["data"]["basic_auth.ini"].splitlines()
+    return "\n".join(
+        f"database_uri = sqlite:///{database}" if line.startswith("database_uri") else line
+        for line in lines
+    )
+
+
+def start_server(tmp: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp / "artifacts"),
+    ]  # fmt: skip
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed with the process)
+    env = {**os.environ, **extra_env}
+    proc = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400  # a loaded 2-core CI machine: it can take minutes
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow-auth")
+    (tmp / "basic_auth.ini").write_text(deployment_auth_ini(tmp / "auth.db"))
+    proc, uri = start_server(
+        tmp,
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "basic_auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        },
+    )
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def create_user(uri: str, monkeypatch) -> tuple[str, str]:
+    from mlflow.server.auth.client import AuthServiceClient
+
+    user, password = "trainer", secrets.token_hex(12)
+    with monkeypatch.context() as admin:
+        admin.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        admin.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        AuthServiceClient(uri).create_user(user, password)
+    return user, password
+
+
+def owl(args: list[str], capfd) -> tuple[int, str, str]:
+    capfd.readouterr()
+    rc = cli.main(args)
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def test_a_job_records_and_audits_through_basic_auth(auth_server, tmp_path, monkeypatch, capfd):
+    user, password = create_user(auth_server, monkeypatch)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(fake_job("authjob", tmp_path / "storage")))  # no mlflow_uri
+    monkeypatch.setenv("OWL_STEPS_TABLE", "tests.integration.fake_steps:TABLE")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+
+    # No credentials: one line that says which, before any step runs.
+    rc, _, err = owl(["run", str(job_file), "--json"], capfd)
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        f"error: the MLflow server at {auth_server} requires credentials: set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+    )
+    assert not (tmp_path / "storage" / "steps").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    rc, out, err = owl(["run", str(job_file), "--json"], capfd)
+    assert rc == 0 and out.startswith("{"), (out[-2000:], err[-3000:])
+    first = json.loads(out)
+    rc, out, _ = owl(["run", str(job_file), "--json"], capfd)
+    second = json.loads(out)
+    assert [s["state"] for s in second["steps"]] == ["cached"] * 4
+    assert first["registered_model"] == second["registered_model"] == {
+        "name": "authjob", "version": "1",
+    }  # fmt: skip
+    assert not (tmp_path / "storage" / "mlflow.db").exists()  # the server, not the default store
+
+    rc, out, _ = owl(["status", str(job_file), "--json"], capfd)
+    status = json.loads(out)
+    assert (status["mlflow_uri"], status["mlflow_uri_from"]) == (auth_server, "MLFLOW_TRACKING_URI")
+
+    rc, out, err = owl(["audit", "model", "authjob@current", "--json"], capfd)
+    assert rc == 0, err
+    audit = json.loads(out)
+    assert [e["step"] for e in audit["chain"]] == ["stage1", "filter", "download"]
+    stage1 = audit["chain"][0]
+    assert stage1["run_id"] == audit["model"]["tags"]["owl.run.stage1"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(auth_server)
+    run = client.get_run(stage1["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # Wrong password, and none at all: said as such, not "no such registered model version".
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    rc, _, err = owl(["audit", "model", "authjob@current"], capfd)
+    assert rc == 2 and f"refused user '{user}'" in err and "no such" not in err
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    rc, _, err = owl(["audit", "model", "authjob@current"], capfd)
+    assert rc == 2 and "requires credentials" in err and "no such" not in err
