@@ -317,6 +317,11 @@ def test_unreadable_manifest_is_absent_with_a_warning_and_never_blocks(tmp_path,
         assert states(again) == {"download": "cached", "filter": "done", "stage1": "cached",
                                  "evaluate": "cached"}  # fmt: skip
         assert Manifest.read(manifest_path.parent).key == first.steps[1].key
+    # A damaged execution record (a hand edit, a full disk) is skipped, never fatal.
+    record = next((job.storage / "executions").glob("*/execution.json"))
+    record.write_text('{"execution_id": ')
+    next((job.storage / "executions").glob("*/steps/filter.json")).write_text("")
+    assert [s["step"] for s in job_status(job, TABLE)["steps"]] == list(TABLE)
 
 
 def test_cli_status_and_dry_run_survive_an_empty_manifest(tmp_path, monkeypatch, capsys):
