@@ -217,7 +217,8 @@ class PlannedStep:
     cached: bool
     forced: bool
     resources: dict[str, float]
-    memory_gib: float | None = None  # training: estimated GPU memory per worker (no activations)
+    memory_gib: float | None = None  # training: planned GPU memory per worker (owl.train.memory)
+    memory: dict[str, Any] | None = None  # training: the plan's parts (MemoryPlan.to_dict)
     # Why a committed output there is not used (an unreadable manifest, a missing file).
     problems: list[str] = field(default_factory=list)
 
@@ -252,6 +253,10 @@ def plan(
         if key is not None and name not in forced:
             manifest, problems = cache.find_committed(cache.step_dir(job.storage, name, key))
         manifests[name] = manifest
+        memory = None
+        if estimate_memory and section.spec.trains:
+            memory = training_memory_plan(job, section)
+            check_memory_plan(name, section, memory)
         planned.append(
             PlannedStep(
                 name=name,
@@ -259,9 +264,8 @@ def plan(
                 cached=manifest is not None,
                 forced=name in forced,
                 resources=dataclasses.asdict(section.resources),
-                memory_gib=training_memory_gib(job, section)
-                if estimate_memory and section.spec.trains
-                else None,
+                memory_gib=None if memory is None else memory.total / _BYTES_PER_GIB,
+                memory=None if memory is None else memory.to_dict(),
                 problems=problems,
             )
         )
@@ -269,40 +273,30 @@ def plan(
 
 
 def training_memory_gib(job: JobSpec, section: StepSection) -> float:
-    """Model states per GPU under mixed-precision AdamW and ZeRO (activations not included).
-
-    bf16 weights 2 B/param, bf16 grads 2 B/trainable param, fp32 master + Adam m, v 12 B/trainable
-    param; ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights. Parameter
-    counts come from the model built on the meta device with this stage's trainable selection."""
-    total, trainable = _parameter_counts(job, section.config)
-    num_gpus = max(1, section.resources.num_workers)
-    zero = int(getattr(section.config, "zero_stage", 0))
-    weights = 2 * total / (num_gpus if zero >= 3 else 1)
-    grads = 2 * trainable / (num_gpus if zero >= 2 else 1)
-    optimizer = 12 * trainable / (num_gpus if zero >= 1 else 1)
-    return (weights + grads + optimizer) / _BYTES_PER_GIB
+    """GPU memory per worker of a training step (model states + activations), GiB."""
+    return training_memory_plan(job, section).total / _BYTES_PER_GIB
 
 
-def _parameter_counts(job: JobSpec, cfg: Any) -> tuple[int, int]:
-    """(total, trainable) parameters of the training stage `cfg` (a TrainConfig)."""
-    import torch
+def training_memory_plan(job: JobSpec, section: StepSection) -> Any:
+    """The step's `owl.train.memory.MemoryPlan` (the model on the meta device, the stage's
+    trainable selection, activations per micro-batch)."""
+    from owl.train.memory import plan_memory
 
-    from owl.model import OwlModel
-    from owl.train.stages import select_trainable
+    return plan_memory(job.owl_config, section.config)
 
-    with torch.device("meta"):  # shapes only, nothing allocated
-        model = OwlModel(job.owl_config)
-    lora = {
-        "r": cfg.lora_r,
-        "alpha": cfg.lora_alpha,
-        "dropout": cfg.lora_dropout,
-        "target_modules": cfg.lora_targets,
-    }
-    table = select_trainable(
-        model, job.owl_config.variant, cfg.stage,
-        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2, lora=lora,
-    )  # fmt: skip
-    return sum(g["total"] for g in table.values()), sum(g["trainable"] for g in table.values())
+
+def check_memory(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
+    """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib`."""
+    for name in names:
+        section = job.steps[name]
+        if table[name].trains and getattr(section.config, "gpu_memory_gib", 0.0) > 0:
+            check_memory_plan(name, section, training_memory_plan(job, section))
+
+
+def check_memory_plan(name: str, section: StepSection, memory: Any) -> None:
+    from owl.train.memory import check_fits
+
+    check_fits(name, memory, float(getattr(section.config, "gpu_memory_gib", 0.0) or 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +351,7 @@ class Runner:
     ) -> RunResult:
         names = select_steps(self.job, until, self.table)
         forced = forced_steps(self.job, force or [], self.table)
+        check_memory(self.job, names, self.table)  # before anything starts
         self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:
             self.lineage = mlflow_lineage(self.job)

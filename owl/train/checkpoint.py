@@ -32,6 +32,9 @@ class TrainState:
     samples: int = 0
     elapsed_s: float = 0.0
     resumed_from_step: int = 0  # the step of the last checkpoint this run was restored from
+    # Parameter elements rank 0 held once the model was built (before DeepSpeed): the whole model
+    # under ZeRO-0/1/2, about 1/world_size of it under ZeRO-3 (built partitioned).
+    parameters_held: int = 0
 
 
 def step_dir_name(step: int) -> str:

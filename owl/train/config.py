@@ -79,6 +79,9 @@ class TrainConfig:
     init_model: str = ""
     # Cluster: one Ray Train worker per `num_workers`.
     num_workers: int = 1
+    # Memory of one GPU, GiB: `owl run` (and --dry-run) refuses a stage whose memory plan
+    # (owl.train.memory: model states + activations per worker) exceeds it. 0 = no check.
+    gpu_memory_gib: float = 0.0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 0
@@ -128,6 +131,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (cfg.log_every >= 1, "log_every must be >= 1"),
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.gpu_memory_gib >= 0, "gpu_memory_gib must be >= 0 (0 = no check)"),
         (cfg.fail_mode in ("raise", "kill"), "fail_mode must be 'raise' or 'kill'"),
         (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
         (cfg.loader in ("streaming", "global"), "loader must be 'streaming' or 'global'"),

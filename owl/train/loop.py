@@ -9,6 +9,7 @@ DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -30,7 +31,7 @@ from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.metrics import Window, train_flops
-from owl.train.stages import format_table, lora_kwargs, param_groups, select_trainable
+from owl.train.stages import format_table, lora_kwargs, param_groups, select_for_stage
 
 EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder (rank 0)
 CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
@@ -73,15 +74,9 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
     """Train one stage to its last step, reporting metrics and checkpoints through `session`."""
     cfg = job.train
     _seed_everything(cfg.seed)
-    model = _build_model(job)
-    table = select_trainable(
-        model,
-        job.model.variant,
-        cfg.stage,
-        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
-        lora=lora_kwargs(cfg),
-        trainable=cfg.trainable,
-    )
+    model = _build_model(job, session)
+    held = held_parameter_elements(model)
+    table = select_for_stage(model, job.model.variant, cfg)
     if session.rank == 0:
         print(
             f"trainable parameters (stage {cfg.stage}, {job.model.variant}):\n{format_table(table)}"
@@ -95,8 +90,18 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
             state, loader_state = checkpoint.load(engine, directory, rank=session.rank)
             loader.load_state_dict(loader_state)
             state.resumed_from_step = state.step
+    state.parameters_held = held
     _train(engine, loader, job, session, state, total_steps, started_fresh=state.step == 0)
     return state
+
+
+def held_parameter_elements(model: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its shard of each ZeRO-3 partitioned parameter
+    (`ds_tensor`), all of any other."""
+    return sum(
+        int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+        for p in model.parameters()
+    )
 
 
 def total_optimizer_steps(cfg: TrainConfig, loader: ShardLoader | StreamingLoader) -> int:
@@ -118,20 +123,93 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(job: WorkerJob) -> torch.nn.Module:
+def _build_model(job: WorkerJob, session: Session | None = None) -> torch.nn.Module:
+    """The starting model. Under ZeRO-3 it is built partitioned (`deepspeed.zero.Init`): each
+    module's parameters are sharded over the ranks as soon as the module exists, and an
+    `init_model_dir` is read one module at a time on rank 0 and scattered, so the whole model is
+    never held by every rank."""
     from owl.model import OwlModel, load_model
 
+    if job.train.zero_stage == 3:
+        return _build_partitioned(job, 0 if session is None else session.rank)
     model_cfg = job.model.replace(activation_checkpointing=job.train.activation_checkpointing)
     if not job.init_model_dir:
         return OwlModel(model_cfg)
     model = load_model(job.init_model_dir)
-    if model.cfg.variant != job.model.variant:
-        raise ValueError(
-            f"init model {job.init_model_dir} is {model.cfg.variant}, the job trains "
-            f"{job.model.variant}: use the same model config for both stages"
-        )
+    _check_init_variant(job, model.cfg)
     _set_activation_checkpointing(model, job.train.activation_checkpointing)
     return model
+
+
+def _check_init_variant(job: WorkerJob, cfg: OwlConfig) -> None:
+    if cfg.variant != job.model.variant:
+        raise ValueError(
+            f"init model {job.init_model_dir} is {cfg.variant}, the job trains "
+            f"{job.model.variant}: use the same model config for both stages"
+        )
+
+
+def _build_partitioned(job: WorkerJob, rank: int) -> torch.nn.Module:
+    import deepspeed
+
+    from owl.model import OwlModel
+    from owl.model.weights import CONFIG_FILE
+
+    cfg = job.model
+    if job.init_model_dir:
+        cfg = OwlConfig.from_dict(json.loads((Path(job.init_model_dir) / CONFIG_FILE).read_text()))
+        _check_init_variant(job, cfg)
+    cfg = cfg.replace(activation_checkpointing=job.train.activation_checkpointing)
+    ds_config = deepspeed_config(job.train, world_size=1, on_gpu=torch.cuda.is_available())
+    # mem_efficient_linear=False: leave torch.nn.functional.linear alone (our Linear calls it).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
+        model = OwlModel(cfg)  # random init runs module by module, gathered (Module.apply)
+    if job.init_model_dir:
+        load_partitioned(model, Path(job.init_model_dir), rank=rank)
+    return model
+
+
+def load_partitioned(model: torch.nn.Module, directory: Path, *, rank: int) -> None:
+    """Copy the weights of a `save_model` folder into a ZeRO-3 partitioned model, one module at a
+    time: rank 0 reads each tensor from the safetensors files (lazily), every rank keeps its
+    shard. Collective: all ranks call it. The keys must match exactly, as in `load_model`."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from owl.model.weights import INDEX_FILE, WEIGHTS_FILE, check_keys
+
+    if (directory / WEIGHTS_FILE).exists():
+        files = {WEIGHTS_FILE: None}
+        with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+            where = dict.fromkeys(f.keys(), WEIGHTS_FILE)
+    elif (directory / INDEX_FILE).exists():
+        where = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        files = dict.fromkeys(where.values())
+    else:
+        raise ValueError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
+    seen: set[int] = set()
+    expected: list[tuple[str, torch.nn.Module, str, torch.nn.Parameter]] = []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:  # tied weights: the first owner's name
+                seen.add(id(param))
+                key = f"{module_name}.{name}" if module_name else name
+                expected.append((key, module, name, param))
+    check_keys({k for k, *_ in expected}, set(where), str(directory))
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            for name in files:
+                files[name] = stack.enter_context(safe_open(str(directory / name), "pt"))
+        by_module: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
+        for key, module, _, param in expected:
+            by_module.setdefault(id(module), []).append((key, param))
+        for entries in by_module.values():
+            params = [p for _, p in entries]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        for key, param in entries:
+                            param.copy_(files[where[key]].get_tensor(key))
 
 
 def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
@@ -349,37 +427,49 @@ def _save_and_report(
 
 
 def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
-    """Rank 0 writes the consolidated model folder (ZeRO-3 parameters gathered first).
+    """Rank 0 writes the consolidated model folder.
 
-    With LoRA the adapters go to `adapter/` in peft's format (`owl.model.lora.save_adapter`:
-    `peft.PeftModel.from_pretrained` loads it on the stage's starting model), and the folder holds
-    the merged weights (`merge_lora`, in place: training is over), or with `merge_lora: false` the
-    base weights.
+    Under ZeRO-3 the weights are gathered module by module onto rank 0 only (DeepSpeed's
+    consolidated state dict) and loaded into a copy built on the meta device: no rank but 0 ever
+    holds the whole model. With LoRA the adapters go to `adapter/` in peft's format
+    (`owl.model.lora.save_adapter`: `peft.PeftModel.from_pretrained` loads it on the stage's
+    starting model), and the folder holds the merged weights (`merge_lora`, in place: training is
+    over), or with `merge_lora: false` the base weights.
     """
     from owl.model import save_model
 
-    with _gathered(engine):
-        if rank != 0:
-            return
-        model = engine.module
-        if not any("lora_" in n for n, _ in model.named_parameters()):
-            save_model(model, directory)
-            return
-        from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora
-
-        save_adapter(model, directory / ADAPTER_DIR)
-        save_model(merge_lora(model) if job.train.merge_lora else unwrap_lora(model), directory)
-
-
-@contextlib.contextmanager
-def _gathered(engine: Any) -> Iterator[None]:
-    if engine.zero_optimization_stage() != 3:
-        yield
+    model = _consolidated(engine, job) if engine.zero_optimization_stage() == 3 else engine.module
+    if rank != 0:
         return
-    import deepspeed
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        save_model(model, directory)
+        return
+    from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        yield
+    save_adapter(model, directory / ADAPTER_DIR)
+    save_model(merge_lora(model) if job.train.merge_lora else unwrap_lora(model), directory)
+
+
+def _consolidated(engine: Any, job: WorkerJob) -> torch.nn.Module | None:
+    """Rank 0: an unpartitioned copy of the ZeRO-3 model (same modules, LoRA wrappers included);
+    other ranks: None. Collective."""
+    from owl.model import OwlModel
+
+    state = engine._zero3_consolidated_16bit_state_dict()
+    if state is None:
+        return None
+    cfg = engine.module.cfg
+    with torch.device("meta"):
+        model = OwlModel(cfg)
+    if any("lora_" in k for k in state):
+        select_for_stage(model, cfg.variant, job.train)  # the same wrappers and trainable set
+    if cfg.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    model.load_state_dict(state, strict=not cfg.decoder.tie_embeddings, assign=True)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model.abstractor.reset_positions(device="cpu")
+    return model
 
 
 @dataclass

@@ -96,9 +96,44 @@ def select_trainable(
     for name, param in model.named_parameters():
         group = param_group(name)
         param.requires_grad_(group in groups)
-        table[group]["total"] += param.numel()
-        table[group]["trainable"] += param.numel() if param.requires_grad else 0
+        table[group]["total"] += numel(param)
+        table[group]["trainable"] += numel(param) if param.requires_grad else 0
     return table
+
+
+def select_for_stage(model: nn.Module, variant: str, cfg: TrainConfig) -> dict[str, dict[str, int]]:
+    """`select_trainable` with everything taken from the stage's config (stage, `trainable`,
+    LoRA, the Owl1 abstractor switch): the one entry point the training loop, the step's
+    manifest table and the memory plan all use."""
+    return select_trainable(
+        model,
+        variant,
+        cfg.stage,
+        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
+        lora=lora_kwargs(cfg),
+        trainable=cfg.trainable,
+    )
+
+
+def planned_model(model_cfg: Any, cfg: TrainConfig) -> tuple[nn.Module, dict[str, dict[str, int]]]:
+    """The stage's model built on the meta device (shapes only, nothing allocated) with its
+    trainable selection applied (LoRA injected where the stage uses it), and the table."""
+    from owl.model import OwlModel
+
+    with torch.device("meta"):
+        model = OwlModel(model_cfg)
+    return model, select_for_stage(model, model_cfg.variant, cfg)
+
+
+def shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it (its local data is then a
+    flat shard and the full shape is `ds_shape`)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def numel(param: torch.Tensor) -> int:
+    """A parameter's full element count, also when ZeRO-3 has partitioned it."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def format_table(table: dict[str, dict[str, int]]) -> str:
@@ -149,7 +184,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         lr = cfg.lr * lr_scale(name, cfg, num_vit_layers)
-        decay = cfg.weight_decay if param.ndim >= 2 else 0.0
+        decay = cfg.weight_decay if len(shape(param)) >= 2 else 0.0
         buckets.setdefault((lr, decay), []).append(param)
     if not buckets:
         raise ValueError("no trainable parameters: check the stage and variant")

@@ -150,7 +150,7 @@ def _show_plan(job: JobSpec, planned: list[dict[str, Any]], as_json: bool) -> No
         table.add_column(column)
     for p in planned:
         res = p["resources"]
-        memory = f"{p['memory_gib']:.2f} GiB + activations" if p["memory_gib"] is not None else ""
+        memory = f"{p['memory_gib']:.2f} GiB" if p["memory_gib"] is not None else ""
         state = "forced" if p["forced"] else ("yes" if p["cached"] else "no")
         resources = (
             f"{res['num_workers']}x({res['cpus_per_worker']:g} CPU, {res['gpus_per_worker']:g} GPU)"

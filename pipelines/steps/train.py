@@ -147,21 +147,9 @@ def build_trainer(
 
 def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, int]]:
     """The table the workers print, computed on the meta device (no memory) for the manifest."""
-    import torch
+    from owl.train.stages import planned_model
 
-    from owl.model import OwlModel
-    from owl.train.stages import lora_kwargs, select_trainable
-
-    with torch.device("meta"):
-        model = OwlModel(ctx.model)
-    return select_trainable(
-        model,
-        ctx.model.variant,
-        cfg.stage,
-        train_abstractor_in_stage2=cfg.train_abstractor_in_stage2,
-        lora=lora_kwargs(cfg),
-        trainable=cfg.trainable,
-    )
+    return planned_model(ctx.model, cfg)[1]
 
 
 def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Manifest:
@@ -287,6 +275,7 @@ def _finish(
         "tokens": float(state.tokens),
         "samples": float(state.samples),
         "resumed_from_step": float(state.resumed_from_step),
+        "parameters_held_rank0": float(state.parameters_held),
         "train_time_s": state.elapsed_s,
         "wall_time_s": wall_s,
     }

@@ -1,8 +1,11 @@
-"""The training step on a real local Ray cluster: 2 workers, DeepSpeed ZeRO-2 on CPU (gloo).
+"""The training step on a real local Ray cluster: 2 workers, DeepSpeed ZeRO-2 and ZeRO-3 on CPU
+(gloo).
 
-- interrupted at step k (injected failure, no retries) and re-run: same weights as an
-  uninterrupted run;
-- a worker process killed mid-run is restarted by Ray Train from the last checkpoint;
+- ZeRO-3 (model built partitioned) gives ZeRO-2's per-step losses in both stages, and exports
+  a consolidated model;
+- interrupted at step k under ZeRO-3 (injected failure, no retries) and re-run: same weights as
+  an uninterrupted ZeRO-3 run;
+- a worker process killed mid-run (ZeRO-2) is restarted by Ray Train from the last checkpoint;
 - bad input fails before anything starts.
 """
 
@@ -21,7 +24,7 @@ from PIL import Image
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
-from owl.model import get_config, load_model
+from owl.model import OwlModel, get_config, load_model
 from owl.train.config import TrainConfig
 from pipelines.step import StepContext, StepInput
 
@@ -37,7 +40,7 @@ BASE = TrainConfig(
     max_length=64,
     zero_stage=2,
     checkpoint_every=2,
-    log_every=2,
+    log_every=1,
     num_workers=2,
     cpus_per_worker=1,
     seed=3,
@@ -131,7 +134,7 @@ def test_uninterrupted_run_exports_model_and_metrics(reference) -> None:
     out, manifest = reference
     assert manifest.stats["steps"] == 6 and manifest.stats["tokens"] > 0
     assert manifest.stats["resumed_from_step"] == 0
-    assert [s for s, _ in manifest.curves["loss"]] == [2, 4, 6]
+    assert [s for s, _ in manifest.curves["loss"]] == [1, 2, 3, 4, 5, 6]
     assert {f.path for f in manifest.files} >= {"model/config.json"}
     assert manifest.info["trainable_parameters"]["decoder_text"]["trainable"] == 0
     before = load_model(out / "model")  # trained vision weights differ from a fresh init
@@ -142,14 +145,64 @@ def test_uninterrupted_run_exports_model_and_metrics(reference) -> None:
     assert "tok/s" in live[0][2] and ("ETA" in live[0][2] or live[0][0] == 6)
 
 
-def test_interrupted_run_resumes_to_identical_weights(reference, data, tmp_path) -> None:
-    cfg = BASE.replace(fail_at_step=3, fail_rank=1, fail_mode="raise", max_failures=0)
+def _losses(manifest: Manifest) -> list[float]:
+    return [value for _, value in manifest.curves["loss"]]
+
+
+def _max_relative(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) > 0
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_cluster, data, tmp_path_factory) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("zero3")
+    return out, _run(out, BASE.replace(zero_stage=3), data)
+
+
+def test_zero3_stage1_matches_zero2_and_is_built_partitioned(reference, zero3) -> None:
+    (ref_dir, ref), (out, manifest) = reference, zero3
+    assert _max_relative(_losses(ref), _losses(manifest)) <= 1e-4
+    assert manifest.stats["steps"] == 6
+    # Built partitioned: rank 0 held about half the parameters (2 workers), ZeRO-2 all of them.
+    total = sum(g["total"] for g in manifest.info["trainable_parameters"].values())
+    assert ref.stats["parameters_held_rank0"] == total
+    assert manifest.stats["parameters_held_rank0"] <= 0.6 * total
+    # The consolidated export is a complete model; the frozen language model did not move.
+    exported, trained = load_model(out / "model").state_dict(), _weights(ref_dir)
+    assert exported.keys() == trained.keys()
+    torch.manual_seed(BASE.seed)  # the workers' seed: the initial weights they started from
+    initial = OwlModel(MODEL).state_dict()
+    frozen = [k for k in exported if k.startswith("decoder.") and "_visual" not in k]
+    assert frozen and all(torch.equal(exported[k], trained[k]) for k in frozen)
+    assert all(torch.equal(exported[k], initial[k]) for k in frozen)
+
+
+def test_zero3_interrupted_run_resumes_to_identical_weights(zero3, data, tmp_path) -> None:
+    cfg = BASE.replace(zero_stage=3, fail_at_step=3, fail_rank=1, fail_mode="raise", max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
         _run(tmp_path, cfg, data)
     assert not (tmp_path / "model").exists()
     manifest = _run(tmp_path, cfg, data)  # same step key: resumes from the step-2 checkpoint
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] == 2
-    assert _max_diff(_weights(tmp_path), _weights(reference[0])) <= 1e-6
+    assert _losses(manifest) == _losses(zero3[1])
+    assert _max_diff(_weights(tmp_path), _weights(zero3[0])) <= 1e-6
+
+
+def test_zero3_stage2_matches_zero2(reference, data, tmp_path) -> None:
+    """Stage 2 (everything trains), both from the stage-1 model: ZeRO-3 reads it partitioned."""
+    from pipelines.steps import train
+
+    init = StepInput(name="stage1", dir=reference[0], manifest=reference[1])
+    cfg = BASE.replace(stage=2, max_steps=4, checkpoint_every=4)
+    losses = {}
+    for zero in (2, 3):
+        out = tmp_path / f"zero{zero}"
+        ctx = StepContext(step="stage2", out_dir=out, job_name="test", model=MODEL)
+        manifest = train.run(ctx, cfg.replace(zero_stage=zero), {"data": data, "init": init})
+        losses[zero] = _losses(manifest)
+    assert len(losses[3]) == 4
+    assert _max_relative(losses[2], losses[3]) <= 1e-4
 
 
 def test_killed_worker_is_restarted_from_last_checkpoint(reference, data, tmp_path) -> None:

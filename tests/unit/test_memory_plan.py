@@ -1,0 +1,157 @@
+"""The memory plan (`owl.train.memory`): DeepSpeed's estimator for the model states, activations
+measured on a real forward, the stage's trainable set, and the refusal before anything starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
+from owl.model import OwlModel, get_config
+from owl.train.config import TrainConfig
+from owl.train.loss import token_loss_sum
+from owl.train.memory import activation_bytes, parameter_counts, plan_memory
+from owl.train.stages import planned_model
+from pipelines import cli
+
+deepspeed = pytest.importorskip("deepspeed")
+from deepspeed.runtime.zero.stage3 import (  # noqa: E402
+    estimate_zero3_model_states_mem_needs,
+)
+from deepspeed.runtime.zero.stage3 import model_to_params as ds_model_to_params  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import (  # noqa: E402
+    estimate_zero2_model_states_mem_needs,
+)
+
+SEVEN_B = get_config("owl2-llama2-7b")
+
+
+@pytest.mark.parametrize("workers", [1, 8, 64])
+def test_model_states_equal_deepspeeds_estimate_when_everything_trains(workers) -> None:
+    """The cold estimators behind `estimate_zero{2,3}_model_states_mem_needs_all_cold`, no
+    offload, on the 7B model's counts (built on the meta device)."""
+    for zero in (2, 3):
+        cfg = TrainConfig(stage=2, trainable="all", zero_stage=zero, num_workers=workers)
+        plan = plan_memory(SEVEN_B, cfg)
+        assert plan.trainable_params == plan.total_params > 8e9
+        if zero == 2:
+            _, expected = estimate_zero2_model_states_mem_needs(
+                plan.total_params, num_gpus_per_node=workers, cpu_offload=False
+            )
+        else:
+            _, expected, _ = estimate_zero3_model_states_mem_needs(
+                plan.total_params,
+                plan.largest_layer_params,
+                num_gpus_per_node=workers,
+                cpu_offload=False,
+                cpu_offload_params=False,
+            )
+        assert abs(plan.model_states - expected) <= 1, (zero, plan.model_states, expected)
+
+
+def test_parameter_counts_match_deepspeeds_on_a_real_model() -> None:
+    model = OwlModel(get_config("debug-tiny"))
+    total, trainable, largest = parameter_counts(model)
+    assert (total, largest) == ds_model_to_params(model) and trainable == total
+
+
+def test_plan_honours_the_trainable_set() -> None:
+    paper = TrainConfig(stage=1, zero_stage=2, num_workers=8)
+    everything = paper.replace(trainable="all")
+    p, a = plan_memory(SEVEN_B, paper), plan_memory(SEVEN_B, everything)
+    _, table = planned_model(SEVEN_B, paper)
+    assert p.trainable_params == sum(g["trainable"] for g in table.values())
+    assert p.trainable_params < 0.2 * p.total_params  # the language model is frozen in stage 1
+    assert p.total_params == a.total_params
+    # ZeRO-2 on 8 workers: each frozen parameter saves its 16-bit grad and fp32 states' share.
+    saved = 18 * (a.trainable_params - p.trainable_params) / 8
+    assert a.model_states - p.model_states == pytest.approx(saved)
+    # Owl1 stage 2: LoRA adapters (and the abstractor) train; their parameters are counted.
+    owl1 = get_config("owl1-llama-7b")
+    lora = plan_memory(owl1, TrainConfig(stage=2, train_abstractor_in_stage2=True))
+    _, lora_table = planned_model(owl1, TrainConfig(stage=2, train_abstractor_in_stage2=True))
+    assert lora_table["lora"]["trainable"] > 0
+    assert (
+        lora.trainable_params == lora_table["lora"]["trainable"] + lora_table["abstractor"]["total"]
+    )
+
+
+def _saved_bytes(model_cfg, cfg: TrainConfig) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward (+ the logits the
+    loop holds), fp32 on CPU: rows packed full, the most images a row holds."""
+    torch.manual_seed(0)
+    model = OwlModel(model_cfg.replace(activation_checkpointing=cfg.activation_checkpointing))
+    model.train()
+    slots = model_cfg.num_visual_tokens
+    per_row = min(cfg.max_images_per_row, cfg.max_length // slots)
+    ids = torch.randint(3, model_cfg.decoder.vocab_size, (cfg.micro_batch_size, cfg.max_length))
+    ids[:, : slots * per_row] = IMAGE_TOKEN_ID
+    size = model_cfg.vision.image_size
+    images = torch.randn(cfg.micro_batch_size * per_row, 3, size, size)
+    segments = torch.ones_like(ids)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.requires_grad and t.is_leaf):  # parameters are not activations
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids, images, segment_ids=segments)
+        token_loss_sum(logits, ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX), segments)
+    storages[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", ["debug-tiny", "demo"])
+def test_activations_agree_with_what_autograd_keeps(name, checkpointing) -> None:
+    model_cfg = get_config(name)
+    cfg = TrainConfig(
+        micro_batch_size=2, max_length=128, max_images_per_row=2,
+        activation_checkpointing=checkpointing,
+    )  # fmt: skip
+    kept, recomputed = activation_bytes(model_cfg, cfg, dtype_bytes=4)
+    measured = _saved_bytes(model_cfg, cfg)
+    assert 0.8 <= kept / measured <= 1.2, (kept, measured)
+    assert (recomputed > 0) == checkpointing
+
+
+def test_activation_checkpointing_shrinks_the_plan() -> None:
+    cfg = TrainConfig(stage=2, zero_stage=3, num_workers=8, micro_batch_size=2, max_length=2048)
+    full = plan_memory(SEVEN_B, cfg)
+    ckpt = plan_memory(SEVEN_B, cfg.replace(activation_checkpointing=True))
+    assert ckpt.model_states == full.model_states
+    assert ckpt.activations < 0.25 * full.activations
+    # Text tokens scale with the row length; the images per row are capped (max_images_per_row).
+    text_only = cfg.replace(max_images_per_row=1)
+    short, longer = (
+        plan_memory(SEVEN_B, text_only),
+        plan_memory(SEVEN_B, text_only.replace(max_length=4096)),
+    )
+    assert 1.9 * short.activations < longer.activations < 2.1 * short.activations
+
+
+def test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit(tmp_path, capfd) -> None:
+    job = "jobs/owl2-llama2-7b.yaml"
+    base = ["run", job, "--dry-run", "--json", "--set", f"storage={tmp_path}"]
+    assert cli.main(base) == 0
+    out, _ = capfd.readouterr()
+    stage2 = next(p for p in json.loads(out)["steps"] if p["name"] == "stage2")
+    memory = stage2["memory"]
+    assert memory["zero_stage"] == 3 and memory["activation_checkpointing"]
+    assert stage2["memory_gib"] == pytest.approx(memory["total_gib"])
+    assert memory["total_gib"] == pytest.approx(
+        memory["model_states_gib"] + memory["activations_gib"]
+    )
+    code = cli.main(
+        [*base[:3], "--set", f"storage={tmp_path}", "--set", "stage2.gpu_memory_gib=16"]
+    )
+    _, err = capfd.readouterr()
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: stage2: the memory plan needs")
+    assert "gpu_memory_gib is 16" in lines[0]
+    assert not any(tmp_path.iterdir())
