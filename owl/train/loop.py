@@ -31,7 +31,7 @@ from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.metrics import Window, train_flops
-from owl.train.stages import format_table, lora_kwargs, param_groups, select_for_stage
+from owl.train.stages import format_table, param_groups, select_for_stage
 
 EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder (rank 0)
 CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
