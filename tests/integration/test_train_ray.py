@@ -205,6 +205,43 @@ def test_zero3_stage2_matches_zero2(reference, data, tmp_path) -> None:
     assert _max_relative(losses[2], losses[3]) <= 1e-4
 
 
+def test_owl1_lora_stage2_trains_only_adapters_and_abstractor(ray_cluster, data, tmp_path) -> None:
+    """Owl1's stage 2 as its recipe says (LoRA r/alpha/dropout on q/v, the abstractor trained),
+    here under ZeRO-3 so the adapters are partitioned too: the exported base weights are the
+    starting model's bit for bit except the abstractor, the adapters moved, and peft loads the
+    adapter folder on the starting model."""
+    from peft import PeftModel
+
+    from owl.model import save_model
+    from owl.model.lora import ADAPTER_DIR
+    from pipelines.steps import train
+
+    owl1 = get_config("debug-tiny", "owl1")
+    torch.manual_seed(5)
+    start = OwlModel(owl1)
+    save_model(start, tmp_path / "init" / "model")
+    cfg = BASE.replace(
+        stage=2, max_steps=3, checkpoint_every=3, zero_stage=3, merge_lora=False,
+        lora_r=8, lora_alpha=32, lora_dropout=0.05, lora_targets=("q_proj", "v_proj"),
+        train_abstractor_in_stage2=True,
+    )  # fmt: skip
+    init = StepInput(name="stage1", dir=tmp_path / "init", manifest=Manifest(step="stage1"))
+    ctx = StepContext(step="stage2", out_dir=tmp_path / "out", job_name="test", model=owl1)
+    manifest = train.run(ctx, cfg, {"data": data, "init": init})
+    table = manifest.info["trainable_parameters"]
+    assert table["lora"]["trainable"] > 0 and table["abstractor"]["trainable"] > 0
+    assert table["vision"]["trainable"] == table["decoder_text"]["trainable"] == 0
+    exported = load_model(tmp_path / "out" / "model").state_dict()
+    before = start.state_dict()
+    assert exported.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(exported[k], before[k])}
+    assert changed and all(k.startswith("abstractor.") for k in changed)
+    adapter = PeftModel.from_pretrained(start, str(tmp_path / "out" / "model" / ADAPTER_DIR))
+    lora_b = [p for n, p in adapter.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 * owl1.decoder.num_layers  # q and v of every layer
+    assert all(p.abs().max() > 0 for p in lora_b)  # started at zero, trained
+
+
 def test_killed_worker_is_restarted_from_last_checkpoint(reference, data, tmp_path) -> None:
     # max_failures=2, not 1: Ray Train 2.60 can count one SIGKILL twice (the peer's gloo error,
     # then a stale health check of the torn-down group); seen under heavy CPU contention.

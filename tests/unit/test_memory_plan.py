@@ -4,6 +4,8 @@ measured on a real forward, the stage's trainable set, and the refusal before an
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,12 +148,16 @@ def test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit(tmp_path, capf
     assert memory["total_gib"] == pytest.approx(
         memory["model_states_gib"] + memory["activations_gib"]
     )
-    code = cli.main(
-        [*base[:3], "--set", f"storage={tmp_path}", "--set", "stage2.gpu_memory_gib=16"]
-    )
+    # As docs/pipeline.md shows it, with the error line it documents.
+    docs = (Path(__file__).parents[2] / "docs" / "pipeline.md").read_text().splitlines()
+    command = next(line for line in docs if "--set stage2.gpu_memory_gib=16" in line)
+    documented = docs[docs.index(command) + 1].removeprefix("# ")
+    argv = shlex.split(command)
+    assert argv[0] == "owl"
+    code = cli.main(argv[1:])
     _, err = capfd.readouterr()
     assert code != 0
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: stage2: the memory plan needs")
-    assert "gpu_memory_gib is 16" in lines[0]
+    assert lines == [documented]
+    assert lines[0].startswith("error: stage2: the memory plan needs")
     assert not any(tmp_path.iterdir())
