@@ -4,8 +4,9 @@ Each ZeRO stage runs our stage loop (`owl.train.loop.run_training`: model build,
 loader, checkpoints, export) in 2 processes on the same data and model, stage 2 with everything
 trainable, fp32 (CPU). Every rank reads its peak resident memory (VmHWM) at each report: "train"
 is the peak before the final checkpoint + export, "end" after them; "held" the parameter elements
-the rank held once the model was built (ZeRO-3 builds it partitioned). Baseline RSS (Python,
-torch, DeepSpeed imported) is read before the model is built and given apart.
+the rank held once the model was built (ZeRO-3 builds it partitioned); "after init" the
+resident memory and its peak once the model is built and DeepSpeed initialised (before step 1).
+Baseline RSS (Python, torch, DeepSpeed imported) is read before the model is built.
 
     .venv/bin/python bench/bench_zero.py [--hidden 512 --layers 8 --vocab 32000 --steps 3]
 """
@@ -43,9 +44,12 @@ class _Session:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, rank
         self.peaks: list[tuple[int, int]] = []
+        self.after_init = (0, 0)
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[Path | None]:
+        # The loop asks once the model is built and DeepSpeed initialised, before step 1.
+        self.after_init = (_status("VmRSS"), _status("VmHWM"))
         yield None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -71,6 +75,8 @@ def _worker(rank: int, world_size: int, job: Any, port: int, out: str) -> None:
     result = {
         "rank": rank,
         "baseline_mib": baseline / MIB,
+        "init_rss_mib": session.after_init[0] / MIB,
+        "init_peak_mib": session.after_init[1] / MIB,
         "train_peak_mib": train_peak / MIB,
         "end_peak_mib": session.peaks[-1][1] / MIB,
         "held_parameters": state.parameters_held,
@@ -120,11 +126,12 @@ def main() -> None:
     with torch.device("meta"):
         params = sum(p.numel() for p in OwlModel(model).parameters())
     print(f"model: {params / 1e6:.1f}M parameters ({4 * params / MIB:.0f} MiB fp32), 2 ranks")
-    print("zero rank  baseline  train peak  end peak  held params  (MiB)")
+    print("zero rank  baseline  after init (rss/peak)  train peak  end peak  held params  (MiB)")
     for zero, ranks in results.items():
         for r in ranks:
             print(
-                f"{zero:>4} {r['rank']:>4} {r['baseline_mib']:>9.0f} {r['train_peak_mib']:>11.0f}"
+                f"{zero:>4} {r['rank']:>4} {r['baseline_mib']:>9.0f} {r['init_rss_mib']:>10.0f} /"
+                f"{r['init_peak_mib']:>6.0f} {r['train_peak_mib']:>15.0f}"
                 f" {r['end_peak_mib']:>9.0f} {r['held_parameters'] / 1e6:>11.1f}M"
             )
     for rank in (0, 1):

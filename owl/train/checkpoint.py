@@ -35,6 +35,9 @@ class TrainState:
     # Parameter elements rank 0 held once the model was built (before DeepSpeed): the whole model
     # under ZeRO-0/1/2, about 1/world_size of it under ZeRO-3 (built partitioned).
     parameters_held: int = 0
+    # What DeepSpeed runs, read back from the engine: ZeRO stage, micro-batch, accumulation,
+    # and the optimizer's parameter groups (lr, weight decay, element count) as it holds them.
+    engine: dict = field(default_factory=dict)
 
 
 def step_dir_name(step: int) -> str:

@@ -217,17 +217,33 @@ def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(cfg: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: TrainConfig, *, world_size: int, on_gpu: bool, hidden: int = 0
+) -> dict[str, Any]:
     """The DeepSpeed config dict for this stage: ZeRO, precision, clipping, accumulation, AdamW.
 
     Per-group learning rates and weight decay come from the parameter groups handed to
     `deepspeed.initialize`; the schedule is a LambdaLR over `lr_multiplier` (exact on resume).
+    Under ZeRO-3, `hidden` (the decoder width) sizes the gradient-reduction and prefetch buckets,
+    the threshold below which a parameter stays whole (hidden^2, 0.9 hidden^2, 10 hidden) and
+    how many gathered parameters stay live (24 hidden^2): DeepSpeed's defaults (5e8-element
+    buckets, 1e9 live parameters) let a model below a billion parameters be gathered whole.
     """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True)
     if cfg.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
+        if hidden > 0:
+            zero.update(
+                reduce_bucket_size=hidden * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                stage3_param_persistence_threshold=10 * hidden,
+                # Gathered parameters kept live / reused without a re-gather: about two decoder
+                # layers' worth (DeepSpeed's 1e9 default keeps a whole model below 1B gathered).
+                stage3_max_live_parameters=24 * hidden * hidden,
+                stage3_max_reuse_distance=24 * hidden * hidden,
+            )
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

@@ -91,8 +91,28 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
             loader.load_state_dict(loader_state)
             state.resumed_from_step = state.step
     state.parameters_held = held
+    state.engine = engine_summary(engine)
     _train(engine, loader, job, session, state, total_steps, started_fresh=state.step == 0)
     return state
+
+
+def engine_summary(engine: Any) -> dict[str, Any]:
+    """The settings the DeepSpeed engine runs with, read back from it (not from our config)."""
+    groups = engine.optimizer.param_groups if engine.optimizer is not None else []
+    return {
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "micro_batch_size": int(engine.train_micro_batch_size_per_gpu()),
+        "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
+        "train_batch_size": int(engine.train_batch_size()),
+        "param_groups": [
+            {
+                "lr": float(g["lr"]),
+                "initial_lr": float(g.get("initial_lr", g["lr"])),
+                "weight_decay": float(g["weight_decay"]),
+            }
+            for g in groups
+        ],
+    }
 
 
 def held_parameter_elements(model: torch.nn.Module) -> int:
@@ -160,7 +180,9 @@ def _build_partitioned(job: WorkerJob, rank: int) -> torch.nn.Module:
         cfg = OwlConfig.from_dict(json.loads((Path(job.init_model_dir) / CONFIG_FILE).read_text()))
         _check_init_variant(job, cfg)
     cfg = cfg.replace(activation_checkpointing=job.train.activation_checkpointing)
-    ds_config = deepspeed_config(job.train, world_size=1, on_gpu=torch.cuda.is_available())
+    ds_config = deepspeed_config(
+        job.train, world_size=1, on_gpu=torch.cuda.is_available(), hidden=cfg.decoder.hidden
+    )
     # mem_efficient_linear=False: leave torch.nn.functional.linear alone (our Linear calls it).
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
         model = OwlModel(cfg)  # random init runs module by module, gathered (Module.apply)
@@ -287,7 +309,9 @@ def _initialize_engine(
         model=model,
         model_parameters=param_groups(model, cfg),
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu),
+        config=deepspeed_config(
+            cfg, world_size=world_size, on_gpu=on_gpu, hidden=model.cfg.decoder.hidden
+        ),
     )
     return engine
 

@@ -290,6 +290,7 @@ def _finish(
         "train_config": cfg.to_dict(),
         "stage": cfg.stage,
         "variant": ctx.model.variant,
+        "deepspeed": state.engine,
     }
     return manifest
 

@@ -164,6 +164,11 @@ def test_zero3_stage1_matches_zero2_and_is_built_partitioned(reference, zero3) -
     (ref_dir, ref), (out, manifest) = reference, zero3
     assert _max_relative(_losses(ref), _losses(manifest)) <= 1e-4
     assert manifest.stats["steps"] == 6
+    # As DeepSpeed's engine reports it (read back inside the workers).
+    assert (
+        manifest.info["deepspeed"]["zero_stage"] == 3 and ref.info["deepspeed"]["zero_stage"] == 2
+    )
+    assert manifest.info["deepspeed"]["gradient_accumulation_steps"] == BASE.grad_accum
     # Built partitioned: rank 0 held about half the parameters (2 workers), ZeRO-2 all of them.
     total = sum(g["total"] for g in manifest.info["trainable_parameters"].values())
     assert ref.stats["parameters_held_rank0"] == total
