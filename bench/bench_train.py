@@ -47,7 +47,7 @@ from owl.data.schema import TOKENIZED_SCHEMA
 from owl.model import OwlConfig, OwlModel, get_config, load_model, save_model
 from owl.train.config import TrainConfig, lr_multiplier, warmup_steps
 from owl.train.loss import num_supervised, token_loss_sum
-from owl.train.stages import lora_kwargs, param_groups, select_trainable
+from owl.train.stages import param_groups, select_for_stage
 
 
 def _length(rng: np.random.Generator, max_length: int) -> int:
@@ -118,9 +118,7 @@ class BareLoop:
         self, model: OwlModel, loader: ShardLoader, cfg: TrainConfig, total_steps: int
     ) -> None:
         self.model = model.train()
-        select_trainable(
-            self.model, model.cfg.variant, cfg.stage, lora=lora_kwargs(cfg), trainable=cfg.trainable
-        )
+        select_for_stage(self.model, model.cfg.variant, cfg)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
         )
