@@ -118,7 +118,7 @@ class RichReporter(Reporter):
         self.console = console or Console(stderr=True)
         self.bars = Progress(
             TextColumn("{task.fields[step]:<22}"),
-            BarColumn(),
+            BarColumn(bar_width=24),  # room at 120 columns for "loss ..., tok/s, ETA ..." in full
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=self.console,

@@ -132,3 +132,27 @@ def test_owl_run_console_is_owls_own_lines_and_ends_with_the_model(tmp_path):
     assert (execution / "console.log").is_file()
     record = json.loads((execution / "execution.json").read_text())
     assert record["state"] == "done"
+
+
+def test_live_bar_keeps_the_whole_status_at_120_columns():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipelines.progress import RichReporter
+
+    screen = StringIO()
+    reporter = RichReporter(Console(file=screen, force_terminal=True, width=120))
+    reporter.start("stage2")
+    message = training_message(
+        {"step": 900.0, "loss": 1.23456, "tokens_per_s": 23456.7, "step_time_s": 0.31}, 1800
+    )
+    reporter.update("stage2", 900, 1800, message)
+    reporter.bars.refresh()
+    reporter.finish(
+        "stage2", "interrupted", 12.5, "SIGTERM: stopped (owl stop, ray job stop or kill)"
+    )
+    reporter.bars.stop()
+    text = screen.getvalue()
+    assert "loss 1.2346, 23,457 tok/s, ETA 4m39s" in text
+    assert "interrupted SIGTERM: stopped (owl stop, ray job stop or kill)" in text
