@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -161,3 +162,52 @@ def test_submitted_job_runs_on_the_cluster_and_shows_in_status(cluster):
         owl(["stop", rerun["submission_id"], "--address", address, "--json"], env).stdout
     )
     assert stopped["stopped"] is True
+
+
+def test_infra_readme_token_setup_works_as_written(cluster, tmp_path):
+    """infra/README.md's three client lines, run as written (the head's address, a scratch
+    storage and the printed id put in): the token comes only from RAY_AUTH_TOKEN_PATH, with no
+    RAY_AUTH_MODE in the client's environment. The 7B job then fails on the cluster at its first
+    step (no pretrained folders here), which ends `owl logs --follow`."""
+    address, env, _ = cluster
+    readme = (ROOT / "infra" / "README.md").read_text()
+    block = re.search(r"## Ray token authentication.*?```bash\n(.*?)```", readme, re.S).group(1)
+    export, submit, logs = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    assert export.startswith("export RAY_AUTH_TOKEN_PATH=~/")
+
+    home = tmp_path / "home"
+    home.mkdir()
+    client_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    client_env.update(HOME=str(home), PYTHONPATH=str(ROOT))
+    token_file = Path(export.split("=", 1)[1].replace("~", str(home)))
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text(env["RAY_AUTH_TOKEN"])
+    token_file.chmod(0o600)
+
+    def shell(line: str) -> subprocess.CompletedProcess:
+        line = line.replace("http://HEAD:8265", address)
+        line = line.replace("--set storage=/mnt/shared/owl2", f"--set storage={tmp_path / 's'}")
+        return subprocess.run(["bash", "-c", f"{export}\n{line}"], env=client_env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    submitted = shell(submit)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    sid = re.match(
+        r"submitted (owl-owl2-llama2-7b-[0-9a-f]{12})$", submitted.stdout.splitlines()[0]
+    )
+    assert sid, submitted.stdout
+    followed = shell(logs.replace("owl-owl2-llama2-7b-<hash>", sid.group(1)))
+    assert followed.returncode == 0, followed.stderr[-3000:]
+    assert "model.pretrained" in followed.stdout, followed.stdout[-3000:]
+
+    # The same without the token file: one line that says what to set, no traceback.
+    token_file.unlink()
+    refused = shell(submit)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: RAY_AUTH_TOKEN_PATH="), refused.stderr
+    wrong = dict(client_env, RAY_AUTH_TOKEN="0" * 64)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "stop", sid.group(1), "--address", address],
+        env=wrong, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "rejected the token" in bad.stderr, bad.stderr
