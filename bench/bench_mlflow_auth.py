@@ -129,7 +129,11 @@ def measure(kind: str, repeats: int, counter: RequestCounter) -> dict:
             else:
                 os.environ[key] = value
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -139,7 +143,10 @@ def main() -> int:
     parser.add_argument("--servers", default="plain,auth,auth-nocache")
     args = parser.parse_args()
     counter = RequestCounter()
-    rows = [measure(kind, args.repeats, counter) for kind in args.servers.split(",")]
+    rows = []
+    for kind in args.servers.split(","):
+        rows.append(measure(kind, args.repeats, counter))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each result as it comes
     print(json.dumps({"load_avg_1m": os.getloadavg()[0], "results": rows}, indent=2))
     return 0
 
