@@ -45,8 +45,8 @@ class TrainConfig:
     packing_window: int = 16  # open rows the packer tries before starting a new one
     # Data loading: "streaming" deals shards to workers and reads each worker's shards in
     # shuffle buffers of `shuffle_buffer` samples (owl.data.loader.StreamingLoader); "global"
-    # plans the whole dataset on every worker (the earlier ShardLoader).
-    loader: str = "global"
+    # plans the whole dataset on every worker (the earlier ShardLoader). See docs/pipeline.md.
+    loader: str = "streaming"
     shuffle_buffer: int = 16384
     # Data mixing (loader=streaming): more tokenized datasets drawn together with the stage's
     # `data` input, {folder: weight}; a folder is a tokenize step's output (with its
