@@ -94,7 +94,31 @@ class LoaderConfig:
     shuffle_buffer: int = 16384  # StreamingLoader: samples shuffled and packed together
 
 
-class ShardLoader:
+class _Collating:
+    """What both loaders share: rows of sample references -> one collated micro-batch."""
+
+    cfg: LoaderConfig
+
+    def sample(self, ref: Any) -> Sample:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def collate_rows(self, rows: list[list[Any]]) -> dict[str, Any]:
+        batch = collate([[self.sample(ref) for ref in row] for row in rows], pad_id=self.cfg.pad_id)
+        image_bytes = batch.pop("image_bytes")
+        batch["images"] = self._pixels(image_bytes) if image_bytes else None
+        batch["num_samples"] = sum(len(row) for row in rows)
+        return batch
+
+    def _pixels(self, image_bytes: list[bytes]) -> torch.Tensor:
+        from owl.data.image import preprocess_images
+
+        return preprocess_images(image_bytes, self.cfg.image_size, self.cfg.image_mode)
+
+
+class ShardLoader(_Collating):
     """Yields collated micro-batches for one rank, forever (epoch after epoch).
 
     Each batch: input_ids, labels, segment_ids, position_ids (B, T) int64, `images`
@@ -173,9 +197,6 @@ class ShardLoader:
         """Micro-batches this rank (and every rank) gets in `epoch`."""
         return len(self._micro_batches(epoch))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
     def __next__(self) -> dict[str, Any]:
         plan = self._micro_batches(self.epoch)
         rows = plan[self.offset]
@@ -183,18 +204,6 @@ class ShardLoader:
         if self.offset == len(plan):
             self.epoch, self.offset = self.epoch + 1, 0
         return self.collate_rows(rows)
-
-    def collate_rows(self, rows: list[list[int]]) -> dict[str, Any]:
-        batch = collate([[self.sample(i) for i in row] for row in rows], pad_id=self.cfg.pad_id)
-        image_bytes = batch.pop("image_bytes")
-        batch["images"] = self._pixels(image_bytes) if image_bytes else None
-        batch["num_samples"] = sum(len(row) for row in rows)
-        return batch
-
-    def _pixels(self, image_bytes: list[bytes]) -> torch.Tensor:
-        from owl.data.image import preprocess_images
-
-        return preprocess_images(image_bytes, self.cfg.image_size, self.cfg.image_mode)
 
     def sample(self, index: int) -> Sample:
         shard, row = self._locate[index]
@@ -305,7 +314,7 @@ class _Share:
 CALIBRATION = 16384  # samples packed at start-up to measure rows per sample
 
 
-class StreamingLoader:
+class StreamingLoader(_Collating):
     """Yields collated micro-batches for one rank, forever, touching only this rank's shards.
 
     Per epoch and dataset, the shards are permuted (seeded) and laid end to end; rank r takes
@@ -552,23 +561,8 @@ class StreamingLoader:
             self.epoch, self.buffer, self.row, self.done = self.epoch + 1, 0, 0, 0
         return out
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
     def __next__(self) -> dict[str, Any]:
         return self.collate_rows(self._next_rows())
-
-    def collate_rows(self, rows: list[list[tuple[int, int, int]]]) -> dict[str, Any]:
-        batch = collate([[self.sample(ref) for ref in row] for row in rows], pad_id=self.cfg.pad_id)
-        image_bytes = batch.pop("image_bytes")
-        batch["images"] = self._pixels(image_bytes) if image_bytes else None
-        batch["num_samples"] = sum(len(row) for row in rows)
-        return batch
-
-    def _pixels(self, image_bytes: list[bytes]) -> torch.Tensor:
-        from owl.data.image import preprocess_images
-
-        return preprocess_images(image_bytes, self.cfg.image_size, self.cfg.image_mode)
 
     def state_dict(self) -> dict[str, int]:
         return {
