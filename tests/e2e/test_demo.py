@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+# A guard against a hung run, not a time target (BENCHMARKS.md has the demo's measured times).
+# In this session's full-suite rehearsal stage 1 trained 325 s (109 s before) and stage 2 ran
+# ~0.5 s per step (0.19 s before), which would have put the demo near the old 1800 s guard.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 
 def _owl(*args: str, cwd: Path = ROOT) -> dict:
