@@ -32,22 +32,48 @@ class StepSummary:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-# Shown first in the summary when a step reports them (evaluation's headline numbers).
-HEADLINE_METRICS = (
-    "vqa.accuracy",
-    "vqa.blank_accuracy",
-    "caption.CIDEr",
-    "multiple_choice.circular_accuracy",
-    "text.accuracy",
-)
+# Shown first in the summary when a step reports them (evaluation's headline numbers), with the
+# short label the summary gives them.
+HEADLINE_METRICS = {
+    "vqa.accuracy": "vqa",
+    "vqa.blank_accuracy": "blank",
+    "caption.CIDEr": "CIDEr",
+    "multiple_choice.circular_accuracy": "mc",
+    "text.accuracy": "text",
+}
+# Other steps: these first when present (training's outcome, a data step's counts), else the
+# step's first metrics; never more than `limit` of them so a summary row stays on one line.
+PREFERRED_METRICS = (
+    "final_loss", "steps", "samples", "num_images", "num_out", "keep_rate", "samples_out"
+)  # fmt: skip
 # Plain (non-terminal) output: at most one progress line per step in this many seconds.
 PLAIN_UPDATE_S = 30.0
 
 
-def _key_metrics(metrics: dict[str, float], limit: int = 4) -> str:
-    headline = [k for k in HEADLINE_METRICS if k in metrics]
-    keys = headline or list(metrics)[:limit]
-    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+def _number(value: float) -> str:
+    """4 significant digits; whole numbers written out with thousands separators (18,000)."""
+    if float(value).is_integer() and abs(value) < 1e12:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _key_metrics(metrics: dict[str, float], limit: int = 3, width: int = 52) -> str:
+    """The few numbers worth a glance, as `label=value`: evaluation's headline metrics under
+    short labels, else the preferred ones, else the first `limit`; no more than `width`
+    characters (a summary row stays on one line at 120 columns) unless one pair is longer."""
+    headline = [(label, metrics[k]) for k, label in HEADLINE_METRICS.items() if k in metrics]
+    if headline:
+        pairs = headline
+    else:
+        keys = [k for k in PREFERRED_METRICS if k in metrics] or list(metrics)
+        pairs = [(k, metrics[k]) for k in keys[:limit]]
+    text = ""
+    for label, value in pairs:  # at least one; more while the row stays within `width`
+        more = f"{', ' if text else ''}{label}={_number(value)}"
+        if text and len(text) + len(more) > width:
+            break
+        text += more
+    return text
 
 
 def registered_line(registered: dict[str, str], alias: str) -> str:
@@ -122,6 +148,7 @@ class RichReporter(Reporter):
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=self.console,
+            transient=True,  # the summary table replaces the bars when the run ends
         )
         self.tasks: dict[str, TaskID] = {}
 

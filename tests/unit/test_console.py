@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,53 @@ def test_live_bar_keeps_the_whole_status_at_120_columns():
     text = screen.getvalue()
     assert "loss 1.2346, 23,457 tok/s, ETA 4m39s" in text
     assert "interrupted SIGTERM: stopped (owl stop, ray job stop or kill)" in text
+
+
+def test_the_demo_summary_fits_one_screen_one_row_per_step():
+    """The end of a demo run on a 120-column terminal: the bars give way to the summary table,
+    one line per step (the metrics the demo's steps really report), then three lines."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipelines.progress import RichReporter, StepSummary
+
+    evaluation = {
+        "vqa.accuracy": 0.942, "vqa.blank_accuracy": 0.262, "caption.CIDEr": 22.94,
+        "multiple_choice.circular_accuracy": 0.02, "text.accuracy": 1.0, "vqa.count": 500.0,
+    }  # fmt: skip
+    reported = {
+        "shapes": {"num_caption_images": 4000.0, "num_eval_caption": 100.0, "num_eval_text": 100.0,
+                   "num_eval_multiple_choice": 100.0},
+        "download": {"failed_to_download": 0.0, "failed_to_resize": 0.0, "num_images": 4000.0,
+                     "num_shards": 2.0},
+        "filter": {"keep_rate": 0.9463, "num_in": 4000.0, "num_out": 3785.0},
+        "tokenizer": {"num_texts": 79540.0, "vocab_size": 488.0},
+        "tokenize_captions": {"samples_in": 3785.0, "samples_out": 3785.0, "shards": 1.0,
+                              "supervised_tokens": 78740.0},
+        "tokenize_instructions": {"samples_in": 18000.0, "samples_out": 18000.0, "shards": 2.0},
+        "stage1": {"final_loss": 0.48757, "parameters_held_rank0": 1287296.0,
+                   "resumed_from_step": 0.0, "samples": 9117.0, "steps": 150.0},
+        "stage2": {"final_loss": 0.5462, "parameters_held_rank0": 1287296.0,
+                   "resumed_from_step": 0.0, "samples": 1929.0, "steps": 1800.0},
+        "evaluate_stage1": evaluation, "evaluate": evaluation, "export": {},
+    }  # fmt: skip
+    summaries = [
+        StepSummary(step, "cached", 0.3, "b4073cd3a5fa0123", metrics)
+        for step, metrics in reported.items()
+    ]
+    screen = StringIO()
+    reporter = RichReporter(Console(file=screen, force_terminal=True, width=120))
+    for s in summaries:
+        reporter.start(s.step)
+        reporter.finish(s.step, s.state, s.duration_s, s.key[:12])
+    reporter.close(summaries, {"name": "demo", "version": "3"}, "current", ["lineage: owl audit"])
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    final = [line for line in text.split("owl run")[-1].splitlines() if line.strip()]
+    rows = [line for line in final if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == list(reported)  # one line per step
+    # the rows, the header (3 lines) and bottom border, the caption, the two lines after it
+    assert len(final) == len(reported) + 4 + 1 + 2, "\n".join(final)
+    assert "vqa=0.942, blank=0.262, CIDEr=22.94, mc=0.02, text=1" in text
+    assert "final_loss=0.4876, steps=150, samples=9,117" in text
+    assert "samples_out=18,000" in text and "num_out=3,785, keep_rate=0.9463" in text
