@@ -9,6 +9,9 @@ to the callers' local code, so their behaviour and messages are unchanged.
 
 from __future__ import annotations
 
+import threading
+import urllib.parse
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -29,6 +32,34 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         except (ImportError, ValueError) as fsspec_exc:
             raise ValueError(f"{uri}: no filesystem for this URI ({exc}; {fsspec_exc})") from exc
         return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), inner
+
+
+# "s3://bucket" -> (filesystem, its path for the root, whether it decodes %-escapes)
+_ROOTS: dict[str, tuple[pafs.FileSystem, str, bool]] = {}
+_ROOTS_LOCK = threading.Lock()
+
+
+def resolve_cached(uri: str) -> tuple[pafs.FileSystem, str]:
+    """`resolve`, reusing (in this process) the filesystem of the first URI seen with the same
+    scheme and host or bucket: building one can cost a request per URI (pyarrow's S3 asks for
+    the bucket's region), which fetching many images one by one would pay each time. Gives what
+    `resolve` gives: pyarrow decodes percent-escapes in a URI's path, fsspec does not. Chained
+    fsspec URIs (`tar://a.png::file:///x.tar`) and URIs whose path does not map one to one onto
+    the filesystem's path (a query string) are resolved every time."""
+    parts = urllib.parse.urlsplit(uri)
+    root = f"{parts.scheme}://{parts.netloc}"
+    rest = uri[len(root) :]
+    cached = _ROOTS.get(root) if "::" not in uri else None
+    if cached is not None:
+        filesystem, prefix, decodes = cached
+        return filesystem, prefix + (urllib.parse.unquote(rest) if decodes else rest)
+    filesystem, inner = resolve(uri)
+    decodes = not isinstance(filesystem, pafs.PyFileSystem)
+    tail = urllib.parse.unquote(rest) if decodes else rest
+    if "::" not in uri and inner.endswith(tail):
+        with _ROOTS_LOCK:
+            _ROOTS.setdefault(root, (filesystem, inner[: len(inner) - len(tail)], decodes))
+    return filesystem, inner
 
 
 def _scheme(uri: str) -> str:

@@ -6,7 +6,9 @@
 - `DeadlineDownloader`: img2dataset's downloader, whose urllib fetches (in each download process
   or Ray task) go through an opener that gives each URL a total deadline. urllib's `timeout`
   bounds each socket operation only: a server trickling a byte every few seconds would hold a
-  download thread for as long as it likes.
+  download thread for as long as it likes. The same opener reads image URLs of the schemes
+  urllib has no handler for (`s3://`, `gs://`, `hdfs://`, any fsspec protocol) through
+  `owl.data.uri`, where img2dataset's urllib call would refuse them as an unknown URL type.
 
 In its own module so that `pipelines.steps.download` imports (for its `Config`) without
 img2dataset, while the class still pickles by reference into download processes and Ray tasks.
@@ -14,12 +16,16 @@ img2dataset, while the class still pickles by reference into download processes 
 
 from __future__ import annotations
 
+import email.message
 import functools
 import http.client
 import io
 import os
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+import urllib.response
 from typing import Any
 
 from pipelines.steps.download import _WORKER_ENV
@@ -27,9 +33,11 @@ from pipelines.steps.download import _WORKER_ENV
 for _name, _value in _WORKER_ENV.items():  # before img2dataset imports albumentations
     os.environ.setdefault(_name, _value)
 
+import pyarrow.fs as pafs  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 
+from owl.data import uri  # noqa: E402
 from owl.data.image import ImageProblem, checked_image_bytes  # noqa: E402
 
 
@@ -118,8 +126,45 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
+class _ObjectStoreHandler(urllib.request.BaseHandler):
+    """Image URLs whose scheme urllib has no handler for, read through `owl.data.uri` (pyarrow's
+    S3/GCS/HDFS filesystems, else fsspec's), whole, within the same total deadline (checked
+    between 1 MiB reads). Like `file://` URLs they are URLs: percent-escapes in them are decoded
+    (the URL list's normalisation writes a space in a key as `%20`). A scheme no filesystem knows
+    falls through to urllib's "unknown url type" (download.bad_url); a missing object is
+    download.file_not_found."""
+
+    handler_order = 400  # before urllib's UnknownHandler (500), which refuses every such URL
+
+    def __init__(self, total_s: float) -> None:
+        super().__init__()
+        self.total_s = total_s
+
+    def unknown_open(self, req: urllib.request.Request) -> urllib.response.addinfourl | None:
+        url = req.full_url
+        try:
+            filesystem, inner = uri.resolve_cached(url)
+        except ValueError:
+            return None
+        if isinstance(filesystem, pafs.PyFileSystem):  # fsspec's: pyarrow's decode them already
+            inner = urllib.parse.unquote(inner)
+        deadline = time.monotonic() + self.total_s
+        pieces = []
+        try:
+            with filesystem.open_input_stream(inner) as f:
+                while piece := f.read(1 << 20):
+                    pieces.append(piece)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"timed out: the whole read took over {self.total_s:g}s")
+        except FileNotFoundError as exc:
+            raise urllib.error.URLError(f"No such file or directory: {url}") from exc
+        body = io.BytesIO(b"".join(pieces))
+        return urllib.response.addinfourl(body, email.message.Message(), req.full_url, 200)
+
+
 class DeadlineDownloader(Downloader):
-    """img2dataset's Downloader; each URL's fetch must finish within `timeout` seconds in total.
+    """img2dataset's Downloader; each URL's fetch must finish within `timeout` seconds in total;
+    object-store image URLs (`s3://...`) are read too (`_ObjectStoreHandler`).
 
     The opener is installed where the shard is downloaded (a download process or a Ray task):
     urllib's process-wide default opener, through its public `install_opener`."""
@@ -127,7 +172,9 @@ class DeadlineDownloader(Downloader):
     def __call__(self, row):  # noqa: ANN001, ANN204 (img2dataset's API)
         urllib.request.install_opener(
             urllib.request.build_opener(
-                _DeadlineHTTPHandler(self.timeout), _DeadlineHTTPSHandler(self.timeout)
+                _DeadlineHTTPHandler(self.timeout),
+                _DeadlineHTTPSHandler(self.timeout),
+                _ObjectStoreHandler(self.timeout),
             )
         )
         return super().__call__(row)

@@ -119,23 +119,6 @@ def test_url_list_folder_and_files_on_s3(s3, tmp_path) -> None:
         list(read_url_list(_put(s3, "bad.parquet", _parquet(pa.table({"u": [1]}))), UrlListSpec()))
 
 
-def test_download_step_reads_its_url_list_from_s3(s3, tmp_path) -> None:
-    images = []
-    for i in range(4):
-        path = tmp_path / f"{i}.png"
-        path.write_bytes(_png(50 * i))
-        images.append(path.as_uri())
-    table = pa.table({"url": images, "caption": [f"image {i}" for i in range(4)]})
-    url_list = _put(s3, "download/urls.parquet", _parquet(table))
-    cfg = download.Config(url_list=url_list, image_size=16, number_sample_per_shard=2,
-                          thread_count=2, processes_count=1, distributor="multiprocessing")  # fmt: skip
-    out = tmp_path / "download"
-    manifest = download.run(StepContext("download", out, "test", None), cfg, {})
-    assert manifest.stats["num_images"] == 4 and manifest.info["url_list"] == url_list
-    captions = pq.read_table(out / "shards" / "00001.parquet").column("caption").to_pylist()
-    assert sorted(captions) == ["image 2", "image 3"]  # shard 1: rows 2 and 3
-
-
 def test_instruction_files_and_their_images_on_s3(s3) -> None:
     records = [
         {"id": "a", "image": "img/0.png", "conversations": [
@@ -162,3 +145,50 @@ def test_instruction_files_and_their_images_on_s3(s3) -> None:
     bad = _put(s3, "instr/object.json", b'{"id": 1}')
     with pytest.raises(ValueError, match="expected a JSON array of samples, got an object"):
         list(read_source(SourceSpec("llava", bad)))
+
+
+def test_download_step_reads_its_url_list_and_images_from_s3(s3, tmp_path) -> None:
+    """The URL list is an object on the store, and so may be the images it names (s3://,
+    through pyarrow's S3 filesystem), or any fsspec URL (tar://, through the fsspec fallback),
+    beside file:// ones."""
+    import tarfile
+
+    _put(s3, "img/0.png", _png(10))
+    _put(s3, "img/a b.png", _png(60))  # written `s3://owl/img/a%20b.png` by the normalisation
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("img/2.png")
+        body = _png(110)
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    local = tmp_path / "3.png"
+    local.write_bytes(_png(160))
+    urls = {
+        "s3 plain": "s3://owl/img/0.png",
+        "s3 space": "s3://owl/img/a b.png",
+        "s3 missing": "s3://owl/img/missing.png",
+        "fsspec tar": f"tar://img/2.png::{archive.as_uri()}",
+        "local": local.as_uri(),
+        "no filesystem": "nope://owl/img/0.png",
+    }
+    table = pa.table({"url": list(urls.values()), "caption": list(urls)})
+    url_list = _put(s3, "download/urls.parquet", _parquet(table))
+    cfg = download.Config(url_list=url_list, image_size=16, encode_format="png", encode_quality=9,
+                          number_sample_per_shard=3, thread_count=2, processes_count=1,
+                          distributor="multiprocessing")  # fmt: skip
+    out = tmp_path / "download"
+    manifest = download.run(StepContext("download", out, "test", None), cfg, {})
+    assert manifest.stats["num_images"] == 4 and manifest.info["url_list"] == url_list
+    assert manifest.dropped == {"download.bad_url": 1, "download.file_not_found": 1}
+    pixels = {}
+    for shard, captions in ((0, list(urls)[:3]), (1, list(urls)[3:])):
+        meta = pq.read_table(out / "shards" / f"{shard:05d}.parquet").to_pylist()
+        assert sorted(row["caption"] for row in meta) == sorted(captions)  # rows in list order
+        with tarfile.open(out / "shards" / f"{shard:05d}.tar") as tar:
+            for row in meta:
+                if row["status"] == "success":
+                    png = tar.extractfile(f"{row['key']}.png").read()
+                    rgb = Image.open(io.BytesIO(png)).convert("RGB").getpixel((8, 8))
+                    pixels[row["caption"]] = rgb[0]
+    # Each image is the one its URL names (its red channel).
+    assert pixels == {"s3 plain": 10, "s3 space": 60, "fsspec tar": 110, "local": 160}
