@@ -18,8 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # A guard against a hung run, not a time target (BENCHMARKS.md has the demo's measured times).
-# In this session's full-suite rehearsal stage 1 trained 325 s (109 s before) and stage 2 ran
-# ~0.5 s per step (0.19 s before), which would have put the demo near the old 1800 s guard.
+# The demo's time follows the machine: the same commit trains 1.5-3x slower per step on some days
+# (BENCHMARKS.md, "The demo's time depends on the machine of the day"); ~25 min on the slow one.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 
