@@ -338,7 +338,14 @@ def run_scale(out: Path, num_samples: int, raw_samples: int) -> dict[str, object
     raw_captions = _raw_sample(out, num_samples, raw_samples)
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: not enough at load ~60
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     model = OwlConfig(
         name="bench",
         variant="owl2",

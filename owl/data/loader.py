@@ -92,6 +92,10 @@ class LoaderConfig:
     image_size: int = 224
     image_mode: str = "pad"
     shuffle_buffer: int = 16384  # StreamingLoader: samples shuffled and packed together
+    # StreamingLoader: deal blocks of this many rows to ranks instead of whole shards (0: whole
+    # shards, the default). Makes ranks' shares alike when the shards are not (fewer rows skipped
+    # or re-read at epoch ends; bench/bench_epoch_tail.py), each rank opening more shards.
+    deal_block_rows: int = 0
 
 
 class _Collating:
@@ -289,14 +293,28 @@ class _Share:
     """Rank `rank`'s share of one dataset in one epoch: a seeded permutation of the shards, laid
     end to end, cut into `world_size` row ranges of equal size (+-1 row). A rank's range covers
     whole shards plus at most a part of one shard at each end: it opens only those.
-    Pure function of (seed, dataset, epoch, rank, world_size) and the shards' row counts."""
+    With `block` > 0 the permuted units are blocks of `block` rows (each shard cut from its
+    start; its last block shorter) instead of whole shards: ranks' shares mix rows of more
+    shards, so they are alike even when the shards are not (at the cost of opening more shards).
+    Pure function of (seed, dataset, epoch, rank, world_size, block) and the shards' row counts;
+    `block` = 0 gives the whole-shard dealing exactly."""
 
     def __init__(
-        self, rows: np.ndarray, seed: int, dataset: int, epoch: int, rank: int, world: int
-    ):
-        self.perm = np.random.default_rng([seed, dataset, epoch, 0x5A4D]).permutation(len(rows))
-        self.ends = np.cumsum(rows[self.perm])
-        self.starts = self.ends - rows[self.perm]
+        self, rows: np.ndarray, seed: int, dataset: int, epoch: int, rank: int, world: int,
+        block: int = 0,
+    ):  # fmt: skip
+        if block > 0:
+            counts = -(-rows // block)  # blocks per shard
+            shard_of = np.repeat(np.arange(len(rows)), counts)
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            start_row = (np.arange(len(shard_of)) - first) * block
+            sizes = np.minimum(block, rows[shard_of] - start_row)
+        else:
+            shard_of, start_row, sizes = np.arange(len(rows)), np.zeros(len(rows), np.int64), rows
+        perm = np.random.default_rng([seed, dataset, epoch, 0x5A4D]).permutation(len(sizes))
+        self.perm, self.unit_row = shard_of[perm], start_row[perm]  # each unit's shard, first row
+        self.ends = np.cumsum(sizes[perm])
+        self.starts = self.ends - sizes[perm]
         total = int(self.ends[-1])
         self.start, self.stop = rank * total // world, (rank + 1) * total // world
 
@@ -308,7 +326,7 @@ class _Share:
         """Positions within this share -> (shard index, row in shard)."""
         glob = positions + self.start
         k = np.searchsorted(self.ends, glob, side="right")
-        return self.perm[k], glob - self.starts[k]
+        return self.perm[k], self.unit_row[k] + glob - self.starts[k]
 
 
 CALIBRATION = 16384  # samples packed at start-up to measure rows per sample
@@ -361,6 +379,8 @@ class StreamingLoader(_Collating):
             raise ValueError(f"dataset weights must be > 0, got {[d.weight for d in datasets]}")
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        if cfg.deal_block_rows < 0:
+            raise ValueError(f"deal_block_rows must be >= 0, got {cfg.deal_block_rows}")
         assert 0 <= rank < world_size
         self.cfg, self.rank, self.world_size, self.verify = cfg, rank, world_size, verify
         self.datasets: list[Dataset] = datasets  # type: ignore[assignment]
@@ -401,7 +421,10 @@ class StreamingLoader(_Collating):
         key = (dataset, epoch) if rank == self.rank else None
         if key is not None and key in self._shares:
             return self._shares[key]
-        share = _Share(self._rows[dataset], self.cfg.seed, dataset, epoch, rank, self.world_size)
+        share = _Share(
+            self._rows[dataset], self.cfg.seed, dataset, epoch, rank, self.world_size,
+            self.cfg.deal_block_rows,
+        )  # fmt: skip
         if key is not None:
             if len(self._shares) > 2 * len(self.datasets):
                 self._shares.clear()  # only the current epochs' shares are needed

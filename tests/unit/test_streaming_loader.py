@@ -241,3 +241,57 @@ def test_drop_counts_survive_a_resume_without_double_counting(tmp_path) -> None:
             next(again)
         assert again.dropped == straight.dropped and straight.dropped["loader.too_long"] > 0
     assert mid_buffer  # some stops fell inside a buffer
+
+
+def _unalike(tmp_path: Path) -> list:
+    """Two shards that pack unalike: 40 long samples (one per 64-token row) and 40 short ones
+    (about five per row), as the demo's stage 2 keeps every text-only sample in its last shard."""
+    samples = [make_sample(i, length=40 + i % 20, images=0) for i in range(40)]
+    samples += [make_sample(100 + i, length=8 + i % 5, images=0) for i in range(40)]
+    manifest = Manifest(step="tokenize_test")
+    with ShardWriter(tmp_path / "u", 40) as writer:
+        writer.write(pa.Table.from_pylist(samples, schema=TOKENIZED_SCHEMA))
+        for shard in writer.close():
+            manifest.add_file(tmp_path / "u", shard.path, rows=shard.rows, tokens=shard.tokens)
+            manifest.add_file(tmp_path / "u", shard.index, rows=shard.rows)
+    return shards_from_manifest(manifest, tmp_path / "u")
+
+
+def test_dealing_blocks_balances_unalike_shards_and_resumes(tmp_path) -> None:
+    shards = _unalike(tmp_path)
+    cfg = LoaderConfig(micro_batch_size=2, max_length=64, image_size=16, shuffle_buffer=100)
+
+    def skipped_and_reread(block: int) -> int:
+        block_cfg = LoaderConfig(**{**cfg.__dict__, "deal_block_rows": block})
+        loaders = [StreamingLoader(shards, block_cfg, rank=r, world_size=2) for r in range(2)]
+        for ld in loaders:
+            for _ in range(4 * ld.batches_per_epoch()):  # 4 epochs
+                ld._next_rows()
+        return sum(ld.dropped[f"loader.epoch_{k}_rows"] for ld in loaders for k in ("tail", "fill"))
+
+    # Whole shards: a rank holds one kind or the other, so the ranks' row counts differ by ~30
+    # a epoch; blocks of 4 rows give each rank a mix of both shards.
+    whole, blocks = skipped_and_reread(0), skipped_and_reread(4)
+    assert whole >= 80 and blocks <= whole / 4, (whole, blocks)
+
+    block_cfg = LoaderConfig(**{**cfg.__dict__, "deal_block_rows": 4})
+    for epoch in range(2):  # every row on exactly one rank per epoch, from both shards
+        refs = []
+        for rank in range(2):
+            share = StreamingLoader(shards, block_cfg, rank=rank, world_size=2)._share(0, epoch)
+            located = share.locate(np.arange(share.size))
+            refs.append(set(zip(*(a.tolist() for a in located))))
+            assert {shard for shard, _ in refs[-1]} == {0, 1}
+        assert not refs[0] & refs[1]
+        assert refs[0] | refs[1] == {(s, r) for s in range(2) for r in range(40)}
+    loader = StreamingLoader(shards, block_cfg, rank=1, world_size=2)
+    for _ in range(loader.batches_per_epoch() - 1):
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(3)]  # across the epoch boundary
+    resumed = StreamingLoader(shards, block_cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(next(resumed)["input_ids"], want["input_ids"])
+    with pytest.raises(ValueError, match="deal_block_rows must be >= 0"):
+        StreamingLoader(shards, LoaderConfig(**{**cfg.__dict__, "deal_block_rows": -1}))
