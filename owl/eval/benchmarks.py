@@ -152,6 +152,12 @@ def _check_rule(record: BenchmarkRecord, where: str) -> None:
         raise ValueError(
             f"{where}: field 'rule' is {record.rule!r}; a {record.type} record takes one of {valid}"
         )
+    categories = record.extra.get("categories")
+    if categories is not None and (
+        not isinstance(categories, list)
+        or not all(isinstance(c, str) and c.strip() for c in categories)
+    ):
+        raise ValueError(f"{where}: field 'categories' must be a list of non-empty strings")
     if record.rule == "mme" and not isinstance(record.extra.get("category"), str):
         raise ValueError(f"{where}: an MME record needs its subtask in field 'category'")
 

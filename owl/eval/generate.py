@@ -15,11 +15,10 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 from owl.data.image import CLIP_MEAN, preprocess_images
 from owl.eval.benchmarks import BenchmarkRecord, is_unanswered
@@ -45,6 +44,9 @@ from owl.eval.metrics import (
 from owl.eval.prompts import max_new_tokens, prompt_ids
 from owl.model.config import OwlConfig
 from owl.model.model import OwlModel
+
+if TYPE_CHECKING:  # transformers is not imported here: the evaluate step's actors never need it
+    from transformers import PreTrainedTokenizerBase
 
 # The colour of a blank control image: the CLIP mean pixel, which the preprocessing normalises to
 # (nearly) zero: no information, no out-of-range values.
@@ -129,26 +131,19 @@ def _check_lengths(
             )
 
 
-@torch.no_grad()
-def predict(
-    model: OwlModel,
+def encode_queries(
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[BenchmarkRecord],
+    cfg: OwlConfig,
     *,
-    batch_size: int = 8,
     max_new_tokens_by_type: Mapping[str, int] | None = None,
-    blank_images: bool = False,
     circular: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Greedy replies for every query of `records`, in query order (see `expand_queries`).
+) -> tuple[list[Query], list[list[int]], list[int]]:
+    """The queries of `records` (see `expand_queries`), their prompt ids and generation budgets.
 
-    Each prediction: id, type, shift (option rotation), prediction (decoded text), num_new_tokens.
-    A query's budget is `max_new_tokens_by_type[type]` when given, else its prompt style's
-    (owl.eval.prompts.PROMPTS). `progress(done, total)` is called after each batch."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cfg = model.cfg
+    A budget is `max_new_tokens_by_type[type]` when given, else the prompt style's
+    (owl.eval.prompts.PROMPTS). Fails before anything is generated when a prompt plus its budget
+    overruns the model's positions."""
     queries = expand_queries(records, circular)
     budgets = [max_new_tokens(q.record, max_new_tokens_by_type) for q in queries]
     prompts = [
@@ -159,6 +154,27 @@ def predict(
         for q in queries
     ]  # fmt: skip
     _check_lengths(queries, prompts, budgets, cfg.decoder.max_positions)
+    return queries, prompts, budgets
+
+
+@torch.no_grad()
+def generate_replies(
+    model: OwlModel,
+    queries: Sequence[Query],
+    prompts: Sequence[list[int]],
+    budgets: Sequence[int],
+    *,
+    eos_token_id: int | None,
+    batch_size: int = 8,
+    blank_images: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy new token ids per query (EOS excluded), in query order. Needs no tokenizer: the
+    evaluate step's actors run this on prompts the driver encoded. `progress(done, total)` is
+    called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = model.cfg
     dtype = next(model.parameters()).dtype
     replies: list[list[int]] = [[] for _ in queries]
     done = 0
@@ -172,13 +188,21 @@ def predict(
             images,
             max_new_tokens=budgets[batch[0]],
             temperature=0.0,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos_token_id,
         )
         for index, output in zip(batch, outputs):
             replies[index] = output
         done += len(batch)
         if progress is not None:
             progress(done, len(queries))
+    return replies
+
+
+def decode_replies(
+    tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], replies: Sequence[list[int]]
+) -> list[dict[str, Any]]:
+    """Predictions from replies: id, type, shift (option rotation), prediction (decoded text),
+    num_new_tokens."""
     return [
         {
             "id": q.record.id,
@@ -189,6 +213,36 @@ def predict(
         }
         for q, reply in zip(queries, replies)
     ]
+
+
+def predict(
+    model: OwlModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[BenchmarkRecord],
+    *,
+    batch_size: int = 8,
+    max_new_tokens_by_type: Mapping[str, int] | None = None,
+    blank_images: bool = False,
+    circular: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy replies for every query of `records`, in query order (see `expand_queries`):
+    `encode_queries`, `generate_replies`, `decode_replies` in one process.
+
+    Each prediction: id, type, shift (option rotation), prediction (decoded text), num_new_tokens.
+    A query's budget is `max_new_tokens_by_type[type]` when given, else its prompt style's
+    (owl.eval.prompts.PROMPTS). `progress(done, total)` is called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    queries, prompts, budgets = encode_queries(
+        tokenizer, records, model.cfg, max_new_tokens_by_type=max_new_tokens_by_type,
+        circular=circular,
+    )  # fmt: skip
+    replies = generate_replies(
+        model, queries, prompts, budgets, eos_token_id=tokenizer.eos_token_id,
+        batch_size=batch_size, blank_images=blank_images, progress=progress,
+    )  # fmt: skip
+    return decode_replies(tokenizer, queries, replies)
 
 
 def sample_score(
@@ -265,7 +319,11 @@ def _score_type(
             references, hypotheses, meteor=caption_meteor, tokenizer=caption_tokenizer
         )
     if record_type == "multiple_choice":
-        return multiple_choice_scores([_choice_result(by_id[p["id"]], p) for p in predictions])
+        results = [_choice_result(by_id[p["id"]], p) for p in predictions]
+        return {
+            **multiple_choice_scores(results),
+            **_per_category(by_id, predictions, results),
+        }
     if record_type == "yes_no":
         return _yes_no_scores(by_id, predictions)
     values = [sample_score(by_id[p["id"]], p, vqa_rule) for p in predictions]
@@ -288,6 +346,32 @@ def _per_answer_type(
         if isinstance(answer_type, str) and answer_type:
             by_type[re.sub(r"\W+", "_", answer_type.lower())].append(value)
     return {f"accuracy_{name}": sum(v) / len(v) for name, v in sorted(by_type.items())}
+
+
+def category_name(category: str) -> str:
+    """A category as a metric name part: "Instance Counting" -> "instance_counting"."""
+    return re.sub(r"\W+", "_", category.strip().lower()).strip("_")
+
+
+def _per_category(
+    by_id: Mapping[str, BenchmarkRecord],
+    predictions: Sequence[Mapping[str, Any]],
+    results: Sequence[ChoiceResult],
+) -> dict[str, float]:
+    """Multiple-choice accuracy (the original option order) per category a record lists in
+    `categories` (SEED-Bench: its dimension; ScienceQA: subject, context modality, grade group,
+    as their official scorers report them): "accuracy_<category>" and "count_<category>"."""
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for prediction, result in zip(predictions, results):
+        if result.shift != 0:
+            continue  # one answer per question, as `accuracy`
+        for category in by_id[prediction["id"]].extra.get("categories") or ():
+            by_category[category_name(str(category))].append(result.predicted == result.answer)
+    scores = {}
+    for name, right in sorted(by_category.items()):
+        scores[f"accuracy_{name}"] = sum(right) / len(right)
+        scores[f"count_{name}"] = float(len(right))
+    return scores
 
 
 def _yes_no_scores(

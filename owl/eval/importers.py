@@ -258,9 +258,36 @@ def _choice_record(qid: Any, images: list[str], question: str, options: list[str
             "rule": "single", "prompt": prompt, **extra}  # fmt: skip
 
 
+# ScienceQA's own scorer (tools/evaluate_acc.py in lupantech/ScienceQA) reports accuracy by
+# subject, by context modality (text context = a non-empty hint, image, neither) and by grade
+# group; `categories` carries the groups a problem counts in, under that scorer's names.
+SCIENCEQA_SUBJECTS = {"natural science": "natural", "social science": "social",
+                      "language science": "language"}  # fmt: skip
+
+
+def scienceqa_categories(row: dict[str, Any]) -> list[str]:
+    """The official scorer's groups of one problems.json row: natural / social / language,
+    has_text / has_image / no_context, grade_1_6 / grade_7_12 (a field it lacks: no group)."""
+    categories = []
+    subject = SCIENCEQA_SUBJECTS.get(str(row.get("subject", "")).strip().lower())
+    if subject:
+        categories.append(subject)
+    if row.get("hint"):
+        categories.append("has_text")
+    if row.get("image"):
+        categories.append("has_image")
+    if not row.get("hint") and not row.get("image"):
+        categories.append("no_context")
+    grade = str(row.get("grade", "")).strip().lower()
+    if grade.startswith("grade") and grade[5:].isdigit() and 1 <= int(grade[5:]) <= 12:
+        categories.append("grade_1_6" if int(grade[5:]) <= 6 else "grade_7_12")
+    return categories
+
+
 def import_scienceqa(inputs: _Inputs) -> list[Record]:
     """ScienceQA problems.json + its image folder (<split>/<pid>/image.png): the test problems
-    that have an image (ScienceQA-IMG)."""
+    that have an image (ScienceQA-IMG), each with the official scorer's groups (`categories`)
+    and its `subject` and `grade`."""
     path = inputs.one_file("ScienceQA problems.json")
     folder = inputs.image_dir()
     data = _load_json(path)
@@ -275,27 +302,48 @@ def import_scienceqa(inputs: _Inputs) -> list[Record]:
         answer = int(_field(row, "answer", where))
         image = _find_image(folder, f"{pid}/{row['image']}", where, ("test",))
         records.append(_choice_record(pid, [image], str(_field(row, "question", where)), choices,
-                                      LETTERS[answer], "scienceqa", str(row.get("hint") or "")))  # fmt: skip
+                                      LETTERS[answer], "scienceqa", str(row.get("hint") or ""),
+                                      subject=str(row.get("subject", "")),
+                                      grade=str(row.get("grade", "")),
+                                      categories=scienceqa_categories(row)))  # fmt: skip
     if not records:
         raise ValueError(f"{path}: no test problem with an image (ScienceQA-IMG is empty)")
     return records
 
 
+# SEED-Bench's image dimensions by question_type_id, as its paper names them; the JSON's own
+# `question_type` map ({"Scene Understanding": 1, ...}) takes precedence when present.
+SEED_DIMENSIONS = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Attributes",
+                   4: "Instance Location", 5: "Instance Counting", 6: "Spatial Relation",
+                   7: "Instance Interaction", 8: "Visual Reasoning", 9: "Text Recognition"}  # fmt: skip
+
+
 def import_seed(inputs: _Inputs) -> list[Record]:
-    """SEED-Bench.json ({"questions": [...]}) + SEED-Bench-image/: the image questions."""
+    """SEED-Bench.json ({"questions": [...], "question_type": {name: id}}) + SEED-Bench-image/:
+    the image questions. SEED's eval.py reports accuracy per question_type_id (dimension): each
+    record's `categories` is its dimension's name (`dimension_<id>` for an unknown id)."""
     path = inputs.one_file("SEED-Bench JSON")
     folder = inputs.image_dir()
+    data = _load_json(path)
+    names = dict(SEED_DIMENSIONS)
+    if isinstance(data, dict) and isinstance(data.get("question_type"), dict):
+        names.update({int(i): str(n) for n, i in data["question_type"].items()})
     records = []
-    for n, row in enumerate(_field(_load_json(path), "questions", str(path))):
+    for n, row in enumerate(_field(data, "questions", str(path))):
         where = f"{path}: questions[{n}]"
         if row.get("data_type", "image") != "image":
             continue  # video questions need frames, not one image
         options = [str(_field(row, f"choice_{x}", where)) for x in "abcd"]
         answer = str(_field(row, "answer", where)).strip()
         image = _find_image(folder, str(_field(row, "data_id", where)), where)
+        type_id = _field(row, "question_type_id", where)
+        if not str(type_id).strip().isdigit():
+            raise ValueError(f"{where}: question_type_id {type_id!r} is not a number")
+        dimension = names.get(int(type_id), f"dimension_{type_id}")
         records.append(_choice_record(_field(row, "question_id", where), [image],
                                       str(_field(row, "question", where)), options, answer,
-                                      "seed", question_type_id=row.get("question_type_id")))  # fmt: skip
+                                      "seed", question_type_id=type_id, dimension=dimension,
+                                      categories=[dimension]))  # fmt: skip
     return records
 
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from owl.data.templates import Turn
 from owl.data.tokenize import encode_prompt
 from owl.eval.benchmarks import BenchmarkRecord
 from owl.eval.metrics import LETTERS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."

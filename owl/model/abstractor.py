@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import AbstractorConfig, VisionConfig
 from owl.model.linear import Linear
-from owl.model.positions import sincos_1d, sincos_2d_with_cls
+from owl.model.positions import on_meta_device, sincos_1d, sincos_2d_with_cls
 
 
 class AbstractorAttention(nn.Module):
@@ -112,10 +112,17 @@ class Abstractor(nn.Module):
                 f"abstractor.width ({cfg.width}) must equal vision.width ({vision.width}): keys "
                 "and values run over [queries; image tokens] in one sequence"
             )
-        self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.width) * 0.02)
+        meta = on_meta_device()  # load_model: no init math, the weights are assigned next
+        self.queries = nn.Parameter(
+            torch.empty(cfg.num_queries, cfg.width)
+            if meta
+            else torch.randn(cfg.num_queries, cfg.width) * 0.02
+        )
         self.layers = nn.ModuleList(AbstractorLayer(cfg) for _ in range(cfg.num_layers))
         self.proj = Linear(cfg.width, decoder_hidden)
-        self.end_of_image = nn.Parameter(torch.randn(decoder_hidden) * 0.02)
+        self.end_of_image = nn.Parameter(
+            torch.empty(decoder_hidden) if meta else torch.randn(decoder_hidden) * 0.02
+        )
         self._num_queries, self._width = cfg.num_queries, cfg.width
         self._grid = vision.image_size // vision.patch_size
         self._positional = cfg.positional_embeddings
@@ -128,6 +135,10 @@ class Abstractor(nn.Module):
         """(Re)compute the fixed positional buffers, e.g. after building on the meta device."""
         device = device or self.queries.device
         num_keys = 1 + self._grid * self._grid
+        if torch.device(device).type == "meta":  # load_model recomputes them on the real device
+            self.query_pos = torch.empty(self._num_queries, self._width, device=device)
+            self.image_pos = torch.empty(num_keys, self._width, device=device)
+            return
         if self._positional:
             query_pos = sincos_1d(self._width, torch.arange(self._num_queries))
             image_pos = sincos_2d_with_cls(self._width, self._grid)

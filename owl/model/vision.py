@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from owl.model.config import VisionConfig
 from owl.model.linear import Linear
-from owl.model.positions import sincos_2d_with_cls
+from owl.model.positions import on_meta_device, sincos_2d_with_cls
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +82,8 @@ def _initial_positions(cfg: VisionConfig) -> torch.Tensor:
     held-out "Where is the red circle?" accuracy from ~0.4 to 0.73 at the same budget
     (bench/demo_probe.py, BENCHMARKS.md)."""
     grid = cfg.image_size // cfg.patch_size
+    if on_meta_device():  # load_model: the weights are assigned next
+        return torch.empty(cfg.num_tokens, cfg.width)
     if cfg.width % 4 == 0:
         return sincos_2d_with_cls(cfg.width, grid)
     return torch.randn(cfg.num_tokens, cfg.width) * cfg.width**-0.5
@@ -102,7 +104,10 @@ class VisionEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(
             cfg.num_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False
         )
-        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.02)
+        meta = on_meta_device()  # load_model: no init math, the weights are assigned next
+        self.class_embedding = nn.Parameter(
+            torch.empty(cfg.width) if meta else torch.randn(cfg.width) * 0.02
+        )
         self.position_embedding = nn.Parameter(_initial_positions(cfg))
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from owl.model.config import OwlConfig
 from owl.model.model import OwlModel
@@ -122,7 +123,7 @@ def model_from_state_dict(
     source: str = "state dict",
 ) -> OwlModel:
     """Build on the meta device and assign `state` (which must match exactly)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = OwlModel(cfg)
     check_keys(set(model.state_dict()) - _tied_keys(model), set(state), source)
     try:
@@ -134,6 +135,20 @@ def model_from_state_dict(
     model.abstractor.reset_positions(device="cpu")
     model = model.to(device=device)
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init functions return their tensor untouched: the weights are assigned next.
+
+    On the meta device they compute nothing anyway, but some (normal_) run torch's Python
+    reference kernels, whose first use imports torch._dynamo: 3-15 s in a fresh process (an
+    evaluation actor, a serving replica), the larger part of loading a small model."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def check_keys(expected: set[str], got: set[str], source: str) -> None:

@@ -2,8 +2,10 @@
 
 Inputs: `model` (a training step: `model/`), `tokenizer` (`tokenizer/`), optionally `shapes`
 (whose `benchmarks/` the default config reads). A pool of Ray actors (one per GPU, or N CPU
-actors) each loads the model once; every benchmark is split into contiguous chunks, one per
-actor, and all chunks are queued at once so actors stay busy across benchmarks. The driver
+actors) each loads the model once (and nothing else: no tokenizer, no transformers); while they
+start, the driver encodes every prompt. Each benchmark's queries are split into contiguous
+chunks, one per actor, and all chunks are queued at once so actors stay busy across
+benchmarks; the actors return token ids, which the driver decodes. The driver
 scores (the caption toolkit's Java runs there), writes `predictions/<benchmark>.parquet` and
 returns the metrics in `Manifest.stats` (docs/benchmarks.md explains names and rules).
 
@@ -98,37 +100,42 @@ class Config:
 
 
 class EvalWorker:
-    """One model replica. Created as a Ray actor by `run`; plain class for direct use."""
+    """One model replica. Created as a Ray actor by `run`; plain class for direct use.
 
-    def __init__(
-        self, model_dir: str, tokenizer_dir: str, device: str, dtype: str, num_threads: int
-    ) -> None:
+    It loads the model only: the driver encodes the prompts and decodes the replies, so an actor
+    never imports transformers (seconds per actor) and gets token ids in, token ids out."""
+
+    def __init__(self, model_dir: str, device: str, dtype: str, num_threads: int) -> None:
         import torch
 
-        from owl.data.tokenize import load_tokenizer
         from owl.model import load_model
 
         torch.set_num_threads(max(1, num_threads))
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.model = load_model(model_dir, device=device, dtype=getattr(torch, dtype)).eval()
-        self.tokenizer = load_tokenizer(tokenizer_dir)
 
     def ready(self) -> bool:
         """Returns once the model is loaded (the step times loading apart from generating)."""
         return True
 
-    def predict(
-        self, records: list[BenchmarkRecord], options: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        from owl.eval.generate import predict
+    def generate(
+        self,
+        queries: list[Any],
+        prompts: list[list[int]],
+        budgets: list[int],
+        options: dict[str, Any],
+    ) -> list[list[int]]:
+        """New token ids per query (owl.eval.generate.generate_replies)."""
+        from owl.eval.generate import generate_replies
 
-        return predict(self.model, self.tokenizer, records, **options)
+        return generate_replies(self.model, queries, prompts, budgets, **options)
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     import ray
 
+    from owl.data.tokenize import load_tokenizer
     from owl.eval.generate import score
     from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, max_new_tokens, style_of
 
@@ -146,12 +153,15 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     if cfg.blank_image_control:
         passes += [(name, True) for name, recs in benchmarks.items() if any(r.images for r in recs)]
     try:
+        # While the actors start and load the model, the driver encodes every prompt.
+        tokenizer = load_tokenizer(inputs["tokenizer"].dir / TOKENIZER_DIR)
+        encoded = _encode_all(cfg, tokenizer, _model_config(inputs), benchmarks)
         ray.get([worker.ready.remote() for worker in workers])
         loaded = time.monotonic()
         ctx.progress(
             0, len(passes), f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)"
         )
-        predictions = _predict_all(ctx, cfg, workers, benchmarks, passes)
+        predictions = _predict_all(ctx, cfg, workers, tokenizer, encoded, passes)
     finally:
         for worker in workers:
             ray.kill(worker)
@@ -224,51 +234,83 @@ def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
     actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(EvalWorker)
     return [
         actor.remote(
-            str(inputs["model"].dir / MODEL_DIR), str(inputs["tokenizer"].dir / TOKENIZER_DIR),
-            device, cfg.dtype, int(cfg.cpus_per_worker),
+            str(inputs["model"].dir / MODEL_DIR), device, cfg.dtype, int(cfg.cpus_per_worker)
         )
         for _ in range(cfg.num_workers)
-    ]  # fmt: skip
+    ]
 
 
-def _chunks(records: Sequence[BenchmarkRecord], num_chunks: int) -> list[list[BenchmarkRecord]]:
-    """Contiguous, near-equal chunks (empty ones dropped)."""
-    size, rest = divmod(len(records), num_chunks)
+def _model_config(inputs: dict[str, StepInput]) -> Any:
+    """The model's OwlConfig, read from its folder (prompts need its variant and visual slots)."""
+    import json
+
+    from owl.model.config import OwlConfig
+    from owl.model.weights import CONFIG_FILE
+
+    path = inputs["model"].dir / MODEL_DIR / CONFIG_FILE
+    return OwlConfig.from_dict(json.loads(path.read_text()))
+
+
+def _encode_all(
+    cfg: Config, tokenizer: Any, model_cfg: Any, benchmarks: dict[str, list[BenchmarkRecord]]
+) -> dict[str, tuple[list[Any], list[list[int]], list[int]]]:
+    """Per benchmark: its queries in order, their prompt ids and budgets (the blank-image pass
+    asks the same prompts)."""
+    from owl.eval.generate import encode_queries
+
+    return {
+        name: encode_queries(
+            tokenizer, records, model_cfg, max_new_tokens_by_type=dict(cfg.max_new_tokens),
+            circular=cfg.circular,
+        )
+        for name, records in benchmarks.items()
+    }  # fmt: skip
+
+
+def _chunks(num_items: int, num_chunks: int) -> list[slice]:
+    """Contiguous, near-equal slices of `num_items` (empty ones dropped)."""
+    size, rest = divmod(num_items, num_chunks)
     chunks, start = [], 0
     for i in range(num_chunks):
         end = start + size + (1 if i < rest else 0)
-        chunks.append(list(records[start:end]))
+        chunks.append(slice(start, end))
         start = end
-    return [c for c in chunks if c]
+    return [c for c in chunks if c.stop > c.start]
 
 
 def _predict_all(
     ctx: StepContext,
     cfg: Config,
     workers: list[Any],
-    benchmarks: dict[str, list[BenchmarkRecord]],
+    tokenizer: Any,
+    encoded: dict[str, tuple[list[Any], list[list[int]], list[int]]],
     passes: list[tuple[str, bool]],
 ) -> list[list[dict[str, Any]]]:
-    """Predictions per pass (benchmark, blank?), each in record order."""
+    """Predictions per pass (benchmark, blank?), each in query order. A pass's queries (not its
+    records: a circular multiple-choice record is several queries) are cut into one near-equal
+    contiguous chunk per actor, and every chunk is queued at once."""
     import ray
 
-    options = {
-        "batch_size": cfg.batch_size,
-        "max_new_tokens_by_type": dict(cfg.max_new_tokens),  # others: their prompt style's
-        "circular": cfg.circular,
-    }
+    from owl.eval.generate import decode_replies
+
     futures = []
     for name, blank in passes:
-        chunks = _chunks(benchmarks[name], len(workers))
+        queries, prompts, budgets = encoded[name]
+        options = {
+            "batch_size": cfg.batch_size,
+            "blank_images": blank,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
         futures.append(
             [
-                workers[i].predict.remote(chunk, {**options, "blank_images": blank})
-                for i, chunk in enumerate(chunks)
+                workers[i].generate.remote(queries[c], prompts[c], budgets[c], options)
+                for i, c in enumerate(_chunks(len(queries), len(workers)))
             ]
         )
     results = []
     for done, ((name, blank), pass_futures) in enumerate(zip(passes, futures), start=1):
-        results.append([p for chunk in ray.get(pass_futures) for p in chunk])
+        replies = [reply for chunk in ray.get(pass_futures) for reply in chunk]
+        results.append(decode_replies(tokenizer, encoded[name][0], replies))
         ctx.progress(done, len(passes), f"{name}{' (blank images)' if blank else ''} generated")
     return results
 

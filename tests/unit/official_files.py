@@ -147,7 +147,10 @@ def write_scienceqa(root: Path) -> str:
     _image(root / "images/test/5/image.png", fmt="PNG")
     _json(root / "problems.json", {
         "5": {"question": "Which is a mammal?", "choices": ["frog", "cat", "fish"], "answer": 1,
-              "hint": "Look at the picture.", "image": "image.png", "split": "test"},
+              "hint": "Look at the picture.", "image": "image.png", "split": "test",
+              "task": "closed choice", "grade": "grade3", "subject": "natural science",
+              "topic": "biology", "category": "Classification", "skill": "Identify mammals",
+              "lecture": "", "solution": ""},
         "6": {"question": "No image.", "choices": ["a", "b"], "answer": 0, "hint": "",
               "image": None, "split": "test"},
         "7": {"question": "Train.", "choices": ["a", "b"], "answer": 0, "hint": "",
@@ -157,7 +160,7 @@ def write_scienceqa(root: Path) -> str:
 
 def write_seed(root: Path) -> str:
     _image(root / "SEED-Bench-image/1454426_2591111986.jpg")
-    _json(root / "SEED-Bench.json", {"questions": [
+    _json(root / "SEED-Bench.json", {"question_type": {"Instances Counting": 5}, "questions": [
         {"answer": "C", "choice_a": "one", "choice_b": "two", "choice_c": "three",
          "choice_d": "four", "data_id": "1454426_2591111986.jpg", "data_type": "image",
          "question": "How many towels?", "question_id": "101669", "question_type_id": 5},

@@ -91,8 +91,10 @@ def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
     assert [(r.id, r.answer, r.rule, r.hint) for r in sqa] == [
         ("5", "B", "single", "Look at the picture.")
     ]
+    assert sqa[0].extra["categories"] == ["natural", "has_text", "has_image", "grade_1_6"]
     seed = imported("seed")  # image questions only
     assert [(r.id, r.answer, len(r.options)) for r in seed] == [("101669", "C", 4)]
+    assert seed[0].extra["categories"] == ["Instances Counting"]  # the JSON's own name
     coco = imported("coco_karpathy")  # the Karpathy test split only
     assert [(r.id, r.references, r.prompt) for r in coco] == [
         ("391895", ("A man rides a bike.", "A cyclist on a road."), "coco_caption")

@@ -290,3 +290,92 @@ def test_authors_prompts_for_imported_benchmarks() -> None:
     caption = BenchmarkRecord(id="3", type="caption", source="t", images=("x",),
                               references=("r",), prompt="coco_caption")  # fmt: skip
     assert max_new_tokens(caption) == 60 and max_new_tokens(mme) == 10
+
+
+def _letters(records, right: set[str]) -> list[dict]:
+    """A prediction per record: its answer letter when its id is in `right`, else another."""
+    return [{"id": r.id, "shift": 0,
+             "prediction": r.answer if r.id in right else "BA"[r.answer == "B"]}
+            for r in records]  # fmt: skip
+
+
+def test_seed_accuracy_per_dimension_from_the_official_json(tmp_path) -> None:
+    """SEED-Bench's eval.py: accuracy per question_type_id; the names from the JSON's
+    `question_type` map; video questions are not imported."""
+    from official_files import _image, _json
+
+    from owl.eval.benchmarks import read_benchmark
+    from owl.eval.importers import import_benchmark
+
+    questions = []
+    for qid, type_id, answer in (("1", 1, "A"), ("2", 1, "B"), ("3", 1, "C"), ("4", 5, "D"),
+                                 ("5", 5, "A")):  # fmt: skip
+        _image(tmp_path / f"SEED-Bench-image/{qid}.jpg")
+        questions.append({"question_id": qid, "question": "Q?", "choice_a": "a",
+                          "choice_b": "b", "choice_c": "c", "choice_d": "d", "answer": answer,
+                          "data_id": f"{qid}.jpg", "data_type": "image",
+                          "question_type_id": type_id})  # fmt: skip
+    questions.append({"question_id": "v", "question": "?", "choice_a": "a", "choice_b": "b",
+                      "choice_c": "c", "choice_d": "d", "answer": "A", "data_id": "v.mp4",
+                      "data_type": "video", "question_type_id": 10})  # fmt: skip
+    _json(tmp_path / "SEED-Bench.json", {
+        "question_type": {"Scene Understanding": 1, "Instances Counting": 5,
+                          "Action Recognition": 10}, "questions": questions})  # fmt: skip
+    records = read_benchmark(import_benchmark(
+        "seed", [tmp_path / "SEED-Bench.json", tmp_path / "SEED-Bench-image"], tmp_path / "out"
+    ))  # fmt: skip
+    assert [r.extra["dimension"] for r in records] == ["Scene Understanding"] * 3 + [
+        "Instances Counting"
+    ] * 2
+    scores = score(records, _letters(records, right={"1", "2", "4"}))
+    assert scores["multiple_choice.accuracy"] == pytest.approx(3 / 5)  # eval.py's total
+    assert scores["multiple_choice.accuracy_scene_understanding"] == pytest.approx(2 / 3)
+    assert scores["multiple_choice.accuracy_instances_counting"] == pytest.approx(1 / 2)
+    assert scores["multiple_choice.count_scene_understanding"] == 3.0
+    assert not any("action" in name for name in scores)  # no video question was imported
+
+
+def test_scienceqa_accuracy_by_subject_context_and_grade(tmp_path) -> None:
+    """ScienceQA's tools/evaluate_acc.py groups: subject (natural / social / language), context
+    (has_text: a non-empty hint; has_image; no_context: neither), grade 1-6 / 7-12. On the
+    IMG split every problem has an image, so no_context never occurs."""
+    from official_files import _image, _json
+
+    from owl.eval.benchmarks import read_benchmark
+    from owl.eval.importers import import_benchmark
+
+    problems = {}
+    for pid, subject, hint, grade in (("a", "natural science", "", "grade2"),
+                                      ("b", "natural science", "A context.", "grade8"),
+                                      ("c", "social science", "A context.", "grade5"),
+                                      ("d", "language science", "", "grade11")):  # fmt: skip
+        _image(tmp_path / f"images/test/{pid}/image.png", fmt="PNG")
+        problems[pid] = {"question": "Q?", "choices": ["x", "y", "z"], "answer": 0,
+                         "hint": hint, "image": "image.png", "task": "closed choice",
+                         "grade": grade, "subject": subject, "topic": "t", "category": "c",
+                         "skill": "s", "lecture": "", "solution": "", "split": "test"}  # fmt: skip
+    problems["e"] = {**problems["a"], "image": None}  # no image: not in ScienceQA-IMG
+    problems["f"] = {**problems["a"], "split": "train"}
+    _json(tmp_path / "problems.json", problems)
+    records = read_benchmark(import_benchmark(
+        "scienceqa", [tmp_path / "problems.json", tmp_path / "images"], tmp_path / "out"
+    ))  # fmt: skip
+    assert [r.id for r in records] == ["a", "b", "c", "d"]
+    assert records[1].extra["categories"] == ["natural", "has_text", "has_image", "grade_7_12"]
+    scores = score(records, _letters(records, right={"a", "c"}))
+    expected = {"accuracy": 2 / 4, "accuracy_natural": 1 / 2, "accuracy_social": 1.0,
+                "accuracy_language": 0.0, "accuracy_has_text": 1 / 2, "accuracy_has_image": 2 / 4,
+                "accuracy_grade_1_6": 1.0, "accuracy_grade_7_12": 0.0}  # fmt: skip
+    for name, value in expected.items():
+        assert scores[f"multiple_choice.{name}"] == pytest.approx(value), name
+    assert "multiple_choice.accuracy_no_context" not in scores
+
+
+def test_categories_must_be_a_list_of_strings(tmp_path) -> None:
+    from owl.eval.benchmarks import read_benchmark
+
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"id": "1", "type": "text", "question": "Q?", "answer": "a", '
+                    '"categories": "science"}\n')  # fmt: skip
+    with pytest.raises(ValueError, match="'categories' must be a list of non-empty strings"):
+        read_benchmark(path)
