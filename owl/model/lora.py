@@ -10,11 +10,18 @@ keys `base_model.model.<module>...` as `PeftModel.save_pretrained` writes them):
 adapters were put on (the stage-1 model for Owl1's stage 2), `peft.PeftModel.from_pretrained(base,
 folder)` gives the trained model's logits. Modules trained whole next to the adapters (the abstractor
 when stage 2 trains it) go in as peft `modules_to_save`.
+
+A model folder with an adapter also holds `lora.json` ({"adapter": "adapter", "merged": bool}):
+whether its own weights already have the adapter folded in (`merge_lora: true`, the default) or are
+the base weights (`merge_lora: false`). `owl.model.load_model` reads it and, for base weights,
+merges the adapter in memory with peft (`merge_saved_adapter`), so evaluation, chat and the
+authors'-layout export get the trained model either way.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +36,7 @@ from owl.model.model import OwlModel
 ADAPTER_DIR = "adapter"  # in an exported model folder
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_STATE = "lora.json"  # in a model folder that has an adapter: is it merged into the weights?
 DECODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "k_proj_visual", "v_proj_visual")
 
 
@@ -123,3 +131,37 @@ def save_adapter(
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return directory
+
+
+def write_lora_state(model_dir: str | Path, merged: bool) -> None:
+    """Record in a model folder that `adapter/` belongs to it and whether the folder's weights
+    already hold it (merged) or are the base weights it applies to."""
+    state = {"adapter": ADAPTER_DIR, "merged": merged}
+    (Path(model_dir) / LORA_STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def unmerged_adapter(model_dir: str | Path) -> Path | None:
+    """The adapter folder to apply on top of `model_dir`'s weights when they are the base weights
+    (`merge_lora: false`); None when there is none or it is already merged."""
+    path = Path(model_dir) / LORA_STATE
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("merged", True):
+        return None
+    adapter = Path(model_dir) / state.get("adapter", ADAPTER_DIR)
+    if not (adapter / ADAPTER_CONFIG).exists():
+        raise ValueError(f"{path} names the adapter {adapter}, which has no {ADAPTER_CONFIG}")
+    return adapter
+
+
+def merge_saved_adapter(model: OwlModel, adapter_dir: str | Path) -> OwlModel:
+    """`model` with a peft adapter folder (`save_adapter`) loaded by peft and folded into its
+    weights (modules_to_save replaced by the trained copies): a plain OwlModel, the trained one."""
+    from peft import PeftModel
+
+    wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    merged = wrapped.merge_and_unload()
+    for param in merged.parameters():
+        param.requires_grad = True
+    return merged

@@ -471,7 +471,9 @@ def convert_release(
 def export_release(
     model_dir: str | Path, dst_dir: str | Path, progress: Callable[[str], None] = lambda m: None
 ) -> Path:
-    """Our folder -> the authors' layout: config.json + model.safetensors (sharded past 2 GB)."""
+    """Our folder -> the authors' layout: config.json + model.safetensors (sharded past 2 GB).
+    A folder whose LoRA adapter is kept apart (`merge_lora: false`) is written merged: the
+    authors' code has no use for our peft adapter."""
     from owl.model.weights import (
         CONFIG_FILE,
         INDEX_FILE,
@@ -487,7 +489,16 @@ def export_release(
     layout = LAYOUTS[cfg.variant]
     config = release_config(cfg, layout)
     progress(f"reading {model_dir}")
-    state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
+    from owl.model.lora import unmerged_adapter
+
+    if unmerged_adapter(model_dir) is None:
+        state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
+    else:  # base weights + adapter (`merge_lora: false`): the release holds the trained model
+        from owl.model.weights import load_model
+
+        state = load_model(model_dir).state_dict()
+        if cfg.decoder.tie_embeddings:
+            state.pop("decoder.lm_head.weight", None)
     dst = Path(dst_dir)
     progress(f"writing {dst}")
     write_safetensors(to_release(cfg, state, layout), dst)

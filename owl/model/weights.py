@@ -103,15 +103,34 @@ def read_safetensors_folder(directory: Path, single: str, index: str) -> dict[st
 
 
 def load_model(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    adapter: bool = True,
 ) -> OwlModel:
-    """Load a folder written by `save_model`. No random init: built on meta, weights assigned."""
+    """Load a folder written by `save_model`. No random init: built on meta, weights assigned.
+
+    A LoRA stage's folder exported with `merge_lora: false` holds the base weights and the
+    adapter apart (`owl.model.lora.LORA_STATE`): the adapter is merged in memory, so the model
+    returned is the trained one; `adapter=False` returns the base weights as stored."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():
         raise ValueError(f"{directory}: no {CONFIG_FILE}; is this a folder written by save_model?")
     cfg = OwlConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     state = read_safetensors_folder(directory, WEIGHTS_FILE, INDEX_FILE)
-    return model_from_state_dict(cfg, state, device=device, dtype=dtype, source=str(directory))
+    lora = None
+    if adapter:
+        from owl.model.lora import unmerged_adapter
+
+        lora = unmerged_adapter(directory)
+    if lora is None:
+        return model_from_state_dict(cfg, state, device=device, dtype=dtype, source=str(directory))
+    from owl.model.lora import merge_saved_adapter
+
+    model = merge_saved_adapter(model_from_state_dict(cfg, state, source=str(directory)), lora)
+    model = model.to(device=device)
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 def model_from_state_dict(

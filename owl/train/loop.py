@@ -458,7 +458,8 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
     holds the whole model. With LoRA the adapters go to `adapter/` in peft's format
     (`owl.model.lora.save_adapter`: `peft.PeftModel.from_pretrained` loads it on the stage's
     starting model), and the folder holds the merged weights (`merge_lora`, in place: training is
-    over), or with `merge_lora: false` the base weights.
+    over), or with `merge_lora: false` the base weights; `lora.json` says which (`load_model`
+    merges an unmerged adapter in memory).
     """
     from owl.model import save_model
 
@@ -468,10 +469,11 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
     if not any("lora_" in n for n, _ in model.named_parameters()):
         save_model(model, directory)
         return
-    from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora
+    from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora, write_lora_state
 
     save_adapter(model, directory / ADAPTER_DIR)
     save_model(merge_lora(model) if job.train.merge_lora else unwrap_lora(model), directory)
+    write_lora_state(directory, merged=job.train.merge_lora)
 
 
 def _consolidated(engine: Any, job: WorkerJob) -> torch.nn.Module | None:

@@ -129,3 +129,55 @@ def test_evaluate_step_imports_specs_and_writes_submission(
     assert manifest.info["prompts"]["vqav2"] == {"short_answer": 10}
     rows = json.loads((tmp_path / "out/submissions/vqav2_testdev.json").read_text())
     assert [r["question_id"] for r in rows] == [7005] and isinstance(rows[0]["answer"], str)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_evaluation_scores_the_trained_lora_model_merged_or_not(
+    step_inputs: dict[str, StepInput], tmp_path: Path, merge: bool
+) -> None:
+    """Owl1's stage 2 exported by the trainer with the adapter merged (`merge_lora: true`) or kept
+    apart next to the base weights (`merge_lora: false`): the evaluation workers hold the trained
+    model either way (same logits, same predictions), not the base model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from owl import IMAGE_TOKEN_ID
+    from owl.model.lora import apply_lora
+    from owl.train.config import TrainConfig
+    from owl.train.loop import WorkerJob, _export
+
+    torch.manual_seed(0)
+    tokenizer_dir = step_inputs["tokenizer"].dir / "tokenizer"
+    base = load_model(step_inputs["model"].dir / "model")
+    trained = apply_lora(load_model(step_inputs["model"].dir / "model"), modules_to_save=("abstractor",))  # fmt: skip
+    with torch.no_grad():  # as after training: the adapters and the abstractor moved
+        for name, param in trained.named_parameters():
+            if "lora_B" in name or name.startswith("abstractor."):
+                param.add_(torch.randn_like(param) * 0.3)
+    trained.eval()
+    k = base.cfg.num_visual_tokens
+    ids = torch.randint(3, 200, (2, k + 8), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + k] = IMAGE_TOKEN_ID
+    batch = (ids, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    records = read_benchmark(step_inputs["shapes"].dir / "benchmarks" / "vqa.jsonl")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    with torch.no_grad():
+        expected, before = trained(*batch), base.eval()(*batch)
+        expected_answers = [p["prediction"] for p in predict(trained, tokenizer, records)]
+    engine = SimpleNamespace(module=trained, zero_optimization_stage=lambda: 2)
+    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=base.cfg, shards=[])
+    _export(engine, job, tmp_path / "model", rank=0)
+
+    worker = evaluate.EvalWorker(str(tmp_path / "model"), str(tokenizer_dir), "cpu", "float32", 1)
+    with torch.no_grad():
+        got = worker.model(*batch)
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got - before).abs().max() > 1e-2  # not the base model
+    assert [p["prediction"] for p in worker.predict(records, {})] == expected_answers
+    if not merge:  # the folder itself still holds the base weights, as documented
+        stored = load_model(tmp_path / "model", adapter=False).state_dict()
+        assert all(
+            torch.equal(stored[n], v) for n, v in base.state_dict().items()
+            if not n.startswith("abstractor.")
+        )  # fmt: skip

@@ -105,11 +105,13 @@ def test_adapter_folder_is_peft_format_and_loads_with_the_same_logits(tmp_path) 
 @pytest.mark.parametrize("merge", [True, False])
 def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge: bool) -> None:
     """The trainer's export (rank 0): `adapter/` in peft's format next to merged (or base) weights."""
+    import json
     from types import SimpleNamespace
 
     from peft import PeftModel
 
     from owl.model import load_model
+    from owl.model.lora import LORA_STATE
     from owl.train.config import TrainConfig
     from owl.train.loop import WorkerJob, _export
 
@@ -135,8 +137,46 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
         folder = exported(*batch)
         peft = PeftModel.from_pretrained(base, str(tmp_path / "export" / "adapter")).eval()(*batch)
     assert (peft - expected).abs().max() <= 1e-5
-    if merge:
-        assert (folder - expected).abs().max() <= 1e-5
-    else:
-        assert set(exported.state_dict()) == set(base_state)
-        assert all(torch.equal(exported.state_dict()[k], v) for k, v in base_state.items())
+    # load_model gives the trained model either way (an adapter kept apart is merged in memory).
+    assert (folder - expected).abs().max() <= 1e-5
+    state = json.loads((tmp_path / "export" / LORA_STATE).read_text())
+    assert state == {"adapter": "adapter", "merged": merge}
+    if not merge:  # the folder's own weights are the base weights
+        stored = load_model(tmp_path / "export", adapter=False).state_dict()
+        assert set(stored) == set(base_state)
+        assert all(torch.equal(stored[k], v) for k, v in base_state.items())
+
+
+def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp_path) -> None:
+    """`merge_lora: false` keeps the adapter apart in our folder; the authors' layout written from
+    it (the export step's release/) holds the trained weights, since their code cannot apply it."""
+    import copy
+    from types import SimpleNamespace
+
+    from owl.model import get_config
+    from owl.model.releases import LAYOUTS, export_release, to_release
+    from owl.model.weights import read_hf_state_dict
+    from owl.train.config import TrainConfig
+    from owl.train.loop import WorkerJob, _export
+
+    cfg = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5})  # a release-faithful eps
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    model = apply_lora(model, modules_to_save=("abstractor",)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or name.startswith("abstractor."):
+                param.add_(torch.randn_like(param) * 0.3)
+        trained = merge_lora(copy.deepcopy(model)).state_dict()
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
+    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=False), model=cfg, shards=[])
+    _export(engine, job, tmp_path / "export", rank=0)
+    export_release(tmp_path / "export", tmp_path / "release")
+    release = read_hf_state_dict(tmp_path / "release")
+    expected, before = (to_release(cfg, s, LAYOUTS["owl1"]) for s in (trained, base))
+    assert release.keys() == expected.keys()
+    moved = [k for k in expected if not torch.equal(expected[k], before[k])]
+    assert any("q_proj" in k for k in moved) and any("abstractor" in k for k in moved)
+    for key, tensor in expected.items():
+        assert torch.allclose(release[key], tensor, atol=1e-6), key
