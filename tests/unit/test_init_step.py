@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionModel
 
 from owl.model import load_model
 from pipelines.jobspec import parse_job
 from pipelines.progress import Reporter
 from pipelines.runner import NullLineage, Runner
 from tests.unit import release_reference as ref
+from tests.unit import tiny_pretrained
 
 MODEL = {
     "name": "debug-tiny",
@@ -34,22 +35,8 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("pretrained")
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=1, num_attention_heads=2, hidden_act="quick_gelu",
-        )
-    )  # fmt: skip
-    clip.save_pretrained(root / "clip")
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-        )
-    )  # fmt: skip
-    llama.save_pretrained(root / "llama")
+    tiny_pretrained.save_clip_and_llama(root / "clip", root / "llama")
     return {"clip": root / "clip", "llama": root / "llama"}
 
 

@@ -1,0 +1,33 @@
+"""Tiny Hugging Face CLIP vision and LLaMA folders, written by transformers' own save_pretrained
+(the layout a user downloads: config.json + model.safetensors), for the init step's tests and the
+recipe rehearsals. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_clip_and_llama(
+    clip_dir: Path, llama_dir: Path, *, vision_layers: int = 1, vocab_size: int = 128
+) -> None:
+    """A 32-px CLIP ViT (patch 8: a 4x4 grid, width 32) and a 2-layer LLaMA (hidden 64, grouped
+    KV: 2 heads for 4), random weights from seed 0."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=vision_layers, num_attention_heads=2, hidden_act="quick_gelu",
+        )
+    )  # fmt: skip
+    clip.save_pretrained(clip_dir)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        )
+    )  # fmt: skip
+    llama.save_pretrained(llama_dir)
