@@ -169,12 +169,12 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
     job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=base.cfg, shards=[])
     _export(engine, job, tmp_path / "model", rank=0)
 
-    worker = evaluate.EvalWorker(str(tmp_path / "model"), str(tokenizer_dir), "cpu", "float32", 1)
+    worker = evaluate.EvalWorker(str(tmp_path / "model"), "cpu", "float32", 1)
     with torch.no_grad():
         got = worker.model(*batch)
     assert (got - expected).abs().max() <= 1e-5
     assert (got - before).abs().max() > 1e-2  # not the base model
-    assert [p["prediction"] for p in worker.predict(records, {})] == expected_answers
+    assert [p["prediction"] for p in predict(worker.model, tokenizer, records)] == expected_answers
     if not merge:  # the folder itself still holds the base weights, as documented
         stored = load_model(tmp_path / "model", adapter=False).state_dict()
         assert all(
