@@ -77,27 +77,13 @@ class _Images(BaseHTTPRequestHandler):
 
 
 def _pretrained(root: Path, texts: list[str]) -> dict[str, str]:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     from owl.data.tokenize import train_bpe_tokenizer
+    from tests.unit import tiny_pretrained
 
-    torch.manual_seed(0)
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=VISION_LAYERS, num_attention_heads=2, hidden_act="quick_gelu",
-        )
-    )  # fmt: skip
-    clip.save_pretrained(root / "clip-vit-large-patch14")
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-        )
-    )  # fmt: skip
-    llama.save_pretrained(root / "llama-2-7b")
-    train_bpe_tokenizer(texts, vocab_size=300, out_dir=root / "llama-2-7b")
-    return {"clip": str(root / "clip-vit-large-patch14"), "llama": str(root / "llama-2-7b")}
+    clip, llama = root / "clip-vit-large-patch14", root / "llama-2-7b"
+    tiny_pretrained.save_clip_and_llama(clip, llama, vision_layers=VISION_LAYERS, vocab_size=320)
+    train_bpe_tokenizer(texts, vocab_size=300, out_dir=llama)
+    return {"clip": str(clip), "llama": str(llama)}
 
 
 def _laion(root: Path, base: str) -> tuple[Path, list[str]]:
