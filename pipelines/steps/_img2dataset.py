@@ -20,7 +20,6 @@ import email.message
 import functools
 import http.client
 import io
-import os
 import time
 import urllib.error
 import urllib.parse
@@ -28,10 +27,9 @@ import urllib.request
 import urllib.response
 from typing import Any
 
-from pipelines.steps.download import _WORKER_ENV
+from pipelines.steps._img2dataset_env import set_worker_env
 
-for _name, _value in _WORKER_ENV.items():  # before img2dataset imports albumentations
-    os.environ.setdefault(_name, _value)
+set_worker_env()  # before img2dataset imports albumentations
 
 import pyarrow.fs as pafs  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402

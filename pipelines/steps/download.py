@@ -37,6 +37,7 @@ from owl.data.filters import download_reason
 from owl.data.manifest import Manifest
 from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, read_url_list
 from pipelines.step import StepContext, StepInput, resolve_path
+from pipelines.steps._img2dataset_env import WORKER_ENV, set_worker_env
 
 if TYPE_CHECKING:
     from img2dataset.downloader import Downloader
@@ -45,9 +46,7 @@ if TYPE_CHECKING:
 # img2dataset (albumentations: seconds to import) is imported where the step computes, after
 # these are set: no update check over the network, no wandb. Validating a job file or a fully
 # cached `owl run` reads `Config` only.
-_WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-for _name, _value in _WORKER_ENV.items():
-    os.environ.setdefault(_name, _value)
+set_worker_env()
 
 SHARDS_DIR = "shards"
 RESUME_FILE = "_resume.json"  # the URL list the shards under shards/ come from
@@ -264,7 +263,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     done = _finished_shards(ctx.out_dir, shards_dir, _urls_digest(work / "urls", cfg))
     shards_dir.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir()
-    env = {**_WORKER_ENV, **cfg.env}
+    env = {**WORKER_ENV, **cfg.env}
     os.environ.update(env)  # inherited by the spawned download processes
     from img2dataset.distributor import multiprocessing_distributor
     from img2dataset.reader import Reader

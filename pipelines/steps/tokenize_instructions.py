@@ -32,7 +32,7 @@ from owl.data.tokenize import (
     spec_encoder,
 )
 from pipelines.step import StepContext, StepInput, resolve_path
-from pipelines.steps.tokenize_captions import (
+from pipelines.steps._tokenized import (
     encode_dataset,
     max_length_of,
     results_batch,

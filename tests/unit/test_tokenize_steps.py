@@ -20,7 +20,7 @@ from owl.data.shards import index_path, read_index, read_shard
 from owl.data.sources import SourceSpec
 from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
 from pipelines.step import Resources, StepContext, StepInput
-from pipelines.steps import tokenize_captions, tokenize_instructions, tokenizer
+from pipelines.steps import _tokenized, tokenize_captions, tokenize_instructions, tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.integration import bad_images  # noqa: E402
@@ -175,7 +175,7 @@ def test_tokenize_captions(workdir: Path, tokenizer_input: StepInput, tmp_path: 
     # Tasks of 8 rows (two row groups of 4) across the 2 files, 5 captions per tokenizer call.
     cfg = tokenize_captions.Config(rows_per_shard=12, batch_size=5, rows_per_task=8)
     files = [workdir / f"filter/shards/{i:05d}.parquet" for i in range(2)]
-    assert [c["row_groups"] for c in tokenize_captions.parquet_chunks(files, 8)] == [
+    assert [c["row_groups"] for c in _tokenized.parquet_chunks(files, 8)] == [
         [0, 1],
         [2, 3],
         [0, 1],
