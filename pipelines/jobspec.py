@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from owl.configs import build_dataclass, coerce
 from owl.model.config import OwlConfig
 from pipelines.dag import StepSpec, active_table
 from pipelines.step import Resources
@@ -183,11 +182,11 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ValueError(f"unknown job field(s) {unknown}; allowed: {allowed}")
-    name = _typed(raw.get("name", ""), str, "name")
+    name = coerce(raw.get("name", ""), str, "name")
     if not name:
         raise ValueError("name: required, a short job name (used for the MLflow experiment)")
-    storage = parse_storage(_typed(raw.get("storage", ""), str, "storage"))
-    mlflow_uri = _typed(raw.get("mlflow_uri") or "", str, "mlflow_uri")
+    storage = parse_storage(coerce(raw.get("storage", ""), str, "storage"))
+    mlflow_uri = coerce(raw.get("mlflow_uri") or "", str, "mlflow_uri")
     # The environment (a Secret on the cluster) wins over the default store; the job's own wins.
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow_artifacts = None
@@ -204,8 +203,8 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
         storage=storage,
         mlflow_uri=mlflow_uri,
         mlflow_artifacts=mlflow_artifacts,
-        ray_address=_typed(raw.get("ray_address") or "", str, "ray_address"),
-        seed=_typed(raw.get("seed", 0), int, "seed"),
+        ray_address=coerce(raw.get("ray_address") or "", str, "ray_address"),
+        seed=coerce(raw.get("seed", 0), int, "seed"),
         model=model,
         owl_config=resolve_model(model),
         steps=steps,
@@ -259,7 +258,7 @@ def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> 
     _check_role_paths(dataclasses.asdict(config), spec, present, path)
     retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
     resources = _resources(spec, config, section.get("resources"), path)
-    allow_empty = _coerce(section.get("allow_empty", False), bool, f"{path}.allow_empty")
+    allow_empty = coerce(section.get("allow_empty", False), bool, f"{path}.allow_empty")
     return StepSection(spec, config, resources, retries, allow_empty)
 
 
@@ -296,100 +295,6 @@ def _check_role_paths(value: Any, spec: StepSpec, present: list[str], path: str)
             raise ValueError(
                 f"{path}: {value!r} needs step {upstream!r}, which this job does not run"
             )
-
-
-def build_dataclass(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass `cls` from a dict, checking every field's type; errors name `path.field`."""
-    if dataclasses.is_dataclass(data) and isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{path}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{path}.{name}: required field is missing")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:  # the class's own checks (__post_init__)
-        raise ValueError(f"{path}: {exc}") from exc
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """`value` checked against type `tp` (ints are accepted for floats, lists for tuples)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, path)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{path}: {value!r} is not allowed; expected one of {list(args)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, args, path)
-    if origin in (list, tuple) or tp in (list, tuple):
-        return _coerce_sequence(value, tp, origin or tp, args, path)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        value_tp = args[1] if args else Any
-        return {k: _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
-    return _coerce_scalar(value, tp, path)
-
-
-def _coerce_union(value: Any, args: tuple, path: str) -> Any:
-    if value is None and type(None) in args:
-        return None
-    errors = []
-    for arm in args:
-        if arm is type(None):
-            continue
-        try:
-            return _coerce(value, arm, path)
-        except ValueError as exc:
-            errors.append(str(exc).removeprefix(f"{path}: "))
-    raise ValueError(f"{path}: {value!r} matches none of: " + "; ".join(errors))
-
-
-def _coerce_sequence(value: Any, tp: Any, container: type, args: tuple, path: str) -> Any:
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-    if container is tuple and args and args[-1] is not Ellipsis:
-        if len(value) != len(args):
-            raise ValueError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    item_tp = args[0] if args else Any
-    items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-    return tuple(items) if container is tuple else items
-
-
-def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is Path and isinstance(value, str):
-        return Path(value)
-    if tp in (str, bool) and type(value) is tp:
-        return value
-    if tp is type(None) and value is None:
-        return None
-    plain = (int, float, str, bool, Path, type(None))
-    if tp not in plain and isinstance(tp, type) and isinstance(value, tp):
-        return value
-    name = getattr(tp, "__name__", str(tp))
-    raise ValueError(f"{path}: expected {name}, got {type(value).__name__} {value!r}")
-
-
-def _typed(value: Any, tp: type, path: str) -> Any:
-    return _coerce(value, tp, path)
 
 
 def to_yaml(raw: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ download with `owl.data.image.checked_image_bytes` before img2dataset sees it).
 from __future__ import annotations
 
 import html
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ class FilterRules:
     """Thresholds of the caption-data filter. A `None` threshold turns that rule off."""
 
     min_side: int = 0  # of the source image, pixels
-    max_aspect_ratio: float = math.inf  # long side / short side of the source image
+    max_aspect_ratio: float | None = None  # long side / short side of the source image
     min_caption_words: int = 1
     max_caption_words: int = 256
     min_caption_chars: int = 1
@@ -49,7 +48,7 @@ class FilterRules:
     min_ascii_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_aspect_ratio < 1:
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio={self.max_aspect_ratio}: must be >= 1")
         if self.min_caption_words > self.max_caption_words:
             raise ValueError("min_caption_words must be <= max_caption_words")
@@ -100,7 +99,8 @@ def size_problem(width: int, height: int, rules: FilterRules) -> str | None:
     """Why an image of this source size is rejected, or None."""
     if min(width, height) < rules.min_side:
         return "min_side"
-    if max(width, height) > rules.max_aspect_ratio * min(width, height):
+    ratio = rules.max_aspect_ratio
+    if ratio is not None and max(width, height) > ratio * min(width, height):
         return "max_aspect_ratio"
     return None
 

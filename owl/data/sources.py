@@ -50,19 +50,6 @@ class SourceSpec:
     path: str
     image_folder: str | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> SourceSpec:
-        unknown = sorted(set(data) - {"format", "path", "image_folder"})
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown field(s) {unknown}; allowed: format, path, image_folder"
-            )
-        if data.get("format") not in FORMATS:
-            raise ValueError(f"{where}.format: {data.get('format')!r}, expected one of {FORMATS}")
-        if not data.get("path"):
-            raise ValueError(f"{where}.path: missing; give the JSON or JSONL file")
-        return cls(data["format"], data["path"], data.get("image_folder"))
-
 
 @dataclass
 class Record:

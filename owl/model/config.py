@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from owl.configs import build_dataclass
+
 Variant = Literal["owl1", "owl2"]
 ImageMode = Literal["pad", "resize"]
 
@@ -107,8 +109,9 @@ class OwlConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OwlConfig:
-        """Build from a (possibly partial) nested dict; unknown keys are an error naming their path."""
-        return _from_dict(cls, data, path="")
+        """Build from a (possibly partial) nested dict, every field type-checked; an unknown key
+        or a wrong type is an error naming its path (`model.decoder.hidden`)."""
+        return build_dataclass(cls, data, "model")
 
     def replace(self, **overrides: Any) -> OwlConfig:
         """Copy with overrides; nested sections may be given as dicts of their fields."""
@@ -123,28 +126,3 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         else:
             merged[key] = value
     return merged
-
-
-def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path.rstrip('.') or 'model'}: expected a mapping, got {type(data).__name__}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"{path.rstrip('.') or 'model'}: unknown field(s) {unknown}; allowed: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls, name))
-        kwargs[name] = _from_dict(sub, value, f"{path}{name}.") if sub else value
-    return cls(**kwargs)
-
-
-_NESTED: dict[tuple[type, str], type] = {
-    (OwlConfig, "vision"): VisionConfig,
-    (OwlConfig, "abstractor"): AbstractorConfig,
-    (OwlConfig, "decoder"): DecoderConfig,
-}

@@ -1,8 +1,8 @@
-"""Typed training configuration, the paper recipes as named presets, and the DeepSpeed config
-built from it.
+"""Typed training configuration and the DeepSpeed config built from it.
 
-`TrainConfig` is the job-file section of the `stage1` / `stage2` steps. Plain data: importing this
-module needs neither DeepSpeed nor Ray.
+`TrainConfig` is the job-file section of the `stage1` / `stage2` steps (parsed by
+`owl.configs.build_dataclass`); the papers' recipes are the job files jobs/owl1-llama-7b.yaml and
+jobs/owl2-llama2-7b.yaml. Plain data: importing this module needs neither DeepSpeed nor Ray.
 """
 
 from __future__ import annotations
@@ -98,19 +98,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a job-file section; unknown keys are an error naming them."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"train: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-        data = dict(data)
-        for name in ("betas", "lora_targets"):
-            if name in data:
-                data[name] = tuple(data[name])
-        return cls(**data)
-
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides)
 
@@ -143,60 +130,6 @@ def _validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"train: {message}")
-
-
-# The papers' recipes (see /work/shared/reference/mplug-owl.md). Batch sizes there are for
-# hundreds of GPUs: scale `micro_batch_size`, `grad_accum` and `num_workers` to the cluster.
-PRESETS: dict[str, dict[str, Any]] = {
-    "owl1-stage1": dict(
-        stage=1,
-        lr=1e-4,
-        betas=(0.9, 0.98),
-        weight_decay=0.1,
-        warmup_steps=2000,
-        max_steps=50000,
-    ),
-    "owl1-stage2": dict(
-        stage=2,
-        lr=2e-5,
-        betas=(0.9, 0.98),
-        weight_decay=0.1,
-        max_steps=2000,
-        lora_r=8,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        lora_targets=("q_proj", "v_proj"),
-    ),
-    # Owl2 stage 1 values are from the Owl2 paper's appendix (not in the reference notes).
-    "owl2-stage1": dict(
-        stage=1,
-        lr=1e-4,
-        betas=(0.9, 0.98),
-        weight_decay=0.05,
-        warmup_steps=1000,
-        max_steps=42500,
-    ),
-    "owl2-stage2": dict(
-        stage=2,
-        lr=2e-5,
-        betas=(0.9, 0.999),
-        weight_decay=0.0,
-        warmup_ratio=0.03,
-        epochs=1,
-        zero_stage=3,
-        activation_checkpointing=True,
-        micro_batch_size=2,
-        grad_accum=8,
-        vit_layer_decay=0.9,
-    ),
-}
-
-
-def preset(name: str, **overrides: Any) -> TrainConfig:
-    """A paper recipe by name (`owl1-stage1`, ...), with field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; known: {sorted(PRESETS)}")
-    return TrainConfig(**{**PRESETS[name], **overrides})
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -47,31 +47,12 @@ _BASE_FIELDS = [
 ]
 
 
-@dataclass
-class Config:
-    min_side: int = 0
-    max_aspect_ratio: float | None = None
-    min_caption_words: int = 1
-    max_caption_words: int = 256
-    min_caption_chars: int = 1
-    max_caption_chars: int = 2048
-    strip_urls: bool = True
-    strip_html: bool = True
-    min_similarity: float | None = None
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
-    similarity_col: str = "similarity"
-    punsafe_col: str = "punsafe"
-    pwatermark_col: str = "pwatermark"
-    min_ascii_ratio: float | None = None  # language rule; None = off
+@dataclass(frozen=True)
+class Config(FilterRules):
+    """The per-sample rules (`owl.data.filters.FilterRules`' fields) and the dataset-wide ones."""
+
     dedup_image: bool = True
     dedup_url_caption: bool = True
-
-    def rules(self) -> FilterRules:
-        fields = asdict(self)
-        fields.pop("dedup_image"), fields.pop("dedup_url_caption")
-        fields["max_aspect_ratio"] = fields["max_aspect_ratio"] or float("inf")
-        return FilterRules(**fields)
 
 
 def _tar_images(path: Path) -> dict[str, bytes]:
@@ -219,7 +200,6 @@ def _write_outputs(
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError(f"the filter step needs the role 'data' (download), got {sorted(inputs)}")
-    rules = cfg.rules()
     data = inputs["data"]
     tars = sorted(data.dir / f.path for f in data.manifest.files if f.path.endswith(".tar"))
     work, shards_dir = ctx.out_dir / "_work", ctx.out_dir / SHARDS_DIR
@@ -231,7 +211,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     dropped: Counter = Counter()
     rows: dict[str, int] = {}
     if tars:
-        dropped, survivors = _verdicts(tars, work, rules)
+        dropped, survivors = _verdicts(tars, work, cfg)  # cfg is a FilterRules
         drop, dup_counts = _duplicates(survivors, cfg)
         dropped.update(dup_counts)
         rows = _write_outputs(tars, work, shards_dir, survivors, drop)

@@ -1,18 +1,14 @@
-"""TrainConfig validation, presets, the DeepSpeed config and the learning-rate schedule."""
+"""TrainConfig validation, the papers' recipes (the 7B job files), the DeepSpeed config and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from owl.train.config import (
-    PRESETS,
-    TrainConfig,
-    deepspeed_config,
-    lr_multiplier,
-    preset,
-    warmup_steps,
-)
+from owl.configs import build_dataclass
+from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from pipelines.jobspec import load_job
 
 
 def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
@@ -77,11 +73,17 @@ def test_lambda_lr_resumes_exactly() -> None:
     assert resumed == lrs[4:]
 
 
-def test_from_dict_rejects_unknown_and_converts_lists() -> None:
-    cfg = TrainConfig.from_dict({"lr": 3e-4, "betas": [0.9, 0.95], "lora_targets": ["q_proj"]})
+def test_parsed_from_a_dict_rejects_unknown_and_converts_lists() -> None:
+    cfg = build_dataclass(
+        TrainConfig, {"lr": 3e-4, "betas": [0.9, 0.95], "lora_targets": ["q_proj"]}, "stage1"
+    )
     assert cfg.betas == (0.9, 0.95) and cfg.lora_targets == ("q_proj",)
-    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
-        TrainConfig.from_dict({"learning_rate": 1e-4})
+    with pytest.raises(ValueError, match=r"stage1: unknown field.*learning_rate"):
+        build_dataclass(TrainConfig, {"learning_rate": 1e-4}, "stage1")
+    with pytest.raises(ValueError, match=r"stage1.lr: expected float, got str"):
+        build_dataclass(TrainConfig, {"lr": "fast"}, "stage1")
+    with pytest.raises(ValueError, match=r"stage1: train: zero_stage must be"):
+        build_dataclass(TrainConfig, {"zero_stage": 4}, "stage1")
 
 
 @pytest.mark.parametrize(
@@ -98,25 +100,26 @@ def test_invalid_values_name_the_field(field: str, value: object, message: str) 
         TrainConfig(**{field: value})
 
 
-def test_presets_carry_paper_values() -> None:
-    assert set(PRESETS) == {"owl1-stage1", "owl1-stage2", "owl2-stage1", "owl2-stage2"}
-    owl1 = preset("owl1-stage1")
-    assert (owl1.lr, owl1.betas, owl1.weight_decay, owl1.warmup_steps, owl1.max_steps) == (
+def test_recipe_job_files_carry_the_paper_values(tmp_path) -> None:
+    """The papers' recipes live in the 7B job files only (no copy in owl.train.config)."""
+    owl1 = load_job("jobs/owl1-llama-7b.yaml", [f"storage={tmp_path}"]).steps
+    stage1 = owl1["stage1"].config
+    assert (stage1.lr, stage1.betas, stage1.weight_decay, stage1.warmup_steps) == (
         1e-4,
         (0.9, 0.98),
         0.1,
         2000,
-        50000,
     )
-    lora = preset("owl1-stage2", max_steps=10)
-    assert (lora.lr, lora.lora_r, lora.lora_alpha, lora.lora_targets) == (
+    assert stage1.max_steps == 50000
+    lora = owl1["stage2"].config
+    assert (lora.lr, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_targets) == (
         2e-5,
         8,
         32,
+        0.05,
         ("q_proj", "v_proj"),
     )
-    assert lora.max_steps == 10
-    owl2 = preset("owl2-stage2")
-    assert owl2.zero_stage == 3 and owl2.warmup_ratio == 0.03 and owl2.vit_layer_decay < 1
-    with pytest.raises(ValueError, match="unknown training preset"):
-        preset("owl3")
+    owl2 = load_job("jobs/owl2-llama2-7b.yaml", [f"storage={tmp_path}"]).steps
+    assert owl2["stage1"].config.max_steps == 40000
+    stage2 = owl2["stage2"].config
+    assert stage2.zero_stage == 3 and stage2.warmup_ratio == 0.03 and stage2.vit_layer_decay < 1
