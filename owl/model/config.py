@@ -73,8 +73,6 @@ class DecoderConfig:
     # Owl2: per-modality input norm, post-attention norm, k_proj and v_proj in every layer.
     modality_adaptive: bool = True
     tie_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 2
     pad_token_id: int = 0
 
     @property
@@ -111,11 +109,20 @@ class OwlConfig:
     def from_dict(cls, data: dict[str, Any]) -> OwlConfig:
         """Build from a (possibly partial) nested dict, every field type-checked; an unknown key
         or a wrong type is an error naming its path (`model.decoder.hidden`)."""
+        decoder = data.get("decoder")
+        if isinstance(decoder, dict) and _RETIRED_DECODER_FIELDS & decoder.keys():
+            decoder = {k: v for k, v in decoder.items() if k not in _RETIRED_DECODER_FIELDS}
+            data = {**data, "decoder": decoder}
         return build_dataclass(cls, data, "model")
 
     def replace(self, **overrides: Any) -> OwlConfig:
         """Copy with overrides; nested sections may be given as dicts of their fields."""
         return OwlConfig.from_dict(_deep_merge(self.to_dict(), overrides))
+
+
+# In the config.json of model folders written before these fields were removed (nothing read
+# them; the tokenizer gives BOS and EOS): skipped.
+_RETIRED_DECODER_FIELDS = frozenset({"bos_token_id", "eos_token_id"})
 
 
 def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

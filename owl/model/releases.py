@@ -37,6 +37,9 @@ _ABSTRACTOR_FFN_EPS = 1e-6  # MplugOwlVisualAbstractorConfig.layer_norm_eps, bot
 _ABSTRACTOR_NORM_EPS = (
     1e-5  # nn.LayerNorm(dim) / LayerNormFp32(dim): torch's default, not configurable
 )
+# The BOS / EOS ids an exported config.json carries: LLaMA's tokenizer's, as in both releases (our
+# BPE tokenizer puts them there too); our own code takes them from the tokenizer.
+LLAMA_BOS_ID, LLAMA_EOS_ID = 1, 2
 
 
 @dataclass(frozen=True)
@@ -407,8 +410,8 @@ def release_config(cfg: OwlConfig, layout: Layout) -> dict:
         "rope_theta": d.rope_theta,
         "rope_scaling": None,
         "tie_word_embeddings": d.tie_embeddings,
-        "bos_token_id": d.bos_token_id,
-        "eos_token_id": d.eos_token_id,
+        "bos_token_id": LLAMA_BOS_ID,
+        "eos_token_id": LLAMA_EOS_ID,
         "pad_token_id": d.pad_token_id,
     }
     if layout.variant == "owl2":

@@ -524,7 +524,7 @@ def _from_release(cfg: OwlConfig, kind: str, folder: str) -> tuple[OwlModel, dic
             f"model.pretrained.{kind}: a {variant} release, but the job's model is {cfg.variant}"
         )
     release_cfg, state = convert_release(folder, None, variant)
-    token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")  # the job's tokenizer decides
+    token_ids = ("pad_token_id",)  # the job's tokenizer decides
     wrong = {
         f"model.{section}.{name}": f"release {value} vs job {getattr(getattr(cfg, section), name)}"
         for section in ("vision", "abstractor", "decoder")

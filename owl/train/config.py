@@ -85,12 +85,6 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 0
-    # FAULT INJECTION, for tests only: at optimizer step `fail_at_step` (> 0) of a run that did
-    # not start from a checkpoint, worker rank `fail_rank` fails: `raise` raises, `kill` sends
-    # SIGKILL to its own process. 0 = never.
-    fail_at_step: int = 0
-    fail_rank: int = 0
-    fail_mode: str = "raise"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -119,7 +113,6 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.log_every >= 1, "log_every must be >= 1"),
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
         (cfg.gpu_memory_gib >= 0, "gpu_memory_gib must be >= 0 (0 = no check)"),
-        (cfg.fail_mode in ("raise", "kill"), "fail_mode must be 'raise' or 'kill'"),
         (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
         (cfg.loader in ("streaming", "global"), "loader must be 'streaming' or 'global'"),
         (cfg.shuffle_buffer >= 1, "shuffle_buffer must be >= 1"),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +37,30 @@ EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder 
 CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
 
 
+# Fault injection, for tests only: OWL_FAULT_INJECTION=STEP:RANK:MODE makes worker rank RANK
+# fail at optimizer step STEP of a run that did not start from a checkpoint; MODE `raise` raises,
+# `kill` sends SIGKILL to its own process. Read by the driver (`Fault.from_env`), carried to the
+# workers in `WorkerJob.fault`.
+FAULT_ENV = "OWL_FAULT_INJECTION"
+
+
+@dataclass(frozen=True)
+class Fault:
+    step: int
+    rank: int = 0
+    mode: Literal["raise", "kill"] = "raise"
+
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        text = os.environ.get(FAULT_ENV, "")
+        if not text:
+            return None
+        step, rank, mode = (text.split(":") + ["", ""])[:3]
+        if not (step.isdigit() and rank.isdigit() and mode in ("raise", "kill")):
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected STEP:RANK:raise|kill, e.g. 3:1:kill")
+        return cls(int(step), int(rank), mode)  # type: ignore[arg-type]
+
+
 @dataclass
 class WorkerJob:
     """What every worker needs, picklable. Paths must be readable from every worker."""
@@ -52,6 +76,7 @@ class WorkerJob:
     # With `train.mix`: the stage's datasets and weights (the streaming loader reads these
     # instead of `shards`, which is then the first dataset's).
     datasets: list[Dataset] = field(default_factory=list)
+    fault: Fault | None = None  # tests only (FAULT_ENV)
 
 
 class Session(Protocol):
@@ -59,7 +84,6 @@ class Session(Protocol):
 
     rank: int
     world_size: int
-    local_rank: int
 
     def restore_dir(self) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint directory to resume from, if any."""
@@ -369,13 +393,13 @@ def _train_step(
     }
 
 
-def _maybe_fail(cfg: TrainConfig, step: int, rank: int, started_fresh: bool) -> None:
-    """Fault injection for tests (see TrainConfig.fail_at_step)."""
-    if cfg.fail_at_step != step or rank != cfg.fail_rank or not started_fresh:
+def _maybe_fail(fault: Fault | None, step: int, rank: int, started_fresh: bool) -> None:
+    """Fault injection for tests (see FAULT_ENV)."""
+    if fault is None or (fault.step, fault.rank) != (step, rank) or not started_fresh:
         return
-    if cfg.fail_mode == "kill":
+    if fault.mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure at step {step} on rank {rank} (fail_at_step)")
+    raise RuntimeError(f"injected failure at step {step} on rank {rank} ({FAULT_ENV})")
 
 
 def _train(
@@ -397,7 +421,7 @@ def _train(
         window.steps += 1
         for key in ("loss_sum", "supervised", "tokens", "samples", "flops"):
             setattr(window, key, getattr(window, key) + counts[key])
-        _maybe_fail(cfg, state.step, session.rank, started_fresh)
+        _maybe_fail(job.fault, state.step, session.rank, started_fresh)
         last = state.step == total_steps
         metrics = None
         if state.step % cfg.log_every == 0 or last:
@@ -507,7 +531,6 @@ class LocalSession:
     resume_from: Path | None = None
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     reports: list[dict[str, float]] = field(default_factory=list)
 
     @contextlib.contextmanager

@@ -40,7 +40,6 @@ class RaySession:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.local_rank = context.get_local_rank()
         self._resume_path = resume_path
 
     @contextlib.contextmanager
@@ -156,7 +155,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     if "data" not in inputs:
         raise ValueError("train: needs a `data` input (tokenized shards)")
     from owl.data.loader import shards_from_manifest
-    from owl.train.loop import WorkerJob, build_loader, loader_config
+    from owl.train.loop import Fault, WorkerJob, build_loader, loader_config
 
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
     # Build the loader once here: "enough data for every worker" is checked before any worker
@@ -179,6 +178,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         pad_id=pad_id,
         verify_shards=streaming,  # global: verified above; workers read the same files
         datasets=datasets,
+        fault=Fault.from_env(),
     )
     resumed = _announce_resume(ctx, cfg)
     started = time.perf_counter()

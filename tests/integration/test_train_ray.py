@@ -26,6 +26,7 @@ from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.model import OwlModel, get_config, load_model
 from owl.train.config import TrainConfig
+from owl.train.loop import FAULT_ENV
 from pipelines.step import StepContext, StepInput
 
 pytestmark = pytest.mark.integration
@@ -183,8 +184,11 @@ def test_zero3_stage1_matches_zero2_and_is_built_partitioned(reference, zero3) -
     assert all(torch.equal(exported[k], initial[k]) for k in frozen)
 
 
-def test_zero3_interrupted_run_resumes_to_identical_weights(zero3, data, tmp_path) -> None:
-    cfg = BASE.replace(zero_stage=3, fail_at_step=3, fail_rank=1, fail_mode="raise", max_failures=0)
+def test_zero3_interrupted_run_resumes_to_identical_weights(
+    zero3, data, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3:1:raise")
+    cfg = BASE.replace(zero_stage=3, max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
         _run(tmp_path, cfg, data)
     assert not (tmp_path / "model").exists()
@@ -247,10 +251,13 @@ def test_owl1_lora_stage2_trains_only_adapters_and_abstractor(ray_cluster, data,
     assert all(p.abs().max() > 0 for p in lora_b)  # started at zero, trained
 
 
-def test_killed_worker_is_restarted_from_last_checkpoint(reference, data, tmp_path) -> None:
+def test_killed_worker_is_restarted_from_last_checkpoint(
+    reference, data, tmp_path, monkeypatch
+) -> None:
     # max_failures=2, not 1: Ray Train 2.60 can count one SIGKILL twice (the peer's gloo error,
     # then a stale health check of the torn-down group); seen under heavy CPU contention.
-    cfg = BASE.replace(fail_at_step=5, fail_rank=1, fail_mode="kill", max_failures=2)
+    monkeypatch.setenv(FAULT_ENV, "5:1:kill")
+    cfg = BASE.replace(max_failures=2)
     manifest = _run(tmp_path, cfg, data)
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] in (2, 4)
     assert _max_diff(_weights(tmp_path), _weights(reference[0])) <= 1e-6

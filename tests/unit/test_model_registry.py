@@ -11,6 +11,7 @@ from PIL import Image
 
 from owl.data.image import CLIP_MEAN, CLIP_STD, preprocess_images
 from owl.model import get_config, list_configs, summarize
+from owl.model.config import OwlConfig
 from pipelines.cli import main as owl_cli
 
 
@@ -29,6 +30,17 @@ def test_variant_switch_and_nested_overrides() -> None:
     assert owl2.decoder.modality_adaptive and owl2.abstractor.positional_embeddings
     with pytest.raises(ValueError, match="unknown field"):
         get_config("demo", decoder={"layers": 2})
+
+
+def test_from_dict_checks_types_and_skips_retired_token_ids() -> None:
+    """config.json of folders written while the decoder had bos/eos ids still loads; a wrong
+    type names its path."""
+    data = get_config("debug-tiny").to_dict()
+    data["decoder"].update(bos_token_id=1, eos_token_id=2)
+    assert OwlConfig.from_dict(data) == get_config("debug-tiny")
+    data["decoder"]["hidden"] = "wide"
+    with pytest.raises(ValueError, match=r"model\.decoder\.hidden: expected int, got str"):
+        OwlConfig.from_dict(data)
 
 
 def test_demo_size_is_small() -> None:

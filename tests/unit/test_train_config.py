@@ -8,6 +8,7 @@ import torch
 
 from owl.configs import build_dataclass
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from owl.train.loop import FAULT_ENV, Fault
 from pipelines.jobspec import load_job
 
 
@@ -92,7 +93,6 @@ def test_parsed_from_a_dict_rejects_unknown_and_converts_lists() -> None:
         ("zero_stage", 4, "zero_stage"),
         ("stage", 3, "stage must be 1 or 2"),
         ("vit_layer_decay", 0.0, "vit_layer_decay"),
-        ("fail_mode", "explode", "fail_mode"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
@@ -123,3 +123,13 @@ def test_recipe_job_files_carry_the_paper_values(tmp_path) -> None:
     assert owl2["stage1"].config.max_steps == 40000
     stage2 = owl2["stage2"].config
     assert stage2.zero_stage == 3 and stage2.warmup_ratio == 0.03 and stage2.vit_layer_decay < 1
+
+
+def test_fault_injection_comes_from_the_environment_only(monkeypatch) -> None:
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert Fault.from_env() is None
+    monkeypatch.setenv(FAULT_ENV, "5:1:kill")
+    assert Fault.from_env() == Fault(step=5, rank=1, mode="kill")
+    monkeypatch.setenv(FAULT_ENV, "5:1:explode")
+    with pytest.raises(ValueError, match=FAULT_ENV):
+        Fault.from_env()
