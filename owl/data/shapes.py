@@ -82,8 +82,8 @@ class Scene:
 class ShapesConfig:
     seed: int = 0
     image_size: int = 32
-    # Fewer unique scenes get memorised by the demo's training (held-out VQA 0.58 with 4,000
-    # instruction images, 0.69 with 8,000; BENCHMARKS.md). jobs/demo.yaml sets its own counts.
+    # Fewer unique scenes get memorised by the demo's training (BENCHMARKS.md, "Numbers moved out
+    # of the code"). jobs/demo.yaml sets its own counts.
     num_caption_images: int = 2000
     num_instruction_images: int = 4000
     num_text: int = 1000

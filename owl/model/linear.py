@@ -1,12 +1,8 @@
 """`Linear`: nn.Linear whose fp32 CPU products run through oneDNN instead of torch's BLAS.
 
-Every linear layer of the model (vision encoder, abstractor, decoder) is this class. On the
-development machine's AMD EPYC (AVX-512), MKL's sgemm runs at ~95 GFLOP/s on one core (its AVX2
-speed) and oneDNN's linear at 150-230 GFLOP/s at the demo decoder's shapes; at the vision encoder's
-and abstractor's (64 to 256 wide, 1-8k rows) oneDNN's forward and grad-input products take about
-half MKL's time, its grad-weight ones 0.5-0.85x. A demo-size training step is ~1.4x faster with
-it in the decoder, and up to ~1.1x more with it in the vision encoder and abstractor (the more
-images per batch, the more; BENCHMARKS.md, "Model").
+Every linear layer of the model (vision encoder, abstractor, decoder) is this class: on CPU,
+oneDNN's products are faster than MKL's sgemm at the model's shapes, forward and backward
+(measurements: BENCHMARKS.md, "Model").
 """
 
 from __future__ import annotations
@@ -58,8 +54,8 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         # oneDNN reorders a second operand of other strides than a weight's (or its transpose's)
-        # through a generic path, up to 1000x slower: an expanded gradient (of `out.sum()`) or a
-        # strided input is made contiguous first (no copy when it already is).
+        # through a slow generic path: an expanded gradient (of `out.sum()`) or a strided input
+        # is made contiguous first (no copy when it already is).
         grad = grad.contiguous()
         grad_rows = grad.view(-1, grad.shape[-1])  # (N, out)
         if ctx.needs_input_grad[0]:
@@ -88,8 +84,7 @@ def _onednn_matmul(
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
-# A oneDNN call costs ~10 us more than an MKL one: below ~2M multiply-adds (64 rows at the demo
-# decoder's widths, 512 at the vision encoder's; a cached decode step's one token per row) MKL is as
-# fast or faster. It must stay >= 1: oneDNN rejects an empty input (a text-only training batch runs
-# the image path on zero images).
+# Below ~2M multiply-adds a oneDNN call's fixed overhead outweighs its speed, so MKL runs those
+# (e.g. a cached decode step's one token per row). It must stay >= 1: oneDNN rejects an empty input
+# (a text-only training batch runs the image path on zero images).
 _ONEDNN_MIN_MACS = 1 << 21

@@ -65,10 +65,10 @@ def count_image_slots(modality: torch.Tensor, num_visual_tokens: int) -> int:
 def _init_weights(module: nn.Module) -> None:
     """Init for training from scratch: weights N(0, 1/fan_in), zero biases.
 
-    At 7B widths this is LLaMA's N(0, 0.02) (4096 ** -0.5 = 0.016); at the demo's widths (64-128)
-    a fixed 0.02 would start every attention nearly uniform (logits ~0.1), and the abstractor's
-    queries would all read the same average of the image for hundreds of steps: the demo's
-    stage-1 caption loss at step 96 was 0.52 with 0.02 and 0.32 with this (bench/demo_probe.py).
+    At 7B widths this is LLaMA's N(0, 0.02) (4096 ** -0.5 = 0.016); at small widths (the demo's
+    64-128) a fixed 0.02 would start every attention nearly uniform, and the abstractor's queries
+    would all read the same average of the image for hundreds of steps (the demo's loss with each:
+    BENCHMARKS.md, "Numbers moved out of the code").
     """
     if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
         weight = module.weight

@@ -78,9 +78,8 @@ def _initial_positions(cfg: VisionConfig) -> torch.Tensor:
     else N(0, width^-0.5) as CLIP initialises them.
 
     Not N(0, 0.02): patch features start at ~unit scale, so positions 50x weaker would leave the
-    encoder nearly blind to where things are until training grows them. On the demo, sin-cos took
-    held-out "Where is the red circle?" accuracy from ~0.4 to 0.73 at the same budget
-    (bench/demo_probe.py, BENCHMARKS.md)."""
+    encoder nearly blind to where things are until training grows them (the demo's accuracy with
+    each: BENCHMARKS.md, "The demo")."""
     grid = cfg.image_size // cfg.patch_size
     if on_meta_device():  # load_model: the weights are assigned next
         return torch.empty(cfg.num_tokens, cfg.width)

@@ -7,8 +7,8 @@ tokenizer call, labels and truncation vectorized (`owl.data.tokenize.assemble`).
 streams the results in input order into `shards/shard-NNNNN.arrow` (`TOKENIZED_SCHEMA`): memory
 stays at a few chunks whatever the dataset size, and the output depends only on the input and
 config. Reading inside the encoding task (rather than `ray.data.read_parquet` and a separate map)
-keeps the images out of a second pass through the object store, and sidesteps Ray Data 2.60's
-file-listing stage, which cost 8-9 s per run here against 0.5 s for the whole read.
+keeps the images out of a second pass through the object store, and sidesteps Ray Data's
+file-listing stage, slower than the whole read (BENCHMARKS.md, "Data").
 
 The chunked read, the streaming writer and the drop accounting are shared with
 `tokenize_instructions` (`_tokenized.py`).
