@@ -20,40 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from owl.model.attention import FullAttention
 from owl.model.config import AbstractorConfig, VisionConfig
 from owl.model.linear import Linear
 from owl.model.positions import on_meta_device, sincos_1d, sincos_2d_with_cls
-
-
-class AbstractorAttention(nn.Module):
-    def __init__(self, cfg: AbstractorConfig) -> None:
-        super().__init__()
-        if cfg.width % cfg.num_heads:
-            raise ValueError(
-                f"abstractor.width ({cfg.width}) must be divisible by abstractor.num_heads "
-                f"({cfg.num_heads})"
-            )
-        self.num_heads = cfg.num_heads
-        self.q_proj = Linear(cfg.width, cfg.width)
-        self.k_proj = Linear(cfg.width, cfg.width)
-        self.v_proj = Linear(cfg.width, cfg.width)
-        self.o_proj = Linear(cfg.width, cfg.width)
-
-    def forward(
-        self, query_in: torch.Tensor, key_in: torch.Tensor, value_in: torch.Tensor
-    ) -> torch.Tensor:
-        batch, num_queries, width = query_in.shape  # (N, K, W)
-        head_dim = width // self.num_heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, t.shape[1], self.num_heads, head_dim).transpose(
-                1, 2
-            )  # (N, h, L, d)
-
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(query_in)), heads(self.k_proj(key_in)), heads(self.v_proj(value_in))
-        )  # (N, h, K, d)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, num_queries, width))
 
 
 class AbstractorMLP(nn.Module):
@@ -75,7 +45,7 @@ class AbstractorLayer(nn.Module):
         super().__init__()
         self.norm_q = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.norm_k = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.attn = AbstractorAttention(cfg)
+        self.attn = FullAttention(cfg.width, cfg.num_heads, "abstractor")
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = AbstractorMLP(cfg)
 

@@ -9,10 +9,10 @@ are `owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneD
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from owl.model.attention import FullAttention
 from owl.model.config import VisionConfig
 from owl.model.linear import Linear
 from owl.model.positions import on_meta_device, sincos_2d_with_cls
@@ -21,32 +21,6 @@ from owl.model.positions import on_meta_device, sincos_2d_with_cls
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """The GELU approximation OpenAI CLIP was trained with."""
     return x * torch.sigmoid(1.702 * x)
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        if cfg.width % cfg.num_heads:
-            raise ValueError(
-                f"vision.width ({cfg.width}) must be divisible by vision.num_heads ({cfg.num_heads})"
-            )
-        self.num_heads = cfg.num_heads
-        self.q_proj = Linear(cfg.width, cfg.width)
-        self.k_proj = Linear(cfg.width, cfg.width)
-        self.v_proj = Linear(cfg.width, cfg.width)
-        self.o_proj = Linear(cfg.width, cfg.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape  # (N, L, W)
-        head_dim = width // self.num_heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # (N, h, L, d)
-
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        )  # (N, h, L, d): every token sees every token
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
 class VisionMLP(nn.Module):
@@ -63,12 +37,13 @@ class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = FullAttention(cfg.width, cfg.num_heads, "vision")
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h)
         return x + self.mlp(self.norm2(x))
 
 
