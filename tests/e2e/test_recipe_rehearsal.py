@@ -1,15 +1,19 @@
-"""jobs/owl2-llama2-7b.yaml rehearsed end to end through the real `owl` command.
+"""The 7B recipes, jobs/owl2-llama2-7b.yaml and jobs/owl1-llama-7b.yaml, rehearsed end to end
+through the real `owl` command.
 
-The job file is used as it is; `--set` gives it paths to data this test writes in the formats
+Each job file is used as it is; `--set` gives it paths to data this test writes in the formats
 users bring, a miniature `model.overrides`, and the cluster's scale (workers, CPUs, GPUs,
-stage-1 micro-batch, steps: the recipe's 64 GPUs and 40000 steps do not fit CI). Everything else is the
-recipe's: learning rates, ZeRO stages, gradient accumulation, activation checkpointing,
-layer-wise LR decay, max lengths, image size and resize mode, filter rules.
+stage-1 micro-batch, steps: the recipes' 64 GPUs and tens of thousands of steps do not fit CI).
+Everything else is the recipe's: learning rates, ZeRO stages, gradient accumulation, activation
+checkpointing, layer-wise LR decay (Owl2), LoRA and the abstractor trained beside it (Owl1), max
+lengths, image size and resize mode, filter rules.
 
-Data: tiny Hugging Face CLIP and LLaMA folders saved by transformers (the LLaMA folder carries
-the tokenizer), a LAION-style parquet of http URLs served on loopback by this test, LLaVA-style
-JSON with multi-turn, multi-image and text-only samples, VQAv2 and MMBench files in their
-official schemas.
+Data, written once for both recipes: tiny Hugging Face CLIP and LLaMA folders saved by
+transformers (the LLaMA folder carries the tokenizer), a LAION-style parquet of http URLs served
+on loopback by this test, LLaVA-style JSON with multi-turn, multi-image and text-only samples,
+ShareGPT and Alpaca text instructions, VQAv2 and MMBench files in their official schemas. The
+two `owl run`s go at the same time (each with its own local Ray), so CI pays for the slower one
+plus what they contend for, not for both in a row.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB = "jobs/owl2-llama2-7b.yaml"
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+JOBS = {"owl2": "jobs/owl2-llama2-7b.yaml", "owl1": "jobs/owl1-llama-7b.yaml"}
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 SHAPES = ("square", "bar")
@@ -76,23 +80,13 @@ class _Images(BaseHTTPRequestHandler):
         pass
 
 
-def _pretrained(root: Path, texts: list[str]) -> dict[str, str]:
-    from owl.data.tokenize import train_bpe_tokenizer
-    from tests.unit import tiny_pretrained
-
-    clip, llama = root / "clip-vit-large-patch14", root / "llama-2-7b"
-    tiny_pretrained.save_clip_and_llama(clip, llama, vision_layers=VISION_LAYERS, vocab_size=320)
-    train_bpe_tokenizer(texts, vocab_size=300, out_dir=llama)
-    return {"clip": str(clip), "llama": str(llama)}
-
-
 def _laion(root: Path, base: str) -> tuple[Path, list[str]]:
     rows = [
         {"url": f"{base}/{c}-{s}-{shift}.png", "caption": f"a {c} {s} on a white background",
          "punsafe": 0.01, "pwatermark": 0.02}
         for shift in range(0, 88, 8) for c in COLOURS for s in SHAPES
     ]  # fmt: skip
-    folder = root / "owl2-pretrain-urls"
+    folder = root / "pretrain-urls"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), folder / "laion-part-00000.parquet")
     return folder, [r["caption"] for r in rows]
@@ -138,114 +132,221 @@ def _llava(root: Path) -> tuple[Path, Path, list[str]]:
     return path, root / "llava" / "images", texts
 
 
-def _owl(*args: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args, "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"owl {' '.join(args)} failed:\n{proc.stderr[-8000:]}"
-    return json.loads(proc.stdout)
+def _text_instructions(root: Path) -> tuple[Path, Path, list[str]]:
+    """ShareGPT conversations (Vicuna's, Baize's format) and Alpaca records, as Owl1's stage 2
+    mixes them with LLaVA."""
+    sharegpt, alpaca = [], []
+    for k, colour in enumerate(list(COLOURS) * 4):
+        sharegpt.append({
+            "id": f"sg{k}",
+            "conversations": [
+                {"from": "human", "value": f"What colour is a {colour} square?"},
+                {"from": "gpt", "value": f"It is {colour}."},
+                {"from": "human", "value": "Say it again."},
+                {"from": "gpt", "value": f"{colour}."},
+            ],
+        })  # fmt: skip
+        alpaca.append({"instruction": f"Name a {colour} shape.", "input": "",
+                       "output": f"A {colour} bar."})  # fmt: skip
+    folder = root / "text"
+    folder.mkdir()
+    (folder / "sharegpt_90k.json").write_text(json.dumps(sharegpt))
+    (folder / "alpaca_data.json").write_text(json.dumps(alpaca))
+    texts = [t["value"] for r in sharegpt for t in r["conversations"]]
+    texts += [f"{r['instruction']} {r['output']}" for r in alpaca]
+    return folder / "sharegpt_90k.json", folder / "alpaca_data.json", texts
+
+
+def _args(sets: dict) -> list[str]:
+    args = []
+    for key, value in sets.items():
+        if isinstance(value, dict) and key in ("stage1", "stage2"):
+            args += [a for k, v in value.items() for a in ("--set", f"{key}.{k}={v}")]
+        else:
+            text = (
+                value
+                if isinstance(value, str)
+                else yaml.safe_dump(value, default_flow_style=True).strip()
+            )
+            args += ["--set", f"{key}={text}"]
+    return args
+
+
+def _owl_all(commands: dict[str, list[str]], logs: Path) -> dict[str, dict]:
+    """`owl ARGS --json` for every entry at the same time; each with its own Ray temp folder
+    (two local clusters side by side), its output in `logs/`."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as files:
+        procs = {}
+        for name, args in commands.items():
+            ray_tmp = tempfile.mkdtemp(prefix=f"r{name}-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+            files.callback(shutil.rmtree, ray_tmp, ignore_errors=True)  # after the runs end
+            env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp)
+            out = files.enter_context(open(logs / f"{name}.json", "w"))
+            err = files.enter_context(open(logs / f"{name}.err", "w"))
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.cli", *args, "--json"],
+                cwd=ROOT, env=env, stdout=out, stderr=err,
+            )  # fmt: skip
+        for proc in procs.values():
+            proc.wait()
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = ((logs / f"{name}.{ext}").read_text() for ext in ("json", "err"))
+        assert proc.returncode == 0, (
+            f"owl {commands[name][:2]} ({name}) failed:\n{stderr[-6000:]}\n{stdout[-3000:]}"
+        )
+        results[name] = json.loads(stdout)
+    return results
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
-    from tests.unit import official_files
+def data(tmp_path_factory) -> dict[str, object]:
+    """Everything both recipes read, written once; the image server runs for the module."""
+    from owl.data.tokenize import train_bpe_tokenizer
+    from tests.unit import official_files, tiny_pretrained
 
-    root = tmp_path_factory.mktemp("owl2-recipe")
+    root = tmp_path_factory.mktemp("recipes")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         urls, captions = _laion(root, f"http://127.0.0.1:{server.server_port}")
         instructions, image_folder, texts = _llava(root)
-        pretrained = _pretrained(root / "weights", captions + texts)
+        sharegpt, alpaca, more_texts = _text_instructions(root)
+        weights = root / "weights"
+        clip, llama = weights / "clip-vit-large-patch14", weights / "llama-7b"
+        tiny_pretrained.save_clip_and_llama(
+            clip, llama, vision_layers=VISION_LAYERS, vocab_size=320
+        )
+        train_bpe_tokenizer(captions + texts + more_texts, vocab_size=300, out_dir=llama)
         bench = root / "bench"
         official_files.write_vqav2(bench / "vqav2")
         official_files.write_mmbench(bench / "mmbench")
         vqav2 = bench / "vqav2"
-        benchmarks = [
-            f"vqav2_val=vqav2:{vqav2}/v2_OpenEnded_mscoco_val2014_questions.json,"
-            f"{vqav2}/v2_mscoco_val2014_annotations.json,{vqav2}/val2014",
-            f"mmbench_dev=mmbench:{next((bench / 'mmbench').glob('*.tsv'))}",
-        ]
-        scale = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
-        sets = {
-            "storage": str(root / "storage"),
-            "model.pretrained.clip": pretrained["clip"],
-            "model.pretrained.llama": pretrained["llama"],
-            "model.overrides": MINIATURE,
-            "download.url_list": str(urls),
-            "download.processes_count": 1,
-            "download.thread_count": 4,
-            "tokenizer.path": pretrained["llama"],
-            "tokenize_instructions.sources": [
-                {"format": "llava", "path": str(instructions), "image_folder": str(image_folder)}
+        yield {
+            "root": root,
+            "clip": str(clip),
+            "llama": str(llama),
+            "urls": str(urls),
+            "llava": {
+                "format": "llava",
+                "path": str(instructions),
+                "image_folder": str(image_folder),
+            },
+            "sharegpt": {"format": "sharegpt", "path": str(sharegpt)},
+            "alpaca": {"format": "alpaca", "path": str(alpaca)},
+            "benchmarks": [
+                f"vqav2_val=vqav2:{vqav2}/v2_OpenEnded_mscoco_val2014_questions.json,"
+                f"{vqav2}/v2_mscoco_val2014_annotations.json,{vqav2}/val2014",
+                f"mmbench_dev=mmbench:{next((bench / 'mmbench').glob('*.tsv'))}",
             ],
-            "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
-            "stage2": {**scale, "max_steps": 2},
-            "evaluate.benchmarks": benchmarks,
-            "evaluate.num_workers": 1,
-            "evaluate.gpus_per_worker": 0,
         }
-        args = []
-        for key, value in sets.items():
-            if isinstance(value, dict) and key in ("stage1", "stage2"):
-                args += [a for k, v in value.items() for a in ("--set", f"{key}.{k}={v}")]
-            else:
-                text = (
-                    value
-                    if isinstance(value, str)
-                    else yaml.safe_dump(value, default_flow_style=True).strip()
-                )
-                args += ["--set", f"{key}={text}"]
-        result = _owl("run", JOB, *args)
-        status = _owl("status", JOB, *args)
-        audit = _owl("audit", "model", "owl2-llama2-7b@current", "--job", JOB, *args)
     finally:
         server.shutdown()
-    return root / "storage", result, status, audit
 
 
-def _manifest(storage: Path, status: dict, step: str) -> tuple[Path, dict]:
-    key = next(s["key"] for s in status["steps"] if s["step"] == step)
-    out = storage / "steps" / step / key
+def _sets(data: dict, variant: str) -> dict:
+    scale = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
+    sources = {  # the recipes' instruction mixes, in the formats they name
+        "owl2": [data["llava"]],
+        "owl1": [data["alpaca"], data["sharegpt"], data["llava"]],
+    }[variant]
+    return {
+        "storage": str(data["root"] / f"storage-{variant}"),
+        "model.pretrained.clip": data["clip"],
+        "model.pretrained.llama": data["llama"],
+        "model.overrides": MINIATURE,
+        "download.url_list": data["urls"],
+        "download.processes_count": 1,
+        "download.thread_count": 4,
+        "tokenizer.path": data["llama"],
+        "tokenize_instructions.sources": sources,
+        "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
+        "stage2": {**scale, "max_steps": 2},
+        "evaluate.benchmarks": data["benchmarks"],
+        "evaluate.num_workers": 1,
+        "evaluate.gpus_per_worker": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def recipes(data) -> dict[str, dict]:
+    """Both recipes run (at the same time), then each model's audit: {variant: {storage, result,
+    audit}}. Step durations are printed (pytest -s shows them)."""
+    import time
+
+    args = {variant: _args(_sets(data, variant)) for variant in JOBS}
+    started = time.monotonic()
+    runs = _owl_all({v: ["run", JOBS[v], *args[v]] for v in JOBS}, data["root"] / "logs" / "run")
+    ran = time.monotonic() - started
+    audits = _owl_all(
+        {v: ["audit", "model", f"{Path(JOBS[v]).stem}@current", "--job", JOBS[v], *args[v]]
+         for v in JOBS},
+        data["root"] / "logs" / "audit",
+    )  # fmt: skip
+    print(
+        f"\nrecipes: both `owl run`s {ran:.0f} s, audits {time.monotonic() - started - ran:.0f} s"
+    )
+    for variant, result in runs.items():
+        steps = " ".join(f"{s['step']}={s['duration_s']:.0f}" for s in result["steps"])
+        print(f"  {variant}: {steps}")
+    return {
+        v: {"storage": data["root"] / f"storage-{v}", "result": runs[v], "audit": audits[v]}
+        for v in JOBS
+    }
+
+
+def _manifest(run: dict, step: str) -> tuple[Path, dict]:
+    key = next(s["key"] for s in run["result"]["steps"] if s["step"] == step)
+    out = run["storage"] / "steps" / step / key
     return out, json.loads((out / "manifest.json").read_text())
 
 
-def test_the_recipe_runs_every_step_and_registers(rehearsal) -> None:
-    _, result, status, _ = rehearsal
+def _state(run: dict, step: str) -> dict[str, torch.Tensor]:
+    from owl.model import load_model
+
+    return load_model(_manifest(run, step)[0] / "model").state_dict()
+
+
+@pytest.mark.parametrize("variant", list(JOBS))
+def test_the_recipe_runs_every_step_and_registers(recipes, variant: str) -> None:
+    result = recipes[variant]["result"]
     assert result["ok"], result["error"]
     states = {s["step"]: s["state"] for s in result["steps"]}
     assert set(states.values()) == {"done"}
     assert {"init", "download", "filter", "tokenizer", "stage1", "stage2", "evaluate",
             "export"} <= set(states)  # fmt: skip
-    assert result["registered_model"]["name"] == "owl2-llama2-7b"
+    assert result["registered_model"]["name"] == Path(JOBS[variant]).stem
     assert any(k.startswith("vqav2_val.") for k in result["metrics"])
     assert any(k.startswith("mmbench_dev.") for k in result["metrics"])
 
 
-def test_stage1_freezes_the_language_model_and_trains_the_vision_side(rehearsal) -> None:
-    from owl.model import load_model
-
-    storage, _, status, _ = rehearsal
-    init = load_model(_manifest(storage, status, "init")[0] / "model").state_dict()
-    stage1_dir, stage1 = _manifest(storage, status, "stage1")
-    trained = load_model(stage1_dir / "model").state_dict()
+@pytest.mark.parametrize("variant", list(JOBS))
+def test_stage1_freezes_the_language_model_and_trains_the_vision_side(recipes, variant) -> None:
+    run = recipes[variant]
+    init, trained = _state(run, "init"), _state(run, "stage1")
     same = {k for k in init if torch.equal(init[k], trained[k])}
     text = {k for k in init if k.startswith("decoder.") and "_visual" not in k}
     assert text and text <= same  # the language model bit for bit
     for prefix in ("vision.", "abstractor."):
         assert any(k.startswith(prefix) and k not in same for k in init)
     visual = {k for k in init if "_visual" in k}
-    assert visual and not visual <= same  # Owl2's visual MAM copies moved
-    engine = stage1["info"]["deepspeed"]
-    assert engine["zero_stage"] == 2 and engine["gradient_accumulation_steps"] == 4
+    if variant == "owl2":
+        assert visual and not visual <= same  # Owl2's visual MAM copies moved
+    else:
+        assert not visual  # Owl1 has no modality-adaptive module
+    engine = _manifest(run, "stage1")[1]["info"]["deepspeed"]
+    accum = {"owl2": 4, "owl1": 8}[variant]  # the recipes' stage-1 accumulation
+    assert engine["zero_stage"] == 2 and engine["gradient_accumulation_steps"] == accum
 
 
-def test_stage2_runs_zero3_with_layerwise_decay_inside_deepspeed(rehearsal) -> None:
-    storage, _, status, _ = rehearsal
-    _, stage2 = _manifest(storage, status, "stage2")
+def test_owl2_stage2_runs_zero3_with_layerwise_decay_inside_deepspeed(recipes) -> None:
+    _, stage2 = _manifest(recipes["owl2"], "stage2")
     engine = stage2["info"]["deepspeed"]
     assert engine["zero_stage"] == 3 and engine["gradient_accumulation_steps"] == 8
     lrs = sorted({round(g["initial_lr"], 12) for g in engine["param_groups"]}, reverse=True)
@@ -259,10 +360,54 @@ def test_stage2_runs_zero3_with_layerwise_decay_inside_deepspeed(rehearsal) -> N
     )
 
 
-def test_export_and_audit_reach_the_url_list_and_pretrained_folders(rehearsal) -> None:
-    storage, _, status, audit = rehearsal
-    export_dir, _ = _manifest(storage, status, "export")
+def test_owl1_stage2_lora_changes_only_adapters_and_the_abstractor(recipes) -> None:
+    """The recipe's LoRA (r=8, alpha=32 on q/v) with the abstractor trained beside it (the paper):
+    the exported weights (the adapters merged, the recipe's default) differ from stage 1's only in
+    the abstractor and the q/v projections; the peft adapter folder loads with peft itself on the
+    stage-1 model and gives the exported model's logits."""
+    from peft import PeftModel
+
+    from owl import IMAGE_TOKEN_ID
+    from owl.model import load_model
+    from owl.model.lora import ADAPTER_CONFIG
+
+    run = recipes["owl1"]
+    stage2_dir, stage2 = _manifest(run, "stage2")
+    engine = stage2["info"]["deepspeed"]
+    assert engine["zero_stage"] == 2 and engine["gradient_accumulation_steps"] == 8
+    table = stage2["info"]["trainable_parameters"]
+    assert table["lora"]["trainable"] > 0
+    assert table["abstractor"]["trainable"] == table["abstractor"]["total"] > 0
+    assert table["vision"]["trainable"] == table["decoder_text"]["trainable"] == 0
+    start, merged = _state(run, "stage1"), _state(run, "stage2")
+    assert start.keys() == merged.keys()
+    changed = {k for k in start if not torch.equal(start[k], merged[k])}
+    lora = {k for k in changed if k.endswith((".attn.q_proj.weight", ".attn.v_proj.weight"))}
+    assert lora and any(k.startswith("abstractor.") for k in changed)
+    assert changed - lora <= {k for k in start if k.startswith("abstractor.")}
+
+    export_dir, _ = _manifest(run, "export")
+    adapter = export_dir / "model" / "adapter"
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["modules_to_save"]) == (8, 32, ["abstractor"])
+    base = load_model(_manifest(run, "stage1")[0] / "model")
+    peft = PeftModel.from_pretrained(base, str(adapter)).eval()
+    exported = load_model(export_dir / "model").eval()
+    k = exported.cfg.num_visual_tokens
+    ids = torch.randint(3, 300, (1, k + 12), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + k] = IMAGE_TOKEN_ID
+    size = exported.cfg.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (peft(ids, pixels) - exported(ids, pixels)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", list(JOBS))
+def test_export_and_audit_reach_the_url_list_and_pretrained_folders(recipes, variant) -> None:
+    run = recipes[variant]
+    export_dir, _ = _manifest(run, "export")
     assert (export_dir / "model" / "README.md").exists()
-    chain = json.dumps(audit)
+    assert (export_dir / "model" / "release" / "config.json").exists()
+    chain = json.dumps(run["audit"])
     assert "download" in chain and "stage1" in chain and "stage2" in chain
     assert "pretrained.clip" in chain and "pretrained.llama" in chain
