@@ -478,17 +478,15 @@ def export_release(
     A folder whose LoRA adapter is kept apart (`merge_lora: false`) is written merged: the
     authors' code has no use for our peft adapter."""
     from owl.model.weights import (
-        CONFIG_FILE,
         INDEX_FILE,
         WEIGHTS_FILE,
+        read_model_config,
         read_safetensors_folder,
         write_safetensors,
     )
 
     model_dir = Path(model_dir)
-    if not (model_dir / CONFIG_FILE).exists():
-        raise ValueError(f"{model_dir}: no {CONFIG_FILE}; is this a folder written by save_model?")
-    cfg = OwlConfig.from_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
+    cfg = read_model_config(model_dir)
     layout = LAYOUTS[cfg.variant]
     config = release_config(cfg, layout)
     progress(f"reading {model_dir}")

@@ -102,6 +102,14 @@ def read_safetensors_folder(directory: Path, single: str, index: str) -> dict[st
     raise ValueError(f"{directory}: neither {single} nor {index} found")
 
 
+def read_model_config(directory: str | Path) -> OwlConfig:
+    """The OwlConfig of a folder written by `save_model` (its config.json), weights not read."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise ValueError(f"{directory}: no {CONFIG_FILE}; is this a folder written by save_model?")
+    return OwlConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+
+
 def load_model(
     directory: str | Path,
     device: str | torch.device = "cpu",
@@ -115,9 +123,7 @@ def load_model(
     adapter apart (`owl.model.lora.LORA_STATE`): the adapter is merged in memory, so the model
     returned is the trained one; `adapter=False` returns the base weights as stored."""
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists():
-        raise ValueError(f"{directory}: no {CONFIG_FILE}; is this a folder written by save_model?")
-    cfg = OwlConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    cfg = read_model_config(directory)
     state = read_safetensors_folder(directory, WEIGHTS_FILE, INDEX_FILE)
     lora = None
     if adapter:

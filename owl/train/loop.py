@@ -197,11 +197,11 @@ def _build_partitioned(job: WorkerJob, rank: int) -> torch.nn.Module:
     import deepspeed
 
     from owl.model import OwlModel
-    from owl.model.weights import CONFIG_FILE
+    from owl.model.weights import read_model_config
 
     cfg = job.model
     if job.init_model_dir:
-        cfg = OwlConfig.from_dict(json.loads((Path(job.init_model_dir) / CONFIG_FILE).read_text()))
+        cfg = read_model_config(job.init_model_dir)
         _check_init_variant(job, cfg)
     cfg = cfg.replace(activation_checkpointing=job.train.activation_checkpointing)
     ds_config = deepspeed_config(

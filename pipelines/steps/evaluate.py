@@ -242,13 +242,9 @@ def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
 
 def _model_config(inputs: dict[str, StepInput]) -> Any:
     """The model's OwlConfig, read from its folder (prompts need its variant and visual slots)."""
-    import json
+    from owl.model.weights import read_model_config
 
-    from owl.model.config import OwlConfig
-    from owl.model.weights import CONFIG_FILE
-
-    path = inputs["model"].dir / MODEL_DIR / CONFIG_FILE
-    return OwlConfig.from_dict(json.loads(path.read_text()))
+    return read_model_config(inputs["model"].dir / MODEL_DIR)
 
 
 def _encode_all(
