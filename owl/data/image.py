@@ -45,6 +45,10 @@ IMAGE_REASONS = ("empty_file", "not_an_image", "truncated_image", "decompression
 _PLAIN_MODES = ("RGB", "L")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _MAGICS = (_PNG_MAGIC, b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+# Sizes are checked against `max_pixels` here, so Pillow's warning below its own error limit says
+# nothing more. Ignored once at import: a `catch_warnings` per image resets every "print once"
+# record of the process, so a library's deprecation warning was printed again at every step.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image")
 
 
 class ImageProblem(ValueError):
@@ -60,9 +64,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageProblem("empty_file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageProblem("decompression_bomb", str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 (PIL raises many types for bytes it cannot parse)
@@ -78,9 +80,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _load(image: Image.Image) -> None:
     """Decode every pixel (a truncated file raises here, not at open)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
+        image.load()
     except Exception as exc:  # noqa: BLE001
         raise ImageProblem("truncated_image", " ".join(str(exc).split())[:200]) from exc
     if image.size[0] < 1 or image.size[1] < 1:

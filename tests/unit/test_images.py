@@ -73,3 +73,23 @@ def test_unusable_bytes_raise_with_a_reason(data, reason):
     with pytest.raises(ImageProblem) as info:
         decode_image(data, max_pixels=1000)
     assert info.value.reason == reason
+
+
+def test_decoding_leaves_the_processs_warning_records_alone():
+    """A warning shown once stays shown once across decodes: a `catch_warnings` per image reset
+    Python's "once" records, and DeepSpeed's deprecated all-gather printed its warning at every
+    training step (150 times in the demo's stage 1)."""
+    import warnings
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+
+    def library_call() -> None:
+        warnings.warn("this call is deprecated", FutureWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            library_call()
+            decode_image(buf.getvalue())
+    assert [str(w.message) for w in seen] == ["this call is deprecated"]
