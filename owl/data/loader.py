@@ -99,9 +99,44 @@ class LoaderConfig:
 
 
 class _Collating:
-    """What both loaders share: rows of sample references -> one collated micro-batch."""
+    """What both loaders share: rows of sample references -> one collated micro-batch, and the
+    checks that a saved state belongs to this run."""
 
     cfg: LoaderConfig
+    rank: int
+    world_size: int
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    def _run_state(self) -> dict[str, int]:
+        """What a saved state must match to resume here: data, seed and workers."""
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+        }
+
+    def _check_run_state(self, state: dict[str, Any]) -> None:
+        for key, value in self._run_state().items():
+            if state[key] != value:
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]}, this loader has "
+                    f"{key}={value}; resume with the same data, seed and workers"
+                )
+
+    def _check_batches(self, num_samples: int) -> None:
+        if self.batches_per_epoch(0) == 0:
+            raise ValueError(
+                f"{num_samples} samples make fewer micro-batches than one per worker "
+                f"(micro_batch_size={self.cfg.micro_batch_size}, world_size={self.world_size}); "
+                "use more data, fewer workers or a smaller micro_batch_size"
+            )
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        raise NotImplementedError
 
     def sample(self, ref: Any) -> Sample:
         raise NotImplementedError
@@ -162,12 +197,7 @@ class ShardLoader(_Collating):
         self.epoch, self.offset = 0, 0
         self._plan_epoch: int | None = None
         self._plan: list[list[int]] = []
-        if self.batches_per_epoch(0) == 0:
-            raise ValueError(
-                f"{len(self._kept)} samples make fewer micro-batches than one per worker "
-                f"(micro_batch_size={cfg.micro_batch_size}, world_size={world_size}); "
-                "use more data, fewer workers or a smaller micro_batch_size"
-            )
+        self._check_batches(len(self._kept))
 
     @property
     def num_samples(self) -> int:
@@ -222,24 +252,12 @@ class ShardLoader(_Collating):
         return {
             "epoch": self.epoch,
             "offset": self.offset,
-            "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
+            **self._run_state(),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "rank", "world_size", "num_samples"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state was saved with {key}={state[key]}, this loader has "
-                    f"{key}={getattr(self, key)}; resume with the same data, seed and workers"
-                )
+        self._check_run_state(state)
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-    @property
-    def seed(self) -> int:
-        return self.cfg.seed
 
 
 def _read_shard(path: str) -> pa.Table:
@@ -403,12 +421,7 @@ class StreamingLoader(_Collating):
         self._tables: dict[tuple[int, int], pa.Table] = {}  # memory-mapped, a buffer's shards
         self._verified: set[tuple[int, int]] = set()
         self._per_epoch = self._estimate_batches()
-        if self._per_epoch == 0:
-            raise ValueError(
-                f"{sum(totals)} samples make fewer micro-batches than one per worker "
-                f"(micro_batch_size={cfg.micro_batch_size}, world_size={world_size}); "
-                "use more data, fewer workers or a smaller micro_batch_size"
-            )
+        self._check_batches(sum(totals))
         self.epoch = self.buffer = self.row = self.done = 0
         self._buffer_key: tuple[int, int] | None = None
         self._counted: tuple[int, int] | None = None
@@ -507,10 +520,6 @@ class StreamingLoader(_Collating):
         """Samples in the datasets (before drops, which are counted as shards are opened)."""
         return int(sum(r.sum() for r in self._rows))
 
-    @property
-    def seed(self) -> int:
-        return self.cfg.seed
-
     # -- shards -------------------------------------------------------------------------------
 
     def _index(self, dataset: int, shard: int) -> np.ndarray:
@@ -593,20 +602,12 @@ class StreamingLoader(_Collating):
             "buffer": self.buffer,
             "row": self.row,
             "done": self.done,
-            "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
+            **self._run_state(),
             "dropped": dict(self.dropped),  # counts so far (not needed to resume)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "rank", "world_size", "num_samples"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state was saved with {key}={state[key]}, this loader has "
-                    f"{key}={getattr(self, key)}; resume with the same data, seed and workers"
-                )
+        self._check_run_state(state)
         if "buffer" not in state:
             raise ValueError("loader state was saved by the other loader (train.loader differs)")
         self.epoch, self.buffer = int(state["epoch"]), int(state["buffer"])
