@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +103,16 @@ def decode(
     prompt: Prompt,
     *,
     max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    eos_token_id: int | None,
-    seed: int | None,
-    use_cache: bool,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), alive (B,) bool) per step; alive = a real new token (not EOS, not after
-    it). Stops when every row has produced EOS or after max_new_tokens steps."""
+    it). Stops when every row has produced EOS or after max_new_tokens steps. Greedy when
+    temperature == 0, else sampled (nucleus when top_p < 1, reproducible with `seed`); these
+    keywords are the options of `generate`, `stream` and OwlModel's methods of the same names."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids, segments = prompt.input_ids, prompt.segments
@@ -169,12 +171,12 @@ def generate(
     model: OwlModel,
     input_ids: list[list[int]],
     images: list[torch.Tensor] | None,
-    **options: object,
+    **options: Any,
 ) -> list[list[int]]:
-    """See OwlModel.generate."""
+    """See OwlModel.generate; `options` are `decode`'s keywords."""
     prompt = left_pad(model, input_ids, images)
     outputs: list[list[int]] = [[] for _ in input_ids]
-    for tokens, alive in decode(model, prompt, **options):  # type: ignore[arg-type]
+    for tokens, alive in decode(model, prompt, **options):
         for out, token, keep in zip(outputs, tokens.tolist(), alive.tolist()):
             if keep:
                 out.append(token)
@@ -182,11 +184,11 @@ def generate(
 
 
 def stream(
-    model: OwlModel, input_ids: list[int], images: torch.Tensor | None, **options: object
+    model: OwlModel, input_ids: list[int], images: torch.Tensor | None, **options: Any
 ) -> Iterator[int]:
-    """See OwlModel.stream."""
+    """See OwlModel.stream; `options` are `decode`'s keywords."""
     prompt = left_pad(model, [input_ids], None if images is None else [images])
-    for tokens, alive in decode(model, prompt, **options):  # type: ignore[arg-type]
+    for tokens, alive in decode(model, prompt, **options):
         if not bool(alive[0]):
             return
         yield int(tokens[0])

@@ -8,6 +8,7 @@ visual embeddings and marks those positions as visual (modality 1) for the MAM.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,53 +183,21 @@ class OwlModel(nn.Module):
         self,
         input_ids: list[list[int]],
         images: list[torch.Tensor] | None = None,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        seed: int | None = None,
-        use_cache: bool = True,
+        **options: Any,
     ) -> list[list[int]]:
         """New tokens per sample (EOS excluded). Batched with left padding; images[i] is
-        (n_i, 3, S, S) for sample i, n_i may be 0. Greedy when temperature == 0."""
+        (n_i, 3, S, S) for sample i, n_i may be 0.
+        Options (owl.model.generate.decode): max_new_tokens (required), temperature (0 = greedy),
+        top_p, eos_token_id, seed, use_cache."""
         from owl.model.generate import generate
 
-        return generate(
-            self,
-            input_ids,
-            images,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            seed=seed,
-            use_cache=use_cache,
-        )
+        return generate(self, input_ids, images, **options)
 
     def stream(
-        self,
-        input_ids: list[int],
-        images: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        seed: int | None = None,
-        use_cache: bool = True,
+        self, input_ids: list[int], images: torch.Tensor | None = None, **options: Any
     ) -> Iterator[int]:
-        """Yield new tokens of one sample as they are produced (for chat)."""
+        """Yield new tokens of one sample as they are produced (for chat); options as in
+        `generate`."""
         from owl.model.generate import stream
 
-        return stream(
-            self,
-            input_ids,
-            images,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            seed=seed,
-            use_cache=use_cache,
-        )
+        return stream(self, input_ids, images, **options)
