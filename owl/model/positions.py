@@ -10,7 +10,7 @@ def on_meta_device() -> bool:
     """Whether tensors are being created on the meta device (`load_model` builds there, then
     assigns the weights). Init values computed there are never used, and computing them runs
     torch's Python meta kernels, whose first use imports torch._dynamo: seconds per process
-    (~15 s in an evaluation actor on a loaded 2-core machine). Init code skips the math then."""
+    (BENCHMARKS.md, "Numbers moved out of the code"). Init code skips the math then."""
     return torch.empty(0).device.type == "meta"
 
 

@@ -166,8 +166,8 @@ class _SkipInit(TorchFunctionMode):
     """torch.nn.init functions return their tensor untouched: the weights are assigned next.
 
     On the meta device they compute nothing anyway, but some (normal_) run torch's Python
-    reference kernels, whose first use imports torch._dynamo: 3-15 s in a fresh process (an
-    evaluation actor, a serving replica), the larger part of loading a small model."""
+    reference kernels, whose first use imports torch._dynamo: seconds in every fresh process (an
+    evaluation actor, a serving replica; BENCHMARKS.md, "Numbers moved out of the code")."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
