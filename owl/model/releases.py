@@ -30,6 +30,7 @@ import torch
 from owl.model.config import OwlConfig
 from owl.model.positions import sincos_1d, sincos_2d_with_cls
 from owl.model.registry import get_config
+from owl.model.weights import LLAMA_LAYER, layer_names
 
 # Their config classes' defaults, used when a field is absent from a release's config.json.
 _VISION_EPS = 1e-6  # MplugOwlVisionConfig.layer_norm_eps, both releases
@@ -98,19 +99,14 @@ _ABSTRACTOR_LAYER = {
     "crossattention.output.mlp.w3": "mlp.w3",
     "crossattention.output.mlp.ffn_ln": "mlp.ffn_norm",
 }
-_SHARED_DECODER = {
-    "self_attn.q_proj": "attn.q_proj",
-    "self_attn.o_proj": "attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj",
-    "mlp.up_proj": "mlp.up_proj",
-    "mlp.down_proj": "mlp.down_proj",
-}
-_MODAL_DECODER = {
-    "self_attn.k_proj": "attn.k_proj",
-    "self_attn.v_proj": "attn.v_proj",
-    "input_layernorm": "input_norm",
-    "post_attention_layernorm": "post_attn_norm",
-}
+# The decoder layer is LLaMA's (LLAMA_LAYER); Owl2 doubles these keys as `.multiway.{0,1}` (text,
+# visual) for its modality-adaptive module.
+_MODAL_KEYS = (
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
 
 
 def name_map(cfg: OwlConfig, layout: Layout) -> dict[str, str]:
@@ -127,28 +123,25 @@ def name_map(cfg: OwlConfig, layout: Layout) -> dict[str, str]:
         layout.queries: "abstractor.queries",
         f"{layout.abstractor}vit_eos": "abstractor.end_of_image",
     }
-    for i in range(cfg.decoder.num_layers):
-        theirs, ours = f"{layout.decoder}layers.{i}.", f"decoder.layers.{i}."
-        for src, dst in _SHARED_DECODER.items():
-            names[f"{theirs}{src}.weight"] = f"{ours}{dst}.weight"
-        for src, dst in _MODAL_DECODER.items():
-            if layout.multiway:
-                names[f"{theirs}{src}.multiway.0.weight"] = f"{ours}{dst}.weight"
-                names[f"{theirs}{src}.multiway.1.weight"] = f"{ours}{dst}_visual.weight"
-            else:
-                names[f"{theirs}{src}.weight"] = f"{ours}{dst}.weight"
-    for part in ("weight", "bias"):
+    decoder_layer = LLAMA_LAYER
+    if layout.multiway:
+        decoder_layer = {k: v for k, v in LLAMA_LAYER.items() if k not in _MODAL_KEYS}
+        decoder_layer.update({f"{k}.multiway.0": LLAMA_LAYER[k] for k in _MODAL_KEYS})
+        decoder_layer.update({f"{k}.multiway.1": f"{LLAMA_LAYER[k]}_visual" for k in _MODAL_KEYS})
+    d, v, a = cfg.decoder, cfg.vision, cfg.abstractor
+    names.update(
+        layer_names(decoder_layer, d.num_layers, f"{layout.decoder}layers.", "decoder.layers.")
+    )
+    parts = ("weight", "bias")
+    for part in parts:
         names[f"{layout.vision}embeddings.pre_layernorm.{part}"] = f"vision.pre_norm.{part}"
         names[f"{layout.vision}post_layernorm.{part}"] = f"vision.post_norm.{part}"
         names[f"{layout.abstractor}visual_fc.{part}"] = f"abstractor.proj.{part}"
-        for j in range(cfg.vision.num_layers):
-            for src, dst in _VIT_LAYER.items():
-                theirs = f"{layout.vision}encoder.layers.{j}.{src}.{part}"
-                names[theirs] = f"vision.layers.{j}.{dst}.{part}"
-        for k in range(cfg.abstractor.num_layers):
-            for src, dst in _ABSTRACTOR_LAYER.items():
-                theirs = f"{layout.abstractor}encoder.layers.{k}.{src}.{part}"
-                names[theirs] = f"abstractor.layers.{k}.{dst}.{part}"
+    vit, abstractor = f"{layout.vision}encoder.layers.", f"{layout.abstractor}encoder.layers."
+    names.update(layer_names(_VIT_LAYER, v.num_layers, vit, "vision.layers.", parts))
+    names.update(
+        layer_names(_ABSTRACTOR_LAYER, a.num_layers, abstractor, "abstractor.layers.", parts)
+    )
     return names
 
 

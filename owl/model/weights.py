@@ -212,6 +212,48 @@ def _check_fields(source: str, pairs: dict[str, tuple[object, object]]) -> None:
         raise ValueError(f"{source}: config does not match the OwlConfig: {wrong}")
 
 
+# Hugging Face CLIP vision encoder layer key -> ours (weights and biases).
+CLIP_LAYER = {
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "self_attn.q_proj": "attn.q_proj",
+    "self_attn.k_proj": "attn.k_proj",
+    "self_attn.v_proj": "attn.v_proj",
+    "self_attn.out_proj": "attn.o_proj",
+}
+# Hugging Face LLaMA decoder layer key -> ours (weights only); the authors' releases use it too.
+LLAMA_LAYER = {
+    "input_layernorm": "input_norm",
+    "post_attention_layernorm": "post_attn_norm",
+    "self_attn.q_proj": "attn.q_proj",
+    "self_attn.k_proj": "attn.k_proj",
+    "self_attn.v_proj": "attn.v_proj",
+    "self_attn.o_proj": "attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+
+
+def layer_names(
+    table: dict[str, str],
+    num_layers: int,
+    theirs: str,
+    ours: str,
+    parts: tuple[str, ...] = ("weight",),
+) -> dict[str, str]:
+    """`{theirs}{i}.{key}.{part}` -> `{ours}{i}.{our key}.{part}` for every layer i < num_layers,
+    row of `table` (their key -> our key within a layer) and part ("weight", "bias")."""
+    return {
+        f"{theirs}{i}.{src}.{part}": f"{ours}{i}.{dst}.{part}"
+        for i in range(num_layers)
+        for src, dst in table.items()
+        for part in parts
+    }
+
+
 def clip_vision_name_map(num_layers: int) -> dict[str, str]:
     """Hugging Face CLIP vision key (without the `vision_model.` prefix) -> our key."""
     names = {
@@ -219,23 +261,11 @@ def clip_vision_name_map(num_layers: int) -> dict[str, str]:
         "embeddings.patch_embedding.weight": "vision.patch_embed.weight",
         "embeddings.position_embedding.weight": "vision.position_embedding",
     }
-    for part in ("weight", "bias"):
+    parts = ("weight", "bias")
+    for part in parts:
         names[f"pre_layrnorm.{part}"] = f"vision.pre_norm.{part}"
         names[f"post_layernorm.{part}"] = f"vision.post_norm.{part}"
-        for j in range(num_layers):
-            theirs, ours = f"encoder.layers.{j}", f"vision.layers.{j}"
-            pairs = {
-                "layer_norm1": "norm1",
-                "layer_norm2": "norm2",
-                "mlp.fc1": "mlp.fc1",
-                "mlp.fc2": "mlp.fc2",
-                "self_attn.q_proj": "attn.q_proj",
-                "self_attn.k_proj": "attn.k_proj",
-                "self_attn.v_proj": "attn.v_proj",
-                "self_attn.out_proj": "attn.o_proj",
-            }
-            for src, dst in pairs.items():
-                names[f"{theirs}.{src}.{part}"] = f"{ours}.{dst}.{part}"
+    names.update(layer_names(CLIP_LAYER, num_layers, "encoder.layers.", "vision.layers.", parts))
     return names
 
 
@@ -247,21 +277,7 @@ def llama_name_map(num_layers: int, tie_embeddings: bool) -> dict[str, str]:
     }
     if not tie_embeddings:
         names["lm_head.weight"] = "decoder.lm_head.weight"
-    for i in range(num_layers):
-        theirs, ours = f"model.layers.{i}", f"decoder.layers.{i}"
-        pairs = {
-            "input_layernorm": "input_norm",
-            "post_attention_layernorm": "post_attn_norm",
-            "self_attn.q_proj": "attn.q_proj",
-            "self_attn.k_proj": "attn.k_proj",
-            "self_attn.v_proj": "attn.v_proj",
-            "self_attn.o_proj": "attn.o_proj",
-            "mlp.gate_proj": "mlp.gate_proj",
-            "mlp.up_proj": "mlp.up_proj",
-            "mlp.down_proj": "mlp.down_proj",
-        }
-        for src, dst in pairs.items():
-            names[f"{theirs}.{src}.weight"] = f"{ours}.{dst}.weight"
+    names.update(layer_names(LLAMA_LAYER, num_layers, "model.layers.", "decoder.layers."))
     return names
 
 
