@@ -85,6 +85,12 @@ class _Inputs:
             raise ValueError(f"{self.kind}: give exactly one {what}, got {len(self.files)} files")
         return self.files[0]
 
+    def json_and_images(self, what: str) -> tuple[Path, Any, Path]:
+        """The one JSON file (`what`), its content, and the one image folder."""
+        path = self.one_file(what)
+        folder = self.image_dir()
+        return path, _load_json(path), folder
+
 
 def _find_image(folder: Path, name: str, where: str, subdirs: Iterable[str] = ()) -> str:
     """`name` (with or without a suffix) in `folder` or one of its `subdirs`: absolute path."""
@@ -101,6 +107,22 @@ def _find_image(folder: Path, name: str, where: str, subdirs: Iterable[str] = ()
 
 # ---------------------------------------------------------------------------------------------
 # VQA family
+
+
+def _vqa_record(record_id: str, image: str, question: str, rule: str,
+                answers: list[str] | None, answer_type: str = "", submission: str = "vqav2",
+                **ids: Any) -> Record:  # fmt: skip
+    """A short-answer VQA record; `answers` None (a split without public answers) leaves it
+    unanswered and marked for `submission`."""
+    record: Record = {"id": record_id, "type": "vqa", **ids, "images": [image],
+                      "question": question, "rule": rule, "prompt": "short_answer"}  # fmt: skip
+    if answers is None:
+        record.update(answers=[], submission=submission)
+    else:
+        record["answers"] = answers
+        if answer_type:
+            record["answer_type"] = answer_type
+    return record
 
 
 def _vqa_like(inputs: _Inputs, rule: str) -> list[Record]:
@@ -136,20 +158,14 @@ def _vqa_like(inputs: _Inputs, rule: str) -> list[Record]:
         qid = _field(q, "question_id", where)
         image_id = int(_field(q, "image_id", where))
         name = f"COCO_{image_subtype}_{image_id:012d}.jpg"
-        record: Record = {
-            "id": str(qid), "type": "vqa", "question_id": qid, "image_id": image_id,
-            "images": [_find_image(folder, name, where, (image_subtype,))],
-            "question": str(_field(q, "question", where)), "rule": rule, "prompt": "short_answer",
-        }  # fmt: skip
-        if answers is None:
-            record.update(answers=[], submission="vqav2")
-        elif qid not in answers:
+        image = _find_image(folder, name, where, (image_subtype,))
+        question = str(_field(q, "question", where))
+        if answers is not None and qid not in answers:
             raise ValueError(f"{where}: question {qid} has no annotation in {annotations_file}")
-        else:
-            record["answers"] = answers[qid]
-            if qid in answer_types:
-                record["answer_type"] = answer_types[qid]
-        records.append(record)
+        records.append(_vqa_record(str(qid), image, question, rule,
+                                   None if answers is None else answers[qid],
+                                   answer_types.get(qid, ""), question_id=qid,
+                                   image_id=image_id))  # fmt: skip
     return records
 
 
@@ -163,58 +179,42 @@ def import_okvqa(inputs: _Inputs) -> list[Record]:
 
 def import_textvqa(inputs: _Inputs) -> list[Record]:
     """TextVQA_0.5.1_{val,test}.json ({"data": [...]}) + the train_images/ or test_images/ folder."""
-    path = inputs.one_file("TextVQA JSON")
-    folder = inputs.image_dir()
+    path, data, folder = inputs.json_and_images("TextVQA JSON")
     records = []
-    for n, row in enumerate(_field(_load_json(path), "data", str(path))):
+    for n, row in enumerate(_field(data, "data", str(path))):
         where = f"{path}: data[{n}]"
         qid = _field(row, "question_id", where)
-        record: Record = {
-            "id": str(qid), "type": "vqa", "question_id": qid,
-            "images": [_find_image(folder, str(_field(row, "image_id", where)), where)],
-            "question": str(_field(row, "question", where)), "rule": "vqav2",
-            "prompt": "short_answer",
-        }  # fmt: skip
-        if row.get("answers"):
-            record["answers"] = [str(a) for a in row["answers"]]
-        else:
-            record.update(answers=[], submission="vqav2")  # EvalAI takes the same list
-        records.append(record)
+        image = _find_image(folder, str(_field(row, "image_id", where)), where)
+        question = str(_field(row, "question", where))
+        answers = [str(a) for a in row["answers"]] if row.get("answers") else None
+        # A split without answers is submitted in VQAv2's format (EvalAI takes the same list).
+        records.append(_vqa_record(str(qid), image, question, "vqav2", answers, question_id=qid))
     return records
 
 
 def import_vizwiz(inputs: _Inputs) -> list[Record]:
     """VizWiz-VQA val.json / test.json (a list) + its image folder."""
-    path = inputs.one_file("VizWiz JSON")
-    folder = inputs.image_dir()
-    rows = _load_json(path)
+    path, rows, folder = inputs.json_and_images("VizWiz JSON")
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a VizWiz annotation file is a JSON list")
     records = []
     for n, row in enumerate(rows):
         where = f"{path}[{n}]"
         image = str(_field(row, "image", where))
-        record: Record = {
-            "id": Path(image).stem, "type": "vqa", "image_name": image,
-            "images": [_find_image(folder, image, where)],
-            "question": str(_field(row, "question", where)), "rule": "vizwiz",
-            "prompt": "short_answer",
-        }  # fmt: skip
+        found = _find_image(folder, image, where)
+        question = str(_field(row, "question", where))
+        answers = None
         if row.get("answers"):
-            record["answers"] = [str(_field(a, "answer", where)) for a in row["answers"]]
-            if row.get("answer_type"):
-                record["answer_type"] = str(row["answer_type"])
-        else:
-            record.update(answers=[], submission="vizwiz")
-        records.append(record)
+            answers = [str(_field(a, "answer", where)) for a in row["answers"]]
+        records.append(_vqa_record(Path(image).stem, found, question, "vizwiz", answers,
+                                   str(row.get("answer_type") or ""), "vizwiz",
+                                   image_name=image))  # fmt: skip
     return records
 
 
 def import_gqa(inputs: _Inputs) -> list[Record]:
     """GQA balanced questions JSON ({question id: {imageId, question, answer, ...}}) + images/."""
-    path = inputs.one_file("GQA questions JSON")
-    folder = inputs.image_dir()
-    data = _load_json(path)
+    path, data, folder = inputs.json_and_images("GQA questions JSON")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: GQA questions are a JSON object keyed by question id")
     records = []
@@ -288,9 +288,7 @@ def import_scienceqa(inputs: _Inputs) -> list[Record]:
     """ScienceQA problems.json + its image folder (<split>/<pid>/image.png): the test problems
     that have an image (ScienceQA-IMG), each with the official scorer's groups (`categories`)
     and its `subject` and `grade`."""
-    path = inputs.one_file("ScienceQA problems.json")
-    folder = inputs.image_dir()
-    data = _load_json(path)
+    path, data, folder = inputs.json_and_images("ScienceQA problems.json")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: ScienceQA problems are a JSON object keyed by problem id")
     records = []
@@ -322,9 +320,7 @@ def import_seed(inputs: _Inputs) -> list[Record]:
     """SEED-Bench.json ({"questions": [...], "question_type": {name: id}}) + SEED-Bench-image/:
     the image questions. SEED's eval.py reports accuracy per question_type_id (dimension): each
     record's `categories` is its dimension's name (`dimension_<id>` for an unknown id)."""
-    path = inputs.one_file("SEED-Bench JSON")
-    folder = inputs.image_dir()
-    data = _load_json(path)
+    path, data, folder = inputs.json_and_images("SEED-Bench JSON")
     names = dict(SEED_DIMENSIONS)
     if isinstance(data, dict) and isinstance(data.get("question_type"), dict):
         names.update({int(i): str(n) for n, i in data["question_type"].items()})
@@ -462,9 +458,7 @@ def import_mme(inputs: _Inputs) -> list[Record]:
 def _captions(inputs: _Inputs, split: str = "test") -> list[Record]:
     """Karpathy's dataset_{coco,flickr30k}.json (the `split` images) or a COCO-format caption
     file ({"images": [{id, file_name}], "annotations": [{image_id, caption}]}, e.g. NoCaps)."""
-    path = inputs.one_file("caption annotation JSON")
-    folder = inputs.image_dir()
-    data = _load_json(path)
+    path, data, folder = inputs.json_and_images("caption annotation JSON")
     images = _field(data, "images", str(path))
     records = []
     if "annotations" in data:  # COCO format
