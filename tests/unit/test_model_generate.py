@@ -128,6 +128,57 @@ def test_text_step_logits_equal_a_full_recompute(variant: str) -> None:
     assert cache.length == ids.shape[1]
 
 
+@pytest.mark.parametrize(
+    ("name", "variant"), [("debug-tiny", "owl1"), ("debug-tiny", "owl2"), ("demo", "owl2")]
+)
+def test_text_step_is_bit_identical_to_forward_cached(name: str, variant: str) -> None:
+    """TextStep (text branch only, plain weight tensors, rotary tables and key mask built once,
+    GQA through SDPA) against the path it replaces, `forward_cached` on the same token (both MAM
+    branches, modules called, tables and mask per step), after a left-padded prefill holding
+    images: the same logits and the same cache, bit for bit, with (debug-tiny) and without
+    (demo) grouped KV heads."""
+    torch.manual_seed(0)
+    model = build_model(get_config(name, variant)).eval()
+    k, size, vocab = model.cfg.num_visual_tokens, model.cfg.vision.image_size, 256
+    rows = [[1, *[IMAGE_TOKEN_ID] * k, 5, 6, 7], [1, 9, *[IMAGE_TOKEN_ID] * k, 4]]
+    prompt = left_pad(model, rows, [torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)])
+    ids, segments, new = prompt.input_ids, prompt.segments, 12
+    capacity = ids.shape[1] + new
+    all_segments = torch.nn.functional.pad(segments, (0, new), value=1)
+    positions = positions_from_segments(segments)
+    caches = [KVCache.allocate(model.cfg.decoder, 2, capacity, ids.device, torch.float32)
+              for _ in range(2)]  # fmt: skip
+    step = TextStep(model.decoder, capacity)
+    tokens = torch.randint(3, vocab, (new, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for cache in caches:
+            model.forward_cached(ids, prompt.images, positions, cache, segments)
+        for index in range(new):
+            pos = positions[:, -1] + index + 1
+            ours = step(tokens[index], pos, caches[0], all_segments[:, None, None] != 0)
+            end = caches[1].length + 1
+            general = model.forward_cached(
+                tokens[index][:, None], None, pos[:, None], caches[1], all_segments[:, :end]
+            )[:, -1]
+            assert torch.equal(ours, general), (index, (ours - general).abs().max())
+    assert caches[0].length == caches[1].length == capacity
+    for ours, general in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        assert torch.equal(ours, general)
+
+
+def test_text_step_refuses_wrapped_or_hooked_decoders() -> None:
+    """TextStep reads weights directly, so it takes only plain modules without hooks: a hook
+    (ZeRO-3 gathers parameters in one) or a LoRA wrapper sends generate to `forward_cached`."""
+    torch.manual_seed(0)
+    model = build_model("debug-tiny").eval()
+    assert TextStep.supports(model.decoder)
+    hook = model.decoder.layers[1].post_attn_norm.register_forward_pre_hook(lambda *_: None)
+    assert not TextStep.supports(model.decoder)
+    hook.remove()
+    assert TextStep.supports(model.decoder)
+    assert not TextStep.supports(apply_lora(model, dropout=0.0).decoder)
+
+
 def test_cache_equals_no_cache_over_many_steps_with_images(model: OwlModel, prompts) -> None:
     """Long greedy runs (the fast step fed back its own tokens for 100 steps) over left-padded
     prompts holding 2, 0 and 1 images, and one image-only prompt alone."""

@@ -6,6 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import owl.model.model as model_module
+from owl import IMAGE_TOKEN_ID
+from owl.model import build_model, get_config
 from owl.model.decoder import SegmentLayout, _buckets
 from owl.model.model import segment_mask
 
@@ -50,6 +53,7 @@ def test_attention_and_gradients_equal_the_dense_mask(rows: list[list[int]]) -> 
     dense = _dense(q, k, v, segments)
     expected = torch.autograd.grad((dense * weights * real).sum(), (q, k, v))
 
+    assert not torch.equal(ours, dense)  # padding: zero attention output vs padding-to-padding
     torch.testing.assert_close(ours * real, dense * real, atol=1e-5, rtol=1e-5)
     assert torch.all(ours[~real.expand_as(ours)] == 0)  # padding tokens get a zero output
     for got, want in zip(grads, expected, strict=True):
@@ -77,3 +81,35 @@ def test_buckets_bound_padding_cost_and_keep_short_segments_together() -> None:
             assert len(inside) * widest**2 <= 1.25 * sum(n * n for n in inside)
     assert runs[-1] == (4, 7)  # 10, 8, 3: at most min_length wide, one call
     assert _buckets([], slack=1.25, min_length=16) == []
+
+
+@pytest.mark.parametrize("variant", ["owl1", "owl2"])
+def test_model_logits_and_gradients_equal_the_dense_mask(variant: str, monkeypatch) -> None:
+    """The whole model (debug-tiny without and with the MAM) on a packed batch with images: the
+    per-segment attention gives the real tokens' logits and every parameter's gradient of SDPA
+    under the dense block-diagonal mask (the model's attention before `SegmentLayout`)."""
+    torch.manual_seed(0)
+    model = build_model(get_config("debug-tiny", variant)).train()
+    k = model.cfg.num_visual_tokens
+    segments = _segments([[45, 8, 6], [k + 30, k + 2], [3]], 62)  # packed rows, padding
+    ids = torch.randint(3, 256, segments.shape)
+    ids[0, 45 : 45 + k] = ids[1, :k] = ids[1, k + 30 : 2 * k + 30] = IMAGE_TOKEN_ID
+    images = torch.randn(3, 3, 32, 32)
+    real = (segments > 0)[..., None]
+    weights = torch.randn(*segments.shape, 256) * real  # a loss over the real tokens only
+    params = list(model.parameters())
+
+    def logits_and_grads() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        logits = model(ids, images, segment_ids=segments)
+        return logits, torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)
+
+    assert len(SegmentLayout(segments).shapes) > 1  # several buckets
+    ours, ours_grads = logits_and_grads()
+    monkeypatch.setattr(model_module, "SegmentLayout", lambda s: segment_mask(s, s))
+    dense, dense_grads = logits_and_grads()
+    assert not torch.equal(ours, dense)  # padding: zero attention output vs padding-to-padding
+    torch.testing.assert_close(ours * real, dense * real, atol=1e-5, rtol=1e-5)
+    for (name, _), got, want in zip(model.named_parameters(), ours_grads, dense_grads):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert (got - want).abs().max() <= 1e-5 * (1 + want.abs().max()), name  # rounding
