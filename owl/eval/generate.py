@@ -359,18 +359,27 @@ def _per_category(
     results: Sequence[ChoiceResult],
 ) -> dict[str, float]:
     """Multiple-choice accuracy (the original option order) per category a record lists in
-    `categories` (SEED-Bench: its dimension; ScienceQA: subject, context modality, grade group,
-    as their official scorers report them): "accuracy_<category>" and "count_<category>"."""
+    `categories` (SEED-Bench: its dimension; ScienceQA: subject, context modality, grade group;
+    MMBench: its category and l2-category, as their official scorers report them):
+    "accuracy_<category>" and "count_<category>"; where questions were asked under several
+    rotations (MMBench's circular evaluation) also "circular_accuracy_<category>"."""
     by_category: dict[str, list[bool]] = defaultdict(list)
+    rotations: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for prediction, result in zip(predictions, results):
-        if result.shift != 0:
-            continue  # one answer per question, as `accuracy`
+        right = result.predicted == result.answer
         for category in by_id[prediction["id"]].extra.get("categories") or ():
-            by_category[category_name(str(category))].append(result.predicted == result.answer)
+            name = category_name(str(category))
+            rotations[name][result.question_id].append(right)
+            if result.shift == 0:  # one answer per question, as `accuracy`
+                by_category[name].append(right)
+    circular = any(len(asked) > 1 for q in rotations.values() for asked in q.values())
     scores = {}
     for name, right in sorted(by_category.items()):
         scores[f"accuracy_{name}"] = sum(right) / len(right)
         scores[f"count_{name}"] = float(len(right))
+        if circular:
+            questions = rotations[name].values()
+            scores[f"circular_accuracy_{name}"] = sum(all(a) for a in questions) / len(questions)
     return scores
 
 

@@ -388,6 +388,8 @@ def import_mmbench(inputs: _Inputs, out_dir: Path, name: str) -> list[Record]:
             index, [image], row["question"], options, "" if _missing(answer) else answer,
             "mmbench", "" if _missing(row.get("hint") or "") else row["hint"],
             category=row.get("category", ""), l2_category=row.get("l2-category", ""),
+            categories=[c for c in (row.get("category"), row.get("l2-category"))
+                        if c and not _missing(c)],  # scored per each, as VLMEvalKit reports
         )  # fmt: skip
         if has_copies:
             group = group_of(row)

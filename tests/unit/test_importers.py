@@ -103,6 +103,36 @@ def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
     assert imported("nocaps")[0].references == ("A dog.", "A brown dog.")
 
 
+def test_mmbench_is_scored_per_category_and_l2_category(tmp_path: Path) -> None:
+    """VLMEvalKit reports MMBench per `category` and per `l2-category`, on circular hits: a
+    question counts only if every copy of it is right."""
+    from owl.eval.generate import score
+
+    write_mmbench(tmp_path)
+    records = read_benchmark(import_benchmark(
+        "mmbench", [tmp_path / "mmbench_dev_20230712.tsv"], tmp_path / "out", "mmbench"))  # fmt: skip
+    assert [r.extra["categories"] for r in records] == [
+        ["color", "attr"],
+        ["shape", "attr"],
+        ["shape", "attr"],
+    ]
+    # Question 0 right; question 1 right as given (A) but its copy, whose answer is C, wrong.
+    replies = {"0": "B", "1": "A", "1000001": "A"}
+    predictions = [{"id": r.id, "shift": 0, "prediction": replies[r.id]} for r in records]
+    metrics = score(records, predictions, caption_meteor=False)
+    assert metrics["multiple_choice.accuracy"] == 1.0
+    assert metrics["multiple_choice.circular_accuracy"] == 0.5
+    categories = ("attr", "color", "shape")
+    assert {k: v for k, v in metrics.items() if k.rsplit("_", 1)[-1] in categories} == {
+        "multiple_choice.accuracy_attr": 1.0, "multiple_choice.count_attr": 2.0,
+        "multiple_choice.circular_accuracy_attr": 0.5,
+        "multiple_choice.accuracy_color": 1.0, "multiple_choice.count_color": 1.0,
+        "multiple_choice.circular_accuracy_color": 1.0,
+        "multiple_choice.accuracy_shape": 1.0, "multiple_choice.count_shape": 1.0,
+        "multiple_choice.circular_accuracy_shape": 0.0,
+    }  # fmt: skip
+
+
 def test_owl_eval_scores_every_kind_from_official_files(tmp_path: Path, capsys) -> None:
     specs = every_kind(tmp_path)
     model = make_model(tmp_path / "model", make_tokenizer(tmp_path / "tok"))
