@@ -112,12 +112,7 @@ class _Collating:
 
     def _run_state(self) -> dict[str, int]:
         """What a saved state must match to resume here: data, seed and workers."""
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
-        }
+        return {key: getattr(self, key) for key in ("seed", "rank", "world_size", "num_samples")}
 
     def _check_run_state(self, state: dict[str, Any]) -> None:
         for key, value in self._run_state().items():
