@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -76,6 +77,25 @@ def _eval_roles(model_step: str) -> dict[str, Role]:
 
 _TRAIN = Resources(num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0)
 
+
+def _training_stage(name: str, stage: int, roles: dict[str, Role]) -> StepSpec:
+    """A training stage: the shared training module with `stage` fixed, resumable from its
+    checkpoints, keyed on the model, the pretrained folders and the seed."""
+    return StepSpec(
+        name,
+        "pipelines.steps.train",
+        "1",
+        roles,
+        resources=_TRAIN,
+        resumable=True,
+        trains=True,
+        uses_model=True,
+        uses_pretrained=True,
+        uses_seed=True,
+        fixed={"stage": stage},
+    )
+
+
 STEPS: dict[str, StepSpec] = {
     spec.name: spec
     for spec in [
@@ -120,39 +140,23 @@ STEPS: dict[str, StepSpec] = {
             {"tokenizer": Role("tokenizer"), "shapes": Role("shapes", False)},
             uses_model=True,
         ),
-        StepSpec(
+        _training_stage(
             "stage1",
-            "pipelines.steps.train",
-            "1",
+            1,
             {
                 "data": Role("tokenize_captions"),
                 "tokenizer": Role("tokenizer"),
                 "init": Role("init", required=False),
             },
-            resources=_TRAIN,
-            resumable=True,
-            trains=True,
-            uses_model=True,
-            uses_pretrained=True,
-            uses_seed=True,
-            fixed={"stage": 1},
         ),
-        StepSpec(
+        _training_stage(
             "stage2",
-            "pipelines.steps.train",
-            "1",
+            2,
             {
                 "data": Role("tokenize_instructions"),
                 "init": Role("stage1"),
                 "tokenizer": Role("tokenizer"),
             },
-            resources=_TRAIN,
-            resumable=True,
-            trains=True,
-            uses_model=True,
-            uses_pretrained=True,
-            uses_seed=True,
-            fixed={"stage": 2},
         ),
         StepSpec(
             "evaluate_stage1",
@@ -221,6 +225,7 @@ def downstream(
     return order(reached, table)
 
 
-def upstream_of(spec: StepSpec, present: set[str] | list[str]) -> dict[str, str]:
-    """role -> upstream step name, for the roles whose upstream step is in the job."""
-    return {role: r.upstream for role, r in spec.roles.items() if r.upstream in set(present)}
+def upstream_of(spec: StepSpec, present: Iterable[str]) -> dict[str, str]:
+    """role -> upstream step name, for the roles whose upstream step is present (in the job)."""
+    present = set(present)
+    return {role: r.upstream for role, r in spec.roles.items() if r.upstream in present}

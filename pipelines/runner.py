@@ -25,17 +25,28 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from filelock import Timeout
 
 from owl.data.manifest import Manifest
 from pipelines import cache
 from pipelines.cache import ExecutionRecord, StepRecord
-from pipelines.dag import METRICS_FROM, REGISTER_FROM, StepSpec, active_table, downstream, order
+from pipelines.dag import (
+    METRICS_FROM,
+    REGISTER_FROM,
+    StepSpec,
+    active_table,
+    downstream,
+    order,
+    upstream_of,
+)
 from pipelines.jobspec import JobSpec, StepSection
 from pipelines.progress import Reporter, StepSummary
 from pipelines.step import StepContext, StepInput
+
+if TYPE_CHECKING:
+    from owl.train.memory import MemoryPlan
 
 # Errors that a retry cannot fix: bad configuration or code, not a flaky node or network.
 NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportError)
@@ -44,7 +55,6 @@ NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportErr
 OUTPUT_COUNTS = ("num_images", "num_out", "samples_out")
 # ... and the one saying how many came in, for the message.
 INPUT_COUNTS = ("num_urls", "num_in", "samples_in")
-_BYTES_PER_GIB = 1 << 30
 
 
 class EmptyOutput(ValueError):
@@ -195,7 +205,7 @@ def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) ->
     needed = {until}
     for name in reversed(present):
         if name in needed:
-            needed.update(r.upstream for r in table[name].roles.values() if r.upstream in job.steps)
+            needed.update(upstream_of(table[name], job.steps).values())
     return order(needed, table)
 
 
@@ -240,9 +250,7 @@ def plan(
     planned = []
     for name in select_steps(job, until, table):
         section = job.steps[name]
-        ups = {
-            role: r.upstream for role, r in section.spec.roles.items() if r.upstream in job.steps
-        }
+        ups = upstream_of(section.spec, job.steps)
         known = all(manifests.get(up) is not None for up in ups.values())
         key = (
             step_key(job, name, {role: manifests[up].digest for role, up in ups.items()})
@@ -253,10 +261,7 @@ def plan(
         if key is not None and name not in forced:
             manifest, problems = cache.find_committed(cache.step_dir(job.storage, name, key))
         manifests[name] = manifest
-        memory = None
-        if estimate_memory and section.spec.trains:
-            memory = training_memory_plan(job, section)
-            check_memory_plan(name, section, memory)
+        memory = memory_plan(job, name) if estimate_memory and section.spec.trains else None
         planned.append(
             PlannedStep(
                 name=name,
@@ -264,7 +269,7 @@ def plan(
                 cached=manifest is not None,
                 forced=name in forced,
                 resources=dataclasses.asdict(section.resources),
-                memory_gib=None if memory is None else memory.total / _BYTES_PER_GIB,
+                memory_gib=None if memory is None else memory.gib()["total_gib"],
                 memory=None if memory is None else memory.to_dict(),
                 problems=problems,
             )
@@ -272,31 +277,24 @@ def plan(
     return planned
 
 
-def training_memory_gib(job: JobSpec, section: StepSection) -> float:
-    """GPU memory per worker of a training step (model states + activations), GiB."""
-    return training_memory_plan(job, section).total / _BYTES_PER_GIB
+def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
+    """A training step's GPU memory plan per worker (`owl.train.memory`: the model on the meta
+    device, the stage's trainable selection, activations per micro-batch); ValueError (one line)
+    when it exceeds the step's `gpu_memory_gib` (> 0)."""
+    from owl.train.memory import check_fits, plan_memory
 
-
-def training_memory_plan(job: JobSpec, section: StepSection) -> Any:
-    """The step's `owl.train.memory.MemoryPlan` (the model on the meta device, the stage's
-    trainable selection, activations per micro-batch)."""
-    from owl.train.memory import plan_memory
-
-    return plan_memory(job.owl_config, section.config)
+    config = job.steps[name].config
+    memory = plan_memory(job.owl_config, config)
+    check_fits(name, memory, config.gpu_memory_gib)
+    return memory
 
 
 def check_memory(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
-    """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib`."""
+    """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib` (the plan
+    is computed only for steps that set one)."""
     for name in names:
-        section = job.steps[name]
-        if table[name].trains and getattr(section.config, "gpu_memory_gib", 0.0) > 0:
-            check_memory_plan(name, section, training_memory_plan(job, section))
-
-
-def check_memory_plan(name: str, section: StepSection, memory: Any) -> None:
-    from owl.train.memory import check_fits
-
-    check_fits(name, memory, float(getattr(section.config, "gpu_memory_gib", 0.0) or 0.0))
+        if table[name].trains and job.steps[name].config.gpu_memory_gib > 0:
+            memory_plan(job, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,10 +429,9 @@ class Runner:
         planned = plan(self.job, force, until, self.table, estimate_memory=False)
         computing = [p.name for p in planned if not p.cached]
         return {
-            r.upstream
+            up
             for name in computing
-            for r in self.table[name].roles.values()
-            if r.upstream in self.job.steps
+            for up in upstream_of(self.table[name], self.job.steps).values()
         }
 
     # --- stop and kill --------------------------------------------------------------------------
@@ -497,15 +494,11 @@ class Runner:
     # --- one step -------------------------------------------------------------------------------
 
     def _inputs(self, name: str) -> dict[str, StepInput]:
-        spec = self.table[name]
         return {
             role: StepInput(
-                r.upstream,
-                cache.step_dir(self.job.storage, r.upstream, self.manifests[r.upstream].key),
-                self.manifests[r.upstream],
+                up, cache.step_dir(self.job.storage, up, self.manifests[up].key), self.manifests[up]
             )
-            for role, r in spec.roles.items()
-            if r.upstream in self.job.steps
+            for role, up in upstream_of(self.table[name], self.job.steps).items()
         }
 
     def _run_step(self, name: str, forced: bool, verify: bool) -> StepSummary:
