@@ -123,17 +123,25 @@ class Reporter:
         alias: str = "",
         look: list[str] | None = None,
     ) -> None:
+        """The run's end: a row per step and how many came from cache, then the registered model
+        and where to look at it (`look`)."""
+        hits = sum(s.state == "cached" for s in summaries)
+        self._summary(summaries, f"{hits}/{len(summaries)} steps from cache")
+        if registered:
+            self._end_line(registered_line(registered, alias))
+        for line in look or []:
+            self._end_line(line)
+
+    def _summary(self, summaries: list[StepSummary], from_cache: str) -> None:
         for s in summaries:
             self._line(
                 f"[owl] summary {s.step:<22} {s.state:<11} {s.duration_s:8.1f}s {s.key[:12]} "
                 f"{_key_metrics(s.metrics)}".rstrip()
             )
-        hits = sum(s.state == "cached" for s in summaries)
-        self._line(f"[owl] {hits}/{len(summaries)} steps from cache")
-        if registered:
-            self._line(f"[owl] {registered_line(registered, alias)}")
-        for line in look or []:
-            self._line(f"[owl] {line}")
+        self._line(f"[owl] {from_cache}")
+
+    def _end_line(self, text: str) -> None:
+        self._line(f"[owl] {text}")
 
 
 class RichReporter(Reporter):
@@ -174,13 +182,7 @@ class RichReporter(Reporter):
         self.bars.update(task, total=1, completed=1, status=f"{state} {note}".strip())
         self.bars.stop_task(task)
 
-    def close(
-        self,
-        summaries: list[StepSummary],
-        registered: dict[str, str] | None = None,
-        alias: str = "",
-        look: list[str] | None = None,
-    ) -> None:
+    def _summary(self, summaries: list[StepSummary], from_cache: str) -> None:
         if self.tasks:
             self.bars.stop()
         table = Table(title="owl run")
@@ -193,13 +195,11 @@ class RichReporter(Reporter):
             table.add_row(
                 s.step, s.state, f"{s.duration_s:.1f}s", s.key[:12], _key_metrics(s.metrics)
             )
-        hits = sum(s.state == "cached" for s in summaries)
-        table.caption = f"{hits}/{len(summaries)} steps from cache"
+        table.caption = from_cache
         self.console.print(table)
-        if registered:
-            self.console.print(registered_line(registered, alias), highlight=False, markup=False)
-        for line in look or []:
-            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def _end_line(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def make_reporter(json_mode: bool = False, stream: TextIO | None = None) -> Reporter:
