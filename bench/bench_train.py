@@ -267,7 +267,7 @@ def _overhead_worker(config: dict[str, Any]) -> None:
     import contextlib
 
     from owl.train.loop import run_training
-    from pipelines.steps.train import RaySession
+    from pipelines.steps._ray_train import RaySession
 
     job, every = config["job"], config["job"].train.log_every
     cfg: TrainConfig = job.train

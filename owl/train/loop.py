@@ -2,7 +2,7 @@
 
 Everything comes in through `WorkerJob` and a `Session` (how this worker reports metrics and
 checkpoints and finds the one to restore); no globals. The Ray Train implementation of `Session`
-lives in `pipelines/steps/train.py`, so this module imports neither Ray nor (at import time)
+lives in `pipelines/steps/_ray_train.py`, so this module imports neither Ray nor (at import time)
 DeepSpeed.
 """
 

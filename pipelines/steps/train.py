@@ -1,103 +1,36 @@
 """The `stage1` / `stage2` steps: one training stage on Ray Train (V2 API) + DeepSpeed.
 
 Roles: stage1 {"data": tokenize_captions, "tokenizer", "init": the init step (optional)}; stage2
-{"data": tokenize_instructions, "init": stage1, "tokenizer"}. Writes `model/` (an `owl.model.load_model` folder) and keeps Ray
-Train checkpoints under `checkpoints/`: a re-run of the same step key resumes from the newest one.
+{"data": tokenize_instructions, "init": stage1, "tokenizer"}. Writes `model/` (an
+`owl.model.load_model` folder) and keeps Ray Train checkpoints under `checkpoints/`: a re-run of
+the same step key resumes from the newest one. This module turns the inputs into the workers'
+job and the final checkpoint into the stage's manifest (with its loss plot); the Ray Train side
+(session, trainer, progress) is `_ray_train.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from owl.data.manifest import Manifest
 from owl.train.config import TrainConfig
 from pipelines.step import StepContext, StepInput, resolve_path
-
-if TYPE_CHECKING:
-    from ray.train.torch import TorchTrainer
-
-    from owl.train.loop import WorkerJob
+from pipelines.steps._ray_train import (
+    build_trainer,
+    check_resources,
+    training_progress,
+    worker_value_error,
+)
 
 # Ray Train, torch, DeepSpeed and the training loop are imported where a stage runs: validating a
 # job file or a fully cached `owl run` reads `Config` only (tests/unit/test_cached_rerun.py).
 Config = TrainConfig
 
-RUN_NAME = "train"
-
-
-class RaySession:
-    """`owl.train.loop.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
-
-    def __init__(self, resume_path: str) -> None:
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self._resume_path = resume_path
-
-    @contextlib.contextmanager
-    def restore_dir(self) -> Iterator[Path | None]:
-        """Ray Train's latest checkpoint (after a worker restart), else the one the driver found
-        on disk (after a driver restart), else None."""
-        import ray.train
-
-        reported = ray.train.get_checkpoint()
-        if reported is not None:
-            with reported.as_directory() as directory:
-                yield Path(directory)
-        elif self._resume_path:
-            yield Path(self._resume_path)
-        else:
-            yield None
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        from owl.train import checkpoint
-
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-            return
-        ray.train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
-            checkpoint_dir_name=checkpoint.step_dir_name(int(metrics["step"])),
-        )
-
-
-def _worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: everything comes in through `config`."""
-    import ray.train
-    import torch
-
-    from owl.train.loop import run_training
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ray.train.get_context().get_local_rank())
-    run_training(config["job"], RaySession(config["resume_path"]))
-
-
-def check_resources(cfg: TrainConfig) -> None:
-    """ValueError before anything starts when the job asks for more than the cluster has."""
-    import ray
-
-    have = ray.cluster_resources()
-    for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
-        need = per_worker * cfg.num_workers
-        if need > have.get(name, 0.0):
-            raise ValueError(
-                f"train: {cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but "
-                f"the Ray cluster has {have.get(name, 0.0):g}; lower num_workers or "
-                f"{name.lower()}s_per_worker, or add nodes"
-            )
+LOSS_PLOT = "loss_curve.png"
 
 
 def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
@@ -114,48 +47,12 @@ def _init_model_dir(cfg: TrainConfig, inputs: dict[str, StepInput]) -> str:
     return resolve_path(cfg.init_model, inputs) if cfg.init_model else ""
 
 
-def build_trainer(
-    ctx: StepContext, cfg: TrainConfig, job: WorkerJob, callbacks: list[Any] | None = None
-) -> TorchTrainer:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from owl.train import checkpoint
-
-    storage = ctx.out_dir / "checkpoints"
-    storage.mkdir(parents=True, exist_ok=True)
-    newest = checkpoint.newest_checkpoint(storage)
-    use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
-    return TorchTrainer(
-        _worker,
-        train_loop_config={"job": job, "resume_path": str(newest) if newest else ""},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks or None,
-        ),
-    )
-
-
-def _trainable_table(ctx: StepContext, cfg: TrainConfig) -> dict[str, dict[str, int]]:
-    """The table the workers print, computed on the meta device (no memory) for the manifest."""
-    from owl.train.stages import planned_model
-
-    return planned_model(ctx.model, cfg)[1]
-
-
 def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Manifest:
     if "data" not in inputs:
         raise ValueError("train: needs a `data` input (tokenized shards)")
     from owl.data.loader import shards_from_manifest
     from owl.train.loop import Fault, WorkerJob, build_loader, loader_config
+    from owl.train.stages import planned_model
 
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
     # Build the loader once here: "enough data for every worker" is checked before any worker
@@ -169,7 +66,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     driver_loader = build_loader(cfg, datasets or shards, loader_cfg, world_size=cfg.num_workers)
     dropped = {} if streaming else dict(driver_loader.dropped)
     check_resources(cfg)
-    table = _trainable_table(ctx, cfg)
+    table = planned_model(ctx.model, cfg)[1]  # the workers' table, on the meta device (no memory)
     job = WorkerJob(
         train=cfg,
         model=ctx.model,
@@ -186,7 +83,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         with training_progress(ctx, cfg) as callback:
             result = build_trainer(ctx, cfg, job, callbacks=[callback]).fit()
     except Exception as exc:
-        cause = _worker_value_error(exc)
+        cause = worker_value_error(exc)
         if cause is None:
             raise
         raise ValueError(cause) from exc  # e.g. a worker found a shard that does not match
@@ -230,16 +127,6 @@ def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -
         manifest = Manifest.read(folder)
         datasets.append(Dataset(shards_from_manifest(manifest, folder), weight, path))
     return datasets
-
-
-def _worker_value_error(exc: BaseException) -> str | None:
-    """The message of a ValueError a worker raised (a data error, e.g. a corrupted shard the
-    streaming loader found on opening it), from Ray Train's WorkerGroupError; else None."""
-    for failure in getattr(exc, "worker_failures", {}).values():
-        cause = getattr(failure, "cause", failure)  # RayTaskError wraps the worker's exception
-        if isinstance(cause, ValueError):
-            return str(cause.args[0]) if cause.args else str(cause)
-    return None
 
 
 def _finish(
@@ -293,71 +180,6 @@ def _finish(
         "deepspeed": state.engine,
     }
     return manifest
-
-
-LOSS_PLOT = "loss_curve.png"
-
-
-def _progress_path(ctx: StepContext) -> Path:
-    """Where the Ray Train controller leaves rank 0's latest metrics for the driver to show."""
-    if not ctx.extra.get("storage") or not ctx.extra.get("execution_id"):
-        return ctx.out_dir / ".progress.json"  # not listed in the manifest: not an output
-    execution = Path(ctx.extra["storage"]) / "executions" / ctx.extra["execution_id"]
-    return execution / f"progress-{ctx.step}.json"
-
-
-def _progress_callback(path: Path) -> Any:
-    """A Ray Train callback (it runs in the controller, after every report of the workers) that
-    writes rank 0's metrics to `path`."""
-    from ray.train import UserCallback
-
-    from pipelines.cache import write_json_atomic
-
-    class ProgressFile(UserCallback):
-        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-            if metrics and metrics[0]:
-                write_json_atomic(path, {k: float(v) for k, v in metrics[0].items()})
-
-    return ProgressFile()
-
-
-@contextlib.contextmanager
-def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -> Iterator[Any]:
-    """Yield the callback for the trainer; meanwhile a driver thread turns what it writes into
-    `ctx.progress(step, total, "loss ..., tok/s, ETA")` (the metrics the workers report anyway)."""
-    import json
-    import threading
-
-    from pipelines.progress import training_message
-
-    path = _progress_path(ctx)
-    path.unlink(missing_ok=True)
-    total = cfg.max_steps if cfg.max_steps > 0 else None
-    done = threading.Event()
-
-    def watch() -> None:
-        seen = 0.0
-        while True:
-            stop = done.wait(poll_s)  # one more look after training ends: its last report
-            try:
-                mtime = path.stat().st_mtime_ns
-                if mtime != seen:
-                    metrics = json.loads(path.read_text())
-                    seen = mtime
-                    ctx.progress(metrics.get("step", 0.0), total, training_message(metrics, total))
-            except (OSError, ValueError):
-                pass
-            if stop:
-                return
-
-    ctx.progress(0, total, "starting Ray Train workers")
-    thread = threading.Thread(target=watch, name=f"owl-progress-{ctx.step}", daemon=True)
-    thread.start()
-    try:
-        yield _progress_callback(path)
-    finally:
-        done.set()
-        thread.join(timeout=5)
 
 
 def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], *, title: str) -> None:

@@ -1,0 +1,195 @@
+"""Ray Train for the training step (not a step): the per-worker entry point and its session, the
+trainer, the cluster-resources check, the workers' progress relayed to the driver, and a worker's
+data error unwrapped from Ray Train's failure.
+
+Ray Train, torch and the training loop are imported where a stage runs (tests/unit/
+test_cached_rerun.py: a fully cached `owl run` imports none of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from owl.train.config import TrainConfig
+from pipelines.step import StepContext
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from owl.train.loop import WorkerJob
+
+RUN_NAME = "train"
+
+
+class RaySession:
+    """`owl.train.loop.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
+
+    def __init__(self, resume_path: str) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self._resume_path = resume_path
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[Path | None]:
+        """Ray Train's latest checkpoint (after a worker restart), else the one the driver found
+        on disk (after a driver restart), else None."""
+        import ray.train
+
+        reported = ray.train.get_checkpoint()
+        if reported is not None:
+            with reported.as_directory() as directory:
+                yield Path(directory)
+        elif self._resume_path:
+            yield Path(self._resume_path)
+        else:
+            yield None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from owl.train import checkpoint
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=checkpoint.step_dir_name(int(metrics["step"])),
+        )
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point: everything comes in through `config`."""
+    import ray.train
+    import torch
+
+    from owl.train.loop import run_training
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.get_context().get_local_rank())
+    run_training(config["job"], RaySession(config["resume_path"]))
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """ValueError before anything starts when the job asks for more than the cluster has."""
+    import ray
+
+    have = ray.cluster_resources()
+    for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
+        need = per_worker * cfg.num_workers
+        if need > have.get(name, 0.0):
+            raise ValueError(
+                f"train: {cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but "
+                f"the Ray cluster has {have.get(name, 0.0):g}; lower num_workers or "
+                f"{name.lower()}s_per_worker, or add nodes"
+            )
+
+
+def build_trainer(
+    ctx: StepContext, cfg: TrainConfig, job: WorkerJob, callbacks: list[Any] | None = None
+) -> TorchTrainer:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from owl.train import checkpoint
+
+    storage = ctx.out_dir / "checkpoints"
+    storage.mkdir(parents=True, exist_ok=True)
+    newest = checkpoint.newest_checkpoint(storage)
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"job": job, "resume_path": str(newest) if newest else ""},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def worker_value_error(exc: BaseException) -> str | None:
+    """The message of a ValueError a worker raised (a data error, e.g. a corrupted shard the
+    streaming loader found on opening it), from Ray Train's WorkerGroupError; else None."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)  # RayTaskError wraps the worker's exception
+        if isinstance(cause, ValueError):
+            return str(cause.args[0]) if cause.args else str(cause)
+    return None
+
+
+def _progress_path(ctx: StepContext) -> Path:
+    """Where the Ray Train controller leaves rank 0's latest metrics for the driver to show."""
+    if not ctx.extra.get("storage") or not ctx.extra.get("execution_id"):
+        return ctx.out_dir / ".progress.json"  # not listed in the manifest: not an output
+    execution = Path(ctx.extra["storage"]) / "executions" / ctx.extra["execution_id"]
+    return execution / f"progress-{ctx.step}.json"
+
+
+def _progress_callback(path: Path) -> Any:
+    """A Ray Train callback (it runs in the controller, after every report of the workers) that
+    writes rank 0's metrics to `path`."""
+    from ray.train import UserCallback
+
+    from pipelines.cache import write_json_atomic
+
+    class ProgressFile(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            if metrics and metrics[0]:
+                write_json_atomic(path, {k: float(v) for k, v in metrics[0].items()})
+
+    return ProgressFile()
+
+
+@contextlib.contextmanager
+def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -> Iterator[Any]:
+    """Yield the callback for the trainer; meanwhile a driver thread turns what it writes into
+    `ctx.progress(step, total, "loss ..., tok/s, ETA")` (the metrics the workers report anyway)."""
+    import json
+    import threading
+
+    from pipelines.progress import training_message
+
+    path = _progress_path(ctx)
+    path.unlink(missing_ok=True)
+    total = cfg.max_steps if cfg.max_steps > 0 else None
+    done = threading.Event()
+
+    def watch() -> None:
+        seen = 0.0
+        while True:
+            stop = done.wait(poll_s)  # one more look after training ends: its last report
+            try:
+                mtime = path.stat().st_mtime_ns
+                if mtime != seen:
+                    metrics = json.loads(path.read_text())
+                    seen = mtime
+                    ctx.progress(metrics.get("step", 0.0), total, training_message(metrics, total))
+            except (OSError, ValueError):
+                pass
+            if stop:
+                return
+
+    ctx.progress(0, total, "starting Ray Train workers")
+    thread = threading.Thread(target=watch, name=f"owl-progress-{ctx.step}", daemon=True)
+    thread.start()
+    try:
+        yield _progress_callback(path)
+    finally:
+        done.set()
+        thread.join(timeout=5)
