@@ -1,6 +1,7 @@
 # The two commands a newcomer needs (see README): `make demo` and `make test`.
-# A Python the whole stack supports: 3.10 to 3.13 (CI runs 3.11). The first of these found on
-# PATH is used; `make setup PY=/path/to/python3.12` picks another.
+# A Python the whole stack supports: 3.10 to 3.13 (CI runs 3.11, and tests/unit on 3.13 with
+# `make test-newest` below). The first of these found on PATH is used; `make setup
+# PY=/path/to/python3.12` picks another.
 SUPPORTED := (3, 10) <= sys.version_info[:2] <= (3, 13)
 PY ?= $(firstword $(foreach p,python3.11 python3.12 python3.13 python3.10 python3,\
 	$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit(not ($(SUPPORTED)))' \
@@ -9,7 +10,22 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORAGE ?= runs/demo
 
-.PHONY: setup java demo test lint format bench clean-demo
+# `make test-newest`: the fast tests (tests/unit) on the newest supported Python, in their own
+# environment (.venv-3.13), installed with uv (parallel downloads: on 3.13 PyPI's torch 2.13.0
+# is the CUDA build, ~4 GB with its nvidia-* wheels). python3.13 on PATH or in pyenv;
+# `make test-newest PY_NEWEST=/path/to/python3.13` picks another.
+NEWEST := 3.13
+UV_VERSION := 0.13.8
+PY_NEWEST ?= $(firstword $(foreach p,python$(NEWEST) $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(NEWEST)*/bin/python$(NEWEST)),\
+	$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(NEWEST)")' \
+	2>/dev/null && echo $(p))))
+VENV_NEWEST ?= .venv-$(NEWEST)
+BIN_NEWEST := $(VENV_NEWEST)/bin
+# The two environments may be built at once (.ci/run): their editable installs both write
+# owl.egg-info into the checkout, so they take turns (flock, where there is one).
+TURN := $(if $(shell command -v flock),flock pyproject.toml)
+
+.PHONY: setup java demo test test-newest lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
@@ -18,8 +34,22 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU wheel; GPU users install their CUDA build of torch first.
 	$(BIN)/pip install -q torch==2.13.0 -r requirements-ci.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(TURN) $(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+$(VENV_NEWEST)/.installed: pyproject.toml requirements-ci.txt
+	@test -n "$(PY_NEWEST)" || { echo "error: no Python $(NEWEST) found (python$(NEWEST) on PATH, or pyenv's versions/$(NEWEST).*): install one (e.g. pyenv install $(NEWEST)) or run make test-newest PY_NEWEST=/path/to/python$(NEWEST)"; exit 1; }
+	@$(PY_NEWEST) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(NEWEST)" else f"error: $(PY_NEWEST) is Python {v}; make test-newest needs $(NEWEST): run make test-newest PY_NEWEST=/path/to/python$(NEWEST)")'
+	$(PY_NEWEST) -m venv $(VENV_NEWEST)
+	$(BIN_NEWEST)/pip install -q uv==$(UV_VERSION)
+	# The same pins as .venv; torch==2.13.0 comes from PyPI (on $(NEWEST), its CUDA build).
+	$(BIN_NEWEST)/uv pip install -q --python $(BIN_NEWEST)/python torch==2.13.0 -r requirements-ci.txt
+	$(TURN) $(BIN_NEWEST)/uv pip install -q --python $(BIN_NEWEST)/python --no-deps -e .
+	touch $@
+
+# The fast tests (tests/unit) on Python $(NEWEST); CI (.ci/run) runs this next to `make test`.
+test-newest: $(VENV_NEWEST)/.installed
+	$(BIN_NEWEST)/pytest -q tests/unit
 
 setup: $(VENV)/.installed java
 

@@ -26,7 +26,7 @@ from pipelines.progress import captured_output, make_reporter
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster with `owl submit`: environments, data, outputs, caches.
 SUBMIT_EXCLUDES = [
-    ".venv", ".git", "data", "outputs", "runs", ".owl", "*.egg-info", "__pycache__",
+    ".venv", ".venv-*", ".git", "data", "outputs", "runs", ".owl", "*.egg-info", "__pycache__",
     ".pytest_cache", ".ruff_cache", ".whl", ".gl", "build", "dist",
 ]  # fmt: skip
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
