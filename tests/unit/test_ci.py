@@ -1,0 +1,85 @@
+""".ci/run and `make test-newest` as they run: CI's two legs (`make test`, and `make test-newest`
+in the background) both decide the exit status, the background leg's log is printed, and the last
+line is the main suite's pytest summary; `make test-newest` without a Python 3.13 stops with a
+one-line error. A stand-in `make` on PATH plays the two legs, so nothing is installed here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE_MAKE = """#!/usr/bin/env bash
+case "$1" in
+  test-newest) sleep 0.5; echo "newest leg output"; echo "467 passed in 150.00s (0:02:30)"
+               exit "$NEWEST_RC" ;;
+  test) echo "main leg output"; echo "=== short test summary info ==="
+        echo "700 passed, 3 skipped in 1500.00s (0:25:00)"; exit "$MAIN_RC" ;;
+  *) echo "unexpected make $*"; exit 99 ;;
+esac
+"""
+
+
+def run_ci(tmp_path: Path, newest_rc: int, main_rc: int) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "make").write_text(FAKE_MAKE)
+    (bin_dir / "make").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+        "NEWEST_RC": str(newest_rc),
+        "MAIN_RC": str(main_rc),
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(("newest_rc", "main_rc"), [(0, 0), (1, 0), (0, 2)])
+def test_ci_runs_both_legs_and_ends_with_the_main_summary(tmp_path, newest_rc, main_rc):
+    result = run_ci(tmp_path, newest_rc, main_rc)
+    out = result.stdout
+    assert (result.returncode == 0) == (newest_rc == 0 and main_rc == 0), out
+    assert "main leg output" in out and "newest leg output" in out
+    assert out.index("main leg output") < out.index("newest leg output")  # its log comes after
+    assert f"make test-newest: exit {newest_rc} after" in out
+    assert out.rstrip("\n").splitlines()[-1] == "700 passed, 3 skipped in 1500.00s (0:25:00)"
+    assert ("error: make test-newest failed" in out) == (newest_rc != 0)
+    assert ("error: make test failed" in out) == (main_rc != 0)
+
+
+def make_test_newest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    venv = tmp_path / "venv-newest"
+    return subprocess.run(
+        ["make", "--no-print-directory", "test-newest", f"VENV_NEWEST={venv}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_make_test_newest_without_python_313_is_one_line(tmp_path):
+    result = make_test_newest(tmp_path, "PY_NEWEST=")
+    assert result.returncode != 0
+    assert result.stdout.splitlines() == [
+        "error: no Python 3.13 found (python3.13 on PATH, or pyenv's versions/3.13.*): install "
+        "one (e.g. pyenv install 3.13) or run make test-newest PY_NEWEST=/path/to/python3.13"
+    ]
+    assert not (tmp_path / "venv-newest").exists()
+
+
+@pytest.mark.skipif(sys.version_info[:2] == (3, 13), reason="needs a Python other than 3.13")
+def test_make_test_newest_refuses_another_python(tmp_path):
+    result = make_test_newest(tmp_path, f"PY_NEWEST={sys.executable}")
+    assert result.returncode != 0
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert result.stderr.splitlines()[0] == (
+        f"error: {sys.executable} is Python {version}; make test-newest needs 3.13: run make "
+        "test-newest PY_NEWEST=/path/to/python3.13"
+    )
+    assert not (tmp_path / "venv-newest").exists()
