@@ -2,16 +2,20 @@
 
 1. Forward + backward tokens/s at `demo` size: our decoder (text-only batch through the whole
    OwlModel, owl1 = plain LLaMA layers, owl2 = with the modality-adaptive module) vs transformers
-   `LlamaForCausalLM` with the same dimensions (SDPA attention). Target: owl1 >= 1.0x.
-2. Generation of 256 new tokens (batch 1; text prompt, then image + text prompt), KV cache vs
-   recomputing the whole sequence each step. Target >= 5x.
+   `LlamaForCausalLM` with the same dimensions (SDPA attention). Target: owl1 >= 1.0x. Also owl2
+   with its MAM norms as two norm modules and a `torch.where` (what the norm-weight lookup buys).
+2. Generation of 256 new tokens (batch 1 or 8; text prompt, then image + text prompt), KV cache vs
+   recomputing the whole sequence each step (target >= 5x); the cached runs once with `TextStep`
+   per generated token, as `generate` does, once with `forward_cached` per token (its path for a
+   decoder TextStep refuses, e.g. LoRA-wrapped): what TextStep buys.
 3. (`--only step`, not run by default) A whole OwlModel training step at `demo` size (forward,
    backward and AdamW over every parameter) on packed batches shaped like the demo's stages:
    stage 1, 12 rows of 256 tokens of caption samples (1 image + 15 text tokens each, 8 images
    per row); stage 2, 4 rows of 256 tokens with 5 image samples each (1 image + 34 text tokens).
    The model as it is (every linear layer `owl.model.linear.Linear`) against copies whose vision
    encoder and abstractor linears (or all linears) are plain nn.Linear: the same parameters, the
-   code before those modules (or any module) used the oneDNN path.
+   code before those modules (or any module) used the oneDNN path; and a copy whose attention runs
+   under the dense block-diagonal mask instead of per segment (what `SegmentLayout` buys).
 
 Times are this process's CPU time (one torch thread by default), repeats interleaved (baseline,
 candidate, baseline, ...), so other jobs on a shared machine do not skew the ratios; tables give the
@@ -34,8 +38,10 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import owl.model.model as model_module
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.model import build_model, get_config
+from owl.model.decoder import RMSNorm, TextStep
 from owl.model.linear import Linear
 from owl.train.loss import token_loss_sum
 
@@ -70,6 +76,16 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return min(_cpu_seconds(fn) for _ in range(repeats))
 
 
+def _with_hooked_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose RMSNorms carry a no-op forward pre-hook: the MAM's norms then run
+    as two norm modules and a `torch.where` (as under ZeRO-3's hooks), not the weight lookup."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.register_forward_pre_hook(lambda *_: None)
+    return model
+
+
 def bench_train_step(
     batch: int, length: int, repeats: int
 ) -> list[tuple[str, float, float, float]]:
@@ -80,6 +96,9 @@ def bench_train_step(
         "owl decoder (owl1, no MAM)": build_model(get_config("demo", "owl1")).train(),
         "owl decoder (owl2, MAM)": build_model(get_config("demo", "owl2")).train(),
     }
+    models["owl2, MAM norms as two norms + torch.where"] = _with_hooked_norms(
+        models["owl decoder (owl2, MAM)"]
+    )
 
     def step(model: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -118,7 +137,9 @@ def bench_generation(
 ) -> list[tuple[str, float, float, float]]:
     """`batch` copies of a 16-token text prompt (optionally after one image); no EOS, so every run
     makes exactly `new_tokens` tokens per sample. Without the cache each step reruns the whole
-    model (images included), which is what generation without a KV cache costs."""
+    model (images included), which is what generation without a KV cache costs. The cached runs
+    take each token through `TextStep` (as `generate` does) or, with TextStep refused as for a
+    LoRA-wrapped decoder, through `forward_cached` (what TextStep buys)."""
     torch.manual_seed(0)
     model = build_model("demo").eval()
     prompt = torch.randint(3, 512, (16,)).tolist()
@@ -128,21 +149,34 @@ def bench_generation(
         images = [torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)]
 
     prompts, images = [prompt] * batch, None if images is None else images * batch
+    no_cache, forward_cached = (
+        "no cache (recompute each step)",
+        "KV cache, forward_cached per token",
+    )
+    names = [no_cache, forward_cached, "KV cache, TextStep per token"]
 
-    def run(use_cache: bool) -> Callable[[], object]:
-        return lambda: model.generate(
-            prompts, images, max_new_tokens=new_tokens, use_cache=use_cache
-        )
+    def run(name: str) -> Callable[[], object]:
+        def call() -> object:
+            supports = TextStep.supports
+            if name == forward_cached:  # generate's path for a decoder TextStep refuses
+                TextStep.supports = staticmethod(lambda decoder: False)  # type: ignore[method-assign]
+            try:
+                return model.generate(
+                    prompts, images, max_new_tokens=new_tokens, use_cache=name != no_cache
+                )
+            finally:
+                TextStep.supports = supports  # type: ignore[method-assign]
 
-    seconds: dict[bool, list[float]] = {False: [], True: []}
-    run(True)()  # warm-up
+        return call
+
+    outputs = [run(name)() for name in names]  # warm-up
+    if any(out != outputs[0] for out in outputs):
+        raise RuntimeError("the generation variants disagree on the greedy tokens")
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):  # interleaved, as above
-        for use_cache in (False, True):
-            seconds[use_cache].append(_cpu_seconds(run(use_cache)))
-    return [
-        _row("no cache (recompute each step)", batch * new_tokens, seconds[False], seconds[False]),
-        _row("KV cache", batch * new_tokens, seconds[False], seconds[True]),
-    ]
+        for name in names:
+            seconds[name].append(_cpu_seconds(run(name)))
+    return [_row(name, batch * new_tokens, seconds[no_cache], v) for name, v in seconds.items()]
 
 
 def packed_batch(
@@ -177,6 +211,9 @@ def _with_nn_linear(model: torch.nn.Module, parts: tuple[str, ...]) -> torch.nn.
     return model
 
 
+DENSE_MASK = "Linear everywhere, attention under the dense mask (before SegmentLayout)"
+
+
 def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
     """Training steps (forward, backward, AdamW) of the whole demo model on stage-shaped batches;
     the baseline has nn.Linear in the vision encoder and abstractor (as before they used
@@ -189,6 +226,7 @@ def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, flo
         ),
         "Linear everywhere (oneDNN)": model,
         "nn.Linear everywhere": _with_nn_linear(model, ("vision", "abstractor", "decoder")),
+        DENSE_MASK: copy.deepcopy(model),
     }
     batches = {
         "stage-1-like: 12 x 256 tokens, 8 caption samples (1 image + 15 tokens) per row": (
@@ -202,9 +240,15 @@ def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, flo
 
     def step(name: str, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            logits = variants[name](
-                batch["input_ids"], batch["images"], segment_ids=batch["segment_ids"]
-            )
+            layout = model_module.SegmentLayout
+            if name == DENSE_MASK:  # SDPA under the (B, 1, T, T) block-diagonal mask
+                model_module.SegmentLayout = lambda s: model_module.segment_mask(s, s)
+            try:
+                logits = variants[name](
+                    batch["input_ids"], batch["images"], segment_ids=batch["segment_ids"]
+                )
+            finally:
+                model_module.SegmentLayout = layout
             token_loss_sum(logits, batch["labels"], batch["segment_ids"]).backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
