@@ -108,6 +108,9 @@ class KVCache:
 class SegmentLayout:
     """Attention within segments of packed rows, computed per segment instead of under a mask.
 
+    Buys 1.03-1.11x per demo training step and 1.18x on long-tailed packed rows over SDPA under
+    the dense mask (BENCHMARKS.md); same outputs and gradients (tests/unit/test_segment_layout.py).
+
     A packed row of T tokens under a (T, T) block-diagonal mask costs a dense T x T attention,
     most of it on pairs the mask throws away. Here every segment (sample) of the batch becomes
     one row of a *bucket* of segments of similar length, each bucket is one causal SDPA call,
@@ -278,9 +281,10 @@ class DecoderLayer(nn.Module):
             return text(x)
         visual_norm = getattr(self, f"{which}_visual")
         if _plain_norms(text, visual_norm):
-            # Both branches normalize x the same way (same eps) and differ only in the weight:
-            # normalize once and look each token's weight up (row 0 text, row 1 visual): the
-            # same values as two norms and a select, in half the passes over (B, T, D).
+            # Buys ~1.1x on owl2's forward+backward (BENCHMARKS.md, "Model"), bit-identical forward
+            # (tests/unit/test_decoder_fast_paths.py): both branches normalize x the same way and
+            # differ only in the weight, so normalize once and look each token's weight up (row 0
+            # text, row 1 visual). A hooked norm (ZeRO-3) must be called: two norms and a select.
             weights = torch.stack([text.weight, visual_norm.weight])  # (2, D)
             return F.embedding(visual[..., 0].long(), weights) * text.normalize(x)
         return torch.where(visual, visual_norm(x), text(x))
@@ -338,12 +342,16 @@ class Decoder(nn.Module):
 class TextStep:
     """One generated token per row through the decoder, for the cached decode loop.
 
-    Computes what Decoder.forward computes for a text token appended to the cached sequence, with
-    less work per token (at small widths a decode step is mostly per-operator overhead):
+    Buys 2.2x the tokens/s of `forward_cached` per token at demo size, batch 1 (1.7x at batch 8;
+    BENCHMARKS.md, "Model"), with the same logits and cache bit for bit at the sizes tested
+    (test_model_generate.py; past oneDNN's size `Linear` rounds differently from F.linear).
+    It computes what Decoder.forward computes for a text token appended to the cached sequence,
+    with less work per token (at small widths a decode step is mostly per-operator overhead):
     - text branch only: a generated token is never visual, so the MAM's visual norms and k/v
       copies are skipped (training forward passes still run both branches);
     - the weights are read once as plain tensors (shared storage, no copies): no module calls or
-      parameter dispatch per layer; activations stay (B, D), one token per row;
+      parameter dispatch per layer (the same step calling the modules is 1.35-1.6x slower);
+      activations stay (B, D), one token per row;
     - rotary tables for every position up to the cache's capacity are computed once;
     - keys/values are written in place into the preallocated cache;
     - grouped KV heads go through SDPA's `enable_gqa` instead of repeating the whole cache.
