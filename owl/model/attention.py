@@ -30,10 +30,8 @@ class FullAttention(nn.Module):
         batch, num_queries, width = query_in.shape  # (N, Q, W); keys and values (N, L, W)
         head_dim = width // self.num_heads
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, t.shape[1], self.num_heads, head_dim).transpose(
-                1, 2
-            )  # (N, h, ., d)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (N, ., W) -> (N, h, ., d)
+            return t.view(batch, t.shape[1], self.num_heads, head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
             heads(self.q_proj(query_in)), heads(self.k_proj(key_in)), heads(self.v_proj(value_in))
