@@ -7,7 +7,8 @@
 2. Generation of 256 new tokens (batch 1 or 8; text prompt, then image + text prompt), KV cache vs
    recomputing the whole sequence each step (target >= 5x); the cached runs once with `TextStep`
    per generated token, as `generate` does, once with `forward_cached` per token (its path for a
-   decoder TextStep refuses, e.g. LoRA-wrapped): what TextStep buys.
+   decoder TextStep refuses, e.g. LoRA-wrapped): what TextStep buys; and once with TextStep's work
+   done through the decoder's modules (`_ModuleStep`, tried for issue 15 and not kept).
 3. (`--only step`, not run by default) A whole OwlModel training step at `demo` size (forward,
    backward and AdamW over every parameter) on packed batches shaped like the demo's stages:
    stage 1, 12 rows of 256 tokens of caption samples (1 image + 15 text tokens each, 8 images
@@ -38,6 +39,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import owl.model.generate as generate_module
 import owl.model.model as model_module
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.model import build_model, get_config
@@ -132,14 +134,39 @@ def _row(
     )
 
 
+class _ModuleStep:
+    """TextStep's work through the decoder's own modules (text branch only, the same rotary
+    tables and key mask): one per-layer code path for training and decoding, LoRA-wrapped and
+    hooked decoders included. Tried for issue 15 and not kept (slower); measured here so the
+    choice can be checked again."""
+
+    supports = staticmethod(lambda decoder: True)
+
+    def __init__(self, decoder: torch.nn.Module, capacity: int) -> None:
+        self.decoder, tables = decoder, TextStep(decoder, capacity)
+        self.cos, self.sin = tables.cos, tables.sin
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        decoder, end = self.decoder, cache.length + 1
+        mask = None if key_mask is None else key_mask[..., :end]
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = decoder.embed_tokens(tokens[:, None])  # (B, 1, D)
+        for idx, layer in enumerate(decoder.layers):
+            x = layer(x, None, cos, sin, mask, cache, idx)
+        cache.length = end
+        return decoder.lm_head(decoder.norm(x))[:, 0]
+
+
 def bench_generation(
     new_tokens: int, repeats: int, with_image: bool, batch: int = 1
 ) -> list[tuple[str, float, float, float]]:
     """`batch` copies of a 16-token text prompt (optionally after one image); no EOS, so every run
     makes exactly `new_tokens` tokens per sample. Without the cache each step reruns the whole
     model (images included), which is what generation without a KV cache costs. The cached runs
-    take each token through `TextStep` (as `generate` does) or, with TextStep refused as for a
-    LoRA-wrapped decoder, through `forward_cached` (what TextStep buys)."""
+    take each token through `TextStep` (as `generate` does), through `forward_cached` (TextStep
+    refused, as for a LoRA-wrapped decoder: what TextStep buys), or through `_ModuleStep`."""
     torch.manual_seed(0)
     model = build_model("demo").eval()
     prompt = torch.randint(3, 512, (16,)).tolist()
@@ -149,34 +176,38 @@ def bench_generation(
         images = [torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)]
 
     prompts, images = [prompt] * batch, None if images is None else images * batch
-    no_cache, forward_cached = (
-        "no cache (recompute each step)",
-        "KV cache, forward_cached per token",
-    )
-    names = [no_cache, forward_cached, "KV cache, TextStep per token"]
+    steps = {
+        "no cache (recompute each step)": None,
+        "KV cache, forward_cached per token": "refused",
+        "KV cache, TextStep through the modules per token (not kept)": _ModuleStep,
+        "KV cache, TextStep per token": TextStep,
+    }
 
     def run(name: str) -> Callable[[], object]:
         def call() -> object:
-            supports = TextStep.supports
-            if name == forward_cached:  # generate's path for a decoder TextStep refuses
+            step, supports = generate_module.TextStep, TextStep.supports
+            if steps[name] == "refused":  # generate's path for a decoder TextStep refuses
                 TextStep.supports = staticmethod(lambda decoder: False)  # type: ignore[method-assign]
+            elif steps[name] is not None:
+                generate_module.TextStep = steps[name]
             try:
                 return model.generate(
-                    prompts, images, max_new_tokens=new_tokens, use_cache=name != no_cache
+                    prompts, images, max_new_tokens=new_tokens, use_cache=steps[name] is not None
                 )
             finally:
-                TextStep.supports = supports  # type: ignore[method-assign]
+                generate_module.TextStep, TextStep.supports = step, supports  # type: ignore[method-assign]
 
         return call
 
-    outputs = [run(name)() for name in names]  # warm-up
+    outputs = [run(name)() for name in steps]  # warm-up
     if any(out != outputs[0] for out in outputs):
         raise RuntimeError("the generation variants disagree on the greedy tokens")
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):  # interleaved, as above
-        for name in names:
+        for name in steps:
             seconds[name].append(_cpu_seconds(run(name)))
-    return [_row(name, batch * new_tokens, seconds[no_cache], v) for name, v in seconds.items()]
+    base = seconds["no cache (recompute each step)"]
+    return [_row(name, batch * new_tokens, base, v) for name, v in seconds.items()]
 
 
 def packed_batch(
