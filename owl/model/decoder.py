@@ -342,7 +342,7 @@ class Decoder(nn.Module):
 class TextStep:
     """One generated token per row through the decoder, for the cached decode loop.
 
-    Buys 2.2x the tokens/s of `forward_cached` per token at demo size, batch 1 (1.7x at batch 8;
+    Buys ~2x the tokens/s of `forward_cached` per token at demo size, batch 1 (1.7x at batch 8;
     BENCHMARKS.md, "Model"), with the same logits and cache bit for bit at the sizes tested
     (test_model_generate.py; past oneDNN's size `Linear` rounds differently from F.linear).
     It computes what Decoder.forward computes for a text token appended to the cached sequence,
@@ -350,7 +350,7 @@ class TextStep:
     - text branch only: a generated token is never visual, so the MAM's visual norms and k/v
       copies are skipped (training forward passes still run both branches);
     - the weights are read once as plain tensors (shared storage, no copies): no module calls or
-      parameter dispatch per layer (the same step calling the modules is 1.35-1.6x slower);
+      parameter dispatch per layer (the same step calling the modules is 1.25-1.7x slower);
       activations stay (B, D), one token per row;
     - rotary tables for every position up to the cache's capacity are computed once;
     - keys/values are written in place into the preallocated cache;
