@@ -26,13 +26,13 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
 from owl.model.model import OwlModel
 
+# peft is imported where it is used: it imports transformers (and that torch._dynamo), seconds
+# that `load_model` (which only checks for a kept-apart adapter) must not pay in an eval actor.
 ADAPTER_DIR = "adapter"  # in an exported model folder
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,6 +63,8 @@ def apply_lora(
     if missing:
         raise ValueError(f"modules_to_save {missing} are not modules of the model")
     targets = "|".join(re.escape(t) for t in target_modules)
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -88,6 +90,8 @@ def merge_lora(model: OwlModel) -> OwlModel:
 
 def unwrap_lora(model: OwlModel, merge: bool = False) -> OwlModel:
     """Remove the LoRA wrappers (folding the adapters in first when `merge`): plain names."""
+    from peft.tuners.lora import LoraLayer
+
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, module in wrapped:
         if merge:
@@ -115,6 +119,8 @@ def save_adapter(
 ) -> Path:
     """The adapters of a LoRA-wrapped model (and `modules_to_save`, default `trained_modules`) as
     a peft adapter folder that `peft.PeftModel.from_pretrained(base, directory)` loads."""
+    from peft import get_peft_model_state_dict
+
     if not hasattr(model, "peft_config"):
         raise ValueError("save_adapter: the model has no LoRA adapters (see apply_lora)")
     modules = list(trained_modules(model) if modules_to_save is None else modules_to_save)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from owl.model.config import OwlConfig
-from owl.model.model import OwlModel
+from owl.model.weights import meta_model
 
 
 def summarize(cfg: OwlConfig) -> dict[str, Any]:
@@ -16,8 +14,7 @@ def summarize(cfg: OwlConfig) -> dict[str, Any]:
     Components: vision, abstractor, decoder (embeddings, layers, norm, lm_head) and, with the
     modality-adaptive module, `decoder.visual_copies` (the `*_visual` parameters, counted inside
     decoder too)."""
-    with torch.device("meta"):
-        model = OwlModel(cfg)
+    model = meta_model(cfg)
     params: dict[str, int] = {}
     for name, param in model.named_parameters():  # tied weights are listed once
         component = name.split(".")[0]

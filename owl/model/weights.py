@@ -38,6 +38,14 @@ def build_model(
     return model.to(dtype=dtype) if dtype is not None else model
 
 
+def meta_model(cfg: OwlConfig) -> OwlModel:
+    """The model's structure on the meta device, no init math run (`_SkipInit`): for shapes and
+    parameter counts, or to assign weights into. Building with init makes torch import
+    torch._dynamo (BENCHMARKS.md, "Numbers moved out of the code")."""
+    with torch.device("meta"), _SkipInit():
+        return OwlModel(cfg)
+
+
 # ---------------------------------------------------------------------------- our own folder format
 
 
@@ -148,8 +156,7 @@ def model_from_state_dict(
     source: str = "state dict",
 ) -> OwlModel:
     """Build on the meta device and assign `state` (which must match exactly)."""
-    with torch.device("meta"), _SkipInit():
-        model = OwlModel(cfg)
+    model = meta_model(cfg)
     check_keys(set(model.state_dict()) - _tied_keys(model), set(state), source)
     try:
         model.load_state_dict(state, strict=False, assign=True)
@@ -419,8 +426,7 @@ def model_with_fresh_rest(cfg: OwlConfig, loaded: dict[str, torch.Tensor]) -> Ow
     from owl.model.model import _init_weights
     from owl.model.vision import VisionEncoder
 
-    with torch.device("meta"):
-        model = OwlModel(cfg)
+    model = meta_model(cfg)
     result = model.load_state_dict(loaded, strict=False, assign=True)
     assert not result.unexpected_keys, result.unexpected_keys  # name maps only emit our keys
     if cfg.decoder.tie_embeddings:

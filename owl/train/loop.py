@@ -503,14 +503,13 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
 def _consolidated(engine: Any, job: WorkerJob) -> torch.nn.Module | None:
     """Rank 0: an unpartitioned copy of the ZeRO-3 model (same modules, LoRA wrappers included);
     other ranks: None. Collective."""
-    from owl.model import OwlModel
+    from owl.model.weights import meta_model
 
     state = engine._zero3_consolidated_16bit_state_dict()
     if state is None:
         return None
     cfg = engine.module.cfg
-    with torch.device("meta"):
-        model = OwlModel(cfg)
+    model = meta_model(cfg)
     if any("lora_" in k for k in state):
         select_for_stage(model, cfg.variant, job.train)  # the same wrappers and trainable set
     if cfg.decoder.tie_embeddings:

@@ -118,10 +118,9 @@ def select_for_stage(model: nn.Module, variant: str, cfg: TrainConfig) -> dict[s
 def planned_model(model_cfg: Any, cfg: TrainConfig) -> tuple[nn.Module, dict[str, dict[str, int]]]:
     """The stage's model built on the meta device (shapes only, nothing allocated) with its
     trainable selection applied (LoRA injected where the stage uses it), and the table."""
-    from owl.model import OwlModel
+    from owl.model.weights import meta_model
 
-    with torch.device("meta"):
-        model = OwlModel(model_cfg)
+    model = meta_model(model_cfg)
     return model, select_for_stage(model, model_cfg.variant, cfg)
 
 

@@ -81,3 +81,27 @@ def test_a_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"size mismatch for decoder\.norm\.weight") as err:
         load_model(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_structure_only_builds_run_no_init_math(tmp_path: Path) -> None:
+    """Parameter counts, the training memory plan and a loaded model are built on meta with init
+    skipped: init math on meta tensors makes torch import torch._dynamo, seconds in a fresh
+    process (the driver of every `owl run` plans memory). Loading a model imports neither peft
+    nor transformers (an evaluation actor pays each import)."""
+    import subprocess
+    import sys
+
+    save_model(build_model("debug-tiny"), tmp_path / "m")
+    code = f"""
+import sys
+from owl.model import get_config, load_model
+from owl.model.summary import summarize
+from owl.train.config import TrainConfig
+from owl.train.stages import planned_model
+summarize(get_config("owl2-llama2-7b"))
+planned_model(get_config("owl2-llama2-7b"), TrainConfig(stage=1))
+load_model({str(tmp_path / "m")!r})
+print("torch._dynamo" in sys.modules, "transformers" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False", out.stderr[-2000:]
