@@ -21,6 +21,9 @@ PY_NEWEST ?= $(firstword $(foreach p,python$(NEWEST) $(wildcard $(or $(PYENV_ROO
 	2>/dev/null && echo $(p))))
 VENV_NEWEST ?= .venv-$(NEWEST)
 BIN_NEWEST := $(VENV_NEWEST)/bin
+# --system-certs: trust the machine's certificate store, as pip does (uv's default is its own
+# bundled roots, which refuse a TLS-inspecting proxy whose CA only the machine trusts).
+UV_INSTALL = $(BIN_NEWEST)/uv pip install -q --system-certs --python $(BIN_NEWEST)/python
 # The two environments may be built at once (.ci/run): their editable installs both write
 # owl.egg-info into the checkout, so they take turns (flock, where there is one).
 TURN := $(if $(shell command -v flock),flock pyproject.toml)
@@ -43,8 +46,8 @@ $(VENV_NEWEST)/.installed: pyproject.toml requirements-ci.txt
 	$(PY_NEWEST) -m venv $(VENV_NEWEST)
 	$(BIN_NEWEST)/pip install -q uv==$(UV_VERSION)
 	# The same pins as .venv; torch==2.13.0 comes from PyPI (on $(NEWEST), its CUDA build).
-	$(BIN_NEWEST)/uv pip install -q --python $(BIN_NEWEST)/python torch==2.13.0 -r requirements-ci.txt
-	$(TURN) $(BIN_NEWEST)/uv pip install -q --python $(BIN_NEWEST)/python --no-deps -e .
+	$(UV_INSTALL) torch==2.13.0 -r requirements-ci.txt
+	$(TURN) $(UV_INSTALL) --no-deps -e .
 	touch $@
 
 # The fast tests (tests/unit) on Python $(NEWEST); CI (.ci/run) runs this next to `make test`.
