@@ -1,11 +1,13 @@
 """.ci/run and `make test-newest` as they run: CI's two legs (`make test`, and `make test-newest`
-in the background) both decide the exit status, the background leg's log is printed, and the last
-line is the main suite's pytest summary; `make test-newest` without a Python 3.13 stops with a
-one-line error. A stand-in `make` on PATH plays the two legs, so nothing is installed here."""
+in the background, with Ray and temp folders of its own) both decide the exit status, the
+background leg's log is printed, and the last line is the main suite's pytest summary; `make
+test-newest` without a Python 3.13 stops with a one-line error. A stand-in `make` on PATH plays the
+two legs, so nothing is installed here."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_MAKE = """#!/usr/bin/env bash
 case "$1" in
-  test-newest) sleep 0.5; echo "newest leg output"; echo "467 passed in 150.00s (0:02:30)"
+  test-newest) sleep 0.5; echo "newest leg output, Ray in $RAY_TMPDIR, temp in $TMPDIR"
+               echo "467 passed in 150.00s (0:02:30)"
                exit "$NEWEST_RC" ;;
   test) echo "main leg output"; echo "=== short test summary info ==="
         echo "700 passed, 3 skipped in 1500.00s (0:25:00)"; exit "$MAIN_RC" ;;
@@ -50,6 +53,9 @@ def test_ci_runs_both_legs_and_ends_with_the_main_summary(tmp_path, newest_rc, m
     assert "main leg output" in out and "newest leg output" in out
     assert out.index("main leg output") < out.index("newest leg output")  # its log comes after
     assert f"make test-newest: exit {newest_rc} after" in out
+    ray_tmp, tmp = re.search(r"newest leg output, Ray in (\S+), temp in (\S+)", out).groups()
+    assert Path(ray_tmp).is_dir() and Path(tmp).is_dir() and ray_tmp != tmp
+    assert Path(ray_tmp).parent == Path(tmp).parent and tmp_path in Path(tmp).parents
     assert out.rstrip("\n").splitlines()[-1] == "700 passed, 3 skipped in 1500.00s (0:25:00)"
     assert ("error: make test-newest failed" in out) == (newest_rc != 0)
     assert ("error: make test failed" in out) == (main_rc != 0)
