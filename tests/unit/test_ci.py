@@ -54,8 +54,9 @@ def test_ci_runs_both_legs_and_ends_with_the_main_summary(tmp_path, newest_rc, m
     assert out.index("main leg output") < out.index("newest leg output")  # its log comes after
     assert f"make test-newest: exit {newest_rc} after" in out
     ray_tmp, tmp = re.search(r"newest leg output, Ray in (\S+), temp in (\S+)", out).groups()
-    assert Path(ray_tmp).is_dir() and Path(tmp).is_dir() and ray_tmp != tmp
-    assert Path(ray_tmp).parent == Path(tmp).parent and tmp_path in Path(tmp).parents
+    assert ray_tmp != tmp and Path(ray_tmp).parent == Path(tmp).parent  # the CI log folder
+    assert tmp_path in Path(tmp).parents
+    assert Path(ray_tmp).is_dir() == Path(tmp).is_dir() == (newest_rc != 0)  # kept if it failed
     assert out.rstrip("\n").splitlines()[-1] == "700 passed, 3 skipped in 1500.00s (0:25:00)"
     assert ("error: make test-newest failed" in out) == (newest_rc != 0)
     assert ("error: make test failed" in out) == (main_rc != 0)
