@@ -28,7 +28,7 @@ UV_INSTALL = $(BIN_NEWEST)/uv pip install -q --system-certs --python $(BIN_NEWES
 # owl.egg-info into the checkout, so they take turns (flock, where there is one).
 TURN := $(if $(shell command -v flock),flock pyproject.toml)
 
-.PHONY: setup java demo test test-newest lint format bench clean-demo
+.PHONY: setup java demo test setup-newest test-newest lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
@@ -50,7 +50,10 @@ $(VENV_NEWEST)/.installed: pyproject.toml requirements-ci.txt
 	$(TURN) $(UV_INSTALL) --no-deps -e .
 	touch $@
 
-# The fast tests (tests/unit) on Python $(NEWEST); CI (.ci/run) runs this next to `make test`.
+# The fast tests (tests/unit) on Python $(NEWEST). CI (.ci/run) builds the environment
+# (`make setup-newest`) while `make test` runs, and runs these tests after it.
+setup-newest: $(VENV_NEWEST)/.installed
+
 test-newest: $(VENV_NEWEST)/.installed
 	$(BIN_NEWEST)/pytest -q tests/unit
 

@@ -1,5 +1,6 @@
 """.ci/run and `make test-newest` as they run: CI's two legs (`make test`, and `make test-newest`
-in the background, with Ray and temp folders of its own) both decide the exit status, the
+after it, its environment built in the background meanwhile, with Ray and temp folders of its
+own) both decide the exit status, the
 background leg's log is printed, and the last line is the main suite's pytest summary; `make
 test-newest` without a Python 3.13 stops with a one-line error. A stand-in `make` on PATH plays the
 two legs, so nothing is installed here."""
@@ -17,18 +18,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_MAKE = """#!/usr/bin/env bash
+echo "$1 start" >> "$ORDER"
 case "$1" in
-  test-newest) sleep 0.5; echo "newest leg output, Ray in $RAY_TMPDIR, temp in $TMPDIR"
-               echo "467 passed in 150.00s (0:02:30)"
-               exit "$NEWEST_RC" ;;
-  test) echo "main leg output"; echo "=== short test summary info ==="
-        echo "700 passed, 3 skipped in 1500.00s (0:25:00)"; exit "$MAIN_RC" ;;
+  setup-newest) sleep 0.3; echo "newest setup, temp in $TMPDIR"; rc=$SETUP_RC ;;
+  test-newest) echo "newest leg output, Ray in $RAY_TMPDIR, temp in $TMPDIR"
+               echo "467 passed in 150.00s (0:02:30)"; rc=$NEWEST_RC ;;
+  test) sleep 0.6; echo "main leg output"; echo "=== short test summary info ==="
+        echo "700 passed, 3 skipped in 1500.00s (0:25:00)"; rc=$MAIN_RC ;;
   *) echo "unexpected make $*"; exit 99 ;;
 esac
+echo "$1 end" >> "$ORDER"
+exit $rc
 """
 
 
-def run_ci(tmp_path: Path, newest_rc: int, main_rc: int) -> subprocess.CompletedProcess:
+def run_ci(
+    tmp_path: Path, newest_rc: int, main_rc: int, setup_rc: int = 0
+) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "make").write_text(FAKE_MAKE)
@@ -39,6 +45,8 @@ def run_ci(tmp_path: Path, newest_rc: int, main_rc: int) -> subprocess.Completed
         "TMPDIR": str(tmp_path),
         "NEWEST_RC": str(newest_rc),
         "MAIN_RC": str(main_rc),
+        "SETUP_RC": str(setup_rc),
+        "ORDER": str(tmp_path / "order.txt"),
     }
     return subprocess.run(
         ["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60
@@ -60,6 +68,18 @@ def test_ci_runs_both_legs_and_ends_with_the_main_summary(tmp_path, newest_rc, m
     assert out.rstrip("\n").splitlines()[-1] == "700 passed, 3 skipped in 1500.00s (0:25:00)"
     assert ("error: make test-newest failed" in out) == (newest_rc != 0)
     assert ("error: make test failed" in out) == (main_rc != 0)
+    # The 3.13 environment is built during the main suite; its tests run only after it ended.
+    order = (tmp_path / "order.txt").read_text().splitlines()
+    assert order.index("setup-newest start") < order.index("test end")
+    assert order.index("test end") < order.index("test-newest start")
+
+
+def test_a_failed_313_setup_fails_ci_and_runs_no_313_tests(tmp_path):
+    result = run_ci(tmp_path, 0, 0, setup_rc=2)
+    assert result.returncode != 0
+    assert "error: make test-newest failed (exit 2)" in result.stdout
+    assert "test-newest start" not in (tmp_path / "order.txt").read_text()
+    assert result.stdout.rstrip("\n").splitlines()[-1].startswith("700 passed")
 
 
 def make_test_newest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
