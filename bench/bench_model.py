@@ -43,6 +43,7 @@ import owl.model.generate as generate_module
 import owl.model.model as model_module
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.model import build_model, get_config
+from owl.model import linear as linear_module
 from owl.model.decoder import RMSNorm, TextStep
 from owl.model.linear import Linear
 from owl.train.loss import token_loss_sum
@@ -248,7 +249,16 @@ DENSE_MASK = "Linear everywhere, attention under the dense mask (before SegmentL
 def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
     """Training steps (forward, backward, AdamW) of the whole demo model on stage-shaped batches;
     the baseline has nn.Linear in the vision encoder and abstractor (as before they used
-    `Linear`)."""
+    `Linear`). `Linear` takes its oneDNN path here on every CPU (on an Intel CPU the model's
+    default is MKL, `owl.model.linear.PREFER_ONEDNN`), so each column is the library it names."""
+    prefer, linear_module.PREFER_ONEDNN = linear_module.PREFER_ONEDNN, True
+    try:
+        return _bench_model_step(repeats)
+    finally:
+        linear_module.PREFER_ONEDNN = prefer
+
+
+def _bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
     torch.manual_seed(0)
     model = build_model("demo").train()
     variants = {
@@ -333,7 +343,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU "
+        f"{linear_module.cpu_vendor() or '(vendor unknown)'} (`Linear` by default: "
+        f"{'oneDNN' if linear_module.PREFER_ONEDNN else 'MKL'}); "
         f"{args.repeats} interleaved repeats by process CPU time; {_load()}\n",
         flush=True,
     )

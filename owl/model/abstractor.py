@@ -10,7 +10,8 @@ norm_q, norm_k and norm2 use `norm_eps` (1e-5 in the authors' releases), ffn_nor
 to the query and key inputs, 2-D over the patch grid (a zero row for CLS) added to the image part of
 the key input. Values get none. The output is projected to the decoder width and a learned
 end-of-image vector is appended: K + 1 tokens per image. Linear layers are
-`owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN).
+`owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN, or MKL on an
+Intel CPU).
 """
 
 from __future__ import annotations

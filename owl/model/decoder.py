@@ -8,7 +8,8 @@ k/v; the two norms share the normalization and differ only in the weight, looked
 module sequence is the same whatever the batch holds (ZeRO-3 traces stay consistent across ranks,
 unlike the authors' release which skipped an empty branch).
 
-Linear layers are `owl.model.linear.Linear`: nn.Linear whose fp32 CPU products go through oneDNN.
+Linear layers are `owl.model.linear.Linear`: nn.Linear whose fp32 CPU products go through oneDNN
+(MKL on an Intel CPU, where it is the faster).
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ class TextStep:
 
     Buys ~2x the tokens/s of `forward_cached` per token at demo size, batch 1 (1.7x at batch 8;
     BENCHMARKS.md, "Model"), with the same logits and cache bit for bit at the sizes tested
-    (test_model_generate.py; past oneDNN's size `Linear` rounds differently from F.linear).
+    (test_model_generate.py; where `Linear` takes oneDNN, past its size it rounds differently from
+    F.linear).
     It computes what Decoder.forward computes for a text token appended to the cached sequence,
     with less work per token (at small widths a decode step is mostly per-operator overhead):
     - text branch only: a generated token is never visual, so the MAM's visual norms and k/v

@@ -1,11 +1,17 @@
-"""`Linear`: nn.Linear whose fp32 CPU products run through oneDNN instead of torch's BLAS.
+"""`Linear`: nn.Linear whose fp32 CPU products run through oneDNN instead of torch's BLAS where
+that is the faster of the two.
 
-Every linear layer of the model (vision encoder, abstractor, decoder) is this class: on CPU,
-oneDNN's products are faster than MKL's sgemm at the model's shapes, forward and backward
-(measurements: BENCHMARKS.md, "Model").
+Every linear layer of the model (vision encoder, abstractor, decoder) is this class. Which library
+is faster at the model's shapes depends on the CPU (BENCHMARKS.md, "Model"): on an AMD EPYC
+oneDNN's products made a demo training step ~1.4x faster than MKL's sgemm; on an Intel Xeon
+(AVX-512, AMX) MKL's made it 1.05-1.18x faster than oneDNN's. MKL is Intel's library, so on an
+Intel CPU `Linear` is F.linear (MKL), elsewhere oneDNN; the choice is made once per process
+(`PREFER_ONEDNN`), so a machine's numbers stay deterministic.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +22,15 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict keys, optional bias) whose fp32 products on CPU
     run through oneDNN rather than MKL: the forward product and both backward ones, the same values
     up to float rounding; the bias gradient is the output gradient summed over rows, as autograd
-    computes it for F.linear. For small products, on GPU, in bf16, under CPU autocast or with
-    mkldnn disabled (torch.backends.mkldnn.flags) it is nn.Linear. peft wraps it as any nn.Linear
-    (isinstance), so LoRA bases run through it too."""
+    computes it for F.linear. On an Intel CPU (`PREFER_ONEDNN` False), for small products, on GPU,
+    in bf16, under CPU autocast or with mkldnn disabled (torch.backends.mkldnn.flags) it is
+    nn.Linear. peft wraps it as any nn.Linear (isinstance), so LoRA bases run through it too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            _HAS_ONEDNN
+            PREFER_ONEDNN
+            and _HAS_ONEDNN
             and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32
             and torch.backends.mkldnn.enabled
@@ -88,3 +95,23 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
 # (e.g. a cached decode step's one token per row). It must stay >= 1: oneDNN rejects an empty input
 # (a text-only training batch runs the image path on zero images).
 _ONEDNN_MIN_MACS = 1 << 21
+
+
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """The CPU's vendor id (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo, or "" where
+    there is none (not Linux, or not x86)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+# Whether fp32 CPU products go through oneDNN: everywhere but on Intel CPUs, where torch's BLAS
+# (MKL) is the faster (module docstring). Benchmarks and tests set it to time or test either path.
+PREFER_ONEDNN = cpu_vendor() != "GenuineIntel"

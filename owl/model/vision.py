@@ -3,7 +3,8 @@
 Layout: bias-free patch convolution, a learned CLS vector and learned positions over CLS + patches,
 a LayerNorm before the blocks, pre-LayerNorm blocks with quick-GELU MLPs, and a LayerNorm after
 the blocks applied to *every* token (the abstractor reads all tokens, not only CLS). Linear layers
-are `owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN).
+are `owl.model.linear.Linear` (nn.Linear whose fp32 CPU products go through oneDNN, or MKL on an
+Intel CPU).
 """
 
 from __future__ import annotations

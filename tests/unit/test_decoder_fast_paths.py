@@ -30,8 +30,9 @@ def test_linear_matches_f_linear_with_gradients(
 ) -> None:
     """Both orders of the weight-gradient product, with and without bias (the vision encoder's and
     abstractor's linears have one), frozen inputs or parameters (LoRA bases), and a strided input;
-    the oneDNN path is taken even at these tiny sizes."""
+    the oneDNN path is taken even at these tiny sizes (and on an Intel CPU)."""
     monkeypatch.setattr(linear, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(linear, "PREFER_ONEDNN", True)
     torch.manual_seed(0)
     layer = Linear(in_features, out_features, bias=bias)
     params = list(layer.parameters())
@@ -71,6 +72,7 @@ def test_linear_is_f_linear_outside_fp32_cpu_and_for_small_products(
     x = torch.randn(2, 8)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # 64 multiply-adds: MKL
     monkeypatch.setattr(linear, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(linear, "PREFER_ONEDNN", True)
     if linear._HAS_ONEDNN:
         assert layer(x).grad_fn.name() == "_OneDNNLinearBackward"
     with torch.backends.mkldnn.flags(enabled=False):
@@ -82,6 +84,24 @@ def test_linear_is_f_linear_outside_fp32_cpu_and_for_small_products(
     monkeypatch.setattr(linear, "_HAS_ONEDNN", False)  # a torch without the op
     layer, x = layer.float(), x.float()
     assert layer(x).grad_fn.name() != "_OneDNNLinearBackward"
+
+
+def test_linear_is_f_linear_where_blas_is_faster(monkeypatch) -> None:
+    """On an Intel CPU `Linear` is F.linear (MKL) at every size; elsewhere oneDNN above the size."""
+    assert linear.cpu_vendor("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx") == (
+        "GenuineIntel"
+    )
+    assert linear.cpu_vendor("vendor_id : AuthenticAMD\n") == "AuthenticAMD"
+    assert linear.cpu_vendor("processor : 0\nCPU implementer : 0x41\n") == ""  # Arm
+    assert linear.PREFER_ONEDNN is (linear.cpu_vendor() != "GenuineIntel")
+    layer = Linear(64, 128)
+    x = torch.randn(4, 64, 64)  # 2M multiply-adds: oneDNN's size
+    monkeypatch.setattr(linear, "PREFER_ONEDNN", False)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer(x).grad_fn.name() != "_OneDNNLinearBackward"
+    monkeypatch.setattr(linear, "PREFER_ONEDNN", True)
+    if linear._HAS_ONEDNN:
+        assert layer(x).grad_fn.name() == "_OneDNNLinearBackward"
 
 
 @pytest.mark.parametrize("which", ["input_norm", "post_attn_norm"])

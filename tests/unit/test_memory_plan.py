@@ -94,9 +94,11 @@ def _saved_bytes(model_cfg, cfg: TrainConfig) -> int:
     images = torch.randn(cfg.micro_batch_size * per_row, 3, size, size)
     segments = torch.ones_like(ids)
     storages: dict[int, int] = {}
+    # Parameters are not activations, nor are views of them (F.linear saves `weight.t()`).
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (t.requires_grad and t.is_leaf):  # parameters are not activations
+        if t.untyped_storage().data_ptr() not in params:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 

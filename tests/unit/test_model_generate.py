@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model, get_config
+from owl.model import build_model, get_config, linear
 from owl.model.decoder import KVCache, TextStep
 from owl.model.generate import left_pad, sample_next
 from owl.model.lora import apply_lora, merge_lora
@@ -128,15 +128,19 @@ def test_text_step_logits_equal_a_full_recompute(variant: str) -> None:
     assert cache.length == ids.shape[1]
 
 
+@pytest.mark.parametrize("prefer_onednn", [True, False])  # `Linear` elsewhere / on Intel CPUs
 @pytest.mark.parametrize(
     ("name", "variant"), [("debug-tiny", "owl1"), ("debug-tiny", "owl2"), ("demo", "owl2")]
 )
-def test_text_step_is_bit_identical_to_forward_cached(name: str, variant: str) -> None:
+def test_text_step_is_bit_identical_to_forward_cached(
+    name: str, variant: str, prefer_onednn: bool, monkeypatch
+) -> None:
     """TextStep (text branch only, plain weight tensors, rotary tables and key mask built once,
     GQA through SDPA) against the path it replaces, `forward_cached` on the same token (both MAM
     branches, modules called, tables and mask per step), after a left-padded prefill holding
     images: the same logits and the same cache, bit for bit, with (debug-tiny) and without
-    (demo) grouped KV heads."""
+    (demo) grouped KV heads, with either library under `Linear` (owl.model.linear)."""
+    monkeypatch.setattr(linear, "PREFER_ONEDNN", prefer_onednn)
     torch.manual_seed(0)
     model = build_model(get_config(name, variant)).eval()
     k, size, vocab = model.cfg.num_visual_tokens, model.cfg.vision.image_size, 256
