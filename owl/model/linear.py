@@ -11,7 +11,7 @@ Intel CPU `Linear` is F.linear (MKL), elsewhere oneDNN; the choice is made once 
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +98,21 @@ _ONEDNN_MIN_MACS = 1 << 21
 
 
 def cpu_vendor(cpuinfo: str | None = None) -> str:
-    """The CPU's vendor id (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo, or "" where
-    there is none (not Linux, or not x86)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return ""
-    for line in cpuinfo.splitlines():
+    """The CPU's vendor id (`GenuineIntel`, `AuthenticAMD`, ...) from /proc/cpuinfo (or the text
+    `cpuinfo`), or "" where there is none (not Linux, or not x86). The file is read only up to the
+    first CPU's vendor_id: on a many-core machine the kernel writes the rest (every CPU's entry)
+    only if it is read, and this runs at import in every process."""
+    if cpuinfo is not None:
+        return _vendor_id(cpuinfo.splitlines())
+    try:
+        with open("/proc/cpuinfo", errors="replace") as lines:
+            return _vendor_id(lines)
+    except OSError:
+        return ""
+
+
+def _vendor_id(lines: Iterable[str]) -> str:
+    for line in lines:
         key, _, value = line.partition(":")
         if key.strip() == "vendor_id":
             return value.strip()

@@ -93,6 +93,13 @@ def test_linear_is_f_linear_where_blas_is_faster(monkeypatch) -> None:
     )
     assert linear.cpu_vendor("vendor_id : AuthenticAMD\n") == "AuthenticAMD"
     assert linear.cpu_vendor("processor : 0\nCPU implementer : 0x41\n") == ""  # Arm
+
+    def cpuinfo_file():  # reading stops at the first vendor_id (not every CPU's entry)
+        yield "processor\t: 0"
+        yield "vendor_id\t: AuthenticAMD"
+        raise AssertionError("read past the first vendor_id")
+
+    assert linear._vendor_id(cpuinfo_file()) == "AuthenticAMD"
     assert linear.PREFER_ONEDNN is (linear.cpu_vendor() != "GenuineIntel")
     layer = Linear(64, 128)
     x = torch.randn(4, 64, 64)  # 2M multiply-adds: oneDNN's size
