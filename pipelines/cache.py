@@ -187,6 +187,21 @@ def lock_for(storage: Path, step: str, key: str) -> FileLock:
     return FileLock(str(path))
 
 
+def forced_builds(out_dir: Path) -> list[Path]:
+    """Folders a forced run builds beside `out_dir` (`<key>.force-<execution>`, and `.old` while
+    one is swapped in). Only the holder of the key's lock builds there: one found by a process
+    that holds the lock is what a killed run left behind."""
+    return sorted(out_dir.parent.glob(f"{out_dir.name}.force-*"))
+
+
+def remove_forced_builds(out_dir: Path) -> list[Path]:
+    """Delete what killed forced runs left beside `out_dir`; call it holding the key's lock."""
+    left = forced_builds(out_dir)
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    return left
+
+
 def find_committed(out_dir: Path, full: bool = False) -> tuple[Manifest | None, list[str]]:
     """(manifest, []) for a committed, verified output; (None, problems) otherwise.
 

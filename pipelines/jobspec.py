@@ -39,6 +39,8 @@ STEP_RESERVED = ("resources", "retry", "allow_empty")
 RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 # Storage URIs other than local paths need a POSIX mount today (locks, renames, resumable dirs).
 _LOCAL_SCHEMES = ("file://",)
+# MLflow stores kept in a database (SQLAlchemy URI schemes, "postgresql+psycopg2" counts).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,11 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
     mlflow_uri = coerce(raw.get("mlflow_uri") or "", str, "mlflow_uri")
     # The environment (a Secret on the cluster) wins over the default store; the job's own wins.
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    mlflow_artifacts = None
-    if not mlflow_uri:
-        mlflow_uri = f"sqlite:///{storage / 'mlflow.db'}"
+    mlflow_uri = mlflow_uri or f"sqlite:///{storage / 'mlflow.db'}"
+    mlflow_artifacts = None  # a server keeps the artifacts where it was told to
+    if mlflow_uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        # A database store would put a new experiment's artifacts in ./mlruns of whatever
+        # folder owl runs in; they belong with the job's outputs.
         mlflow_artifacts = str(storage / "mlartifacts")
     model = build_dataclass(ModelSpec, raw.get("model") or {}, "model")
     present = [n for n in table if n in raw]

@@ -520,6 +520,7 @@ class Runner:
                 self.reporter.start(name, "waiting: another run is computing this output")
                 lock.acquire()
             try:
+                self._remove_leftovers(name, out_dir)
                 manifest = None if forced else self._find_hit(name, out_dir, verify)
                 if manifest is None:
                     # --force starts a resumable step over instead of resuming it, in a folder
@@ -531,11 +532,21 @@ class Runner:
                     manifest = self._compute(name, key, out_dir, inputs, record, keep, build_dir)
             finally:
                 lock.release()
+        elif cache.forced_builds(out_dir):  # a hit beside what a killed --force run left
+            lock = cache.lock_for(self.job.storage, name, key)
+            with contextlib.suppress(Timeout), lock.acquire(timeout=0):
+                self._remove_leftovers(name, out_dir)
         if record.state != "done":  # a hit, now or after waiting for another run
             self._record_hit(name, key, out_dir, inputs, manifest, record)
         self.manifests[name] = manifest
         self.reporter.finish(name, record.state, record.duration_s, key[:12])
         return StepSummary(name, record.state, record.duration_s, key, dict(manifest.stats))
+
+    def _remove_leftovers(self, name: str, out_dir: Path) -> None:
+        """A `--force` run killed mid-way (kill -9, a lost node) leaves its folder beside the
+        output; the next run that holds the key's lock removes it, checkpoints and all."""
+        for path in cache.remove_forced_builds(out_dir):
+            self.reporter.note(f"[owl] {name}: removed {path}, left by an interrupted --force run")
 
     def _find_hit(self, name: str, out_dir: Path, verify: bool) -> Manifest | None:
         manifest, problems = cache.find_committed(out_dir, full=verify)

@@ -110,3 +110,17 @@ def test_make_test_newest_refuses_another_python(tmp_path):
         "test-newest PY_NEWEST=/path/to/python3.13"
     )
     assert not (tmp_path / "venv-newest").exists()
+
+
+def test_the_checkout_guard_sees_what_tests_write_and_not_the_caches(tmp_path):
+    """tests/conftest.py compares the checkout's untracked and ignored paths before and after
+    the session (caches and virtual environments aside): a test that writes there fails it."""
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import checkout_paths
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("/runs/\n__pycache__/\n")
+    for name in ("mlruns/2/meta.yaml", "runs/x/manifest.json", "a/__pycache__/m.pyc", ".venv/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert checkout_paths(str(tmp_path)) == {".gitignore", "mlruns/2/meta.yaml", "runs/x/manifest.json"}  # fmt: skip

@@ -51,6 +51,21 @@ def test_valid_job_is_typed_and_defaulted(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("uri", "artifacts_under_storage"),
+    [("sqlite:///{tmp}/elsewhere.db", True), ("postgresql+psycopg2://db/owl", True),
+     ("http://mlflow:5000", False)],
+)  # fmt: skip
+def test_a_database_store_keeps_artifacts_under_storage(tmp_path, monkeypatch, uri, artifacts_under_storage):  # fmt: skip
+    """Under a database store MLflow puts a new experiment's artifacts in ./mlruns of the folder
+    owl runs in (MLFLOW_TRACKING_URI=sqlite:///... wrote the mlruns/ once committed here); a
+    server keeps them where it was told to."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    job = parse_job(raw_job(tmp_path), TABLE)
+    expected = str(job.storage / "mlartifacts") if artifacts_under_storage else None
+    assert job.mlflow_artifacts == expected
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"colour": "red"}, "unknown job field(s) ['colour']"),

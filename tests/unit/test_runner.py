@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,22 @@ def test_same_size_corruption_is_caught_when_a_computing_step_reads_it(tmp_path)
     assert states(result) == {"download": "cached", "filter": "done", "stage1": "done",
                               "evaluate": "done"}  # fmt: skip
     assert "ROW" not in kept.read_text()
+
+
+def test_what_a_killed_force_run_left_is_removed_by_the_next_run(tmp_path):
+    raw = job_raw(tmp_path)
+    job, first = run(raw)
+    train_dir = cache.step_dir(job.storage, "stage1", first.steps[2].key)
+    # What `owl run --force stage1` killed mid-way (kill -9, a lost node) leaves: its build
+    # folder beside the output, with checkpoints and no manifest.
+    left = train_dir.with_name(f"{train_dir.name}.force-0123abcd")
+    (left / "checkpoints").mkdir(parents=True)
+    (left / "checkpoints" / "step-0.json").write_text("{}")
+    _, again = run(raw)  # a cached run that can take the key's lock removes it
+    assert states(again)["stage1"] == "cached"
+    assert sorted(p.name for p in train_dir.parent.iterdir()) == [train_dir.name]
+    # A forced run removes one (here mid-swap: `.old`) before it builds its own.
+    shutil.copytree(train_dir, train_dir.with_name(f"{train_dir.name}.force-4567.old"))
+    _, forced = run(raw, force=["stage1"])
+    assert forced.ok and states(forced)["stage1"] == "done"
+    assert sorted(p.name for p in train_dir.parent.iterdir()) == [train_dir.name]
