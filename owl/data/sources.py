@@ -5,6 +5,8 @@
   (default: the JSON file's folder), or absolute paths / filesystem URIs inside it. An image path
   that leaves that root (`../x.jpg`, `/etc/hostname`) is a `Bad("image_outside_root")`; the check
   is on the path as written, so symlinks placed inside the root (a linked `coco/`) are followed.
+  Videos the same way: `"video": path | [paths]` (mp4, webm, ...), one `<video>` / `<|video|>`
+  placeholder each (`owl.data.video`); a path outside the root is `Bad("video_outside_root")`.
 - `alpaca`: `{"instruction", "input", "output"}`, text only; a null `input` is empty, a null
   `instruction` or `output` is a `Bad("missing_field")` (never the text "None").
 - `sharegpt`: ShareGPT / Vicuna `{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`.
@@ -57,6 +59,7 @@ class Record:
     turns: list[Turn]
     images: list[str] = field(default_factory=list)  # resolved paths or URIs, in order
     source: str = ""  # file:index, for lineage
+    videos: list[str] = field(default_factory=list)  # resolved paths or URIs, in order
 
 
 @dataclass(frozen=True)
@@ -166,14 +169,16 @@ def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record 
             return Bad(turns, source)
     if any("\0" in turn.text for turn in turns):
         return Bad("nul_character", source)
-    images: list[str] = []
-    if spec.format == "llava" and obj.get("image"):
-        names = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
+    media: dict[str, list[str]] = {"image": [], "video": []}
+    for key in media if spec.format == "llava" else ():
+        if not obj.get(key):
+            continue
+        names = obj[key] if isinstance(obj[key], list) else [obj[key]]
         resolved = [_resolve_image(str(n), image_folder) for n in names]
         if any(path is None for path in resolved):
-            return Bad("image_outside_root", source)
-        images = [path for path in resolved if path is not None]
-    return Record(sample_id, turns, images, source)
+            return Bad(f"{key}_outside_root", source)
+        media[key] = [path for path in resolved if path is not None]
+    return Record(sample_id, turns, media["image"], source, media["video"])
 
 
 def _parent(path: str) -> str:

@@ -31,6 +31,13 @@ from owl.data.tokenize import (
     encode_piece_lists,
     spec_encoder,
 )
+from owl.data.video import (
+    DEFAULT_NUM_FRAMES,
+    count_video_placeholders,
+    expand_videos,
+    frame_png_bytes,
+    media_order,
+)
 from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps._tokenized import (
     encode_dataset,
@@ -55,6 +62,12 @@ class Config:
     rows_per_shard: int = 10_000
     batch_size: int = 128  # samples per tokenizer call (their images are read together)
     rows_per_task: int = 2048  # samples one Ray task encodes
+    # Frames sampled uniformly from each video, each an image slot (owl.data.video).
+    num_frames: int = DEFAULT_NUM_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
 
 
 def _read_image(path: str) -> bytes | None:
@@ -67,6 +80,45 @@ def _read_image(path: str) -> bytes | None:
     return uri.read_bytes(path)  # s3://, gs://, ... (owl.data.uri)
 
 
+def _read_media(media: list[tuple[str, str]], num_frames: int) -> list[bytes] | DropSample:
+    """The image bytes of a sample's media in slot order: an image's (normalised when it needs
+    it, `checked_image_bytes`), a video's `num_frames` sampled frames (PNG); or why not."""
+    found: list[bytes] = []
+    for kind, path in media:
+        data = _read_image(path)
+        if data is None:
+            return DropSample(f"missing_{kind}", path)
+        try:  # decoded once here: training never meets an image it cannot decode
+            if kind == "video":
+                found.extend(frame_png_bytes(data, num_frames))
+            else:
+                found.append(checked_image_bytes(data))
+        except ImageProblem as exc:  # VideoProblem included
+            return DropSample(exc.reason, f"{path}: {exc}")
+    return found
+
+
+def _with_videos(
+    turns: list[Turn], images: list[str], videos: list[str], num_frames: int
+) -> tuple[list[Turn], list[tuple[str, str]]] | DropSample:
+    """Turns with each video placeholder expanded to `num_frames` image placeholders, and the
+    sample's (kind, path) per placeholder in reading order; or why the videos do not fit."""
+    placed = sum(count_video_placeholders(t.text) for t in turns)
+    if placed != len(videos):
+        return DropSample(
+            "placeholder_video_mismatch", f"{placed} placeholders, {len(videos)} videos"
+        )
+    order = media_order([t.text for t in turns])
+    if order.count("image") != len(images):
+        return DropSample(
+            "placeholder_image_mismatch",
+            f"{order.count('image')} placeholders, {len(images)} images",
+        )
+    files = {"image": iter(images), "video": iter(videos)}
+    media = [(kind, next(files[kind])) for kind in order]
+    return [Turn(t.role, expand_videos(t.text, num_frames)) for t in turns], media
+
+
 def encode_conversation_batch(
     batch: pa.Table,
     *,
@@ -75,35 +127,51 @@ def encode_conversation_batch(
     num_visual_tokens: int,
     max_length: int,
     system: str | None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> pa.Table:
-    """Rows (sample_id, turns, images, source) -> tokenized rows: reads the images, encodes.
+    """Rows (sample_id, turns, images, source[, videos]) -> tokenized rows: reads the images and
+    videos, encodes.
 
     A sample the template rejects is counted under that reason; one whose template is fine but an
-    image file is missing under "missing_image", one whose image does not decode under the
-    `owl.data.image` reason (not_an_image, truncated_image, empty_file, decompression_bomb); its
-    images are not read further. Images that need it are normalised (16-bit, alpha, CMYK, EXIF
-    orientation) and stored as PNG (`checked_image_bytes`)."""
+    image (video) file is missing under "missing_image" ("missing_video"), one whose image does
+    not decode under the `owl.data.image` reason (not_an_image, truncated_image, empty_file,
+    decompression_bomb), a video under the `owl.data.video` one; its files are not read further.
+    Images that need it are normalised (16-bit, alpha, CMYK, EXIF orientation) and stored as PNG
+    (`checked_image_bytes`); a video becomes `num_frames` frames, each an image slot."""
     image_paths = [json.loads(paths) for paths in batch.column("images").to_pylist()]
-    samples = [
-        ([Turn(role, text) for role, text in json.loads(turns)], len(paths))
-        for turns, paths in zip(batch.column("turns").to_pylist(), image_paths)
-    ]
+    video_paths = [[] for _ in image_paths]
+    if "videos" in batch.column_names:
+        video_paths = [json.loads(paths) for paths in batch.column("videos").to_pylist()]
+    samples: list[tuple[list[Turn], int]] = []
+    media: list[list[tuple[str, str]] | DropSample] = []
+    for turns_json, images, videos in zip(
+        batch.column("turns").to_pylist(), image_paths, video_paths
+    ):
+        turns = [Turn(role, text) for role, text in json.loads(turns_json)]
+        if not videos:  # the image-only path, exactly as before videos existed
+            samples.append((turns, len(images)))
+            media.append([("image", path) for path in images])
+            continue
+        expanded = _with_videos(turns, images, videos, num_frames)
+        if isinstance(expanded, DropSample):
+            samples.append((turns, len(images)))
+            media.append(expanded)
+            continue
+        samples.append((expanded[0], len(images) + num_frames * len(videos)))
+        media.append(expanded[1])
     pieces = conversation_batch_pieces(samples, variant, system)
+    slots: list[int] = []  # image slots per row
     images: list[bytes] = []  # of the samples still kept, in order
-    for row, paths in enumerate(image_paths):
+    for row, sample_media in enumerate(media):
+        slots.append(samples[row][1])
+        if isinstance(sample_media, DropSample) and not isinstance(pieces[row], DropSample):
+            pieces[row] = sample_media
         if isinstance(pieces[row], DropSample):
             continue
-        found = []
-        for path in paths:
-            data = _read_image(path)
-            if data is None:
-                pieces[row] = DropSample("missing_image", path)
-                break
-            try:  # decoded once here: training never meets an image it cannot decode
-                found.append(checked_image_bytes(data))
-            except ImageProblem as exc:
-                pieces[row] = DropSample(exc.reason, f"{path}: {exc}")
-                break
+        assert not isinstance(sample_media, DropSample)
+        found = _read_media(sample_media, num_frames)
+        if isinstance(found, DropSample):
+            pieces[row] = found
         else:
             images.extend(found)
     encoded = encode_piece_lists(
@@ -112,21 +180,21 @@ def encode_conversation_batch(
     # Truncation may have removed trailing images, and a sample may have been dropped after all.
     keep_images = [
         i < encoded.num_images[row]
-        for row, paths in enumerate(image_paths)
+        for row, num_slots in enumerate(slots)
         if not isinstance(pieces[row], DropSample)
-        for i in range(len(paths))
+        for i in range(num_slots)
     ]
     return results_batch(
         encoded,
         batch.column("sample_id").to_pylist(),
-        ["multimodal" if paths else "text" for paths in image_paths],
+        ["multimodal" if num_slots else "text" for num_slots in slots],
         pa.array(images, pa.binary()).filter(pa.array(keep_images, pa.bool_())),
         batch.column("source").to_pylist(),
     )
 
 
 WORK_DIR = "_work"
-RECORD_COLUMNS = ("sample_id", "turns", "images", "source")  # turns, images: JSON text
+RECORD_COLUMNS = ("sample_id", "turns", "images", "source", "videos")  # turns, media: JSON
 
 
 def _write_records(
@@ -155,6 +223,7 @@ def _write_records(
             columns["turns"].append(json.dumps([[t.role, t.text] for t in record.turns]))
             columns["images"].append(json.dumps(record.images))
             columns["source"].append(record.source)
+            columns["videos"].append(json.dumps(record.videos))
             num_rows += 1
             if len(columns["sample_id"]) == rows_per_file:
                 flush()
@@ -198,6 +267,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
             num_visual_tokens=ctx.model.num_visual_tokens,
             max_length=max_length,
             system=cfg.system,
+            num_frames=cfg.num_frames,
         )
     manifest = write_tokenized(ds, ctx, cfg.rows_per_shard, num_in, dropped)
     shutil.rmtree(work)
