@@ -25,7 +25,8 @@ _NEEDS_IMAGE = frozenset({"vqa", "caption", "yes_no"})
 
 @dataclass(frozen=True)
 class BenchmarkRecord:
-    """One benchmark item. `images` are absolute paths; unused fields keep their defaults."""
+    """One benchmark item. `images` and `videos` are absolute paths (a video is asked as its
+    sampled frames, after the images: owl.data.video); unused fields keep their defaults."""
 
     id: str
     type: BenchmarkType
@@ -46,6 +47,7 @@ class BenchmarkRecord:
     # it, with `extra["circular_shift"]` telling which rotation; "" = the record alone.
     group: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)  # other fields, kept, not scored
+    videos: tuple[str, ...] = ()
 
 
 def benchmark_name(path: str | os.PathLike) -> str:
@@ -110,9 +112,15 @@ def parse_record(row: Any, where: str, base_dir: Path) -> BenchmarkRecord:
     record_type = _string(row, "type", where, required=True)
     if record_type not in BENCHMARK_TYPES:
         raise ValueError(f"{where}: field 'type' is {record_type!r}; use one of {BENCHMARK_TYPES}")
-    images = tuple(_image_path(p, where, base_dir) for p in _strings(row, "images", where))
-    if record_type in _NEEDS_IMAGE and not images:
-        raise ValueError(f"{where}: field 'images' is empty; a {record_type} record needs an image")
+    images = tuple(_media_path(p, where, base_dir) for p in _strings(row, "images", where))
+    videos = tuple(
+        _media_path(p, where, base_dir, "videos") for p in _strings(row, "videos", where)
+    )
+    if record_type in _NEEDS_IMAGE and not images and not videos:
+        raise ValueError(
+            f"{where}: field 'images' is empty (and no 'videos'); a {record_type} record needs "
+            "an image or a video"
+        )
     known = {f for f in BenchmarkRecord.__dataclass_fields__ if f not in ("source", "extra")}
     record = BenchmarkRecord(
         id=_string(row, "id", where, required=True),
@@ -130,6 +138,7 @@ def parse_record(row: Any, where: str, base_dir: Path) -> BenchmarkRecord:
         prompt=_string(row, "prompt", where),
         group=_string(row, "group", where),
         extra={k: v for k, v in row.items() if k not in known},
+        videos=videos,
     )
     _check_rule(record, where)
     _CHECKS[record_type](record, where)
@@ -186,10 +195,10 @@ def _strings(row: dict, name: str, where: str) -> list[str]:
     return value
 
 
-def _image_path(path: str, where: str, base_dir: Path) -> str:
+def _media_path(path: str, where: str, base_dir: Path, name: str = "images") -> str:
     full = Path(path) if os.path.isabs(path) else base_dir / path
     if not full.is_file():
-        raise ValueError(f"{where}: field 'images': {path!r} not found (looked at {full})")
+        raise ValueError(f"{where}: field {name!r}: {path!r} not found (looked at {full})")
     return str(full)
 
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from owl.data.image import CLIP_MEAN, preprocess_images
+from owl.data.video import DEFAULT_NUM_FRAMES, sample_frames
 from owl.eval.benchmarks import BenchmarkRecord, is_unanswered
 from owl.eval.metrics import (
     LETTERS,
@@ -83,17 +84,27 @@ def expand_queries(records: Sequence[BenchmarkRecord], circular: bool = True) ->
     return queries
 
 
-def load_images(record: BenchmarkRecord, cfg: OwlConfig, blank: bool = False) -> torch.Tensor:
-    """The record's images preprocessed for the model: (n, 3, S, S), n = 0 without images.
+def load_images(
+    record: BenchmarkRecord,
+    cfg: OwlConfig,
+    blank: bool = False,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+) -> torch.Tensor:
+    """The record's images, then `num_frames` frames of each of its videos, preprocessed alike
+    for the model: (n, 3, S, S), n = 0 without any.
 
-    `blank` replaces each image by a uniform one of the mean colour (the image-blind control)."""
+    `blank` replaces each image and frame by a uniform one of the mean colour (the image-blind
+    control)."""
     size = cfg.vision.image_size
-    if not record.images:
+    num_slots = len(record.images) + num_frames * len(record.videos)
+    if not num_slots:
         return torch.zeros(0, cfg.vision.num_channels, size, size)
     if blank:
-        sources: list[Any] = [Image.new("RGB", (size, size), BLANK_RGB) for _ in record.images]
+        sources: list[Any] = [Image.new("RGB", (size, size), BLANK_RGB) for _ in range(num_slots)]
     else:
         sources = [Path(path).read_bytes() for path in record.images]
+        for path in record.videos:
+            sources.extend(sample_frames(Path(path).read_bytes(), num_frames))
     return preprocess_images(sources, size, cfg.image_mode)  # (n, 3, S, S)
 
 
@@ -138,6 +149,7 @@ def encode_queries(
     *,
     max_new_tokens_by_type: Mapping[str, int] | None = None,
     circular: bool = True,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> tuple[list[Query], list[list[int]], list[int]]:
     """The queries of `records` (see `expand_queries`), their prompt ids and generation budgets.
 
@@ -149,7 +161,7 @@ def encode_queries(
     prompts = [
         prompt_ids(
             tokenizer, q.record, variant=cfg.variant, placeholder=cfg.image_placeholder,
-            num_visual_tokens=cfg.num_visual_tokens, options=q.options,
+            num_visual_tokens=cfg.num_visual_tokens, options=q.options, num_frames=num_frames,
         )
         for q in queries
     ]  # fmt: skip
@@ -168,10 +180,11 @@ def generate_replies(
     batch_size: int = 8,
     blank_images: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> list[list[int]]:
     """Greedy new token ids per query (EOS excluded), in query order. Needs no tokenizer: the
-    evaluate step's actors run this on prompts the driver encoded. `progress(done, total)` is
-    called after each batch."""
+    evaluate step's actors run this on prompts the driver encoded (with the same `num_frames`
+    per video). `progress(done, total)` is called after each batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.cfg
@@ -181,8 +194,11 @@ def generate_replies(
     for batch in _batches(queries, prompts, budgets, batch_size):
         batch_queries = [queries[i] for i in batch]
         images = None
-        if any(q.record.images for q in batch_queries):
-            images = [load_images(q.record, cfg, blank_images).to(dtype) for q in batch_queries]
+        if any(q.record.images or q.record.videos for q in batch_queries):
+            images = [
+                load_images(q.record, cfg, blank_images, num_frames).to(dtype)
+                for q in batch_queries
+            ]
         outputs = model.generate(
             [prompts[i] for i in batch],
             images,
@@ -225,6 +241,7 @@ def predict(
     blank_images: bool = False,
     circular: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> list[dict[str, Any]]:
     """Greedy replies for every query of `records`, in query order (see `expand_queries`):
     `encode_queries`, `generate_replies`, `decode_replies` in one process.
@@ -236,11 +253,12 @@ def predict(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     queries, prompts, budgets = encode_queries(
         tokenizer, records, model.cfg, max_new_tokens_by_type=max_new_tokens_by_type,
-        circular=circular,
+        circular=circular, num_frames=num_frames,
     )  # fmt: skip
     replies = generate_replies(
         model, queries, prompts, budgets, eos_token_id=tokenizer.eos_token_id,
         batch_size=batch_size, blank_images=blank_images, progress=progress,
+        num_frames=num_frames,
     )  # fmt: skip
     return decode_replies(tokenizer, queries, replies)
 

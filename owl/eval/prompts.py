@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from owl.data.templates import Turn
 from owl.data.tokenize import encode_prompt
+from owl.data.video import DEFAULT_NUM_FRAMES
 from owl.eval.benchmarks import BenchmarkRecord
 from owl.eval.metrics import LETTERS
 
@@ -169,10 +170,15 @@ def question_text(record: BenchmarkRecord, options: Sequence[str] | None = None)
 
 
 def prompt_turns(
-    record: BenchmarkRecord, placeholder: str, options: Sequence[str] | None = None
+    record: BenchmarkRecord,
+    placeholder: str,
+    options: Sequence[str] | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> list[Turn]:
-    """One user turn: an image placeholder per image, then the question (as the authors did)."""
-    return [Turn("user", placeholder * len(record.images) + question_text(record, options))]
+    """One user turn: an image placeholder per image and per frame of each video (`num_frames`
+    a video), then the question (as the authors did)."""
+    num_slots = len(record.images) + num_frames * len(record.videos)
+    return [Turn("user", placeholder * num_slots + question_text(record, options))]
 
 
 def prompt_ids(
@@ -183,11 +189,12 @@ def prompt_ids(
     placeholder: str,
     num_visual_tokens: int,
     options: Sequence[str] | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> list[int]:
     """Token ids to generate from, image placeholders expanded to `num_visual_tokens` slots."""
     return encode_prompt(
         tokenizer,
-        prompt_turns(record, placeholder, options),
+        prompt_turns(record, placeholder, options, num_frames),
         variant=variant,
         num_visual_tokens=num_visual_tokens,
     )

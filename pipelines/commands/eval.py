@@ -51,6 +51,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "--blank-images", action="store_true", help="replace every image by a blank one"
     )
     parser.add_argument("--no-circular", action="store_true", help="ask each choice question once")
+    parser.add_argument(
+        "--num-frames", type=int, default=4, help="frames sampled uniformly from each video, "
+        "each an image slot (the number the model was trained with; default 4)",
+    )  # fmt: skip
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (starts a JVM)")
     parser.add_argument(
         "--caption-tokenizer", choices=("ptb", "approx"), default="ptb", help="ptb: COCO's "
@@ -201,6 +205,8 @@ def _eval_in(args: argparse.Namespace, imported: str) -> int:
     from owl.eval.submissions import submission_format, write_submission
 
     try:
+        if args.num_frames < 1:
+            raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
         loaded = _read_benchmarks(args.benchmark, args.limit, imported)
         if (
             args.caption_tokenizer == "ptb"
@@ -218,6 +224,7 @@ def _eval_in(args: argparse.Namespace, imported: str) -> int:
         predictions = predict(
             model, tokenizer, records, batch_size=args.batch_size,
             blank_images=args.blank_images, circular=not args.no_circular,
+            num_frames=args.num_frames,
         )  # fmt: skip
         name = benchmark_name(path)
         results[name] = score(

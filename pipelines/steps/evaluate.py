@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from owl.data.manifest import Manifest
+from owl.data.video import DEFAULT_NUM_FRAMES
 from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
 from owl.eval.importers import import_benchmark, parse_spec
 from owl.eval.metrics import CAPTION_TOKENIZERS, JAVA_MISSING, VQA_RULES, java_available
@@ -76,6 +77,9 @@ class Config:
     # VQA records naming no rule of their own: vqav2 (the official script), vizwiz, normalized.
     vqa_rule: str = "vqav2"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # Frames sampled uniformly from each benchmark video, each an image slot (owl.data.video);
+    # the number the model was trained with (tokenize_instructions.num_frames).
+    num_frames: int = DEFAULT_NUM_FRAMES
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -87,6 +91,8 @@ class Config:
             raise ValueError(f"max_new_tokens: unknown type(s) {unknown}; use {BENCHMARK_TYPES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.caption_tokenizer not in CAPTION_TOKENIZERS:
@@ -151,7 +157,11 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     workers = _start_workers(cfg, inputs)
     passes = [(name, False) for name in benchmarks]
     if cfg.blank_image_control:
-        passes += [(name, True) for name, recs in benchmarks.items() if any(r.images for r in recs)]
+        passes += [
+            (name, True)
+            for name, recs in benchmarks.items()
+            if any(r.images or r.videos for r in recs)
+        ]
     try:
         # While the actors start and load the model, the driver encodes every prompt.
         tokenizer = load_tokenizer(inputs["tokenizer"].dir / TOKENIZER_DIR)
@@ -257,7 +267,7 @@ def _encode_all(
     return {
         name: encode_queries(
             tokenizer, records, model_cfg, max_new_tokens_by_type=dict(cfg.max_new_tokens),
-            circular=cfg.circular,
+            circular=cfg.circular, num_frames=cfg.num_frames,
         )
         for name, records in benchmarks.items()
     }  # fmt: skip
@@ -296,6 +306,7 @@ def _predict_all(
             "batch_size": cfg.batch_size,
             "blank_images": blank,
             "eos_token_id": tokenizer.eos_token_id,
+            "num_frames": cfg.num_frames,
         }
         futures.append(
             [

@@ -8,7 +8,9 @@ import io
 import json
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from owl.data.video import encode_video
 
 
 def _image(path: Path, colour=(200, 40, 40), fmt: str = "JPEG") -> bytes:
@@ -117,6 +119,8 @@ def write_all(root: Path) -> None:
     write_mmbench(root)
     write_mme(root)
     write_pope(root)
+    write_msrvtt_qa(root)
+    write_msvd_qa(root)
 
 
 def write_textvqa(root: Path) -> str:
@@ -199,6 +203,43 @@ def write_nocaps(root: Path) -> str:
     return f"nocaps:{root}/nocaps_val_4500_captions.json,{root}/val"
 
 
+def _video(path: Path, container: str) -> None:
+    """A 6-frame clip of a square moving right."""
+    frames = []
+    for i in range(6):
+        frame = Image.new("RGB", (32, 24), (255, 255, 255))
+        ImageDraw.Draw(frame).rectangle((4 * i, 8, 4 * i + 7, 15), fill=(40, 80, 220))
+        frames.append(frame)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_video(frames, container))
+
+
+def write_msrvtt_qa(root: Path) -> str:
+    """MSRVTT-QA's MSRVTT-QA/test_qa.json and MSR-VTT's TestVideo/video<N>.mp4 files."""
+    for video_id in (7010, 7011):
+        _video(root / "TestVideo" / f"video{video_id}.mp4", "mp4")
+    _json(root / "MSRVTT-QA" / "test_qa.json", [
+        {"answer": "square", "category_id": 0, "id": 158581, "question": "what is moving?",
+         "video_id": 7010},
+        {"answer": "right", "category_id": 0, "id": 158582, "question": "where does it go?",
+         "video_id": 7011},
+    ])  # fmt: skip
+    return f"msrvtt_qa:{root}/MSRVTT-QA/test_qa.json,{root}/TestVideo"
+
+
+def write_msvd_qa(root: Path) -> str:
+    """MSVD-QA's test_qa.json and youtube_mapping.txt (in MSVD-QA/), MSVD's YouTubeClips/*.avi."""
+    _video(root / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi", "avi")
+    _video(root / "YouTubeClips" / "zzit5b_-ukg_5_20.avi", "avi")
+    _json(root / "MSVD-QA" / "test_qa.json", [
+        {"answer": "man", "id": 30933, "question": "who pours liquid?", "video_id": 1970},
+        {"answer": "square", "id": 30934, "question": "what moves?", "video_id": 1},
+    ])  # fmt: skip
+    mapping = root / "MSVD-QA" / "youtube_mapping.txt"
+    mapping.write_text("-4wsuPCjDBc_5_15 vid1\nzzit5b_-ukg_5_20 vid1970\n")
+    return f"msvd_qa:{root}/MSVD-QA/test_qa.json,{mapping},{root}/YouTubeClips"
+
+
 def every_kind(root: Path) -> dict[str, str]:
     """A spec per importer kind, over files written under `root` (one folder per kind)."""
     write_vqav2(root / "vqav2")
@@ -223,4 +264,6 @@ def every_kind(root: Path) -> dict[str, str]:
         "coco_karpathy": write_coco_karpathy(root / "coco"),
         "flickr30k": write_flickr30k(root / "flickr30k"),
         "nocaps": write_nocaps(root / "nocaps"),
+        "msrvtt_qa": write_msrvtt_qa(root / "msrvtt_qa"),
+        "msvd_qa": write_msvd_qa(root / "msvd_qa"),
     }

@@ -101,6 +101,18 @@ def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
     ]
     assert imported("flickr30k")[0].id == "1000092795"
     assert imported("nocaps")[0].references == ("A dog.", "A brown dog.")
+    # Video QA: open-ended, exact match; each question points at its video file.
+    msrvtt = imported("msrvtt_qa")
+    assert [(r.id, r.type, r.answer, r.prompt, Path(r.videos[0]).name) for r in msrvtt] == [
+        ("158581", "text", "square", "short_answer", "video7010.mp4"),
+        ("158582", "text", "right", "short_answer", "video7011.mp4"),
+    ]
+    assert msrvtt[0].images == () and msrvtt[0].extra["category_id"] == 0
+    msvd = imported("msvd_qa")  # video_id -> vid<N> -> clip name (youtube_mapping.txt)
+    assert [(r.id, Path(r.videos[0]).name) for r in msvd] == [
+        ("30933", "zzit5b_-ukg_5_20.avi"),
+        ("30934", "-4wsuPCjDBc_5_15.avi"),
+    ]
 
 
 def test_mmbench_is_scored_per_category_and_l2_category(tmp_path: Path) -> None:
@@ -155,6 +167,8 @@ def test_owl_eval_scores_every_kind_from_official_files(tmp_path: Path, capsys) 
     assert {"yes_no.f1", "yes_no.yes_ratio"} <= set(metrics["pope"])
     cider = "caption.CIDEr" if java_available() else "caption.CIDEr_approx"
     assert all(cider in metrics[k] for k in ("coco_karpathy", "flickr30k", "nocaps"))
+    for kind in ("msrvtt_qa", "msvd_qa"):  # asked with each video's frames, exact-match scored
+        assert metrics[kind]["text.count"] == 2 and 0 <= metrics[kind]["text.accuracy"] <= 1
 
 
 def test_submission_files(tmp_path: Path) -> None:
