@@ -9,6 +9,13 @@ its own position (left, right, top, bottom, centre) on a plain background. From 
 - `text_instructions.json`: Alpaca records of small deterministic text tasks;
 - `benchmarks/{vqa,caption,multiple_choice,text}.jsonl` (+ benchmarks/images/): held-out items
   from scenes whose layout never appears in the training files.
+Off by default (`num_videos`, `num_eval_videos`), tiny videos of one shape moving across the
+frame (left, right, up or down; mp4), drawn from a random stream of their own so the files above
+do not change with them:
+- `video_instructions.json` (+ videos/): LLaVA conversations with a `video` and a `<video>`
+  placeholder: "Which way does the red circle move?" -> "right", "What shape moves?" -> "circle";
+- `benchmarks/video_qa.jsonl` (+ benchmarks/videos/): held-out movement questions, open-ended
+  (type text, exact match), as the MSRVTT-QA / MSVD-QA importers write them.
 Everything is a function of the seed.
 """
 
@@ -24,6 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from owl.data.video import encode_video
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -100,6 +109,10 @@ class ShapesConfig:
     max_questions: int = 3
     # Share of conversations that start with a caption turn ("Describe the image briefly.").
     caption_turn_share: float = 0.25
+    # Videos of a moving shape (off by default: the demo's files stay as they are).
+    num_videos: int = 0  # training conversations, video_instructions.json
+    num_eval_videos: int = 0  # held-out questions, benchmarks/video_qa.jsonl
+    video_frames: int = 8  # frames per video written (the model samples its own from them)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_questions <= self.max_questions:
@@ -118,6 +131,11 @@ class ShapesConfig:
             )
         if self.image_size < 16:
             raise ValueError(f"image_size={self.image_size}: must be >= 16 to draw shapes")
+        if self.num_videos < 0 or self.num_eval_videos < 0 or self.video_frames < 2:
+            raise ValueError(
+                f"num_videos={self.num_videos}, num_eval_videos={self.num_eval_videos}, "
+                f"video_frames={self.video_frames}: need counts >= 0 and >= 2 frames"
+            )
 
 
 @dataclass
@@ -140,19 +158,23 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     half = scene.scale * size / 2
     for shape in scene.shapes:
-        fx, fy = POSITIONS[shape.position]
-        cx, cy = fx * size, fy * size
-        box = (cx - half, cy - half, cx + half, cy + half)
-        colour = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse(box, fill=colour)
-        elif shape.kind == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon(
-                [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour
-            )
+        _draw(draw, shape, POSITIONS[shape.position], size, half)
     return image
+
+
+def _draw(
+    draw: ImageDraw.ImageDraw, shape: Shape, centre: tuple[float, float], size: int, half: float
+) -> None:
+    """One shape with its centre at `centre` (fractions of the side), `half` pixels each way."""
+    cx, cy = centre[0] * size, centre[1] * size
+    box = (cx - half, cy - half, cx + half, cy + half)
+    colour = COLOURS[shape.colour]
+    if shape.kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape.kind == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
 
 
 # How captions and questions name each position.
@@ -400,6 +422,105 @@ def _vqa_record(i: int, scene: Scene, image: str, rng: random.Random) -> dict:
             "answers": _vqa_answers(kind, answer)}  # fmt: skip
 
 
+# ---- videos ----------------------------------------------------------------------------------
+
+# Direction -> where the shape's centre goes, as fractions of the side: (start, end) per axis.
+MOVES = {
+    "right": ((0.2, 0.5), (0.8, 0.5)),
+    "left": ((0.8, 0.5), (0.2, 0.5)),
+    "down": ((0.5, 0.2), (0.5, 0.8)),
+    "up": ((0.5, 0.8), (0.5, 0.2)),
+}
+
+
+@dataclass(frozen=True)
+class Motion:
+    kind: str  # one of SHAPES
+    colour: str  # a key of COLOURS
+    direction: str  # a key of MOVES
+    background: int  # index into BACKGROUNDS
+
+
+def sample_motion(rng: random.Random) -> Motion:
+    return Motion(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(MOVES)),
+                  rng.randrange(len(BACKGROUNDS)))  # fmt: skip
+
+
+def render_motion(motion: Motion, size: int, num_frames: int) -> list[Image.Image]:
+    """The frames of `motion`: the shape's centre goes in a straight line from start to end."""
+    (x0, y0), (x1, y1) = MOVES[motion.direction]
+    shape = Shape(motion.kind, motion.colour, "centre")
+    frames = []
+    for i in range(num_frames):
+        t = i / (num_frames - 1)
+        frame = Image.new("RGB", (size, size), BACKGROUNDS[motion.background])
+        centre = (x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+        _draw(ImageDraw.Draw(frame), shape, centre, size, 0.3 * size / 2)
+        frames.append(frame)
+    return frames
+
+
+def motion_questions(motion: Motion) -> list[tuple[str, str]]:
+    """(question, short answer) pairs a video of `motion` answers; the first is the direction."""
+    return [
+        (f"Which way does the {motion.colour} {motion.kind} move?", motion.direction),
+        ("What shape moves?", motion.kind),
+        ("What colour is the moving shape?", motion.colour),
+    ]
+
+
+def _write_videos(out: Path, folder: str, motions: list[Motion], cfg: ShapesConfig) -> list[str]:
+    paths = []
+    for i, motion in enumerate(motions):
+        rel = f"{folder}/vid{i:06d}.mp4"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        frames = render_motion(motion, cfg.image_size, cfg.video_frames)
+        (out / rel).write_bytes(encode_video(frames, "mp4"))
+        paths.append(rel)
+    return paths
+
+
+def _write_video_sets(out: Path, cfg: ShapesConfig) -> tuple[list[str], dict[str, int]]:
+    """The video conversations and the video benchmark (files written, counts); none when both
+    counts are 0. Held-out motions differ from every training one in (shape, colour, direction)."""
+    if not cfg.num_videos and not cfg.num_eval_videos:
+        return [], {}
+    rng = random.Random(f"{cfg.seed}-videos")
+    held_out = [sample_motion(rng) for _ in range(cfg.num_eval_videos)]
+    seen = {(m.kind, m.colour, m.direction) for m in held_out}
+    if cfg.num_videos and len(seen) == len(SHAPES) * len(COLOURS) * len(MOVES):
+        raise ValueError(f"num_eval_videos={cfg.num_eval_videos} holds out every motion: lower it")
+    training: list[Motion] = []
+    while len(training) < cfg.num_videos:
+        motion = sample_motion(rng)
+        if (motion.kind, motion.colour, motion.direction) not in seen:
+            training.append(motion)
+    files: list[str] = []
+    if cfg.num_videos:
+        paths = _write_videos(out, "videos", training, cfg)
+        conversations = []
+        for i, (motion, path) in enumerate(zip(training, paths)):
+            pairs = motion_questions(motion)
+            picked = [pairs[0]] + [p for p in pairs[1:] if rng.random() < 0.5]
+            turns = []
+            for n, (question, answer) in enumerate(picked):
+                text = f"{question} {VQA_SUFFIX}"
+                turns.append({"from": "human", "value": f"<video>\n{text}" if n == 0 else text})
+                turns.append({"from": "gpt", "value": answer})
+            conversations.append({"id": f"video-{i:06d}", "video": path, "conversations": turns})
+        _write_json(out / "video_instructions.json", conversations)
+        files += ["video_instructions.json", *paths]
+    if cfg.num_eval_videos:
+        paths = _write_videos(out / "benchmarks", "videos", held_out, cfg)
+        records = [{"id": f"video-qa-{i:05d}", "type": "text", "videos": [path],
+                    "question": motion_questions(motion)[0][0], "answer": motion.direction,
+                    "prompt": "short_answer"}
+                   for i, (motion, path) in enumerate(zip(held_out, paths))]  # fmt: skip
+        _write_jsonl(out / "benchmarks" / "video_qa.jsonl", records)
+        files += ["benchmarks/video_qa.jsonl", *(f"benchmarks/{p}" for p in paths)]
+    return files, {"videos": cfg.num_videos, "eval_video_qa": cfg.num_eval_videos}
+
+
 def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput:
     """Write the whole synthetic source under `out_dir`; returns the files written and counts."""
     out = Path(out_dir)
@@ -443,4 +564,5 @@ def write_shapes_dataset(out_dir: str | Path, cfg: ShapesConfig) -> ShapesOutput
         "text_instructions": cfg.num_text,
         **{f"eval_{name}": len(items) for name, items in records.items()},
     }
-    return ShapesOutput(files=files, counts=counts)
+    video_files, video_counts = _write_video_sets(out, cfg)
+    return ShapesOutput(files=files + video_files, counts={**counts, **video_counts})

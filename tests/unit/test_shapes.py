@@ -245,3 +245,50 @@ def test_extra_vqa_scenes_avoid_every_training_layout(tmp_path):
     allowed = {(q, a) for _, q, a in qa_pairs(Scene((keep,), background=0, scale=0.25))}
     assert len(records) == 12
     assert all((r["question"], r["answers"][0]) in allowed for r in records)
+
+
+def test_videos_are_off_by_default_and_leave_the_other_files_as_they_are(tmp_path, shapes_dir):
+    from owl.data.video import sample_frames
+
+    assert not (shapes_dir / "video_instructions.json").exists()
+    cfg = ShapesConfig(**{**SMALL.__dict__, "num_videos": 6, "num_eval_videos": 4})
+    written = write_shapes_dataset(tmp_path, cfg)
+    plain = write_shapes_dataset(tmp_path / "plain", SMALL)
+    for rel in plain.files:  # the image files are the same bytes with videos on
+        if rel != "captions.parquet":
+            assert (tmp_path / rel).read_bytes() == (shapes_dir / rel).read_bytes(), rel
+    assert written.counts["videos"] == 6 and written.counts["eval_video_qa"] == 4
+    again = write_shapes_dataset(tmp_path / "again", cfg)
+    videos = [rel for rel in written.files if rel.endswith(".mp4")]
+    assert len(videos) == 10 and again.files == written.files
+    assert all((tmp_path / r).read_bytes() == (tmp_path / "again" / r).read_bytes() for r in videos)
+
+    conversations = json.loads((tmp_path / "video_instructions.json").read_text())
+    records = _jsonl(tmp_path / "benchmarks" / "video_qa.jsonl")
+    asked = [(c["video"], c["conversations"][0]["value"], c["conversations"][1]["value"])
+             for c in conversations]  # fmt: skip
+    asked += [(f"benchmarks/{r['videos'][0]}", r["question"], r["answer"]) for r in records]
+    assert all(r["type"] == "text" and r["prompt"] == "short_answer" for r in records)
+    for video, question, direction in asked:
+        assert "Which way does the" in question and direction in ("left", "right", "up", "down")
+        # The shape's centre in the first and last sampled frame says which way it went.
+        first, *_, last = sample_frames((tmp_path / video).read_bytes(), 4)
+        (x0, y0), (x1, y1) = _centre(first), _centre(last)
+        moved = {"right": x1 - x0, "left": x0 - x1, "down": y1 - y0, "up": y0 - y1}
+        assert max(moved, key=moved.get) == direction and moved[direction] > 8
+    assert conversations[0]["conversations"][0]["value"].startswith("<video>\n")
+    trained = {(c["conversations"][0]["value"], c["conversations"][1]["value"])
+               for c in conversations}  # fmt: skip
+    held_out = {(r["question"] + " Answer the question using a single word or phrase.",
+                 r["answer"]) for r in records}  # fmt: skip
+    assert not trained & held_out  # held-out motions are not in the training conversations
+
+
+def _centre(frame: Image.Image) -> tuple[float, float]:
+    """Where the frame differs most from its background (its corner pixel): the shape."""
+    import numpy as np
+
+    array = np.asarray(frame).astype(int)
+    differs = np.abs(array - array[0, 0]).sum(axis=2) > 60
+    ys, xs = np.nonzero(differs)
+    return float(xs.mean()), float(ys.mean())
