@@ -172,8 +172,9 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "export",
             "pipelines.steps.export",
-            "1",
+            "2",  # 2: release/ holds the tokenizer, preprocessor and generation configs
             {
+                "tokenizer": Role("tokenizer", required=False),
                 "stage2": Role("stage2", required=False),
                 "stage1": Role("stage1", required=False),
                 "evaluate": Role("evaluate", required=False),

@@ -78,6 +78,7 @@ OWL1 = Layout(
     positions=False,
 )
 LAYOUTS = {"owl2": OWL2, "owl1": OWL1}
+WEIGHT_FORMATS = ("safetensors", "bin")
 
 _VIT_LAYER = {
     "input_layernorm": "norm1",
@@ -362,14 +363,53 @@ def config_from_release(
     )
 
 
+def _unhonoured_fields(cfg: OwlConfig, layout: Layout) -> dict[str, tuple[object, str]]:
+    """Field -> (value their code needs, why), for the fields of `cfg` their code would not honour.
+
+    Both releases: the abstractor's query/key/post-attention LayerNorms are built without an eps
+    (1e-5), and at one width for queries and image features (Owl1: `hidden_size`, Owl2:
+    `encoder_hidden_size`); the patch Conv2d takes 3 channels. Owl2 always has the MAM and the
+    abstractor's sin-cos positions, Owl1 neither. Owl1 runs on transformers 4.28.1's LlamaConfig,
+    which has no `rope_theta` (its rotary base is 10000) and no `num_key_value_heads`; Owl2's own
+    LlamaConfig has both."""
+    owl2 = layout.variant == "owl2"
+    needs: dict[str, tuple[object, object, str]] = {
+        "abstractor.norm_eps": (cfg.abstractor.norm_eps, _ABSTRACTOR_NORM_EPS,
+                                "their abstractor LayerNorms take no eps"),
+        "abstractor.width": (cfg.abstractor.width, cfg.vision.width,
+                             "their abstractor norms queries and image features at one width, "
+                             "vision.width"),
+        "vision.num_channels": (cfg.vision.num_channels, 3, "their patch embedding takes RGB"),
+        "decoder.modality_adaptive": (cfg.decoder.modality_adaptive, owl2,
+                                      f"mPLUG-{layout.variant.capitalize()}'s decoder"),
+        "abstractor.positional_embeddings": (cfg.abstractor.positional_embeddings, owl2,
+                                             f"mPLUG-{layout.variant.capitalize()}'s abstractor"),
+    }  # fmt: skip
+    if not owl2:
+        old_llama = "transformers 4.28.1's LLaMA, which mPLUG-Owl runs on, has no such field"
+        needs["decoder.rope_theta"] = (cfg.decoder.rope_theta, 10000.0, old_llama)
+        needs["decoder.num_kv_heads"] = (cfg.decoder.num_kv_heads, cfg.decoder.num_heads, old_llama)
+    return {name: (want, why) for name, (got, want, why) in needs.items() if got != want}
+
+
+def check_release_fields(cfg: OwlConfig, layout: Layout) -> None:
+    """Refuse a model that the authors' code would load wrongly (silently, or with a size error):
+    the error names the first such field, its value and the value their code needs."""
+    wrong = _unhonoured_fields(cfg, layout)
+    if wrong:
+        name, (want, why) = next(iter(wrong.items()))
+        section, field = name.split(".")
+        got = getattr(getattr(cfg, section), field)
+        raise ValueError(
+            f"model.{name} is {got}: the mPLUG-{layout.variant.capitalize()} release layout needs "
+            f"{want} ({why}), so their code would not load this model faithfully"
+        )
+
+
 def release_config(cfg: OwlConfig, layout: Layout) -> dict:
     """A config.json their code reads (MPLUGOwl2Config / MplugOwlConfig `to_dict()` fields we set)."""
+    check_release_fields(cfg, layout)
     v, a, d = cfg.vision, cfg.abstractor, cfg.decoder
-    if a.norm_eps != _ABSTRACTOR_NORM_EPS:
-        raise ValueError(
-            f"abstractor.norm_eps {a.norm_eps}: the authors' code fixes it at 1e-5; a model with "
-            "another value has no faithful release layout"
-        )
     vision = {
         "hidden_size": v.width,
         "intermediate_size": v.mlp_dim,
@@ -420,6 +460,9 @@ def release_config(cfg: OwlConfig, layout: Layout) -> dict:
             "architectures": ["MPLUGOwl2LlamaForCausalLM"],
             "model_type": "mplug_owl2",
             "visual_config": {"visual_model": vision, "visual_abstractor": abstractor},
+            # Read by their builder (context length) and process_images (pad or stretch).
+            "max_sequence_length": d.max_positions,
+            "image_aspect_ratio": cfg.image_mode,
         }
     return {
         "architectures": ["MplugOwlForConditionalGeneration"],
@@ -465,26 +508,36 @@ def convert_release(
 
 
 def export_release(
-    model_dir: str | Path, dst_dir: str | Path, progress: Callable[[str], None] = lambda m: None
-) -> Path:
-    """Our folder -> the authors' layout: config.json + model.safetensors (sharded past 2 GB).
-    A folder whose LoRA adapter is kept apart (`merge_lora: false`) is written merged: the
-    authors' code has no use for our peft adapter."""
+    model_dir: str | Path,
+    dst_dir: str | Path,
+    progress: Callable[[str], None] = lambda m: None,
+    tokenizer_dir: str | Path | None = None,
+    weights: str = "safetensors",
+) -> list[str]:
+    """Our folder -> the authors' layout: config.json, the weights (`weights`: "safetensors", or
+    "bin" for a stack without the safetensors package; sharded past 2 GB),
+    preprocessor_config.json, generation_config.json and, given the folder the model was trained
+    with, the tokenizer (`owl.model.release_files`). A folder whose LoRA adapter is kept apart
+    (`merge_lora: false`) is written merged: the authors' code has no use for our peft adapter.
+    Returns the names of the files written."""
+    from owl.model.lora import unmerged_adapter
+    from owl.model.release_files import write_release_files
     from owl.model.weights import (
         INDEX_FILE,
         WEIGHTS_FILE,
         read_model_config,
         read_safetensors_folder,
+        write_pytorch_bin,
         write_safetensors,
     )
 
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights format {weights!r}: one of {WEIGHT_FORMATS}")
     model_dir = Path(model_dir)
     cfg = read_model_config(model_dir)
     layout = LAYOUTS[cfg.variant]
     config = release_config(cfg, layout)
     progress(f"reading {model_dir}")
-    from owl.model.lora import unmerged_adapter
-
     if unmerged_adapter(model_dir) is None:
         state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
     else:  # base weights + adapter (`merge_lora: false`): the release holds the trained model
@@ -495,6 +548,8 @@ def export_release(
             state.pop("decoder.lm_head.weight", None)
     dst = Path(dst_dir)
     progress(f"writing {dst}")
-    write_safetensors(to_release(cfg, state, layout), dst)
+    write = write_safetensors if weights == "safetensors" else write_pytorch_bin
+    write(to_release(cfg, state, layout), dst)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return dst
+    extras = write_release_files(cfg, config, dst, Path(tokenizer_dir) if tokenizer_dir else None)
+    return sorted(p.name for p in dst.iterdir() if p.is_file() and p.name not in extras) + extras

@@ -66,21 +66,47 @@ def save_model(model: OwlModel, directory: str | Path) -> Path:
 def write_safetensors(state: dict[str, torch.Tensor], directory: str | Path) -> Path:
     """`model.safetensors`, or numbered shards + `model.safetensors.index.json` past 2 GB (the
     Hugging Face convention)."""
-    directory = Path(directory)
+
+    def save(shard: dict[str, torch.Tensor], path: Path) -> None:
+        save_file(shard, str(path), metadata={"format": "pt"})
+
+    return _write_shards(state, Path(directory), save, "model", "safetensors", INDEX_FILE)
+
+
+def write_pytorch_bin(state: dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """`pytorch_model.bin`, or numbered shards + `pytorch_model.bin.index.json` past 2 GB: what
+    transformers reads without the safetensors package (torch.save of plain tensors)."""
+
+    def save(shard: dict[str, torch.Tensor], path: Path) -> None:
+        torch.save(shard, path)
+
+    return _write_shards(
+        state, Path(directory), save, "pytorch_model", "bin", "pytorch_model.bin.index.json"
+    )
+
+
+def _write_shards(
+    state: dict[str, torch.Tensor],
+    directory: Path,
+    save: Callable[[dict[str, torch.Tensor], Path], None],
+    stem: str,
+    ext: str,
+    index_name: str,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     shards = _split_shards(state, MAX_SHARD_BYTES)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save(shards[0], directory / f"{stem}.{ext}")
         return directory
     weight_map = {}
     for idx, shard in enumerate(shards, start=1):
-        name = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        name = f"{stem}-{idx:05d}-of-{len(shards):05d}.{ext}"
+        save(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
     return directory
 
 

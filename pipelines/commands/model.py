@@ -41,6 +41,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     back.add_argument("src", help="our model folder (config.json + model.safetensors)")
     back.add_argument("dst", help="output folder in the authors' layout of the model's variant")
+    back.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="the tokenizer folder the model was trained with (the tokenizer step's tokenizer/): "
+        "written in the form the authors' transformers reads",
+    )
+    back.add_argument(
+        "--weights",
+        choices=["safetensors", "bin"],
+        default="safetensors",
+        help="bin: pytorch_model*.bin, for a stack without the safetensors package",
+    )
     back.add_argument("--json", action="store_true", help="print JSON")
     back.set_defaults(func=_convert_to_release)
 
@@ -98,9 +110,11 @@ def _convert_to_release(args: argparse.Namespace) -> int:
     from owl.model.releases import export_release
 
     try:
-        export_release(args.src, args.dst, progress=_progress)
+        files = export_release(
+            args.src, args.dst, _progress, tokenizer_dir=args.tokenizer, weights=args.weights
+        )
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
-    result = {"src": args.src, "dst": args.dst}
-    print(json.dumps(result, indent=2) if args.json else f"wrote {args.dst}")
+    result = {"src": args.src, "dst": args.dst, "files": files}
+    print(json.dumps(result, indent=2) if args.json else f"wrote {args.dst}: {', '.join(files)}")
     return 0

@@ -5,7 +5,9 @@ Writes `model/`, the folder the runner registers in MLflow:
   final training stage (stage2, else stage1), with `adapter/` when that stage trained LoRA (peft's
   format: `peft.PeftModel.from_pretrained(stage-1 model, "model/adapter")`);
 - `release/`: the same weights in the authors' layout (their config.json + safetensors, buffers
-  included), for their code and tools built on it (`release: false` to skip);
+  included) with the tokenizer (from the `tokenizer` step), preprocessor_config.json and
+  generation_config.json, for their code and tools built on it (`release: false` to skip;
+  `release_weights: bin` for pytorch_model*.bin);
 - `README.md`: the model card: where the weights started, the data (digests, counts), the training
   steps and their settings, the evaluation metrics, and the MLflow run id of every step.
 Step bodies do not call MLflow: the run ids come from the input manifests.
@@ -13,11 +15,12 @@ Step bodies do not call MLflow: the run ids come from the input manifests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from owl.data.manifest import Manifest
 from pipelines.step import StepContext, StepInput
@@ -33,6 +36,8 @@ _TRAIN_SETTINGS = ("lr", "max_steps", "epochs", "micro_batch_size", "grad_accum"
 class Config:
     # Also write the authors' layout under model/release/.
     release: bool = True
+    # Its weights: "safetensors" (their stack then needs the safetensors package), or "bin".
+    release_weights: Literal["safetensors", "bin"] = "safetensors"
 
 
 def final_stage(inputs: dict[str, StepInput]) -> StepInput:
@@ -65,8 +70,9 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     _link_tree(stage.dir / "model", out)
     if cfg.release:
         ctx.progress(0, None, "writing the authors' layout")
+        tokenizer = inputs["tokenizer"].dir / "tokenizer" if "tokenizer" in inputs else None
         try:
-            export_release(out, out / RELEASE)
+            export_release(out, out / RELEASE, tokenizer_dir=tokenizer, weights=cfg.release_weights)
         except ValueError as exc:
             raise ValueError(f"export: {exc}; or set `export: {{release: false}}`") from exc
     (out / CARD).write_text(model_card(ctx, inputs, stage, out))
@@ -141,7 +147,27 @@ def _files_section(out: Path) -> str:
         )  # fmt: skip
     if (out / RELEASE).is_dir():
         rows.append((f"`{RELEASE}/`", "the authors' checkpoint layout (their config.json)"))
-    return _table(rows, ("file", "what")) + "\n"
+    table = _table(rows, ("file", "what")) + "\n"
+    return table + (_release_line(out / RELEASE) if (out / RELEASE).is_dir() else "")
+
+
+def _release_line(release: Path) -> str:
+    """Which of the authors' stacks the release folder was checked against, and what it needs."""
+    from owl.model.release_files import LOADERS
+
+    model_type = json.loads((release / "config.json").read_text())["model_type"]
+    variant = "owl2" if model_type == "mplug_owl2" else "owl1"
+    loader = LOADERS[variant]
+    files = sorted(p.name for p in release.iterdir())
+    weights = "`pytorch_model*.bin`" if any(f.endswith(".bin") for f in files) else (
+        "`model*.safetensors` (needs the `safetensors` package)")  # fmt: skip
+    tokenizer = "the tokenizer" if "tokenizer_config.json" in files else "no tokenizer"
+    return (
+        f"\n`{RELEASE}/` holds {weights}, {tokenizer}, `preprocessor_config.json` and "
+        f"`generation_config.json`; its files were checked against transformers "
+        f"{loader.transformers} with tokenizers {loader.tokenizers}, the versions the authors' "
+        f"`{loader.package}` package runs on (docs/model.md).\n"
+    )
 
 
 def _init_section(inputs: dict[str, StepInput]) -> str:

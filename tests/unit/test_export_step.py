@@ -17,7 +17,8 @@ from pipelines.dag import REGISTER_FROM
 from pipelines.step import StepContext, StepInput
 from pipelines.steps import export
 
-CFG = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5})
+# Release-faithful: the authors' abstractor eps, no grouped KV heads (Owl1's LLaMA has none).
+CFG = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5}, decoder={"num_kv_heads": 4})
 
 
 def _input(tmp: Path, name: str, run_id: str, **fields) -> StepInput:
@@ -40,7 +41,13 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
     save_adapter(lora, tmp_path / "stage2" / "model" / "adapter")
     save_model(build_model(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
     shard = FileEntry("shards/0.arrow", 10, "ab" * 32, rows=7, tokens=321)
+    from owl.data.tokenize import train_bpe_tokenizer
+
+    train_bpe_tokenizer(
+        iter(["a red circle", "a blue square"] * 20), 270, tmp_path / "tokenizer" / "tokenizer"
+    )
     return {
+        "tokenizer": _input(tmp_path, "tokenizer", "run-tok"),
         "stage1": _input(
             tmp_path, "stage1", "run-s1", stats={"steps": 5.0, "final_loss": 2.5},
             info={"train_config": {"lr": 1e-4, "lora_r": 8}},
@@ -62,7 +69,10 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
     assert REGISTER_FROM[0] == "export"
     listed = {f.path for f in manifest.files}
     assert {"model/config.json", "model/README.md", "model/adapter/adapter_model.safetensors",
-            "model/release/config.json", "model/release/model.safetensors"} <= listed  # fmt: skip
+            "model/release/config.json", "model/release/model.safetensors",
+            "model/release/tokenizer.json", "model/release/tokenizer_config.json",
+            "model/release/preprocessor_config.json",
+            "model/release/generation_config.json"} <= listed  # fmt: skip
     ours, stage2 = load_model(out), load_model(tmp_path / "stage2" / "model")
     k = CFG.num_visual_tokens
     ids = torch.randint(0, 256, (1, k + 6))
@@ -78,8 +88,14 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
     card = (out / "README.md").read_text()
     assert "| stage1 | 5 | 0 | 2.5000 | lr=0.0001 |" in card  # no LoRA there: no LoRA settings
     for fact in ("run-s1", "run-s2", "run-ev", "run-tc", "vqa.accuracy", "0.8125", "321",
-                 "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current"):  # fmt: skip
+                 "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current",
+                 "needs the `safetensors` package", "transformers 4.28.1"):  # fmt: skip
         assert fact in card, fact
+    # `release_weights: bin`: their stack without the safetensors package reads it
+    export.run(StepContext("export", tmp_path / "o2", "j", CFG), export.Config(release_weights="bin"), inputs)  # fmt: skip
+    release = tmp_path / "o2" / "model" / "release"
+    assert (release / "pytorch_model.bin").exists() and not list(release.glob("*.safetensors"))
+    assert "`pytorch_model*.bin`" in (tmp_path / "o2" / "model" / "README.md").read_text()
 
 
 def test_a_model_without_a_faithful_release_layout_says_how_to_skip_it(tmp_path, inputs) -> None:

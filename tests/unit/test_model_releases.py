@@ -125,7 +125,9 @@ def test_unknown_keys_and_missing_folders_are_one_line_errors(tmp_path: Path, ca
 
 @pytest.mark.parametrize("variant", ["owl2", "owl1"])
 def test_export_to_the_release_layout_round_trips_exactly(tmp_path: Path, variant: str) -> None:
-    state, config = ref.make_release(variant)
+    # Owl1 runs on transformers 4.28.1's LLaMA: no grouped KV heads (refused at export, below).
+    sizes = ref.SIZES if variant == "owl2" else {**ref.SIZES, "kv_heads": ref.SIZES["heads"]}
+    state, config = ref.make_release(variant, sizes)
     ref.write_release(state, config, tmp_path / "release", "safetensors")
     owl_cli(["convert", VARIANTS[variant], str(tmp_path / "release"), str(tmp_path / "ours")])
     assert owl_cli(["convert", "to-release", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
@@ -164,10 +166,14 @@ def test_documented_convert_commands_run_as_written(tmp_path: Path, monkeypatch,
     docs = Path(__file__).resolve().parents[2] / "docs" / "model.md"
     blocks = re.findall(r"```bash\n(.*?)```", docs.read_text(), re.DOTALL)
     commands = [line for b in blocks for line in b.splitlines() if line.startswith("owl convert")]
-    assert len(commands) == 3
+    assert len(commands) == 4
     monkeypatch.chdir(tmp_path)
     for variant, folder in (("owl2", "mplug-owl2-llama2-7b"), ("owl1", "mplug-owl-llama-7b")):
-        ref.write_release(*ref.make_release(variant), tmp_path / folder)
+        sizes = {**ref.SIZES, "kv_heads": ref.SIZES["heads"]}  # Owl1 releases: no grouped KV
+        ref.write_release(*ref.make_release(variant, sizes), tmp_path / folder)
+    from owl.data.tokenize import train_bpe_tokenizer
+
+    train_bpe_tokenizer(iter(["a red circle", "a blue square"] * 20), 270, "tokenizer")
     for command in commands:
         assert owl_cli(shlex.split(command)[1:]) == 0, command
     capsys.readouterr()
@@ -176,6 +182,8 @@ def test_documented_convert_commands_run_as_written(tmp_path: Path, monkeypatch,
     assert (
         json.loads(Path("out/owl2-release/config.json").read_text())["model_type"] == "mplug_owl2"
     )
+    assert Path("out/owl1-release/pytorch_model.bin").exists()
+    assert Path("out/owl1-release/tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("name", ["owl2-llama2-7b", "owl1-llama-7b"])
@@ -202,3 +210,79 @@ def test_a_7b_release_layout_gives_exactly_the_recipe_model_config(name: str) ->
     buffers = [k for k in theirs if k.endswith(("pos_embed", "inv_freq"))]
     params = {k: v for k, v in theirs.items() if k not in buffers}
     assert set(from_release(got, params, layout, "meta")) == set(ours)
+
+
+def _save_tiny(path: Path, variant: str, **overrides) -> Path:
+    from owl.model import build_model, get_config, save_model
+
+    cfg = get_config("debug-tiny", variant, abstractor={"norm_eps": 1e-5})
+    cfg = cfg.replace(decoder={"num_kv_heads": cfg.decoder.num_heads})
+    save_model(build_model(cfg.replace(**overrides)), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "variant, overrides, field",
+    [
+        ("owl1", {"decoder": {"rope_theta": 5e5}}, "decoder.rope_theta"),
+        ("owl1", {"decoder": {"num_kv_heads": 2}}, "decoder.num_kv_heads"),
+        ("owl1", {"abstractor": {"positional_embeddings": True}}, "abstractor.positional_embeddings"),
+        ("owl2", {"decoder": {"modality_adaptive": False}}, "decoder.modality_adaptive"),
+        ("owl2", {"abstractor": {"norm_eps": 1e-6}}, "abstractor.norm_eps"),
+        ("owl2", {"vision": {"num_channels": 1}}, "vision.num_channels"),
+    ],
+)  # fmt: skip
+def test_a_config_their_code_cannot_honour_is_refused_naming_the_field(
+    tmp_path: Path, variant: str, overrides: dict, field: str, capsys
+) -> None:
+    ours = _save_tiny(tmp_path / "ours", variant, **overrides)
+    assert owl_cli(["convert", "to-release", str(ours), str(tmp_path / "release")]) == 2
+    assert _error_line(capsys.readouterr().err).startswith(f"error: model.{field} is ")
+    assert not (tmp_path / "release").exists()
+
+
+def test_owl2_keeps_rope_theta_and_grouped_kv_heads_its_config_class_honours(tmp_path) -> None:
+    """mPLUG-Owl2's own LlamaConfig reads rope_theta and num_key_value_heads: exported as is."""
+    ours = _save_tiny(tmp_path / "ours", "owl2", decoder={"rope_theta": 5e5, "num_kv_heads": 2})
+    assert owl_cli(["convert", "to-release", str(ours), str(tmp_path / "release")]) == 0
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert (config["rope_theta"], config["num_key_value_heads"]) == (5e5, 2)
+
+
+def test_the_release_folder_holds_what_their_loaders_read(tmp_path: Path, capsys) -> None:
+    from owl.data.image import CLIP_MEAN
+    from owl.data.tokenize import train_bpe_tokenizer
+
+    train_bpe_tokenizer(iter(["the red circle", "a blue square"] * 20), 270, tmp_path / "tok")
+    ours = _save_tiny(tmp_path / "ours", "owl2", image_mode="resize")
+    argv = ["convert", "to-release", str(ours), str(tmp_path / "rel"), "--tokenizer",
+            str(tmp_path / "tok"), "--weights", "bin", "--json"]  # fmt: skip
+    assert owl_cli(argv) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert set(files) == {p.name for p in (tmp_path / "rel").iterdir()}
+    assert {"pytorch_model.bin", "config.json", "preprocessor_config.json",
+            "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"} == set(files)  # fmt: skip
+    read = {name: json.loads((tmp_path / "rel" / name).read_text()) for name in files
+            if name.endswith(".json")}  # fmt: skip
+    assert read["config.json"]["image_aspect_ratio"] == "resize"
+    assert read["config.json"]["max_sequence_length"] == 512
+    processor = read["preprocessor_config.json"]
+    assert processor["size"] == {"shortest_edge": 32} and processor["resample"] == 3
+    assert processor["crop_size"] == {"height": 32, "width": 32}
+    assert processor["image_mean"] == list(CLIP_MEAN)
+    assert read["generation_config.json"] == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}  # fmt: skip
+    assert read["tokenizer_config.json"]["tokenizer_class"] == "PreTrainedTokenizerFast"
+    model = read["tokenizer.json"]["model"]
+    assert "ignore_merges" not in model and all(isinstance(m, str) for m in model["merges"])
+    # the weights convert back
+    assert owl_cli(["convert", "mplug-owl2", str(tmp_path / "rel"), str(tmp_path / "back")]) == 0
+
+
+def test_a_tokenizer_with_no_checked_old_form_is_refused(tmp_path: Path) -> None:
+    from owl.model.release_files import legacy_tokenizer_json
+
+    data = {"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": None, "decoder": None}
+    with pytest.raises(ValueError, match="tokenizer.json model is WordPiece, not BPE"):
+        legacy_tokenizer_json(data, tmp_path)
