@@ -1,5 +1,6 @@
 """Step `shapes`: write the synthetic demo source (captions URL list, LLaVA and Alpaca instructions,
-held-out benchmarks) in the formats users bring, so the demo runs the real data path."""
+held-out benchmarks, and when asked tiny videos) in the formats users bring, so the demo runs the
+real data path."""
 
 from __future__ import annotations
 
@@ -23,5 +24,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     manifest.info = {"formats": {"captions.parquet": "url list (url, caption, similarity, punsafe, "
                                  "pwatermark); urls are file://", "instructions.json": "LLaVA",
                                  "text_instructions.json": "Alpaca", "benchmarks": "owl jsonl"}}  # fmt: skip
+    if cfg.num_videos or cfg.num_eval_videos:  # off by default: the demo's manifest unchanged
+        manifest.info["formats"]["video_instructions.json"] = "LLaVA with mp4 videos"
     ctx.progress(1, 1, f"wrote {len(written.files)} files")
     return manifest

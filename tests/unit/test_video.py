@@ -117,10 +117,15 @@ def test_placeholders_expand_to_one_image_slot_per_frame() -> None:
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> EncoderSpec:
+def bpe_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bpe")
     train_bpe_tokenizer(["Which way does it move? left right", "Yes."] * 20, 300, out)
-    return EncoderSpec.of(load_tokenizer(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder(bpe_dir) -> EncoderSpec:
+    return EncoderSpec.of(load_tokenizer(bpe_dir))
 
 
 def _row(sample_id: str, question: str, images: list[str], videos: list[str]) -> dict:
@@ -161,3 +166,34 @@ def test_instruction_videos_become_frames_in_slot_order(encoder: EncoderSpec, tm
     frames = sample_frames(movie.read_bytes(), 3)
     assert preprocess_images(mixed["images"][:3], 16).equal(preprocess_images(frames, 16))
     assert result["plain"]["images"] == [picture.read_bytes()]
+
+
+def test_a_benchmark_video_is_asked_as_its_frames(bpe_dir, tmp_path) -> None:
+    """Evaluation: one image placeholder per image and per frame, in the order the pixels come."""
+    from owl.data.tokenize import encode_prompt
+    from owl.eval.benchmarks import read_benchmark
+    from owl.eval.generate import load_images
+    from owl.eval.prompts import prompt_turns
+    from owl.model import get_config
+
+    (tmp_path / "move.webm").write_bytes(
+        encode_video([_frame(i) for i in range(NUM_FRAMES)], "webm")
+    )
+    _frame(0).save(tmp_path / "a.png")
+    record = {"id": "1", "type": "text", "images": ["a.png"], "videos": ["move.webm"],
+              "question": "Which way?", "answer": "right"}  # fmt: skip
+    (tmp_path / "bench.jsonl").write_text(json.dumps(record) + "\n")
+    [parsed] = read_benchmark(tmp_path / "bench.jsonl")
+    [turn] = prompt_turns(parsed, "<|image|>", num_frames=3)
+    assert turn.text == "<|image|>" * 4 + "Which way?"
+    cfg = get_config("debug-tiny")
+    pixels = load_images(parsed, cfg, num_frames=3)
+    expected = preprocess_images(
+        [(tmp_path / "a.png").read_bytes(), *sample_frames((tmp_path / "move.webm").read_bytes(), 3)],
+        cfg.vision.image_size, cfg.image_mode,
+    )  # fmt: skip
+    assert pixels.shape[0] == 4 and pixels.equal(expected)
+    assert load_images(parsed, cfg, blank=True, num_frames=3).shape[0] == 4
+    tokenizer = load_tokenizer(bpe_dir)
+    ids = encode_prompt(tokenizer, [turn], variant="owl2", num_visual_tokens=5)
+    assert ids.count(IMAGE_TOKEN_ID) == 4 * 5
