@@ -250,6 +250,15 @@ def data(tmp_path_factory) -> dict[str, object]:
         server.shutdown()
 
 
+def _miniature(variant: str) -> dict:
+    """Owl2 keeps grouped KV heads; Owl1's release layout refuses them (transformers 4.28.1's
+    LLaMA, which the authors' Owl1 runs on, has none), and its export writes that layout."""
+    if variant == "owl2":
+        return MINIATURE
+    decoder = {**MINIATURE["decoder"], "num_kv_heads": MINIATURE["decoder"]["num_heads"]}
+    return {**MINIATURE, "decoder": decoder}
+
+
 def _sets(data: dict, variant: str) -> dict:
     scale = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
     sources = {  # the recipes' instruction mixes, in the formats they name
@@ -260,7 +269,7 @@ def _sets(data: dict, variant: str) -> dict:
         "storage": str(data["root"] / f"storage-{variant}"),
         "model.pretrained.clip": data["clip"],
         "model.pretrained.llama": data["llama"],
-        "model.overrides": MINIATURE,
+        "model.overrides": _miniature(variant),
         "download.url_list": data["urls"],
         "download.processes_count": 1,
         "download.thread_count": 4,
