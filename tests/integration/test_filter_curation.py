@@ -24,7 +24,24 @@ from tests.unit.curation_fixtures import pattern_png, reference_scores
 from tests.unit.tiny_pretrained import save_clip_model
 
 RADIUS = 4
-WORDS = ["red", "blue", "green", "cat", "dog", "a", "photo", "of", "the", "small", "large", "sky", "tree", "car", "on", "in"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "a",
+    "photo",
+    "of",
+    "the",
+    "small",
+    "large",
+    "sky",
+    "tree",
+    "car",
+    "on",
+    "in",
+]
 
 
 def _jpeg(data: bytes, quality: int) -> bytes:
