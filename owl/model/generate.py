@@ -175,11 +175,16 @@ def generate(
 ) -> list[list[int]]:
     """See OwlModel.generate; `options` are `decode`'s keywords."""
     prompt = left_pad(model, input_ids, images)
+    # The steps' tokens stay on the device until the end: reading each one back (a host sync per
+    # token on a GPU) would stall the next step's kernel launches.
+    steps = list(decode(model, prompt, **options))
     outputs: list[list[int]] = [[] for _ in input_ids]
-    for tokens, alive in decode(model, prompt, **options):
-        for out, token, keep in zip(outputs, tokens.tolist(), alive.tolist()):
-            if keep:
-                out.append(token)
+    if not steps:
+        return outputs
+    tokens = torch.stack([t for t, _ in steps], dim=1).tolist()  # (B, steps)
+    alive = torch.stack([a for _, a in steps], dim=1).tolist()
+    for out, row, keep in zip(outputs, tokens, alive):
+        out.extend(token for token, kept in zip(row, keep) if kept)
     return outputs
 
 

@@ -185,9 +185,12 @@ def deepspeed_config(
                 "betas": list(cfg.betas),
                 "eps": cfg.eps,
                 "weight_decay": cfg.weight_decay,
-                # DeepSpeed's fused Adam needs CUDA; on CPU use torch's AdamW.
-                "torch_adam": not on_gpu,
+                # torch's AdamW: on GPU its fused CUDA kernel (`fused`). DeepSpeed's own
+                # FusedAdam is compiled at first use (JIT: nvcc and the CUDA toolkit, which a
+                # machine with torch's CUDA wheel need not have, and a minute of start-up).
+                "torch_adam": True,
                 "adam_w_mode": True,
+                **({"fused": True} if on_gpu else {}),
             },
         },
         "steps_per_print": _NEVER,

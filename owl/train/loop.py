@@ -30,7 +30,7 @@ from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
 from owl.train.loss import num_supervised, token_loss_sum
-from owl.train.metrics import Window, train_flops
+from owl.train.metrics import Window, attention_pairs, train_flops
 from owl.train.stages import format_table, param_groups, select_for_stage
 
 EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder (rank 0)
@@ -124,6 +124,8 @@ def engine_summary(engine: Any) -> dict[str, Any]:
     """The settings the DeepSpeed engine runs with, read back from it (not from our config)."""
     groups = engine.optimizer.param_groups if engine.optimizer is not None else []
     return {
+        "device": str(engine.device),
+        "bf16": bool(engine.bfloat16_enabled()),
         "zero_stage": int(engine.zero_optimization_stage()),
         "micro_batch_size": int(engine.train_micro_batch_size_per_gpu()),
         "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
@@ -366,7 +368,7 @@ def _train_step(
     # DeepSpeed divides by grad_accum and averages over ranks; undo both so the update is the
     # mean over the supervised tokens of the global batch.
     scale = job.train.grad_accum * world_size / max(global_count, 1.0)
-    loss_sum, tokens, images, seq_len = 0.0, 0, 0, 0
+    loss_sum, tokens, images, pairs = 0.0, 0, 0, 0
     for batch in batches:
         tensors = _to_device(batch, engine)
         logits = engine(
@@ -381,8 +383,8 @@ def _train_step(
         loss_sum += float(loss.detach())
         tokens += int((batch["segment_ids"] > 0).sum())
         images += 0 if batch["images"] is None else batch["images"].shape[0]
-        seq_len = max(seq_len, batch["input_ids"].shape[1])
-    flops = train_flops(job.model, tokens=tokens, seq_len=seq_len, images=images)
+        pairs += attention_pairs(batch["segment_ids"])
+    flops = train_flops(job.model, tokens=tokens, attention_pairs=pairs, images=images)
     samples = sum(b["num_samples"] for b in batches)
     return {
         "loss_sum": loss_sum,
@@ -390,6 +392,8 @@ def _train_step(
         "tokens": tokens,
         "samples": samples,
         "flops": flops,
+        "images": images,
+        "attention_pairs": pairs,
     }
 
 
@@ -545,11 +549,12 @@ class LocalSession:
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
 
 
-def init_single_process_group(port: int = 29517) -> None:
-    """A world of one (gloo) for running the loop outside Ray: DeepSpeed needs a process group."""
+def init_single_process_group(port: int = 29517, backend: str = "gloo") -> None:
+    """A world of one for running the loop outside Ray (DeepSpeed needs a process group): gloo
+    on CPU, `backend="nccl"` on a GPU (after `torch.cuda.set_device`)."""
     if dist.is_initialized():
         return
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(backend, rank=0, world_size=1)

@@ -21,34 +21,70 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _linear_params(model: OwlConfig) -> tuple[int, int, int]:
-    """Weights multiplied per token in (vision, abstractor, decoder), embeddings excluded."""
-    v, a, d = model.vision, model.abstractor, model.decoder
-    vision = v.num_layers * (4 * v.width**2 + 2 * v.width * v.mlp_dim)
-    abstractor = a.num_layers * (4 * a.width**2 + 3 * a.width * a.ffn_dim)
-    kv = 2 * d.hidden * d.num_kv_heads * d.head_dim
-    decoder = (
-        d.num_layers * (2 * d.hidden**2 + kv + 3 * d.hidden * d.ffn_dim) + d.hidden * d.vocab_size
-    )
-    return vision, abstractor, decoder
+def flop_terms(
+    model: OwlConfig, *, tokens: int, attention_pairs: int, images: int
+) -> dict[str, float]:
+    """Forward + backward FLOPs of one training step, by part (docs/model.md, "FLOPs and MFU").
 
-
-def train_flops(model: OwlConfig, *, tokens: int, seq_len: int, images: int) -> float:
-    """Forward + backward FLOPs (6 per weight per token, plus attention scores) for a step.
-
-    Counts every weight as if trained (the usual MFU convention). `tokens` are decoder tokens,
-    `seq_len` the row length (attention cost per token grows with it), `images` images encoded.
+    `tokens`: decoder tokens (padding excluded); `attention_pairs`: the sum over samples of the
+    squared sample length (each of a sample's tokens attends over the whole sample: causality is
+    not halved, as torch's FLOP counter and the usual MFU formula count it); `images`: images
+    encoded. A matmul of an (m, k) by a (k, n) is 2 m k n FLOPs forward and twice that backward
+    (the input's and the weight's gradients), so 3x forward; the patch embedding's input (the
+    pixels) takes no gradient, so 2x. Every weight is counted as trained (the usual MFU
+    convention; in Owl2's stage 2 every weight does train). Activation checkpointing's recompute
+    is not counted (model FLOPs, not hardware FLOPs). `mam_second_branch` is Owl2's MAM computing
+    both key/value branches for every token (`torch.where` selects one): executed, but no part of
+    the model's FLOPs, so `model_flops` leaves it out.
     """
-    vision, abstractor, decoder = _linear_params(model)
-    d = model.decoder
-    decoder_flops = 6 * decoder * tokens + 12 * d.num_layers * d.hidden * seq_len * tokens
-    vision_tokens = images * model.vision.num_tokens
-    vision_flops = 6 * vision * vision_tokens
-    vision_flops += (
-        12 * model.vision.num_layers * model.vision.width * model.vision.num_tokens * vision_tokens
+    v, a, d = model.vision, model.abstractor, model.decoder
+    s, k, w = v.num_tokens, a.num_queries, a.width  # ViT tokens per image (1 + P), queries
+    kv = d.num_kv_heads * d.head_dim
+    forward = {
+        "vision_patch_embed": images * v.num_patches * 2 * v.num_channels * v.patch_size**2 * v.width,
+        "vision_linear": images * s * v.num_layers * 2 * (4 * v.width**2 + 2 * v.width * v.mlp_dim),
+        "vision_attention": images * v.num_layers * 4 * s * s * v.width,
+        # q and o over the K queries, k and v over [queries; ViT tokens], the SwiGLU over the
+        # queries; then the projection to the decoder width.
+        "abstractor_linear": images
+        * (a.num_layers * 2 * (2 * k * w * w + 2 * (k + s) * w * w + 3 * k * w * a.ffn_dim)
+           + 2 * k * w * d.hidden),
+        "abstractor_attention": images * a.num_layers * 4 * k * (k + s) * w,
+        "decoder_linear": tokens
+        * (d.num_layers * 2 * (2 * d.hidden**2 + 2 * d.hidden * kv + 3 * d.hidden * d.ffn_dim)
+           + 2 * d.hidden * d.vocab_size),
+        "decoder_attention": attention_pairs * d.num_layers * 4 * d.hidden,
+        "mam_second_branch": tokens * d.num_layers * 2 * 2 * d.hidden * kv
+        if d.modality_adaptive
+        else 0,
+    }  # fmt: skip
+    return {
+        name: float(flops * (2 if name == "vision_patch_embed" else 3))
+        for name, flops in forward.items()
+    }
+
+
+def model_flops(terms: dict[str, float]) -> float:
+    """The step's model FLOPs (what MFU divides by time and peak): every term but the MAM's
+    unused branch."""
+    return sum(v for name, v in terms.items() if name != "mam_second_branch")
+
+
+def train_flops(model: OwlConfig, *, tokens: int, attention_pairs: int, images: int) -> float:
+    """Model FLOPs of one training step (`flop_terms`, `model_flops`)."""
+    return model_flops(
+        flop_terms(model, tokens=tokens, attention_pairs=attention_pairs, images=images)
     )
-    abstractor_flops = 6 * abstractor * images * model.abstractor.num_queries
-    return float(decoder_flops + vision_flops + abstractor_flops)
+
+
+def attention_pairs(segment_ids: torch.Tensor) -> int:
+    """Sum over the samples of a (B, T) batch (segments k >= 1; 0 = padding) of their squared
+    lengths: the (query, key) pairs `flop_terms` counts."""
+    pairs = 0
+    for row in segment_ids:
+        values, counts = torch.unique_consecutive(row, return_counts=True)
+        pairs += int((counts[values > 0].long() ** 2).sum())
+    return pairs
 
 
 @dataclass

@@ -28,8 +28,20 @@ def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
 def test_deepspeed_config_gpu_is_bf16_and_zero3_gathers_on_save() -> None:
     ds = deepspeed_config(TrainConfig(zero_stage=3), world_size=1, on_gpu=True)
     assert ds["bf16"]["enabled"] is True
-    assert ds["optimizer"]["params"]["torch_adam"] is False
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deepspeed_config_gpu_uses_torch_fused_adamw() -> None:
+    """On GPU the optimizer is torch's fused AdamW, not DeepSpeed's FusedAdam (a JIT build that
+    needs nvcc); DeepSpeed hands the params other than torch_adam / adam_w_mode to
+    torch.optim.AdamW as keyword arguments, so they must be AdamW's."""
+    gpu = deepspeed_config(TrainConfig(), world_size=1, on_gpu=True)["optimizer"]["params"]
+    cpu = deepspeed_config(TrainConfig(), world_size=1, on_gpu=False)["optimizer"]["params"]
+    assert gpu["torch_adam"] is True and gpu["fused"] is True
+    assert "fused" not in cpu  # the CPU optimizer (and the demo's numbers) as before
+    kwargs = {k: v for k, v in gpu.items() if k not in ("torch_adam", "adam_w_mode")}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+    assert optimizer.defaults["fused"] is True
 
 
 def test_schedule_warms_up_then_decays_to_min() -> None:
