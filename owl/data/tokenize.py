@@ -428,11 +428,16 @@ def encode_prompt(
     variant: str,
     num_visual_tokens: int,
     system: str | None = None,
+    end: str = "",
 ) -> list[int]:
     """Token ids to generate from: the conversation so far (ending with a user turn) and the
     assistant prefix. Equal to the prefix of the training encoding of the same conversation.
+    `end` is appended to the assistant prefix, in its piece: the authors' benchmark scripts end
+    with "ASSISTANT: ", whose space a SentencePiece tokenizer turns into one more token ("▁").
     Raises DropSample (a ValueError) for a conversation that does not alternate."""
     pieces = conversation_pieces(turns, get_template(variant, system), for_prompt=True)
+    if end:
+        pieces[-1] = pieces[-1]._replace(text=pieces[-1].text + end)
     encoded = encode_piece_lists(
         _encoder(tokenizer),
         [pieces],

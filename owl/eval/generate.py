@@ -23,6 +23,7 @@ from PIL import Image
 from owl.data.image import CLIP_MEAN, preprocess_images
 from owl.data.video import DEFAULT_NUM_FRAMES, sample_frames
 from owl.eval.benchmarks import BenchmarkRecord, is_unanswered
+from owl.eval.choice_matching import match_choice
 from owl.eval.metrics import (
     LETTERS,
     ChoiceResult,
@@ -32,7 +33,6 @@ from owl.eval.metrics import (
     gqa_correct,
     mme_scores,
     multiple_choice_scores,
-    parse_choice,
     parse_yes_no,
     parse_yes_no_mme,
     parse_yes_no_pope,
@@ -42,7 +42,7 @@ from owl.eval.metrics import (
     vqa_accuracy,
     yes_no_scores,
 )
-from owl.eval.prompts import max_new_tokens, prompt_ids
+from owl.eval.prompts import max_new_tokens, prompt_ids, spec_of
 from owl.model.config import OwlConfig
 from owl.model.model import OwlModel
 
@@ -428,7 +428,8 @@ def _yes_no_scores(
 
 
 def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> ChoiceResult:
-    """One asked rotation. Rows that are copies of one question (`record.group`, MMBench's
+    """One asked rotation, its reply read by the record's prompt style's matching (MMBench,
+    SEED-Bench, ScienceQA: VLMEvalKit's; owl.eval.choice_matching). Rows that are copies of one question (`record.group`, MMBench's
     circular copies) count as rotations of that question: shift = the copy's own rotation
     (`extra["circular_shift"]`) + the rotation we asked it under."""
     query = Query(record, int(prediction["shift"]))
@@ -436,7 +437,7 @@ def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> Ch
     return ChoiceResult(
         question_id=record.group or record.id,
         shift=query.shift + int(record.extra.get("circular_shift", 0)),
-        predicted=parse_choice(prediction["prediction"], query.options),
+        predicted=match_choice(prediction["prediction"], query.options, spec_of(record).matching),
         answer=answer,
     )
 

@@ -6,8 +6,9 @@ shapes benchmarks use). Every row says where its text and budget come from; rows
 from the authors say why. docs/benchmarks.md prints this table.
 
 The user text is wrapped by `owl.data.templates` through `encode_prompt`, the template the model
-was trained with, so "USER: <|image|>{q} Answer the question using a single word or phrase.
-ASSISTANT:" (owl2) comes out token for token as in the authors' scripts. Decoding is greedy.
+was trained with, and ends with `PROMPT_END`, so "USER: <|image|>{q} Answer the question using a
+single word or phrase. ASSISTANT: " (owl2) comes out token for token as the authors' scripts
+tokenize it (tests/unit/test_prompt_tokens.py). Decoding is greedy.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ CHOICE_INSTRUCTION_OWL2_MMBENCH = (
 )
 YES_NO_INSTRUCTION = "Please answer yes or no."
 
+# Every mPLUG-Owl2 evaluate script ends its prompt with "ASSISTANT: " (and Owl1's README prompts
+# with "AI: "): the trailing space becomes one more token ("▁" under LLaMA's tokenizer) before the
+# reply. Chat (`owl chat`) ends at "ASSISTANT:" as the authors' own chat code does.
+PROMPT_END = " "
+
 OWL2_EVAL = "X-PLUG/mPLUG-Owl: mPLUG-Owl2/mplug_owl2/evaluate/"
 OWL1_NOTE = "Owl1: same text in Owl1's template (the Owl1 release has no benchmark scripts)"
 
@@ -49,6 +55,8 @@ class PromptSpec:
     deviation: str = ""
     hint_default: str = ""  # the hint line when a record has none ("" = no hint line)
     drop: str = ""  # removed from the question first (MME's own yes/no instruction)
+    # How a multiple-choice reply is read (owl.eval.choice_matching.MATCHINGS).
+    matching: str = "owl"
 
 
 PROMPTS: dict[str, PromptSpec] = {
@@ -95,6 +103,7 @@ PROMPTS: dict[str, PromptSpec] = {
         10,
         OWL2_EVAL + "evaluate_mmbench.py (hint 'N/A' when missing)",
         hint_default="N/A",
+        matching="vlmevalkit",
     ),
     "mme": PromptSpec(
         "{question}\n" + VQA_INSTRUCTION,
@@ -106,12 +115,14 @@ PROMPTS: dict[str, PromptSpec] = {
         "{question}\n{options}\n" + CHOICE_INSTRUCTION,
         10,
         "no authors' script; the multiple-choice layout of evaluate_mmbench.py without a hint",
+        matching="vlmevalkit",
     ),
     "scienceqa": PromptSpec(
         "{hint}\n{question}\n{options}\n" + CHOICE_INSTRUCTION,
         10,
         "no authors' script; the multiple-choice layout of evaluate_mmbench.py, context as hint",
         "no hint line when the problem has no context",
+        matching="vlmevalkit",
     ),
 }
 
@@ -197,4 +208,5 @@ def prompt_ids(
         prompt_turns(record, placeholder, options, num_frames),
         variant=variant,
         num_visual_tokens=num_visual_tokens,
+        end=PROMPT_END,
     )
