@@ -10,7 +10,7 @@ import sys
 from pipelines.errors import USER_ERRORS, one_line
 
 # Command modules, in help order. Each exposes `register(subparsers)`.
-COMMAND_MODULES = ("run", "model", "data", "eval")
+COMMAND_MODULES = ("run", "model", "data", "eval", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

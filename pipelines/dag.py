@@ -161,12 +161,12 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "evaluate_stage1",
             "pipelines.steps.evaluate",
-            "1",
+            "2",  # 2: prompts end with a space (the authors'), VLMEvalKit matching, intervals
             _eval_roles("stage1"),
             uses_model=True,
         ),
         StepSpec(
-            "evaluate", "pipelines.steps.evaluate", "1", _eval_roles("stage2"), uses_model=True
+            "evaluate", "pipelines.steps.evaluate", "2", _eval_roles("stage2"), uses_model=True
         ),
         # The registered model: our folder (+ peft adapter), the authors' layout, the model card.
         StepSpec(

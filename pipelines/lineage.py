@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -262,9 +263,12 @@ class Lineage:
         if not hit:  # curves and artifacts stay with the run that computed the output
             self._log_curves(run_id, manifest.curves)
             self.client.log_artifact(run_id, str(out_dir / MANIFEST_NAME))
-            for rel in manifest.artifacts:
+            for rel in manifest.artifacts:  # kept in their folder: predictions/x, units/x
                 if (out_dir / rel).is_file():
-                    self.client.log_artifact(run_id, str(out_dir / rel))
+                    folder = str(Path(rel).parent)
+                    self.client.log_artifact(
+                        run_id, str(out_dir / rel), None if folder == "." else folder
+                    )
 
     def _log_pretrained(self, run_id: str, manifest: Manifest) -> None:
         """The pretrained folders a step read (the init step's `info["pretrained"]`: kind ->
@@ -549,3 +553,32 @@ def audit_dataset(tracking_uri: str, digest: str) -> dict[str, Any]:
     if not producers and not consumers:
         raise UserError(f"no dataset with a digest starting {digest!r} in {tracking_uri}")
     return {"digest": digest, "producers": producers, "consumers": consumers}
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@_store_errors
+def download_evaluation(tracking_uri: str, ref: str, folder: str, dst: Path) -> Path:
+    """The artifacts under `folder` (e.g. "units") of an evaluation, downloaded into `dst`:
+    `ref` is an evaluate step's MLflow run id, or a model version (`NAME`, `NAME@alias`,
+    `NAME/version`), whose registering run's `evaluate` input is followed. A cache-hit run
+    points at the run that computed the output and holds its artifacts."""
+    client = MlflowClient(tracking_uri)
+    if _RUN_ID.match(ref):
+        run_id = ref
+    else:
+        entry = _run_entry(client, _model_version(client, ref).run_id)
+        found = [i for i in entry["inputs"] if i["role"] == "evaluate"]
+        if not found:
+            raise UserError(f"{ref}: its run {entry['run_id']} read no evaluate step's output")
+        run_id = found[0]["producer_run_id"]
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(f"{ref}: no such MLflow run ({exc.message})") from None
+    run_id = run.data.tags.get(f"{TAG}producer_run_id") or run_id
+    if not client.list_artifacts(run_id, folder):
+        raise UserError(f"{ref}: run {run_id} has no {folder}/ artifacts (not an evaluate run?)")
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, folder, str(dst)))

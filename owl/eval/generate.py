@@ -275,7 +275,7 @@ def sample_score(
     if record.type == "vqa":
         return vqa_accuracy(text, record.answers, record.rule or vqa_rule)
     if record.type == "multiple_choice":
-        result = _choice_result(record, prediction)
+        result = choice_result(record, prediction)
         return float(result.predicted == result.answer)
     if record.type == "yes_no":
         return float(_yes_no_parser(record.rule)(text) == record.answer)
@@ -337,7 +337,7 @@ def _score_type(
             references, hypotheses, meteor=caption_meteor, tokenizer=caption_tokenizer
         )
     if record_type == "multiple_choice":
-        results = [_choice_result(by_id[p["id"]], p) for p in predictions]
+        results = [choice_result(by_id[p["id"]], p) for p in predictions]
         return {
             **multiple_choice_scores(results),
             **_per_category(by_id, predictions, results),
@@ -427,7 +427,7 @@ def _yes_no_scores(
     )
 
 
-def _choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> ChoiceResult:
+def choice_result(record: BenchmarkRecord, prediction: Mapping[str, Any]) -> ChoiceResult:
     """One asked rotation, its reply read by the record's prompt style's matching (MMBench,
     SEED-Bench, ScienceQA: VLMEvalKit's; owl.eval.choice_matching). Rows that are copies of one question (`record.group`, MMBench's
     circular copies) count as rotations of that question: shift = the copy's own rotation

@@ -476,12 +476,8 @@ def caption_scores(
         raise ValueError("caption_scores: nothing to score")
     if any(not refs for refs in references.values()):
         raise ValueError("caption_scores: every id needs at least one reference caption")
+    refs, hyps = _tokenized(references, predictions, tokenizer)
     approx = tokenizer == "approx"
-    if not approx and not java_available():
-        raise ValueError(JAVA_MISSING)
-    tokenize = _simple_tokenize if approx else _ptb_tokenize
-    refs = tokenize(references)
-    hyps = tokenize({key: [text] for key, text in predictions.items()})
     suffix = APPROX_SUFFIX if approx else ""
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
@@ -493,6 +489,29 @@ def caption_scores(
         scores["METEOR"] = 100.0 * _meteor(refs, hyps)
     scores["count"] = float(len(references))
     return scores
+
+
+def _tokenized(
+    references: Mapping[str, Sequence[str]], predictions: Mapping[str, str], tokenizer: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """References and predictions through the PTB tokenizer (Java) or the approximate one."""
+    approx = tokenizer == "approx"
+    if not approx and not java_available():
+        raise ValueError(JAVA_MISSING)
+    tokenize = _simple_tokenize if approx else _ptb_tokenize
+    return tokenize(references), tokenize({key: [text] for key, text in predictions.items()})
+
+
+def cider_per_image(
+    references: Mapping[str, Sequence[str]], predictions: Mapping[str, str], tokenizer: str = "ptb"
+) -> dict[str, float]:
+    """Each image's CIDEr-D x 100, document frequencies from all references: their mean is the
+    corpus CIDEr of `caption_scores` (the per-item scores its bootstrap interval resamples)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs, hyps = _tokenized(references, predictions, tokenizer)
+    _, per_image = Cider().compute_score(refs, hyps)
+    return {key: 100.0 * float(value) for key, value in zip(refs, per_image)}
 
 
 def _meteor(refs: dict[str, list[str]], hyps: dict[str, list[str]]) -> float:

@@ -65,8 +65,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         help="VQA rule for records that name none (default: the official VQAv2 script)",
     )  # fmt: skip
     parser.add_argument(
-        "--predictions", default=None, help="folder to write <benchmark>.parquet to (and "
-        "submission files for splits without public answers)",
+        "--predictions", default=None, help="folder to write <benchmark>.parquet to, the "
+        "per-item scores to units/ (owl compare reads them) and submission files for splits "
+        "without public answers",
     )  # fmt: skip
     parser.add_argument(
         "--imported", default=None, help="folder for benchmarks imported from official files "
@@ -203,6 +204,7 @@ def _eval_in(args: argparse.Namespace, imported: str) -> int:
     from owl.eval.generate import predict, prediction_rows, score
     from owl.eval.metrics import JAVA_MISSING, java_available
     from owl.eval.submissions import submission_format, write_submission
+    from owl.eval.uncertainty import headline_units, intervals, write_units
 
     try:
         if args.num_frames < 1:
@@ -231,12 +233,17 @@ def _eval_in(args: argparse.Namespace, imported: str) -> int:
             records, predictions, caption_meteor=not args.no_meteor,
             caption_tokenizer=args.caption_tokenizer, vqa_rule=args.vqa_rule,
         )  # fmt: skip
+        units = headline_units(
+            records, predictions, vqa_rule=args.vqa_rule, caption_tokenizer=args.caption_tokenizer
+        )
+        results[name].update(intervals(units))
         fmt = submission_format(records)
         if args.predictions:
             out = Path(args.predictions) / f"{name}.parquet"
             out.parent.mkdir(parents=True, exist_ok=True)
             rows = prediction_rows(records, predictions, args.vqa_rule)
             pq.write_table(pa.Table.from_pylist(rows), out)
+            write_units(Path(args.predictions) / "units" / f"{name}.parquet", units)
             if fmt is not None:
                 target = Path(args.predictions) / "submissions" / name
                 submissions[name] = str(write_submission(target, fmt, records, predictions))

@@ -7,7 +7,9 @@ start, the driver encodes every prompt. Each benchmark's queries are split into 
 chunks, one per actor, and all chunks are queued at once so actors stay busy across
 benchmarks; the actors return token ids, which the driver decodes. The driver
 scores (the caption toolkit's Java runs there), writes `predictions/<benchmark>.parquet` and
-returns the metrics in `Manifest.stats` (docs/benchmarks.md explains names and rules).
+`units/<benchmark>.parquet` (the per-item scores of each headline metric) and returns the
+metrics, each headline metric with its 95% bootstrap interval (`<metric>_ci95_low` / `_high`),
+in `Manifest.stats` (docs/benchmarks.md explains names and rules).
 
 A benchmark entry is a benchmark file or an import spec, `[name=]kind:path,path,...` (e.g.
 `vqav2:questions.json,annotations.json,images/`): the official files are imported into
@@ -45,6 +47,7 @@ MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 PREDICTIONS_DIR = "predictions"
 SUBMISSIONS_DIR = "submissions"
+UNITS_DIR = "units"  # per-item scores of each headline metric (owl compare pairs them)
 IMPORTED_DIR = "imported"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -144,6 +147,7 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     from owl.data.tokenize import load_tokenizer
     from owl.eval.generate import score
     from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, max_new_tokens, style_of
+    from owl.eval.uncertainty import headline_units, intervals
 
     started = time.monotonic()
     files = [_benchmark_file(ctx, entry, inputs) for entry in cfg.benchmarks]
@@ -183,6 +187,12 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
             records, preds, caption_meteor=cfg.caption_meteor and not blank,
             caption_tokenizer=cfg.caption_tokenizer, vqa_rule=cfg.vqa_rule,
         )  # fmt: skip
+        if not blank:
+            units = headline_units(
+                records, preds, vqa_rule=cfg.vqa_rule, caption_tokenizer=cfg.caption_tokenizer
+            )
+            metrics.update(intervals(units))
+            _write_units(ctx, manifest, name, units)
         manifest.stats.update(_metric_names(name, records, metrics, blank))
         rel = f"{PREDICTIONS_DIR}/{name}{'.blank' if blank else ''}.parquet"
         _write_predictions(ctx.out_dir / rel, records, preds, cfg.vqa_rule)
@@ -336,6 +346,17 @@ def _metric_names(
         prefix = name if types == {name} else f"{name}.{record_type}"
         named[f"{prefix}.{'blank_' if blank else ''}{metric}"] = value
     return named
+
+
+def _write_units(ctx: StepContext, manifest: Manifest, name: str, units: dict[str, Any]) -> None:
+    """`units/<benchmark>.parquet`: the per-item scores of each headline metric."""
+    from owl.eval.uncertainty import write_units
+
+    rel = f"{UNITS_DIR}/{name}.parquet"
+    num_rows = write_units(ctx.out_dir / rel, units)
+    if num_rows:  # none for a split without public answers
+        manifest.add_file(ctx.out_dir, rel, rows=num_rows)
+        manifest.artifacts.append(rel)
 
 
 def _write_predictions(

@@ -35,7 +35,11 @@ def test_eval_prints_json_metrics_and_writes_predictions(
     assert set(result["metrics"]) == {"vqa", "multiple_choice"}
     assert 0.0 <= result["metrics"]["vqa"]["vqa.accuracy"] <= 1.0
     assert result["metrics"]["multiple_choice"]["multiple_choice.count"] == 3.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["multiple_choice.parquet", "vqa.parquet"]
+    names = ["multiple_choice.parquet", "units", "vqa.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert sorted(p.name for p in (tmp_path / "units").iterdir()) == names[::2]  # owl compare
+    vqa = result["metrics"]["vqa"]
+    assert vqa["vqa.accuracy_ci95_low"] <= vqa["vqa.accuracy"] <= vqa["vqa.accuracy_ci95_high"]
 
 
 def test_model_and_tokenizer_folders_are_found(artefacts: dict[str, Path], tmp_path: Path) -> None:

@@ -62,10 +62,20 @@ def test_evaluate_step_on_two_cpu_actors(
     assert files == [
         "predictions/multiple_choice.blank.parquet", "predictions/multiple_choice.parquet",
         "predictions/text.parquet", "predictions/vqa.blank.parquet", "predictions/vqa.parquet",
+        "units/multiple_choice.parquet", "units/text.parquet", "units/vqa.parquet",
     ]  # fmt: skip
     for name in ("vqa.accuracy", "vqa.blank_accuracy", "multiple_choice.circular_accuracy",
                  "multiple_choice.blank_circular_accuracy", "text.accuracy"):  # fmt: skip
         assert 0.0 <= manifest.stats[name] <= 1.0
+    # Each headline metric with its 95% bootstrap interval, from the per-item units kept.
+    for name in ("vqa.accuracy", "multiple_choice.circular_accuracy", "text.accuracy"):
+        low, high = manifest.stats[f"{name}_ci95_low"], manifest.stats[f"{name}_ci95_high"]
+        assert low <= manifest.stats[name] <= high
+    units = pq.read_table(tmp_path / "units" / "vqa.parquet").to_pylist()
+    assert sum(u["value"] for u in units) / len(units) == pytest.approx(
+        manifest.stats["vqa.accuracy"]
+    )
+    assert "vqa.blank_accuracy_ci95_low" not in manifest.stats  # the control has none
     assert "text.blank_accuracy" not in manifest.stats  # text has no images to blank
     assert manifest.stats["multiple_choice.count"] == 4.0
 

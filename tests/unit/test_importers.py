@@ -33,12 +33,16 @@ def test_documented_commands_run_as_written(tmp_path: Path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     commands = _documented_commands()
     assert len(commands) >= 6
+    printed = {}
     for command in commands:
         capsys.readouterr()
         assert main(shlex.split(command)[1:]) == 0, command
-    out = json.loads(capsys.readouterr().out)  # the last command: owl eval --json
-    vqa = out["metrics"]["vqav2"]
+        printed[shlex.split(command)[1]] = capsys.readouterr().out  # the last of each command
+    vqa = json.loads(printed["eval"])["metrics"]["vqav2"]
     assert vqa["vqa.count"] == 2.0 and 0.0 <= vqa["vqa.accuracy"] <= 1.0
+    assert vqa["vqa.accuracy_ci95_low"] <= vqa["vqa.accuracy"] <= vqa["vqa.accuracy_ci95_high"]
+    [itself] = json.loads(printed["compare"])["comparisons"]  # a model against itself
+    assert (itself["benchmark"], itself["difference"], itself["p_value"]) == ("vqav2", 0.0, 1.0)
 
     vqav2 = read_benchmark("benchmarks/vqav2.jsonl")
     assert [r.id for r in vqav2] == ["42000", "73001"]  # official question ids
