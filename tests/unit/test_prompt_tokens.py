@@ -100,29 +100,28 @@ CASES = [
         CAPTION,
         id="evaluate_caption.py",
     ),
-    pytest.param(
-        _record(
-            type="multiple_choice",
-            prompt="mmbench",
-            question="Which shape is red?",
-            options=("circle", "square"),
-            answer="A",
-        ),  # fmt: skip
-        MMBENCH.format("N/A", "Which shape is red?", "A. circle\nB. square"),
-        id="evaluate_mmbench.py-no-hint",
-    ),
-    pytest.param(
-        _record(
-            type="multiple_choice",
-            prompt="mmbench",
-            question="Which shape is red?",
-            hint="Two shapes.",
-            options=("circle", "square", "star"),
-            answer="C",
-        ),  # fmt: skip
-        MMBENCH.format("Two shapes.", "Which shape is red?", "A. circle\nB. square\nC. star"),
-        id="evaluate_mmbench.py-hint",
-    ),
+    *(
+        pytest.param(
+            _record(
+                type="multiple_choice",
+                prompt="mmbench",
+                question="Which shape is red?",
+                hint=hint,
+                options=options,
+                answer="A",
+            ),
+            MMBENCH.format(
+                hint or "N/A",
+                "Which shape is red?",
+                "\n".join(f"{'ABC'[i]}. {o}" for i, o in enumerate(options)),
+            ),
+            id=f"evaluate_mmbench.py-{'hint' if hint else 'no-hint'}",
+        )
+        for hint, options in (
+            ("", ("circle", "square")),
+            ("Two shapes.", ("circle", "square", "star")),
+        )
+    ),  # fmt: skip
     pytest.param(
         _record(
             type="yes_no",
