@@ -100,6 +100,8 @@ def input_paths(*parts: Any) -> list[str]:
         if isinstance(value, dict):
             for k, v in value.items():
                 if k not in NOT_INPUTS:
+                    if "/" in str(k):  # a key may be a path (a training stage's `mix`)
+                        walk(k)
                     walk(v)
         elif isinstance(value, list | tuple):
             for v in value:

@@ -189,6 +189,9 @@ STEPS: dict[str, StepSpec] = {
     ]
 }
 
+# A training stage's extra input roles: one per step of the job its `mix` names
+# (`mix:tokenize_captions`), added to the stage's spec when the job is parsed (pipelines/jobspec.py).
+MIX_ROLE = "mix:"
 # The step whose `model/` is registered at the end of a run, most final first.
 REGISTER_FROM = ("export", "stage2", "stage1")
 # The evaluation whose metrics `owl status` reports, most final first.

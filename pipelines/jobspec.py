@@ -30,7 +30,7 @@ import yaml
 
 from owl.configs import build_dataclass, coerce
 from owl.model.config import OwlConfig
-from pipelines.dag import StepSpec, active_table
+from pipelines.dag import MIX_ROLE, Role, StepSpec, active_table
 from pipelines.step import Resources
 
 TOP_LEVEL_FIELDS = ("name", "storage", "mlflow_uri", "ray_address", "seed", "model")
@@ -259,11 +259,31 @@ def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> 
     clash = [f.name for f in dataclasses.fields(config_cls) if f.name in STEP_RESERVED]
     assert not clash, f"{spec.module}.Config fields {clash} clash with the runner's section keys"
     config = build_dataclass(config_cls, values, path)
+    spec = with_mix_roles(spec, config, present, path)
     _check_role_paths(dataclasses.asdict(config), spec, present, path)
     retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
     resources = _resources(spec, config, section.get("resources"), path)
     allow_empty = coerce(section.get("allow_empty", False), bool, f"{path}.allow_empty")
     return StepSection(spec, config, resources, retries, allow_empty)
+
+
+def with_mix_roles(spec: StepSpec, config: Any, present: list[str], path: str) -> StepSpec:
+    """`spec` with one more input role per step of the job its `mix` names (`mix:<step>`), so
+    that dataset's manifest digest is part of the stage's cache key like its `data` input's."""
+    mix = getattr(config, "mix", None) or {}
+    named = [name for name in mix if "/" not in name and not name.startswith("@")]
+    if not named:
+        return spec
+    for name in named:
+        if name not in present:
+            raise ValueError(
+                f"{path}.mix.{name}: names no step of this job (its steps: {present}); give a "
+                "tokenize step of the job or a tokenize output folder"
+            )
+        if present.index(name) >= present.index(spec.name):
+            raise ValueError(f"{path}.mix.{name}: a step after {spec.name}; mix an earlier one")
+    extra = {f"{MIX_ROLE}{name}": Role(name) for name in named}
+    return dataclasses.replace(spec, roles={**spec.roles, **extra})
 
 
 def _resources(spec: StepSpec, config: Any, given: Any, path: str) -> Resources:

@@ -205,7 +205,7 @@ def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) ->
     needed = {until}
     for name in reversed(present):
         if name in needed:
-            needed.update(upstream_of(table[name], job.steps).values())
+            needed.update(upstream_of(job.steps[name].spec, job.steps).values())
     return order(needed, table)
 
 
@@ -216,7 +216,9 @@ def forced_steps(job: JobSpec, force: list[str], table: dict[str, StepSpec]) -> 
             raise ValueError(
                 f"--force {name}: not a step of this job; its steps are {list(job.steps)}"
             )
-        forced.update(downstream(name, list(job.steps), table))
+        # The job's own specs: a stage's roles include the steps its `mix` names.
+        specs = {step: job.steps[step].spec for step in order(job.steps, table)}
+        forced.update(downstream(name, list(job.steps), specs))
     return forced
 
 
@@ -431,7 +433,7 @@ class Runner:
         return {
             up
             for name in computing
-            for up in upstream_of(self.table[name], self.job.steps).values()
+            for up in upstream_of(self.job.steps[name].spec, self.job.steps).values()
         }
 
     # --- stop and kill --------------------------------------------------------------------------
@@ -498,7 +500,7 @@ class Runner:
             role: StepInput(
                 up, cache.step_dir(self.job.storage, up, self.manifests[up].key), self.manifests[up]
             )
-            for role, up in upstream_of(self.table[name], self.job.steps).items()
+            for role, up in upstream_of(self.job.steps[name].spec, self.job.steps).items()
         }
 
     def _run_step(self, name: str, forced: bool, verify: bool) -> StepSummary:

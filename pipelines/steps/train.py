@@ -18,6 +18,7 @@ from typing import Any
 
 from owl.data.manifest import Manifest
 from owl.train.config import TrainConfig
+from pipelines.dag import MIX_ROLE
 from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps._ray_train import (
     build_trainer,
@@ -112,14 +113,17 @@ def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
 
 
 def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -> list:
-    """`cfg.mix` as loader datasets, the `data` input first; [] without a mix."""
+    """`cfg.mix` as loader datasets, the `data` input first; [] without a mix. A mix key is a
+    step of the job (`tokenize_captions`: its output, an input of this stage under the role
+    `mix:tokenize_captions`), an `@role/...` folder or a tokenize output folder."""
     if not cfg.mix:
         return []
     from owl.data.loader import Dataset, shards_from_manifest
 
     datasets = [Dataset(shards, cfg.data_weight, "data")]
     for path, weight in cfg.mix.items():
-        folder = Path(resolve_path(path, inputs))
+        step = inputs.get(f"{MIX_ROLE}{path}")  # a step of the job, by name (pipelines/jobspec.py)
+        folder = step.dir if step is not None else Path(resolve_path(path, inputs))
         if not (folder / "manifest.json").is_file():
             raise ValueError(
                 f"train.mix: {path}: no manifest.json there; give a tokenize step's output folder"

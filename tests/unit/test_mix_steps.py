@@ -1,0 +1,93 @@
+"""A training stage's `mix` naming steps of its job: the named step becomes an input of the stage
+(role `mix:<step>`), so its manifest digest is in the stage's cache key, `--until` runs it and
+`--force` of it re-runs the stage; the stage reads that step's output as a mix dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_packing, as the loader tests do
+
+from test_packing import mixed_samples, write_shards  # noqa: E402
+
+from owl.train.config import TrainConfig  # noqa: E402
+from pipelines.dag import STEPS, upstream_of  # noqa: E402
+from pipelines.jobspec import parse_job  # noqa: E402
+from pipelines.runner import forced_steps, select_steps, step_key  # noqa: E402
+from pipelines.step import StepInput  # noqa: E402
+from pipelines.steps.train import mix_datasets  # noqa: E402
+
+
+def demo(tmp_path: Path, mix: dict | None = None, stage: str = "stage2") -> dict:
+    raw = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    raw["storage"] = str(tmp_path / "s")
+    if mix is not None:
+        raw[stage]["mix"] = mix
+    return raw
+
+
+def test_a_mixed_step_is_an_input_of_the_stage_and_in_its_key(tmp_path):
+    plain, mixed = parse_job(demo(tmp_path)), parse_job(demo(tmp_path, {"tokenize_captions": 0.5}))
+    ups = upstream_of(mixed.steps["stage2"].spec, mixed.steps)
+    assert ups == {**upstream_of(plain.steps["stage2"].spec, plain.steps),
+                   "mix:tokenize_captions": "tokenize_captions"}  # fmt: skip
+    digests = {role: f"digest-of-{up}" for role, up in ups.items()}
+    edited = {**digests, "mix:tokenize_captions": "another digest"}
+    assert step_key(mixed, "stage2", digests, {}) != step_key(mixed, "stage2", edited, {})
+    # Only the stage that names it gets the role.
+    assert "mix:tokenize_captions" not in mixed.steps["stage1"].spec.roles
+
+
+def test_force_and_until_follow_the_mix(tmp_path):
+    """Stage 1 does not read tokenize_instructions, unless its mix names it."""
+    plain = parse_job(demo(tmp_path))
+    mixed = parse_job(demo(tmp_path, {"tokenize_instructions": 0.1}, stage="stage1"))
+    assert "stage1" in forced_steps(mixed, ["tokenize_instructions"], STEPS)
+    assert "stage1" not in forced_steps(plain, ["tokenize_instructions"], STEPS)
+    assert "tokenize_instructions" in select_steps(mixed, "stage1", STEPS)
+    assert "tokenize_instructions" not in select_steps(plain, "stage1", STEPS)
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ({"tokenize_caption": 1.0}, r"stage2.mix.tokenize_caption: names no step of this job"),
+        ({"evaluate": 1.0}, r"stage2.mix.evaluate: a step after stage2"),
+    ],
+)
+def test_mix_names_an_earlier_step_of_the_job(tmp_path, mix, message):
+    with pytest.raises(ValueError, match=message):
+        parse_job(demo(tmp_path, mix))
+
+
+def test_the_stage_reads_the_mixed_step_output(tmp_path):
+    data, other = tmp_path / "data", tmp_path / "other"
+    data_manifest = write_shards(data, mixed_samples(12), per_shard=6)
+    other_manifest = write_shards(other, mixed_samples(8), per_shard=4)
+    other_manifest.write(other)
+    inputs = {
+        "data": StepInput("tokenize_instructions", data, data_manifest),
+        "mix:tokenize_captions": StepInput("tokenize_captions", other, other_manifest),
+    }
+    cfg = TrainConfig(stage=2, max_steps=1, mix={"tokenize_captions": 0.25}, data_weight=0.75)
+    from owl.data.loader import shards_from_manifest
+
+    datasets = mix_datasets(cfg, shards_from_manifest(data_manifest, data), inputs)
+    assert [(d.name, d.weight, sum(s.rows for s in d.shards)) for d in datasets] == [
+        ("data", 0.75, 12),
+        ("tokenize_captions", 0.25, 8),
+    ]
+
+
+def test_a_mix_folder_given_by_path_is_content_keyed(tmp_path):
+    from pipelines.cache import input_paths
+
+    folder = tmp_path / "tok-extra"
+    folder.mkdir()
+    cfg = TrainConfig(stage=2, max_steps=1, mix={str(folder): 1.0, "@data/x": 1.0})
+    assert input_paths(cfg) == [str(folder)]
