@@ -205,7 +205,32 @@ def _training_section(inputs: dict[str, StepInput]) -> str:
         chosen = ", ".join(f"{k}={settings[k]}" for k in names if k in settings)
         rows.append((role, f"{stats.get('steps', 0):.0f}", f"{stats.get('tokens', 0):,.0f}",
                      f"{stats.get('final_loss', float('nan')):.4f}", chosen))  # fmt: skip
-    return _table(rows, ("stage", "steps", "tokens", "final loss", "settings")) + "\n"
+    return (
+        _table(rows, ("stage", "steps", "tokens", "final loss", "settings"))
+        + "\n"
+        + (_mixture_section(inputs))
+    )
+
+
+def _mixture_section(inputs: dict[str, StepInput]) -> str:
+    """The datasets each stage drew together (`mix`), with their weights and shares; "" when no
+    stage mixes."""
+    rows = []
+    for role in ("stage1", "stage2"):
+        if role not in inputs:
+            continue
+        settings = inputs[role].manifest.info.get("train_config", {})
+        mix = settings.get("mix") or {}
+        if not mix:
+            continue
+        weights = {"data": settings.get("data_weight", 1.0), **mix}
+        total = sum(weights.values())
+        rows += [(role, name, f"{w:g}", f"{w / total:.1%}") for name, w in weights.items()]
+    if not rows:
+        return ""
+    return "\nData mixture (each shuffle buffer draws from every dataset by weight):\n\n" + (
+        _table(rows, ("stage", "dataset", "weight", "share")) + "\n"
+    )
 
 
 def _evaluation_section(inputs: dict[str, StepInput]) -> str:

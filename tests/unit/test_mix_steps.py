@@ -91,3 +91,21 @@ def test_a_mix_folder_given_by_path_is_content_keyed(tmp_path):
     folder.mkdir()
     cfg = TrainConfig(stage=2, max_steps=1, mix={str(folder): 1.0, "@data/x": 1.0})
     assert input_paths(cfg) == [str(folder)]
+
+
+def test_the_model_card_shows_each_stage_mixture(tmp_path):
+    from owl.data.manifest import Manifest
+    from pipelines.steps.export import _mixture_section
+
+    def stage(mix: dict, data_weight: float) -> StepInput:
+        manifest = Manifest(step="stage2")
+        manifest.info = {"train_config": {"mix": mix, "data_weight": data_weight}}
+        return StepInput("stage2", tmp_path, manifest)
+
+    card = _mixture_section(
+        {"stage1": stage({}, 1.0), "stage2": stage({"tokenize_captions": 1}, 3)}
+    )
+    assert "| stage2 | data | 3 | 75.0% |" in card
+    assert "| stage2 | tokenize_captions | 1 | 25.0% |" in card
+    assert "stage1" not in card
+    assert _mixture_section({"stage1": stage({}, 1.0)}) == ""
