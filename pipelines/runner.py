@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from filelock import Timeout
 
 from owl.data.manifest import Manifest
+from owl.train.config import mixture_weights
 from pipelines import cache
 from pipelines.cache import ExecutionRecord, StepRecord
 from pipelines.dag import (
@@ -853,6 +854,10 @@ def tracking_source(job: JobSpec) -> str:
     return "default SQLite store under storage"
 
 
+def _mixture(config: Any) -> dict[str, float]:
+    return mixture_weights(getattr(config, "mix", None) or {}, getattr(config, "data_weight", 1.0))
+
+
 def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[str, Any]:
     """Per step of the job's current plan: state, duration, key, MLflow run id (from the newest
     record with that key); the newest registered model and evaluation metrics."""
@@ -879,6 +884,8 @@ def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[s
                 "error": record.error if record else "",
                 # e.g. an unreadable manifest: the next `owl run` recomputes that step
                 "problems": planned.problems,
+                # a training stage drawing several datasets: {dataset: weight}, `data` first
+                "mixture": _mixture(job.steps[planned.name].config),
             }
         )
     finished = [e for e in executions if e.state == "done"]

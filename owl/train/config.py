@@ -125,6 +125,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"train: {message}")
 
 
+def mixture_weights(mix: dict[str, float], data_weight: float) -> dict[str, float]:
+    """A stage's datasets and weights, its `data` input first; {} when it does not mix."""
+    return {"data": data_weight, **mix} if mix else {}
+
+
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.warmup_steps > 0:
         return min(cfg.warmup_steps, total_steps)

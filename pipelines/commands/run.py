@@ -195,6 +195,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"MLflow: {status['mlflow_uri']} ({status['mlflow_uri_from']})")
     for s in status["steps"]:
+        if s["mixture"]:
+            total = sum(s["mixture"].values())
+            parts = [f"{name} {w:g} ({w / total:.0%})" for name, w in s["mixture"].items()]
+            console.print(f"mixture {s['step']}: {', '.join(parts)}")
+    for s in status["steps"]:
         for problem in s.get("problems", []):
             console.print(f"warning: {s['step']}: {problem} (the next `owl run` recomputes it)")
     if status["registered_model"]:

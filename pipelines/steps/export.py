@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from owl.data.manifest import Manifest
+from owl.train.config import mixture_weights
 from pipelines.step import StepContext, StepInput
 
 OUT = "model"
@@ -220,10 +221,7 @@ def _mixture_section(inputs: dict[str, StepInput]) -> str:
         if role not in inputs:
             continue
         settings = inputs[role].manifest.info.get("train_config", {})
-        mix = settings.get("mix") or {}
-        if not mix:
-            continue
-        weights = {"data": settings.get("data_weight", 1.0), **mix}
+        weights = mixture_weights(settings.get("mix") or {}, settings.get("data_weight", 1.0))
         total = sum(weights.values())
         rows += [(role, name, f"{w:g}", f"{w / total:.1%}") for name, w in weights.items()]
     if not rows:

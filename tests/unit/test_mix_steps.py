@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -109,3 +110,16 @@ def test_the_model_card_shows_each_stage_mixture(tmp_path):
     assert "| stage2 | tokenize_captions | 1 | 25.0% |" in card
     assert "stage1" not in card
     assert _mixture_section({"stage1": stage({}, 1.0)}) == ""
+
+
+def test_owl_status_shows_the_mixture(tmp_path, capsys):
+    from pipelines import cli
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(demo(tmp_path, {"tokenize_captions": 1.0})))
+    assert cli.main(["status", str(job_file), "--set", "stage2.data_weight=3", "--json"]) == 0
+    steps = {s["step"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
+    assert steps["stage2"]["mixture"] == {"data": 3.0, "tokenize_captions": 1.0}
+    assert steps["stage1"]["mixture"] == {}
+    assert cli.main(["status", str(job_file), "--set", "stage2.data_weight=3"]) == 0
+    assert "mixture stage2: data 3 (75%), tokenize_captions 1 (25%)" in capsys.readouterr().out
