@@ -62,15 +62,18 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
 def _coerce_union(value: Any, args: tuple, path: str) -> Any:
     if value is None and type(None) in args:
         return None
+    arms = [arm for arm in args if arm is not type(None)]
     errors = []
-    for arm in args:
-        if arm is type(None):
-            continue
+    for arm in arms:
         try:
             return coerce(value, arm, path)
         except ValueError as exc:
-            errors.append(str(exc).removeprefix(f"{path}: "))
-    raise ValueError(f"{path}: {value!r} matches none of: " + "; ".join(errors))
+            errors.append(str(exc))
+    if len(errors) == 1:  # `X | None`: the one type's own message
+        raise ValueError(errors[0])
+    # Each arm's reason without the path and value the line already starts with.
+    reasons = [e.removeprefix(f"{path}: ").removeprefix(f"{value!r} ") for e in errors]
+    raise ValueError(f"{path}: {value!r} matches none of: " + "; ".join(reasons))
 
 
 def _coerce_sequence(value: Any, tp: Any, container: type, args: tuple, path: str) -> Any:
@@ -101,3 +104,27 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
         return value
     name = getattr(tp, "__name__", str(tp))
     raise ValueError(f"{path}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+# Field metadata of a config string that names an input file or folder the job must provide
+# (a URL list, an instruction file): `field(default=..., metadata=INPUT_PATH)`.
+INPUT_PATH = {"input_path": True}
+
+
+def input_path_fields(config: Any, path: str) -> list[tuple[str, str]]:
+    """(field path, value) of every INPUT_PATH field set in `config`, nested configs and lists
+    of them included."""
+    found: list[tuple[str, str]] = []
+    if isinstance(config, list | tuple):
+        for i, item in enumerate(config):
+            found += input_path_fields(item, f"{path}[{i}]")
+        return found
+    if not dataclasses.is_dataclass(config):
+        return found
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("input_path") and isinstance(value, str) and value:
+            found.append((f"{path}.{f.name}", value))
+        elif dataclasses.is_dataclass(value) or isinstance(value, list | tuple):
+            found += input_path_fields(value, f"{path}.{f.name}")
+    return found

@@ -35,3 +35,37 @@ def one_line(exc: BaseException, limit: int = 2000) -> str:
     text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
     text = text or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that started it: through Ray Train's worker failures (the lowest rank's)
+    and controller failure, a Ray task error's `cause`, and `raise ... from`."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+            continue
+        inner = (
+            getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
+        )
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """One line that leads with the cause: `Outer <- Cause: message`, the message's indented
+    detail lines (Ray's actor ids, pids, addresses) left out, cut at a word within `limit`."""
+    cause = root_cause(exc)
+    lines = str(cause).splitlines()
+    kept = [line for line in lines if line.strip() and not line[:1].isspace()] or lines
+    message = " ".join(" ".join(kept).split())
+    text = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    if cause is not exc:
+        text = f"{type(exc).__name__} <- {text}"
+    if len(text) <= limit:
+        return text
+    return text[: limit - 2].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"

@@ -403,10 +403,11 @@ def _output_metrics(manifest: Manifest) -> dict[str, float]:
 
 
 def _file_counts(manifest: Manifest) -> dict[str, float]:
-    rows = [f.rows for f in manifest.files if f.rows is not None]
+    rows = [f.rows for f in manifest.shards()]
     tokens = [f.tokens for f in manifest.files if f.tokens is not None]
     counts = {
         "files": float(len(manifest.files)),
+        "shards": float(len(rows)),
         "bytes": float(sum(f.size for f in manifest.files)),
     }
     if rows:
@@ -437,6 +438,14 @@ def _store_errors(func: Any) -> Any:
     return wrapper
 
 
+def _model_visible(client: MlflowClient, name: str) -> bool:
+    """Whether a registered model `name` exists that these credentials may see."""
+    try:
+        return bool(client.search_registered_models(f"name = '{name}'", max_results=1))
+    except MlflowException:
+        return True  # cannot tell: the refusal stands
+
+
 @_store_errors
 def audit_model(tracking_uri: str, ref: str) -> dict[str, Any]:
     """`NAME`, `NAME@alias` or `NAME/version` -> the model version and the chain of step runs
@@ -464,15 +473,17 @@ def audit_model(tracking_uri: str, ref: str) -> dict[str, Any]:
 
 
 def _model_version(client: MlflowClient, ref: str) -> Any:
+    name = ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]
     try:
         if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
+            return client.get_model_version_by_alias(name, ref.split("@", 1)[1])
         if "/" in ref:
-            name, number = ref.rsplit("/", 1)
-            return client.get_model_version(name, number)
+            return client.get_model_version(name, ref.rsplit("/", 1)[1])
         versions = client.search_model_versions(f"name = '{ref}'")
     except MlflowException as exc:
+        if exc.error_code == "PERMISSION_DENIED" and not _model_visible(client, name):
+            # A basic-auth server answers 403 for a model that does not exist.
+            raise UserError(f"{ref}: no registered model named {name!r}") from None
         if is_auth_error(exc):
             raise UserError(auth_message(client.tracking_uri)) from None
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
@@ -507,7 +518,7 @@ def _run_entry(client: MlflowClient, run_id: str) -> dict[str, Any]:
         "cache_key": tags.get(f"{TAG}cache_key", ""),
         "output_digest": tags.get(f"{TAG}output_digest", ""),
         "inputs": inputs,
-        "counts": {k: metrics[k] for k in ("files", "rows", "tokens") if k in metrics},
+        "counts": {k: metrics[k] for k in ("files", "shards", "rows", "tokens") if k in metrics},
     }
     if not inputs:  # a source step: its parameters name the URL lists / files it read
         entry["params"] = dict(run.data.params)

@@ -103,7 +103,8 @@ class Reporter:
         self._line(text)
 
     def start(self, step: str, note: str = "") -> None:
-        self._line(f"[owl] {step}: started {note}".rstrip())
+        """The step starts (no `note`), or a notice about it: a retry, a wait, a recompute."""
+        self._line(f"[owl] {step}: {note or 'started'}")
 
     def update(self, step: str, done: float, total: float | None, message: str) -> None:
         now = time.monotonic()
@@ -157,11 +158,16 @@ class RichReporter(Reporter):
             TimeElapsedColumn(),
             console=self.console,
             transient=True,  # the summary table replaces the bars when the run ends
+            # Not Rich's default: its bars would take sys.stdout / sys.stderr over and show
+            # what Ray, img2dataset and logging print there (that goes to console.log).
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self.tasks: dict[str, TaskID] = {}
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        # soft_wrap: the terminal wraps a long line (a path) instead of Rich cutting it in two.
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def start(self, step: str, note: str = "") -> None:
         if not self.tasks:
@@ -240,7 +246,10 @@ def captured_output(log_path: Path) -> Iterator[TextIO]:
         os.close(saved_out)
         os.close(saved_err)
         terminal.close()
-        log.close()
+        # `log` stays open: logging handlers made meanwhile (Ray's, on import) hold it as their
+        # stream and write at exit too; closed, each such line was a "ValueError: I/O operation
+        # on closed file" traceback on the terminal.
+        log.flush()
 
 
 def format_eta(seconds: float) -> str:

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from filelock import Timeout
 
+from owl.configs import input_path_fields
 from owl.data.manifest import Manifest
 from owl.train.config import mixture_weights
 from pipelines import cache
@@ -42,7 +42,9 @@ from pipelines.dag import (
     order,
     upstream_of,
 )
+from pipelines.errors import error_summary
 from pipelines.jobspec import JobSpec, StepSection
+from pipelines.mlflow_links import model_version_url, run_url, ui_base
 from pipelines.progress import Reporter, StepSummary
 from pipelines.step import StepContext, StepInput
 
@@ -300,6 +302,17 @@ def check_memory(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> 
             memory_plan(job, name)
 
 
+def check_inputs(job: JobSpec, names: list[str]) -> None:
+    """ValueError (one line) when a URL list or instruction file the steps name is not there:
+    before Ray or MLflow start (`@role/...` outputs and URIs are checked where they are read)."""
+    for name in names:
+        for field_path, value in input_path_fields(job.steps[name].config, name):
+            if value.startswith("@") or "://" in value:
+                continue
+            if not os.path.exists(os.path.expanduser(value)):
+                raise ValueError(f"{field_path}: no such file or folder {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -353,6 +366,7 @@ class Runner:
         names = select_steps(self.job, until, self.table)
         forced = forced_steps(self.job, force or [], self.table)
         check_memory(self.job, names, self.table)  # before anything starts
+        check_inputs(self.job, names)
         self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:
             self.lineage = mlflow_lineage(self.job)
@@ -397,16 +411,14 @@ class Runner:
             return []
         experiment = getattr(self.lineage, "experiment_id", "")
         model = result.registered_model
+        base = ui_base(uri)
+        run = run_url(base, experiment, self.execution.mlflow_run_id)
         if uri.startswith(("http://", "https://")):
-            base = uri.rstrip("/")
-            lines = [f"run: {base}/#/experiments/{experiment}/runs/{self.execution.mlflow_run_id}"]
+            lines = [f"run: {run}"]
             if model:
-                lines.append(f"model: {base}/#/models/{model['name']}/versions/{model['version']}")
+                lines.append(f"model: {model_version_url(base, model['name'], model['version'])}")
         else:
-            lines = [
-                f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then "
-                f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{self.execution.mlflow_run_id}"
-            ]
+            lines = [f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then {run}"]
         if model:
             ref = (
                 f"{model['name']}@{self._alias}"
@@ -672,7 +684,7 @@ class Runner:
                     raise
                 wait = policy.backoff_s * 2**attempt
                 self.reporter.start(
-                    name, f"attempt {attempt + 1} failed ({_short_error(exc)}); retry in {wait:g}s"
+                    name, f"attempt {attempt + 1} failed ({error_summary(exc)}); retry in {wait:g}s"
                 )
                 self.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
@@ -691,6 +703,9 @@ class Runner:
                 "storage": str(self.job.storage),
                 "attempt": attempt,
                 "execution_id": self.execution.execution_id,
+                # The model card links each step's run id to the MLflow UI.
+                "mlflow_ui": ui_base(self.job.mlflow_uri),
+                "mlflow_experiment_id": str(getattr(self.lineage, "experiment_id", "") or ""),
             },
         )
 
@@ -836,8 +851,8 @@ def _private_token_file() -> None:
 
 
 def _short_error(exc: BaseException) -> str:
-    lines = traceback.format_exception_only(type(exc), exc)
-    return "".join(lines).strip()[-2000:]
+    """What a step's record, its MLflow run and the failure line say: the cause first."""
+    return error_summary(exc, limit=2000)
 
 
 # ---------------------------------------------------------------------------------------------

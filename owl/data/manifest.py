@@ -81,6 +81,12 @@ class Manifest:
         self.files.append(entry)
         return entry
 
+    def shards(self) -> list[FileEntry]:
+        """The data files: those listed with a row count. A file that describes another (a
+        shard's index, a download shard's table of attempts) has none, so no row is counted
+        twice."""
+        return [f for f in self.files if f.rows is not None]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["digest"] = self.digest

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Literal
 
 import ijson
 
+from owl.configs import INPUT_PATH
 from owl.data import uri
 from owl.data.templates import Turn
 
@@ -49,8 +50,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 @dataclass(frozen=True)
 class SourceSpec:
     format: SourceFormat  # checked when a job file is validated (a Literal)
-    path: str
-    image_folder: str | None = None
+    path: str = field(metadata=INPUT_PATH)
+    image_folder: str | None = field(default=None, metadata=INPUT_PATH)
 
 
 @dataclass
@@ -119,8 +120,10 @@ def _conversation_turns(conversations: Any) -> list[Turn] | str:
         return "missing_field"
     turns = []
     for message in conversations:
-        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+        if not isinstance(message, dict) or message.get("value") is None:
             return "missing_field"
+        if not isinstance(message["value"], str):
+            return "not_text"
         role = ROLES.get(str(message.get("from", "")).lower())
         if role is None:
             return "unknown_speaker"
@@ -142,11 +145,11 @@ def _resolve_image(name: str, folder: str) -> str | None:
     return path if path.startswith(root.rstrip(os.sep) + os.sep) else None
 
 
-def _text(value: Any) -> str | None:
-    """A field's text; None for null, a list or a mapping (not text a model should learn)."""
-    if value is None or isinstance(value, dict | list):
-        return None
-    return str(value)
+def _not_text(*values: Any) -> bool:
+    """Whether a value that is there is not a string. Data is kept as given: a number, a boolean,
+    a list or a mapping is not turned into text (nor silently skipped); its record is dropped as
+    `not_text`, the same rule in every format."""
+    return any(v is not None and not isinstance(v, str) for v in values)
 
 
 def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record | Bad:
@@ -157,10 +160,12 @@ def _parse(spec: SourceSpec, obj: Any, index: int, image_folder: str) -> Record 
         return Bad("missing_field", source)
     sample_id = str(obj.get("id", source))
     if spec.format == "alpaca":
-        prompt, output = _text(obj["instruction"]), _text(obj["output"])
+        prompt, output = obj["instruction"], obj["output"]
         if prompt is None or output is None:
             return Bad("missing_field", source)
-        extra = (_text(obj.get("input")) or "").strip()
+        if _not_text(prompt, output, obj.get("input")):
+            return Bad("not_text", source)
+        extra = (obj.get("input") or "").strip()
         user = f"{prompt.strip()}\n\n{extra}" if extra else prompt.strip()
         turns = [Turn("user", user), Turn("assistant", output)]
     else:

@@ -85,7 +85,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.dag import active_table
-    from pipelines.runner import Runner, forced_steps, plan, select_steps
+    from pipelines.runner import Runner, check_inputs, forced_steps, plan, select_steps
 
     try:
         job = load_job(args.job, args.overrides)
@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _show_plan(job, planned, args.json)
             return 0
         forced_steps(job, args.force, active_table())  # bad --force / --until: before any log
-        select_steps(job, args.until, active_table())
+        check_inputs(job, select_steps(job, args.until, active_table()))  # before Ray starts
     except ValueError as exc:
         return _fail(str(exc))
     signal.signal(signal.SIGTERM, _raise_interrupt)  # until the runner installs its own
@@ -476,11 +476,34 @@ def _storage_exclude(storage: Path, working_dir: Path) -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def _ray_client_quiet() -> Iterator[None]:
+    """The Ray job client logs how it packages and uploads the code (INFO, and WARNING for a
+    large file): `owl submit` prints its own lines only; failures still raise."""
+    import logging
+
+    import ray  # noqa: F401  (sets up the "ray" logger and its handler)
+
+    logger = logging.getLogger("ray")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def job_state(address: str, submission_id: str, client: Any = None) -> str:
+    """The submission's state now: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    client = client or _client(address)
+    with ray_errors(address, submission_id):
+        return str(client.get_job_status(submission_id)).split(".")[-1]
+
+
 def wait_for(address: str, submission_id: str, poll_s: float = 2.0) -> str:
     client = _client(address)
     while True:
-        with ray_errors(address, submission_id):
-            status = str(client.get_job_status(submission_id)).split(".")[-1]
+        status = job_state(address, submission_id, client)
         if status in _TERMINAL:
             return status
         time.sleep(poll_s)
@@ -488,14 +511,15 @@ def wait_for(address: str, submission_id: str, poll_s: float = 2.0) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
-    sid, how = submit_job(job, args.address, args.python)
-    status = wait_for(args.address, sid) if args.wait else ""
+    with _ray_client_quiet():
+        sid, how = submit_job(job, args.address, args.python)
+        status = wait_for(args.address, sid) if args.wait else job_state(args.address, sid)
     if args.json:
         _print_json({"submission_id": sid, "action": how, "status": status})
     else:
-        print(f"{how} {sid}" + (f": {status}" if status else ""))
+        print(f"{how} {sid}" + (f": {status}" if args.wait else ""))
         print(f"follow: owl logs {sid} --address {args.address} --follow")
-    return 1 if status in ("FAILED", "STOPPED") else 0
+    return 1 if args.wait and status in ("FAILED", "STOPPED") else 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

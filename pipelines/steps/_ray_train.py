@@ -9,6 +9,7 @@ test_cached_rerun.py: a fully cached `owl run` imports none of them).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,10 @@ def build_trainer(
 
     from owl.train import checkpoint
 
+    # Ray Train V2 sends every print of a worker to its logger as well as to the worker's
+    # stdout: each line (the trainable-parameter table) reached console.log twice. The value
+    # travels from the driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     storage = ctx.out_dir / "checkpoints"
     storage.mkdir(parents=True, exist_ok=True)
     newest = checkpoint.newest_checkpoint(storage)

@@ -140,7 +140,8 @@ def write_tokenized(
     manifest = Manifest(step=ctx.step)
     for shard in shards:
         manifest.add_file(ctx.out_dir, shard.path, rows=shard.rows, tokens=shard.tokens)
-        manifest.add_file(ctx.out_dir, shard.index, rows=shard.rows)  # the loader's plan of it
+        # The loader's plan of the shard: no rows of its own (they are the shard's, counted once).
+        manifest.add_file(ctx.out_dir, shard.index)
     manifest.dropped = {f"{ctx.step}.{reason}": n for reason, n in sorted(dropped.items())}
     manifest.stats.update(
         samples_in=num_in,

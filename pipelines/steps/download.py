@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow.parquet as pq
 
+from owl.configs import INPUT_PATH
 from owl.data.filters import download_reason
 from owl.data.manifest import Manifest
 from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, read_url_list
@@ -55,7 +56,7 @@ OOM_SHARD_COUNT = 5  # shard names have 5 digits: shards/00000.tar
 
 @dataclass
 class Config:
-    url_list: str = "@shapes/captions.parquet"  # a file or a folder of files
+    url_list: str = field(default="@shapes/captions.parquet", metadata=INPUT_PATH)  # file/folder
     # "laion", "coyo" or "cc3m": format and column defaults of that dataset
     preset: Literal["", "laion", "coyo", "cc3m"] = ""
     # "" = the preset's, or parquet
@@ -248,7 +249,8 @@ def _manifest(ctx: StepContext, shards_dir: Path) -> Manifest:
         meta = tar.with_suffix(".parquet")
         status = pq.read_table(meta, columns=["status"]).column("status").to_pylist()
         manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{tar.name}", rows=status.count("success"))
-        manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{meta.name}", rows=len(status))
+        # One row per URL tried, failures included: the shard's images are counted on the tar.
+        manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{meta.name}")
         manifest.add_file(ctx.out_dir, f"{SHARDS_DIR}/{tar.stem}_stats.json")
     return manifest
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from owl.data.manifest import Manifest
 from owl.train.config import mixture_weights
+from pipelines.mlflow_links import run_url
 from pipelines.step import StepContext, StepInput
 
 OUT = "model"
@@ -93,6 +94,15 @@ def _run_id(step: StepInput) -> str:
     return str(step.manifest.info.get("mlflow_run_id", ""))
 
 
+def _run_link(ctx: StepContext, step: StepInput) -> str:
+    """The step's MLflow run id, as a link to its run in the UI's model-training view."""
+    run_id, base = _run_id(step), ctx.extra.get("mlflow_ui", "")
+    experiment = ctx.extra.get("mlflow_experiment_id", "")
+    if not (run_id and base and experiment):
+        return f"`{run_id}`"
+    return f"[`{run_id}`]({run_url(base, experiment, run_id)})"
+
+
 def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -125,7 +135,7 @@ def model_card(ctx: StepContext, inputs: dict[str, StepInput], stage: StepInput,
         "## Lineage (MLflow run of each step)\n",
         _table(
             [
-                (role, step.name, f"`{_run_id(step)}`", f"`{step.manifest.digest[:16]}`")
+                (role, step.name, _run_link(ctx, step), f"`{step.manifest.digest[:16]}`")
                 for role, step in sorted(inputs.items())
             ],
             ("input", "step", "MLflow run id", "output digest"),
@@ -184,10 +194,11 @@ def _data_section(inputs: dict[str, StepInput]) -> str:
     for role in ("captions", "instructions"):
         if role in inputs:
             manifest = inputs[role].manifest
-            rows_count = sum(f.rows or 0 for f in manifest.files)
-            tokens = sum(f.tokens or 0 for f in manifest.files)
+            shards = manifest.shards()
+            rows_count = sum(f.rows or 0 for f in shards)
+            tokens = sum(f.tokens or 0 for f in shards)
             rows.append((role, inputs[role].name, f"{rows_count:,}", f"{tokens:,}",
-                         len(manifest.files), f"`{manifest.digest[:16]}`"))  # fmt: skip
+                         len(shards), f"`{manifest.digest[:16]}`"))  # fmt: skip
     if not rows:
         return "Not recorded (the tokenize steps are not inputs of this export).\n"
     return _table(rows, ("data", "step", "rows", "tokens", "shards", "digest")) + "\n"

@@ -165,6 +165,10 @@ def test_a_job_records_and_audits_through_basic_auth(auth_server, tmp_path, monk
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
+    # A model that is not there: said as such (the server answers 403 for it), not "refused".
+    rc, _, err = owl(["audit", "model", "nosuch@current"], capfd)
+    assert rc == 2 and err.strip() == "error: nosuch@current: no registered model named 'nosuch'"
+
     # Wrong password, and none at all: said as such, not "no such registered model version".
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
     rc, _, err = owl(["audit", "model", "authjob@current"], capfd)

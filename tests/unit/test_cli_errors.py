@@ -179,3 +179,31 @@ def test_submit_from_an_installed_package_ships_only_owls_packages(tmp_path):
         run_module.PROJECT_ROOT = saved
     assert "working_dir" not in installed
     assert [Path(p).name for p in installed["py_modules"]] == ["owl", "pipelines"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "path"),
+    [("download.url_list=/nope/urls.parquet", "download.url_list", "/nope/urls.parquet"),
+     ("tokenize_instructions.sources=[{format: llava, path: /nope/llava.json}]",
+      "tokenize_instructions.sources[0].path", "/nope/llava.json")],
+)  # fmt: skip
+def test_a_missing_input_file_is_an_error_before_anything_starts(tmp_path, monkeypatch, capsys, override, field, path):  # fmt: skip
+    """A URL list or instruction file that is not there: one line at validation, not a step
+    failure after Ray has started (20-30 s)."""
+    monkeypatch.delenv("OWL_STEPS_TABLE", raising=False)
+    storage = tmp_path / "storage"
+    args = [
+        "run",
+        str(ROOT / "jobs" / "demo.yaml"),
+        "--set",
+        f"storage={storage}",
+        "--set",
+        override,
+    ]
+    rc = cli.main(args)
+    line = one_error_line(Done(rc, *capsys.readouterr()))
+    assert (
+        line
+        == f"error: {field}: no such file or folder '/nope/{override.split('/nope/')[1].rstrip(']}').strip()}'"
+    )
+    assert not storage.exists()  # no execution record, no MLflow store, no Ray

@@ -127,7 +127,8 @@ def test_owl_run_console_is_owls_own_lines_and_ends_with_the_model(tmp_path):
                or line.split()[0] in ("vision", "abstractor", "decoder", "language") for line in lines
                if line.strip()), console  # fmt: skip
     assert lines[-3] == "[owl] registered model twostage version 1 (@current)"
-    assert "#/experiments/" in lines[-2]
+    # The link opens the UI's model-training view (runs, metrics, models), not its GenAI one.
+    assert re.search(r"then http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning$", lines[-2]), lines[-2]  # fmt: skip
     assert lines[-1].startswith("[owl] lineage: owl audit model twostage@current --mlflow-uri ")
     (execution,) = (tmp_path / "storage" / "executions").iterdir()
     assert (execution / "console.log").is_file()

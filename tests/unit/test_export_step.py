@@ -63,7 +63,8 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
 
 
 def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs) -> None:
-    ctx = StepContext("export", tmp_path / "out", "rehearsal", CFG, extra={"execution_id": "e1"})
+    extra = {"execution_id": "e1", "mlflow_ui": "http://mlflow:5000", "mlflow_experiment_id": "7"}
+    ctx = StepContext("export", tmp_path / "out", "rehearsal", CFG, extra=extra)
     manifest = export.run(ctx, export.Config(), inputs)
     out = tmp_path / "out" / "model"
     assert REGISTER_FROM[0] == "export"
@@ -91,6 +92,11 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
                  "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current",
                  "needs the `safetensors` package", "transformers 4.28.1"):  # fmt: skip
         assert fact in card, fact
+    # Each step's run id links to its run in the MLflow UI's model-training view.
+    link = (
+        "[`run-s2`](http://mlflow:5000/#/experiments/7/runs/run-s2?workflowType=machine_learning)"
+    )
+    assert f"| stage2 | stage2 | {link} |" in card
     # `release_weights: bin`: their stack without the safetensors package reads it
     export.run(StepContext("export", tmp_path / "o2", "j", CFG), export.Config(release_weights="bin"), inputs)  # fmt: skip
     release = tmp_path / "o2" / "model" / "release"

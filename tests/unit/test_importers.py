@@ -29,14 +29,16 @@ def _documented_commands() -> list[str]:
 
 def test_documented_commands_run_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
     write_all(tmp_path)
-    make_model(tmp_path / "runs/demo/stage2", make_tokenizer(tmp_path / "tok"))
+    # Where a demo run leaves stage 2 (the docs' `<key>`: the step's cache key, here a made-up one).
+    key = "0123456789abcdef"
+    make_model(tmp_path / f"runs/demo/steps/stage2/{key}/model", make_tokenizer(tmp_path / "tok"))
     monkeypatch.chdir(tmp_path)
     commands = _documented_commands()
     assert len(commands) >= 6
     printed = {}
     for command in commands:
         capsys.readouterr()
-        assert main(shlex.split(command)[1:]) == 0, command
+        assert main(shlex.split(command.replace("<key>", key))[1:]) == 0, command
         printed[shlex.split(command)[1]] = capsys.readouterr().out  # the last of each command
     vqa = json.loads(printed["eval"])["metrics"]["vqav2"]
     assert vqa["vqa.count"] == 2.0 and 0.0 <= vqa["vqa.accuracy"] <= 1.0

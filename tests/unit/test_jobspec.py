@@ -78,7 +78,7 @@ def test_a_database_store_keeps_artifacts_under_storage(tmp_path, monkeypatch, u
         ({"stage1": {"stage": 2}}, "stage1.stage: is fixed to 1"),
         (
             {"model": {"name": "debug-tiny", "variant": "owl3"}},
-            "model.variant: 'owl3' matches none of",
+            "model.variant: 'owl3' is not allowed; expected one of ['owl1', 'owl2']",
         ),
         ({"model": {"name": "no-such-size"}}, "unknown model config 'no-such-size'"),
         ({"download": {"retry": {"max_retries": "x"}}}, "download.retry.max_retries: expected int"),
@@ -90,6 +90,14 @@ def test_a_database_store_keeps_artifacts_under_storage(tmp_path, monkeypatch, u
 def test_errors_name_the_field_and_what_is_allowed(tmp_path, change, message):
     raw = {**raw_job(tmp_path), **change}
     assert message in error_of(raw)
+
+
+def test_a_union_error_says_the_value_once():
+    from owl.configs import coerce
+
+    with pytest.raises(ValueError) as info:
+        coerce([1], int | str, "x")
+    assert str(info.value) == "x: [1] matches none of: expected int, got list [1]; expected str, got list [1]"  # fmt: skip
 
 
 def test_missing_upstream_and_role_paths_are_errors(tmp_path):

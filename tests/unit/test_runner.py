@@ -408,3 +408,44 @@ def test_what_a_killed_force_run_left_is_removed_by_the_next_run(tmp_path):
     _, forced = run(raw, force=["stage1"])
     assert forced.ok and states(forced)["stage1"] == "done"
     assert sorted(p.name for p in train_dir.parent.iterdir()) == [train_dir.name]
+
+
+# What Ray 2.60 raised when a training worker was killed (SIGKILL) as its group started.
+WORKER_DIED = """The actor died unexpectedly before finishing this task.
+\tclass_name: RayTrainWorker
+\tactor_id: 5a5cdcb678366b0a46bc514f01000000
+\tpid: 9642
+\tnamespace: 6c3887c4-8702-488c-8ec9-4879594efaa2
+\tip: 192.0.2.2
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the worker crashed unexpectedly due to SIGSEGV or another unexpected error. If the process was killed by the kernel OOM killer (verifiable by checking for OOM in dmesg of the OOMing node), consider enabling resource isolation via --enable-resource-isolation to prevent node deaths by resource contention and significant loss of progress by uninformed kernel OOM killing."""  # noqa: E501
+
+
+def test_an_error_line_leads_with_the_cause_and_ends_on_a_word():
+    from ray.exceptions import ActorDiedError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from pipelines.errors import error_summary
+
+    died = ActorDiedError()
+    died.error_msg = WORKER_DIED
+    assert error_summary(ControllerError(died)) == (
+        "ControllerError <- ActorDiedError: The actor died unexpectedly before finishing this "
+        "task. The actor is dead because its worker process has died. Worker exit type: "
+        "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+        "code 2. End of file. Some common causes include …"
+    )
+    group = WorkerGroupError("rank 1: ...\nrank 0: ...", {1: died, 0: ValueError("bad shard 3")})
+    assert error_summary(group) == "WorkerGroupError <- ValueError: bad shard 3"  # lowest rank
+
+
+def test_a_retry_line_says_what_failed_without_started(tmp_path):
+    from io import StringIO
+
+    screen = StringIO()
+    job = parse_job(job_raw(tmp_path, download={"fail_times": 1}), TABLE)
+    result = Runner(job, Reporter(screen), NullLineage(), TABLE, sleep=lambda s: None).run()
+    assert result.ok
+    lines = screen.getvalue().splitlines()
+    assert "[owl] download: attempt 1 failed (ConnectionError: flaky source, attempt 1); retry in 0.5s" in lines  # fmt: skip
+    assert lines[0] == "[owl] download: started"
+    assert not [line for line in lines if "started " in line]

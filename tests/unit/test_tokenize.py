@@ -414,6 +414,18 @@ def test_sources_read_each_format_and_count_bad_records(tmp_path: Path) -> None:
     [record] = list(read_source(SourceSpec("alpaca", str(alpaca))))
     assert isinstance(record, Record)
     assert record.turns == [Turn("user", "Add\n\n1 2"), Turn("assistant", "3")]
+    # One rule in both formats: a value that is not a string is not made text; it is counted.
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text(json.dumps([
+        {"instruction": "Add", "input": "1 2", "output": 3},
+        {"instruction": "Add", "input": 12, "output": "3"},
+        {"instruction": "Say yes", "output": True},
+    ]))  # fmt: skip
+    assert [r.reason for r in read_source(SourceSpec("alpaca", str(numbers)))] == ["not_text"] * 3
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(json.dumps({"conversations": [{"from": "human", "value": "1+2?"},
+                                                     {"from": "gpt", "value": 3}]}))  # fmt: skip
+    assert [r.reason for r in read_source(SourceSpec("llava", str(numeric)))] == ["not_text"]
     with pytest.raises(ValueError, match=r"alpaca.json.*conversations"):
         check_source(SourceSpec("sharegpt", str(alpaca)))
     with pytest.raises(ValueError, match="not found"):

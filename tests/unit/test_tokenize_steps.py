@@ -192,6 +192,16 @@ def test_tokenize_captions(workdir: Path, tokenizer_input: StepInput, tmp_path: 
     ]
     assert manifest.dropped == {"tokenize_captions.empty_caption": 1}
     assert manifest.stats["samples_in"] == 31 and manifest.stats["samples_out"] == 30
+    # Counted once: MLflow's and `owl audit`'s rows, the model card's rows and shards (each
+    # shard's index is listed beside it, without rows of its own).
+    from pipelines.lineage import _file_counts
+    from pipelines.steps.export import _data_section
+
+    counts = _file_counts(manifest)
+    assert (counts["rows"], counts["shards"], counts["files"]) == (30, 3, 6)
+    section = _data_section({"captions": StepInput("tokenize_captions", tmp_path, manifest)})
+    assert section.splitlines()[2].startswith("| captions | tokenize_captions | 30 | ")
+    assert section.splitlines()[2].split(" | ")[4] == "3"  # shards
     for row in rows:
         assert row["input_ids"][1:5] == [IMAGE_TOKEN_ID] * 4 and row["images"] == [_png("red")]
         assert len(row["input_ids"]) <= 64 and row["source"].startswith("file:///img/")
