@@ -253,7 +253,9 @@ def plan(
     forced = forced_steps(job, force or [], table)
     manifests: dict[str, Manifest | None] = {}
     planned = []
-    for name in select_steps(job, until, table):
+    names = select_steps(job, until, table)
+    check_environment(job, names, table)
+    for name in names:
         section = job.steps[name]
         ups = upstream_of(section.spec, job.steps)
         known = all(manifests.get(up) is not None for up in ups.values())
@@ -292,6 +294,15 @@ def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
     memory = plan_memory(job.owl_config, config)
     check_fits(name, memory, config.gpu_memory_gib)
     return memory
+
+
+def check_environment(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
+    """ValueError (one line) when this machine cannot run a selected step as configured: each
+    step module may define `check_environment(config)` (e.g. evaluate: Java for captions)."""
+    for name in names:
+        check = getattr(table[name].load_module(), "check_environment", None)
+        if check is not None:
+            check(job.steps[name].config)
 
 
 def check_memory(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
@@ -366,6 +377,7 @@ class Runner:
         names = select_steps(self.job, until, self.table)
         forced = forced_steps(self.job, force or [], self.table)
         check_memory(self.job, names, self.table)  # before anything starts
+        check_environment(self.job, names, self.table)
         check_inputs(self.job, names)
         self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:

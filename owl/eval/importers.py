@@ -600,6 +600,10 @@ KINDS: dict[str, Callable[..., list[Record]]] = {
 }
 
 
+# The kinds whose records are captions (scored by the COCO caption toolkit: PTB tokenizer, Java).
+CAPTION_KINDS = frozenset({"coco_karpathy", "flickr30k", "nocaps"})
+
+
 def import_benchmark(
     kind: str, paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, name: str = ""
 ) -> Path:

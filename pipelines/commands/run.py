@@ -85,7 +85,14 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.dag import active_table
-    from pipelines.runner import Runner, check_inputs, forced_steps, plan, select_steps
+    from pipelines.runner import (
+        Runner,
+        check_environment,
+        check_inputs,
+        forced_steps,
+        plan,
+        select_steps,
+    )
 
     try:
         job = load_job(args.job, args.overrides)
@@ -94,7 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             _show_plan(job, planned, args.json)
             return 0
         forced_steps(job, args.force, active_table())  # bad --force / --until: before any log
-        check_inputs(job, select_steps(job, args.until, active_table()))  # before Ray starts
+        names = select_steps(job, args.until, active_table())
+        check_environment(job, names, active_table())  # e.g. Java for caption benchmarks
+        check_inputs(job, names)  # before Ray starts
     except ValueError as exc:
         return _fail(str(exc))
     signal.signal(signal.SIGTERM, _raise_interrupt)  # until the runner installs its own

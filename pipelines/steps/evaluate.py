@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from owl.data.manifest import Manifest
 from owl.data.video import DEFAULT_NUM_FRAMES
 from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
-from owl.eval.importers import import_benchmark, parse_spec
+from owl.eval.importers import CAPTION_KINDS, import_benchmark, parse_spec
 from owl.eval.metrics import CAPTION_TOKENIZERS, JAVA_MISSING, VQA_RULES, java_available
 from owl.eval.submissions import submission_format, write_submission
 from pipelines.step import StepContext, StepInput, resolve_path
@@ -239,6 +239,16 @@ def _check_caption_tokenizer(cfg: Config, benchmarks: dict[str, list[BenchmarkRe
     """Refuse before generating: caption metrics under the PTB tokenizer need Java."""
     has_captions = any(r.type == "caption" for recs in benchmarks.values() for r in recs)
     if has_captions and cfg.caption_tokenizer == "ptb" and not java_available():
+        raise ValueError(JAVA_MISSING)
+
+
+def check_environment(cfg: Config) -> None:
+    """At validation (`owl run`, `--dry-run`; pipelines.runner), before any step runs: caption
+    benchmarks imported from their official files (CAPTION_KINDS) need Java for the PTB
+    tokenizer. Benchmark files whose record types are known only once read (e.g. the demo's,
+    written by the shapes step) are checked when the step starts (`_check_caption_tokenizer`)."""
+    kinds = {spec[1] for spec in map(parse_spec, cfg.benchmarks) if spec is not None}
+    if cfg.caption_tokenizer == "ptb" and kinds & CAPTION_KINDS and not java_available():
         raise ValueError(JAVA_MISSING)
 
 

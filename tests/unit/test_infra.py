@@ -54,3 +54,27 @@ def test_mlflow_server_has_the_auth_extra_and_cache():
     assert "auth_cache_ttl_seconds = 60" in config["data"]["basic_auth.ini"]
     requirements = (ROOT / "requirements-ci.txt").read_text()
     assert "Flask-WTF==" in requirements  # the test server runs on the project's dependencies
+
+
+def test_docker_image_installs_a_java_runtime():
+    """The caption benchmarks need Java: the image installs a JRE package that Debian's lists
+    know (apt-cache, the distribution's own index) as root, then returns to Ray's user."""
+    import shutil
+    import subprocess
+
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    run = re.search(r"^RUN apt-get update \\\n(?:.*\\\n)*.*$", dockerfile, flags=re.M).group(0)
+    (install,) = re.findall(r"apt-get install -y --no-install-recommends ([\w .+-]+?) \\", run)
+    packages = install.split()
+    assert "java -version" in run and any("jre" in p for p in packages)
+    user_before = re.findall(r"^USER (\S+)", dockerfile[: dockerfile.index(run)], flags=re.M)
+    assert user_before[-1] == "root"
+    assert re.findall(r"^USER (\S+)", dockerfile, flags=re.M)[-1] == "ray"
+    if shutil.which("apt-cache") is None:
+        import pytest
+
+        pytest.skip("no apt-cache on this machine: cannot look the package up")
+    for package in packages:
+        shown = subprocess.run(["apt-cache", "show", package], capture_output=True, text=True)
+        assert shown.returncode == 0 and f"Package: {package}" in shown.stdout, package
+        assert "jre-headless" in shown.stdout  # it depends on a headless JRE (a `java` binary)

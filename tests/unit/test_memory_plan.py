@@ -17,6 +17,7 @@ from owl.train.loss import token_loss_sum
 from owl.train.memory import activation_bytes, parameter_counts, plan_memory
 from owl.train.stages import planned_model
 from pipelines import cli
+from pipelines.jobspec import load_job
 
 deepspeed = pytest.importorskip("deepspeed")
 from deepspeed.runtime.zero.stage3 import (  # noqa: E402
@@ -163,3 +164,45 @@ def test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit(tmp_path, capf
     assert lines == [documented]
     assert lines[0].startswith("error: stage2: the memory plan needs")
     assert not any(tmp_path.iterdir())
+
+
+# The GPU memory of the instance types infra/ may declare, GiB (A100 40 GB: 40 GiB of HBM).
+GPU_GIB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80}
+
+
+@pytest.mark.parametrize("recipe", ["owl1-llama-7b", "owl2-llama2-7b"])
+def test_recipes_fit_the_gpu_of_the_documented_node(recipe, tmp_path, capfd) -> None:
+    """`owl run <recipe> --dry-run` without --set: each stage states the GPU memory of
+    infra/cluster.yaml's GPU node (at most the card's) and its memory plan fits it."""
+    import yaml
+
+    root = Path(__file__).parents[2]
+    cluster = yaml.safe_load((root / "infra" / "cluster.yaml").read_text())
+    instance = cluster["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"]
+    argv = ["run", f"jobs/{recipe}.yaml", "--dry-run", "--json", "--set", f"storage={tmp_path}"]
+    assert cli.main(argv) == 0
+    steps = {p["name"]: p for p in json.loads(capfd.readouterr().out)["steps"]}
+    job = load_job(f"jobs/{recipe}.yaml", [f"storage={tmp_path}"])
+    for stage in ("stage1", "stage2"):
+        gpu_gib = job.steps[stage].config.gpu_memory_gib
+        assert 0.95 * GPU_GIB[instance] <= gpu_gib <= GPU_GIB[instance]
+        assert steps[stage]["memory_gib"] <= gpu_gib
+
+
+def test_caption_benchmarks_without_java_are_refused_at_validation(tmp_path, capfd, monkeypatch):
+    """The recipes score COCO / Flickr30k captions with the PTB tokenizer (Java): on a machine
+    without Java, the dry run and the run itself refuse before any step, in one error line."""
+    from owl.eval.metrics import JAVA_MISSING
+    from pipelines.steps import evaluate
+
+    monkeypatch.setattr(evaluate, "java_available", lambda: False)
+    storage = tmp_path / "storage"
+    base = ["run", "jobs/owl2-llama2-7b.yaml", "--set", f"storage={storage}"]
+    for argv in (base + ["--dry-run"], base):
+        assert cli.main(argv) == 2
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+        assert lines == [f"error: {JAVA_MISSING}"]
+    assert not storage.exists()
+    # Asked for the approximate tokenizer, or run only up to training, it needs no Java.
+    assert cli.main(base + ["--dry-run", "--set", "evaluate.caption_tokenizer=approx"]) == 0
+    assert cli.main(base + ["--dry-run", "--until", "stage2"]) == 0
