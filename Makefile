@@ -28,7 +28,7 @@ UV_INSTALL = $(BIN_NEWEST)/uv pip install -q --system-certs --python $(BIN_NEWES
 # owl.egg-info into the checkout, so they take turns (flock, where there is one).
 TURN := $(if $(shell command -v flock),flock pyproject.toml)
 
-.PHONY: setup java demo test setup-newest test-newest lint format bench clean-demo
+.PHONY: setup java chromium demo test setup-newest test-newest lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
@@ -63,6 +63,14 @@ setup: $(VENV)/.installed java
 java:
 	@command -v java >/dev/null 2>&1 || { echo "java not found: caption metrics need it; install a JRE (e.g. sudo apt-get install default-jre-headless)"; exit 1; }
 
+# The MLflow UI test (tests/integration/test_mlflow_ui.py) opens owl's links in headless
+# Chromium: installed with apt-get where that works (as root), else the test skips saying why.
+chromium:
+	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-headless-shell; } || \
+	echo "chromium not installed: tests/integration/test_mlflow_ui.py will skip (apt-get install chromium-headless-shell)"
+
 demo: setup
 	$(BIN)/owl run jobs/demo.yaml --set storage=$(STORAGE)
 
@@ -70,7 +78,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+test: setup chromium lint
 	$(BIN)/pytest -q
 
 format: setup

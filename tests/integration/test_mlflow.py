@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +162,45 @@ def test_lineage_is_recorded_and_auditable(mlflow_server, tmp_path, capfd):
         first_runs["download"].info.run_id
     ]
     assert {c["step"] for c in usage["consumers"]} == {"filter"} and len(usage["consumers"]) == 2
+
+
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+def rendered_text(url: str) -> str:
+    """The page's visible text after the MLflow UI (a JavaScript app) has rendered in headless
+    Chromium."""
+    done = subprocess.run(
+        [CHROMIUM, "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", done.stdout, flags=re.DOTALL)
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium: `make chromium` installs it (apt-get, as root)"
+)
+def test_printed_links_open_the_model_training_view(mlflow_server, tmp_path, monkeypatch, capfd):
+    """The run and model links `owl run` prints, opened in a browser: the UI's model-training
+    view (a Runs breadcrumb; Runs, Models and Model registry in the sidebar), not its GenAI one
+    (Evaluations, Judges, Prompts), which the same URL without owl's query parameter opens."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        yaml.safe_dump(fake_job("ui-fake", tmp_path / "s", mlflow_uri=mlflow_server))
+    )
+    monkeypatch.setenv("OWL_STEPS_TABLE", "tests.integration.fake_steps:TABLE")
+    capfd.readouterr()
+    assert cli.main(["run", str(job_file)]) == 0
+    lines = capfd.readouterr().err.splitlines()
+    run_url = next(line for line in lines if line.startswith("[owl] run: ")).split()[-1]
+    model_url = next(line for line in lines if line.startswith("[owl] model: ")).split()[-1]
+    run_id = run_url.split("/runs/")[1].split("?")[0]
+    page = rendered_text(run_url)
+    assert run_id in page and "Model registry" in page and "Judges" not in page, page[:1500]
+    assert re.search(r"ui-fake Runs ui-fake-\d{8}T", page), page[:1500]  # the breadcrumb
+    model_page = rendered_text(model_url)
+    assert "Version 1" in model_page and "Judges" not in model_page, model_page[:1500]
+    genai = rendered_text(run_url.split("?")[0])  # what the link was without the parameter
+    assert "Judges" in genai and "Model registry" not in genai
