@@ -5,6 +5,7 @@ CLIP scores are computed here with transformers' CLIPModel, one sample at a time
 
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -121,6 +122,7 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
