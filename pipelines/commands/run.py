@@ -214,8 +214,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status["registered_model"]:
         console.print(f"registered_model: {status['registered_model']}")
     if status["metrics"]:
-        console.print(f"metrics: {status['metrics']}")
+        console.print("metrics:")
+        for line in metric_lines(status["metrics"]):
+            console.print(f"  {line}")
     return 0
+
+
+CI_LOW, CI_HIGH = "_ci95_low", "_ci95_high"
+
+
+def metric_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per metric, a headline metric with its bootstrap interval beside it:
+    "vqa.accuracy 0.872 [95%: 0.84, 0.9]" (the interval keys are not listed on their own)."""
+    lines = []
+    for name, value in sorted(metrics.items()):
+        if name.endswith((CI_LOW, CI_HIGH)):
+            continue
+        line = f"{name} {value:.4g}"
+        if name + CI_LOW in metrics and name + CI_HIGH in metrics:
+            line += f" [95%: {metrics[name + CI_LOW]:.4g}, {metrics[name + CI_HIGH]:.4g}]"
+        lines.append(line)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,3 +140,14 @@ def test_units_round_trip_through_rows() -> None:
     [back] = units_from_rows(units.rows("vqa")).values()
     assert back.ids == units.ids and back.metric == "accuracy"
     assert back.estimate() == units.estimate()
+
+
+def test_owl_status_shows_each_headline_metric_with_its_interval() -> None:
+    from pipelines.commands.run import metric_lines
+
+    metrics = {"vqa.accuracy": 0.8724, "vqa.accuracy_ci95_low": 0.8412,
+               "vqa.accuracy_ci95_high": 0.9003, "vqa.count": 200.0}  # fmt: skip
+    assert metric_lines(metrics) == [
+        "vqa.accuracy 0.8724 [95%: 0.8412, 0.9003]",
+        "vqa.count 200",
+    ]
