@@ -45,10 +45,13 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Transient failures are retried `max_retries` times, waiting backoff_s * 2**attempt."""
+    """Transient failures are retried `max_retries` times, waiting backoff_s * 2**attempt. A
+    retried training stage first waits up to `resource_wait_s` for the cluster to have its workers'
+    CPUs/GPUs again (a lost node coming back) before it refuses."""
 
     max_retries: int = 2
     backoff_s: float = 5.0
+    resource_wait_s: float = 300.0
 
 
 @dataclass(frozen=True)

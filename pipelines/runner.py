@@ -718,6 +718,8 @@ class Runner:
                 # The model card links each step's run id to the MLflow UI.
                 "mlflow_ui": ui_base(self.job.mlflow_uri),
                 "mlflow_experiment_id": str(getattr(self.lineage, "experiment_id", "") or ""),
+                # A retry may follow a lost node: wait for the cluster's resources to come back.
+                "resource_wait_s": section.retries.resource_wait_s if attempt else 0.0,
             },
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from owl.train.loop import WorkerJob
 
 RUN_NAME = "train"
+# After a worker failure Ray Train starts the workers again once the cluster has their resources,
+# giving up a try after 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S): a bounded wait for a lost
+# node's replacement (owl's own retry waits `retry.resource_wait_s`).
+RESTART_TRIES = 5
 
 
 class RaySession:
@@ -79,19 +84,41 @@ def _worker(config: dict[str, Any]) -> None:
     run_training(config["job"], RaySession(config["resume_path"]))
 
 
-def check_resources(cfg: TrainConfig) -> None:
-    """ValueError before anything starts when the job asks for more than the cluster has."""
+def _shortfall(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(resource name, what the job asks for beyond what the cluster has now); None: it fits."""
     import ray
 
     have = ray.cluster_resources()
     for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
         need = per_worker * cfg.num_workers
         if need > have.get(name, 0.0):
-            raise ValueError(
-                f"train: {cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but "
-                f"the Ray cluster has {have.get(name, 0.0):g}; lower num_workers or "
-                f"{name.lower()}s_per_worker, or add nodes"
+            return name, (
+                f"{cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but the Ray "
+                f"cluster has {have.get(name, 0.0):g}"
             )
+    return None
+
+
+def check_resources(
+    cfg: TrainConfig, wait_s: float = 0.0, progress: Any = None, poll_s: float = 5.0
+) -> None:
+    """ValueError before anything starts when the job asks for more than the cluster has. With
+    `wait_s` (a retry after a failure: a lost node may be coming back) it first waits up to that
+    long for the resources, saying so through `progress(done, total, message)`."""
+    short = _shortfall(cfg)
+    deadline = time.monotonic() + wait_s
+    while short and time.monotonic() < deadline:
+        if progress is not None:
+            left = deadline - time.monotonic()
+            progress(0, None, f"waiting for the cluster: {short[1]} (up to {left:.0f}s more)")
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+        short = _shortfall(cfg)
+    if short:
+        waited = f" (waited {wait_s:g}s for it)" if wait_s else ""
+        raise ValueError(
+            f"train: {short[1]}{waited}; lower num_workers or {short[0].lower()}s_per_worker, or "
+            "add nodes"
+        )
 
 
 def build_trainer(
@@ -121,7 +148,9 @@ def build_trainer(
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=RESTART_TRIES
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=callbacks or None,
         ),
@@ -161,22 +190,34 @@ def _progress_callback(path: Path) -> Any:
     return ProgressFile()
 
 
+def events_path(ctx: StepContext) -> Path:
+    """Where the Ray Train controller leaves the workers' failures and recoveries
+    (`_train_failures`), beside the progress file."""
+    progress = _progress_path(ctx)
+    return progress.with_name(progress.name.replace("progress", "events", 1))
+
+
 @contextlib.contextmanager
-def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -> Iterator[Any]:
-    """Yield the callback for the trainer; meanwhile a driver thread turns what it writes into
-    `ctx.progress(step, total, "loss ..., tok/s, ETA")` (the metrics the workers report anyway)."""
+def training_progress(
+    ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0
+) -> Iterator[list[Any]]:
+    """Yield the callbacks for the trainer; meanwhile a driver thread turns what they write into
+    `ctx.progress(step, total, "loss ..., tok/s, ETA")` (the metrics the workers report anyway)
+    and a line for each failure and recovery of the workers."""
     import json
     import threading
 
     from pipelines.progress import training_message
+    from pipelines.steps import _train_failures
 
-    path = _progress_path(ctx)
+    path, events = _progress_path(ctx), events_path(ctx)
     path.unlink(missing_ok=True)
+    events.unlink(missing_ok=True)
     total = cfg.max_steps if cfg.max_steps > 0 else None
     done = threading.Event()
 
     def watch() -> None:
-        seen = 0.0
+        seen, shown = 0.0, 0
         while True:
             stop = done.wait(poll_s)  # one more look after training ends: its last report
             try:
@@ -187,6 +228,7 @@ def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -
                     ctx.progress(metrics.get("step", 0.0), total, training_message(metrics, total))
             except (OSError, ValueError):
                 pass
+            shown = _train_failures.show_new(ctx, events, shown, cfg.max_failures)
             if stop:
                 return
 
@@ -194,7 +236,7 @@ def training_progress(ctx: StepContext, cfg: TrainConfig, poll_s: float = 1.0) -
     thread = threading.Thread(target=watch, name=f"owl-progress-{ctx.step}", daemon=True)
     thread.start()
     try:
-        yield _progress_callback(path)
+        yield [_progress_callback(path), _train_failures.failure_callback(events)]
     finally:
         done.set()
         thread.join(timeout=5)

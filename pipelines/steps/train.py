@@ -23,9 +23,11 @@ from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps._ray_train import (
     build_trainer,
     check_resources,
+    events_path,
     training_progress,
     worker_value_error,
 )
+from pipelines.steps._train_failures import read_events, summarize
 
 # Ray Train, torch, DeepSpeed and the training loop are imported where a stage runs: validating a
 # job file or a fully cached `owl run` reads `Config` only (tests/unit/test_cached_rerun.py).
@@ -66,7 +68,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     datasets = mix_datasets(cfg, shards, inputs)
     driver_loader = build_loader(cfg, datasets or shards, loader_cfg, world_size=cfg.num_workers)
     dropped = {} if streaming else dict(driver_loader.dropped)
-    check_resources(cfg)
+    check_resources(cfg, ctx.extra.get("resource_wait_s", 0.0), ctx.progress)
     table = planned_model(ctx.model, cfg)[1]  # the workers' table, on the meta device (no memory)
     job = WorkerJob(
         train=cfg,
@@ -81,8 +83,8 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     resumed = _announce_resume(ctx, cfg)
     started = time.perf_counter()
     try:
-        with training_progress(ctx, cfg) as callback:
-            result = build_trainer(ctx, cfg, job, callbacks=[callback]).fit()
+        with training_progress(ctx, cfg) as callbacks:
+            result = build_trainer(ctx, cfg, job, callbacks=callbacks).fit()
     except Exception as exc:
         cause = worker_value_error(exc)
         if cause is None:
@@ -92,6 +94,10 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
     manifest.dropped = dropped or manifest.dropped
+    # Workers lost and restarted by Ray Train on the way (nothing when none failed).
+    failure_stats, failure_info = summarize(read_events(events_path(ctx)))
+    manifest.stats.update(failure_stats)
+    manifest.info.update(failure_info)
     # Restored from the last step, nothing trains and Ray Train returns that checkpoint, whose
     # state was saved by the run that wrote it (resumed_from_step 0): say where this one began.
     previous = manifest.stats["resumed_from_step"]

@@ -40,6 +40,8 @@ class SourceConfig:
 
 def run_source(ctx: StepContext, cfg: SourceConfig, inputs: dict[str, StepInput]) -> Manifest:
     _log_call(ctx)
+    with open(Path(ctx.extra["storage"]) / f"resource-waits-{ctx.step}", "a") as f:
+        f.write(f"{ctx.extra.get('resource_wait_s')}\n")  # what the runner gave this attempt
     counter = Path(ctx.extra["storage"]) / f"failures-{ctx.step}"
     failed = int(counter.read_text()) if counter.exists() else 0
     if failed < cfg.fail_times:

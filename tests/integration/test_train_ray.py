@@ -261,6 +261,13 @@ def test_killed_worker_is_restarted_from_last_checkpoint(
     manifest = _run(tmp_path, cfg, data)
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] in (2, 4)
     assert _max_diff(_weights(tmp_path), _weights(reference[0])) <= 1e-6
+    # The failure and the recovery are in the manifest (the stage's MLflow metrics) and the log.
+    assert manifest.stats["worker_failures"] in (1, 2) and manifest.stats["recovery_s"] > 0
+    events = [e["event"] for e in manifest.info["train_events"]]
+    assert events[0] == "failure" and events[-1] == "recovered"
+    lines = [m for _, _, m in PROGRESS[tmp_path]]
+    assert any(m.startswith("workers failed after step 4") for m in lines), lines
+    assert any(m.startswith("recovered: training again at step") for m in lines), lines
 
 
 def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:

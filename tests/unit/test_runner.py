@@ -118,6 +118,16 @@ def test_transient_failures_are_retried_with_backoff(tmp_path):
     assert (record.state, record.attempts) == ("done", 3)
 
 
+def test_a_retry_may_wait_for_the_clusters_resources(tmp_path):
+    """The first attempt refuses at once when the cluster is short of resources (a user error);
+    a retry, which may follow a lost node, waits up to `retry.resource_wait_s` for them."""
+    raw = job_raw(tmp_path, download={"fail_times": 2, "retry": {"resource_wait_s": 7}})
+    job, result = run(raw, [])
+    assert result.ok, result.error
+    waits = (job.storage / "resource-waits-download").read_text().split()
+    assert waits == ["0.0", "7.0", "7.0"]
+
+
 def test_failed_step_is_recorded_and_retried_on_the_next_run(tmp_path):
     raw = job_raw(tmp_path, download={"fail_times": 3})
     job, result = run(raw)
