@@ -507,18 +507,25 @@ def _storage_exclude(storage: Path, working_dir: Path) -> list[str]:
 @contextlib.contextmanager
 def _ray_client_quiet() -> Iterator[None]:
     """The Ray job client logs how it packages and uploads the code (INFO, and WARNING for a
-    large file): `owl submit` prints its own lines only; failures still raise."""
+    large file): `owl submit` prints its own lines only; failures still raise. Its loggers set
+    their own levels (dashboard_sdk: INFO), so each `ray.*` logger is quietened, then restored."""
     import logging
 
-    import ray  # noqa: F401  (sets up the "ray" logger and its handler)
+    _enable_token_auth_if_configured()  # before Ray is imported: it reads RAY_AUTH_MODE then
+    import ray.job_submission  # noqa: F401  (creates the client's loggers)
 
-    logger = logging.getLogger("ray")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger("ray")] + [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+        if name.startswith("ray.")
+    ]  # fmt: skip
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def job_state(address: str, submission_id: str, client: Any = None) -> str:
