@@ -28,7 +28,7 @@ UV_INSTALL = $(BIN_NEWEST)/uv pip install -q --system-certs --python $(BIN_NEWES
 # owl.egg-info into the checkout, so they take turns (flock, where there is one).
 TURN := $(if $(shell command -v flock),flock pyproject.toml)
 
-.PHONY: setup java chromium demo test setup-newest test-newest lint format bench clean-demo
+.PHONY: setup java chromium demo test setup-newest test-newest lint format bench gpu-check clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
@@ -87,6 +87,14 @@ format: setup
 
 bench: setup
 	@echo "see BENCHMARKS.md for each benchmark's command"
+
+# On one CUDA GPU, in under 8 minutes: the demo job in bf16 through owl run, the stage-2 step at
+# 7B width (tokens/s, MFU, peak memory vs the memory plan), generation speed (BENCHMARKS.md,
+# "The GPU check"). Prints a table; the results go to $(GPU_CHECK_OUT) as JSON.
+GPU_CHECK_OUT ?= gpu-check.json
+# Needs no Java: without it the job's caption metrics use the approximate tokenizer.
+gpu-check: $(VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean-demo:
 	rm -rf $(STORAGE)

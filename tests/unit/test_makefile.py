@@ -50,3 +50,11 @@ def test_make_test_lints_then_runs_the_whole_suite(tmp_path: Path) -> None:
     ]
     assert lines[-3:] == tail
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_gpu_check_runs_the_gpu_check_script(tmp_path: Path) -> None:
+    """BENCHMARKS.md's command; tests/integration/test_gpu_check.py runs the script's CPU path."""
+    venv, out = tmp_path / "venv", tmp_path / "check.json"
+    lines = _dry_run("gpu-check", f"VENV={venv}", f"GPU_CHECK_OUT={out}")
+    assert lines[-1] == f"PYTHONPATH={ROOT} {venv}/bin/python bench/gpu_check.py --out {out}"
+    assert "make gpu-check" in (ROOT / "BENCHMARKS.md").read_text()
