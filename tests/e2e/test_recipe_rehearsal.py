@@ -11,7 +11,8 @@ lengths, image size and resize mode, filter rules.
 Data, written once for both recipes: tiny Hugging Face CLIP and LLaMA folders saved by
 transformers (the LLaMA folder carries the tokenizer), a LAION-style parquet of http URLs served
 on loopback by this test, LLaVA-style JSON with multi-turn, multi-image and text-only samples,
-ShareGPT and Alpaca text instructions, VQAv2 and MMBench files in their official schemas. The
+ShareGPT and Alpaca text instructions, and every benchmark of each recipe's evaluate section as
+written, in its official schema, at the recipe's paths moved under the test's folder. The
 two `owl run`s go at the same time (each with its own local Ray), so CI pays for the slower one
 plus what they contend for, not for both in a row.
 """
@@ -42,6 +43,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 SHAPES = ("square", "bar")
 VISION_LAYERS = 2
+LLAVA_REPEATS = 240  # 6 images x 240 x 3 records (multi-turn, two images, text only)
+SHARED = "/mnt/shared"  # where the recipes' benchmark files live; the test writes its own there
 MINIATURE = {
     "vision": {"image_size": 64, "patch_size": 8, "width": 32, "num_layers": VISION_LAYERS,
                "num_heads": 2, "mlp_dim": 64},
@@ -100,8 +103,10 @@ def _llava(root: Path) -> tuple[Path, Path, list[str]]:
         name = f"{i:012d}.jpg"
         Image.open(io.BytesIO(_picture(colour, shape))).convert("RGB").save(images / name)
         names.append((f"coco/train2017/{name}", colour, shape))
-    records = []  # enough to fill more rows of 2048 tokens than 2 workers x 2 rows need
-    for k, (path, colour, shape) in enumerate(names * 10):
+    # Enough rows of 2048 tokens that Owl2's stage 2, run by its `epochs: 1` (no max_steps),
+    # makes 2 optimizer steps: 2 workers x micro-batch 2 x grad_accum 8 x 2 = 64 packed rows.
+    records = []
+    for k, (path, colour, shape) in enumerate(names * LLAVA_REPEATS):
         records.append({  # multi-turn, one image
             "id": f"mt{k}", "image": path,
             "conversations": [
@@ -224,10 +229,7 @@ def data(tmp_path_factory) -> dict[str, object]:
             clip, llama, vision_layers=VISION_LAYERS, vocab_size=320
         )
         train_bpe_tokenizer(captions + texts + more_texts, vocab_size=300, out_dir=llama)
-        bench = root / "bench"
-        official_files.write_vqav2(bench / "vqav2")
-        official_files.write_mmbench(bench / "mmbench")
-        vqav2 = bench / "vqav2"
+        official = official_files.every_kind(root / "official")
         yield {
             "root": root,
             "clip": str(clip),
@@ -240,11 +242,7 @@ def data(tmp_path_factory) -> dict[str, object]:
             },
             "sharegpt": {"format": "sharegpt", "path": str(sharegpt)},
             "alpaca": {"format": "alpaca", "path": str(alpaca)},
-            "benchmarks": [
-                f"vqav2_val=vqav2:{vqav2}/v2_OpenEnded_mscoco_val2014_questions.json,"
-                f"{vqav2}/v2_mscoco_val2014_annotations.json,{vqav2}/val2014",
-                f"mmbench_dev=mmbench:{next((bench / 'mmbench').glob('*.tsv'))}",
-            ],
+            "benchmarks": {v: _recipe_benchmarks(JOBS[v], root, official) for v in JOBS},
         }
     finally:
         server.shutdown()
@@ -257,6 +255,29 @@ def _miniature(variant: str) -> dict:
         return MINIATURE
     decoder = {**MINIATURE["decoder"], "num_kv_heads": MINIATURE["decoder"]["num_heads"]}
     return {**MINIATURE, "decoder": decoder}
+
+
+def _recipe_benchmarks(job: str, root: Path, official: dict[str, str]) -> list[str]:
+    """The recipe's `evaluate.benchmarks` as written, its SHARED mount point moved under `root`,
+    with a tiny official file (or folder) written at every path it names: the one of the same
+    name among `official` (tests/unit/official_files.py, a folder per kind)."""
+    import shutil
+
+    from owl.eval.importers import parse_spec
+
+    entries = yaml.safe_load((ROOT / job).read_text())["evaluate"]["benchmarks"]
+    moved = [entry.replace(SHARED, str(root / "shared")) for entry in entries]
+    for entry in moved:
+        _, kind, paths = parse_spec(entry)
+        source = Path(official[kind].split(":", 1)[1].split(",")[0]).parent
+        for path in map(Path, paths):
+            found = source if source.name == path.name else next(source.rglob(path.name))
+            if found.is_dir():  # folders shared by benchmarks (COCO's val2014) are merged
+                shutil.copytree(found, path, dirs_exist_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found, path)
+    return moved
 
 
 def _sets(data: dict, variant: str) -> dict:
@@ -276,8 +297,9 @@ def _sets(data: dict, variant: str) -> dict:
         "tokenizer.path": data["llama"],
         "tokenize_instructions.sources": sources,
         "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
-        "stage2": {**scale, "max_steps": 2},
-        "evaluate.benchmarks": data["benchmarks"],
+        # Owl2's stage 2 runs by the recipe's epochs and warmup_ratio; Owl1's (LoRA) by steps.
+        "stage2": {**scale, **({} if variant == "owl2" else {"max_steps": 2})},
+        "evaluate.benchmarks": data["benchmarks"][variant],
         "evaluate.num_workers": 1,
         "evaluate.gpus_per_worker": 0,
     }
@@ -331,8 +353,40 @@ def test_the_recipe_runs_every_step_and_registers(recipes, variant: str) -> None
     assert {"init", "download", "filter", "tokenizer", "stage1", "stage2", "evaluate",
             "export"} <= set(states)  # fmt: skip
     assert result["registered_model"]["name"] == Path(JOBS[variant]).stem
-    assert any(k.startswith("vqav2_val.") for k in result["metrics"])
-    assert any(k.startswith("mmbench_dev.") for k in result["metrics"])
+
+
+RECIPE_METRICS = {  # per benchmark the recipe lists: a metric its kind must report
+    "vqav2_testdev": "vqa.unanswered", "vqav2_val": "vqa.accuracy",
+    "okvqa_val": "vqa.accuracy_ci95_low", "gqa_testdev": "text.accuracy",
+    "textvqa_val": "vqa.accuracy", "coco_karpathy_test": "caption.CIDEr",
+    "flickr30k_test": "caption.METEOR", "mmbench_dev": "multiple_choice.circular_accuracy",
+    "mme": "yes_no.perception",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(JOBS))
+def test_the_recipes_own_benchmarks_are_evaluated(recipes, data, variant: str) -> None:
+    """Every benchmark of the recipe's evaluate section, imported from official files and
+    scored with its owners' metric (official PTB tokenizer and METEOR: Java is present)."""
+    names = [entry.split("=", 1)[0] for entry in data["benchmarks"][variant]]
+    metrics = recipes[variant]["result"]["metrics"]
+    assert len(names) >= 4
+    for name in names:
+        assert f"{name}.{RECIPE_METRICS[name]}" in metrics, (name, sorted(metrics)[:20])
+    if "vqav2_testdev" in names:
+        out, manifest = _manifest(recipes[variant], "evaluate")
+        assert "submissions/vqav2_testdev.json" in manifest["artifacts"]
+        assert (
+            json.loads((out / "submissions" / "vqav2_testdev.json").read_text())[0]["question_id"]
+            == 7005
+        )
+
+
+def test_owl2_stage2_runs_by_epochs_and_warmup_ratio(recipes) -> None:
+    _, stage2 = _manifest(recipes["owl2"], "stage2")
+    config = stage2["info"]["train_config"]
+    assert (config["max_steps"], config["epochs"], config["warmup_ratio"]) == (0, 1, 0.03)
+    assert stage2["stats"]["steps"] >= 2  # one pass over the packed rows, in optimizer steps
 
 
 @pytest.mark.parametrize("variant", list(JOBS))
