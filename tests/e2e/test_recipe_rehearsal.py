@@ -224,16 +224,21 @@ def data(tmp_path_factory) -> dict[str, object]:
         instructions, image_folder, texts = _llava(root)
         sharegpt, alpaca, more_texts = _text_instructions(root)
         weights = root / "weights"
-        clip, llama = weights / "clip-vit-large-patch14", weights / "llama-7b"
-        tiny_pretrained.save_clip_and_llama(
-            clip, llama, vision_layers=VISION_LAYERS, vocab_size=320
-        )
-        train_bpe_tokenizer(captions + texts + more_texts, vocab_size=300, out_dir=llama)
+        clip = weights / "clip-vit-large-patch14"
+        # Owl2's miniature keeps grouped KV heads (2 of 4); Owl1's has none (see _miniature), so
+        # its LLaMA folder has as many KV heads as heads: the init step checks they agree.
+        llama = {"owl2": weights / "llama-2-7b", "owl1": weights / "llama-7b"}
+        for variant, folder in llama.items():
+            tiny_pretrained.save_clip_and_llama(
+                clip, folder, vision_layers=VISION_LAYERS, vocab_size=320,
+                num_kv_heads=_miniature(variant)["decoder"]["num_kv_heads"],
+            )  # fmt: skip
+            train_bpe_tokenizer(captions + texts + more_texts, vocab_size=300, out_dir=folder)
         official = official_files.every_kind(root / "official")
         yield {
             "root": root,
             "clip": str(clip),
-            "llama": str(llama),
+            "llama": {variant: str(folder) for variant, folder in llama.items()},
             "urls": str(urls),
             "llava": {
                 "format": "llava",
@@ -289,12 +294,12 @@ def _sets(data: dict, variant: str) -> dict:
     return {
         "storage": str(data["root"] / f"storage-{variant}"),
         "model.pretrained.clip": data["clip"],
-        "model.pretrained.llama": data["llama"],
+        "model.pretrained.llama": data["llama"][variant],
         "model.overrides": _miniature(variant),
         "download.url_list": data["urls"],
         "download.processes_count": 1,
         "download.thread_count": 4,
-        "tokenizer.path": data["llama"],
+        "tokenizer.path": data["llama"][variant],
         "tokenize_instructions.sources": sources,
         "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
         # Owl2's stage 2 runs by the recipe's epochs and warmup_ratio; Owl1's (LoRA) by steps.

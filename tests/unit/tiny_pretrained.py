@@ -10,10 +10,15 @@ import torch
 
 
 def save_clip_and_llama(
-    clip_dir: Path, llama_dir: Path, *, vision_layers: int = 1, vocab_size: int = 128
+    clip_dir: Path,
+    llama_dir: Path,
+    *,
+    vision_layers: int = 1,
+    vocab_size: int = 128,
+    num_kv_heads: int = 2,
 ) -> None:
-    """A 32-px CLIP ViT (patch 8: a 4x4 grid, width 32) and a 2-layer LLaMA (hidden 64, grouped
-    KV: 2 heads for 4), random weights from seed 0."""
+    """A 32-px CLIP ViT (patch 8: a 4x4 grid, width 32) and a 2-layer LLaMA (hidden 64, 4
+    heads; grouped KV by default: 2 KV heads), random weights from seed 0."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -27,7 +32,7 @@ def save_clip_and_llama(
     llama = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+            num_attention_heads=4, num_key_value_heads=num_kv_heads, rms_norm_eps=1e-6,
         )
     )  # fmt: skip
     llama.save_pretrained(llama_dir)
