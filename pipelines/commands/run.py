@@ -25,8 +25,11 @@ from pipelines.progress import captured_output, make_reporter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster with `owl submit`: environments, data, outputs, caches.
+# Gitignore patterns: the project's own data/output folders are anchored at its root ("/data"),
+# an unanchored "data" would also drop the `owl/data` package (tests/integration/multinode.py:
+# nodes without the project's sources import only what was shipped).
 SUBMIT_EXCLUDES = [
-    ".venv", ".venv-*", ".git", "data", "outputs", "runs", ".owl", "*.egg-info", "__pycache__",
+    ".venv", ".venv-*", ".git", "/data", "/outputs", "/runs", ".owl", "*.egg-info", "__pycache__",
     ".pytest_cache", ".ruff_cache", ".whl", ".gl", "build", "dist",
 ]  # fmt: skip
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

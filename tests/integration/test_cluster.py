@@ -1,112 +1,28 @@
-"""A real Ray cluster on loopback (a head and two worker nodes, token auth on): `owl submit` sends
-a job of light fake steps, it finishes, its steps are visible in `owl status`, and re-submitting
-the running job attaches to it instead of starting a duplicate."""
+"""A real Ray cluster on loopback (a head and two worker nodes, each with its own /tmp and home and
+without the project's sources, token auth on): `owl submit` sends a job of light fake steps, it
+finishes, its steps are visible in `owl status`, and re-submitting the running job attaches to
+it instead of starting a duplicate."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
+from tests.integration.multinode import PYTHON, ROOT
+
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_command(ray_tmp: Path, index: int, head_port: int, dashboard_port: int) -> list[str]:
-    """`ray start --block` for one node, every port chosen free (other Ray clusters may run here)."""
-    ports = {
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
-    command = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-               "--disable-usage-stats", f"--temp-dir={ray_tmp / f'r{index}'}"]  # fmt: skip
-    command += [f"{flag}={port}" for flag, port in ports.items()]
-    if index == 0:
-        command += ["--head", f"--port={head_port}", f"--dashboard-port={dashboard_port}",
-                    "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
-                    "--include-dashboard=true"]  # fmt: skip
-    else:
-        command += [f"--address=127.0.0.1:{head_port}"]
-    return command
-
-
-def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout_s: float = 180) -> None:
-    code = (
-        "import sys; from ray.util.state import list_nodes;"
-        "print(sum(n.state == 'ALIVE' for n in list_nodes(address=sys.argv[1])))"
-    )
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(
-            [sys.executable, "-c", code, address], env=env, capture_output=True, text=True
-        )
-        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout) >= count:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"the cluster at {address} did not get {count} nodes: {out.stderr[-2000:]}"
-            )
-        time.sleep(2)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cluster")
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    head_port, dashboard_port = free_port(), free_port()
-    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="owlray", dir="/tmp"))
-    procs = []
-    try:
-        for index in range(3):
-            log = open(tmp / f"node{index}.log", "w")  # noqa: SIM115 (closed with the process)
-            procs.append(
-                subprocess.Popen(node_command(ray_tmp, index, head_port, dashboard_port), env=env,
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            )  # fmt: skip
-            if index == 0:
-                time.sleep(5)  # the head must listen before the workers connect
-        address = f"http://127.0.0.1:{dashboard_port}"
-        wait_for_nodes(address, env, count=3)
-        yield address, env, tmp
-    finally:
-        for proc in reversed(procs):  # each node's process group: ray start and what it spawned
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def cluster(multinode):
+    """(dashboard address, client environment, shared storage root) of the multi-node cluster."""
+    return multinode.address, {**multinode.env, "PYTHONPATH": str(ROOT)}, multinode.storage
 
 
 def owl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -115,12 +31,10 @@ def owl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_submitted_job_runs_on_the_cluster_and_shows_in_status(cluster):
-    address, env, tmp = cluster
-    env = {
-        **env,
-        "OWL_STEPS_TABLE": "tests.integration.fake_steps:RAY_TABLE",
-        "PYTHONPATH": str(ROOT),
-    }
+    address, env, shared = cluster
+    tmp = shared / "fake"
+    tmp.mkdir()
+    env = {**env, "OWL_STEPS_TABLE": "tests.integration.fake_steps:RAY_TABLE"}
     job = {
         "name": "cluster-fake",
         "storage": str(tmp / "storage"),
@@ -132,7 +46,7 @@ def test_submitted_job_runs_on_the_cluster_and_shows_in_status(cluster):
     }
     job_file = tmp / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
-    submit = ["submit", str(job_file), "--address", address, "--python", sys.executable, "--json"]
+    submit = ["submit", str(job_file), "--address", address, "--python", str(PYTHON), "--json"]
     first = owl(submit, env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stderr == ""  # not Ray's packaging and upload lines
@@ -174,7 +88,7 @@ def test_infra_readme_token_setup_works_as_written(cluster, tmp_path):
     storage and the printed id put in): the token comes only from RAY_AUTH_TOKEN_PATH, with no
     RAY_AUTH_MODE in the client's environment. The 7B job then fails on the cluster at its
     validation (its URL list is not here), which ends `owl logs --follow`."""
-    address, env, _ = cluster
+    address, env, shared = cluster
     readme = (ROOT / "infra" / "README.md").read_text()
     block = re.search(r"## Ray token authentication.*?```bash\n(.*?)```", readme, re.S).group(1)
     export, submit, logs = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
@@ -191,7 +105,7 @@ def test_infra_readme_token_setup_works_as_written(cluster, tmp_path):
 
     def shell(line: str) -> subprocess.CompletedProcess:
         line = line.replace("http://HEAD:8265", address)
-        line = line.replace("--set storage=/mnt/shared/owl2", f"--set storage={tmp_path / 's'}")
+        line = line.replace("--set storage=/mnt/shared/owl2", f"--set storage={shared / 'readme'}")
         return subprocess.run(["bash", "-c", f"{export}\n{line}"], env=client_env, cwd=ROOT,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
 

@@ -266,7 +266,7 @@ def test_killed_worker_is_restarted_from_last_checkpoint(
     events = [e["event"] for e in manifest.info["train_events"]]
     assert events[0] == "failure" and events[-1] == "recovered"
     lines = [m for _, _, m in PROGRESS[tmp_path]]
-    assert any(m.startswith("workers failed after step 4") for m in lines), lines
+    assert any(m.startswith("workers failed after step ") for m in lines), lines
     assert any(m.startswith("recovered: training again at step") for m in lines), lines
 
 
