@@ -177,7 +177,14 @@ def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, 
         model["pretrained"] = dataclasses.asdict(job.model.pretrained)
     if spec.uses_seed:
         model["seed"] = job.seed
-    return section.config, model
+    # Fields a step module names in NOT_IN_KEY change how it runs, never what it outputs (e.g.
+    # training's policy when the cluster offers fewer workers): setting one keeps the key, so a
+    # re-run with it resumes the same checkpoints.
+    skipped = getattr(spec.load_module(), "NOT_IN_KEY", ())
+    if not skipped:
+        return section.config, model
+    config = {k: v for k, v in cache.plain(section.config).items() if k not in skipped}
+    return config, model
 
 
 def input_files(job: JobSpec, name: str) -> dict[str, str]:

@@ -136,8 +136,18 @@ class _Collating:
     def sample(self, ref: Any) -> Sample:
         raise NotImplementedError
 
+    def _next_rows(self) -> list[list[Any]]:
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
+
+    def __next__(self) -> dict[str, Any]:
+        return self.collate_rows(self._next_rows())
+
+    def skip(self) -> None:
+        """Advance past the next micro-batch without reading its samples (its plan only)."""
+        self._next_rows()
 
     def collate_rows(self, rows: list[list[Any]]) -> dict[str, Any]:
         batch = collate([[self.sample(ref) for ref in row] for row in rows], pad_id=self.cfg.pad_id)
@@ -226,13 +236,13 @@ class ShardLoader(_Collating):
         """Micro-batches this rank (and every rank) gets in `epoch`."""
         return len(self._micro_batches(epoch))
 
-    def __next__(self) -> dict[str, Any]:
+    def _next_rows(self) -> list[list[int]]:
         plan = self._micro_batches(self.epoch)
         rows = plan[self.offset]
         self.offset += 1
         if self.offset == len(plan):
             self.epoch, self.offset = self.epoch + 1, 0
-        return self.collate_rows(rows)
+        return rows
 
     def sample(self, index: int) -> Sample:
         shard, row = self._locate[index]
@@ -587,9 +597,6 @@ class StreamingLoader(_Collating):
                 self.dropped["loader.epoch_tail_rows"] += tail
             self.epoch, self.buffer, self.row, self.done = self.epoch + 1, 0, 0, 0
         return out
-
-    def __next__(self) -> dict[str, Any]:
-        return self.collate_rows(self._next_rows())
 
     def state_dict(self) -> dict[str, int]:
         return {

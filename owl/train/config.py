@@ -77,8 +77,15 @@ class TrainConfig:
     # Stage 1 only: a model folder to start from (e.g. converted CLIP + LLaMA weights); empty =
     # random init from the model config. May be `@role/path`.
     init_model: str = ""
-    # Cluster: one Ray Train worker per `num_workers`.
+    # Cluster: one Ray Train worker per `num_workers`. `num_workers` x `grad_accum` also defines
+    # the sample stream and the global batch (owl.data.step_stream), whatever the number of
+    # workers that actually run: when the cluster offers fewer, `fewer_workers: wait` waits for
+    # `num_workers`; `continue` runs with what is there (at least `min_workers`), each worker
+    # accumulating more micro-batches, and resumes a checkpoint saved by another number of
+    # workers through DeepSpeed's universal checkpoint (docs/pipeline.md).
     num_workers: int = 1
+    fewer_workers: str = "wait"
+    min_workers: int = 1
     # Memory of one GPU, GiB: `owl run` (and --dry-run) refuses a stage whose memory plan
     # (owl.train.memory: model states + activations per worker) exceeds it. 0 = no check.
     gpu_memory_gib: float = 0.0
@@ -112,6 +119,8 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
         (cfg.log_every >= 1, "log_every must be >= 1"),
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.fewer_workers in ("wait", "continue"), "fewer_workers must be 'wait' or 'continue'"),
+        (1 <= cfg.min_workers <= cfg.num_workers, "min_workers must be in [1, num_workers]"),
         (cfg.gpu_memory_gib >= 0, "gpu_memory_gib must be >= 0 (0 = no check)"),
         (cfg.trainable in ("paper", "all"), "trainable must be 'paper' or 'all'"),
         (cfg.loader in ("streaming", "global"), "loader must be 'streaming' or 'global'"),
@@ -148,6 +157,12 @@ def lr_multiplier(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def worker_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches each of `world_size` workers runs per optimizer step: the stage's
+    num_workers x grad_accum micro-batches shared out (owl.data.step_stream), rounded up."""
+    return -(-cfg.num_workers * cfg.grad_accum // world_size)
+
+
 def deepspeed_config(
     cfg: TrainConfig, *, world_size: int, on_gpu: bool, hidden: int = 0
 ) -> dict[str, Any]:
@@ -175,10 +190,11 @@ def deepspeed_config(
                 stage3_max_live_parameters=24 * hidden * hidden,
                 stage3_max_reuse_distance=24 * hidden * hidden,
             )
+    accum = worker_grad_accum(cfg, world_size)
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.micro_batch_size * accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": on_gpu},

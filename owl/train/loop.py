@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from owl.data.loader import Dataset, LoaderConfig, ShardLoader, ShardRef, StreamingLoader
+from owl.data.step_stream import StepStream
 from owl.model.config import OwlConfig
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
@@ -111,8 +112,10 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
     state = TrainState()
     with session.restore_dir() as directory:
         if directory is not None:
-            state, loader_state = checkpoint.load(engine, directory, rank=session.rank)
-            loader.load_state_dict(loader_state)
+            state, loader_states = checkpoint.load(
+                engine, directory, rank=session.rank, world_size=session.world_size
+            )
+            loader.load_state_dict(loader_states)
             state.resumed_from_step = state.step
     state.parameters_held = held
     state.engine = engine_summary(engine)
@@ -150,14 +153,16 @@ def held_parameter_elements(model: torch.nn.Module) -> int:
     )
 
 
-def total_optimizer_steps(cfg: TrainConfig, loader: ShardLoader | StreamingLoader) -> int:
+def total_optimizer_steps(
+    cfg: TrainConfig, loader: ShardLoader | StreamingLoader | StepStream
+) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     micro_batches = sum(loader.batches_per_epoch(e) for e in range(cfg.epochs))
     steps = micro_batches // cfg.grad_accum
     if steps == 0:
         raise ValueError(
-            f"{cfg.epochs} epoch(s) give {micro_batches} micro-batches per worker, fewer than "
+            f"{cfg.epochs} epoch(s) give {micro_batches} micro-batches per stream, fewer than "
             f"grad_accum={cfg.grad_accum}: use more data or set max_steps"
         )
     return steps
@@ -296,22 +301,24 @@ def build_loader(
     return kind(shards, loader_cfg, rank=rank, world_size=world_size, verify=verify)
 
 
-def _build_loader(job: WorkerJob, session: Session) -> ShardLoader | StreamingLoader:
-    if job.train.loader == "streaming":
+def _build_loader(job: WorkerJob, session: Session) -> StepStream:
+    """This worker's share of the stage's sample stream: the loaders of the streams it reads
+    (rank v of the stage's `num_workers`), whatever the number of workers running."""
+    cfg = job.train
+    data = job.datasets or job.shards if cfg.loader == "streaming" else job.shards
+    loader_cfg = loader_config(cfg, job.model, job.pad_id)
+
+    def make(stream: int, num_streams: int) -> ShardLoader | StreamingLoader:
         return build_loader(
-            job.train,
-            job.datasets or job.shards,
-            loader_config(job.train, job.model, job.pad_id),
-            rank=session.rank,
-            world_size=session.world_size,
-            verify=job.verify_shards,
+            cfg, data, loader_cfg, rank=stream, world_size=num_streams, verify=job.verify_shards
         )
-    return ShardLoader(
-        job.shards,
-        loader_config(job.train, job.model, job.pad_id),
+
+    return StepStream(
+        make,
+        num_streams=cfg.num_workers,
+        grad_accum=cfg.grad_accum,
         rank=session.rank,
         world_size=session.world_size,
-        verify=job.verify_shards,
     )
 
 
@@ -359,17 +366,21 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _train_step(
-    engine: Any, loader: ShardLoader | StreamingLoader, job: WorkerJob, world_size: int
+    engine: Any, stream: StepStream, job: WorkerJob, world_size: int
 ) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches; local (this rank's) counts."""
-    batches = [next(loader) for _ in range(job.train.grad_accum)]
+    """One optimizer step over this worker's micro-batches of it; local (this rank's) counts."""
+    batches = stream.next_step()
     counts = [num_supervised(b["labels"], b["segment_ids"]) for b in batches]
     (global_count,) = _all_reduce_sum([sum(counts)], engine.device)
-    # DeepSpeed divides by grad_accum and averages over ranks; undo both so the update is the
-    # mean over the supervised tokens of the global batch.
-    scale = job.train.grad_accum * world_size / max(global_count, 1.0)
+    # DeepSpeed divides by its accumulation steps and averages over ranks; undo both so the
+    # update is the mean over the supervised tokens of the global batch.
+    scale = stream.per_worker * world_size / max(global_count, 1.0)
     loss_sum, tokens, images, pairs = 0.0, 0, 0, 0
-    for batch in batches:
+    # A worker with one micro-batch fewer than the others (workers do not divide the step's
+    # micro-batches) runs its last one again with weight 0: every rank steps alike.
+    weights = [scale] * len(batches) + [0.0] * stream.padding
+    for i, weight in enumerate(weights):
+        batch = batches[min(i, len(batches) - 1)]
         tensors = _to_device(batch, engine)
         logits = engine(
             tensors["input_ids"],
@@ -378,8 +389,10 @@ def _train_step(
             segment_ids=tensors["segment_ids"],
         )  # (B, T, V)
         loss = token_loss_sum(logits, tensors["labels"], tensors["segment_ids"])
-        engine.backward(loss * scale)
+        engine.backward(loss * weight)
         engine.step()
+        if i >= len(batches):
+            continue
         loss_sum += float(loss.detach())
         tokens += int((batch["segment_ids"] > 0).sum())
         images += 0 if batch["images"] is None else batch["images"].shape[0]
@@ -408,7 +421,7 @@ def _maybe_fail(fault: Fault | None, step: int, rank: int, started_fresh: bool) 
 
 def _train(
     engine: Any,
-    loader: ShardLoader | StreamingLoader,
+    loader: StepStream,
     job: WorkerJob,
     session: Session,
     state: TrainState,
@@ -460,7 +473,7 @@ def _window_metrics(
 
 def _save_and_report(
     engine: Any,
-    loader: ShardLoader | StreamingLoader,
+    loader: StepStream,
     job: WorkerJob,
     session: Session,
     state: TrainState,

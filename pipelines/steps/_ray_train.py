@@ -85,15 +85,17 @@ def _worker(config: dict[str, Any]) -> None:
 
 
 def _shortfall(cfg: TrainConfig) -> tuple[str, str] | None:
-    """(resource name, what the job asks for beyond what the cluster has now); None: it fits."""
+    """(resource name, what the job asks for beyond what the cluster has now); None: it fits.
+    With `fewer_workers: continue` the job asks for `min_workers`."""
     import ray
 
     have = ray.cluster_resources()
+    workers = cfg.min_workers if cfg.fewer_workers == "continue" else cfg.num_workers
     for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
-        need = per_worker * cfg.num_workers
+        need = per_worker * workers
         if need > have.get(name, 0.0):
             return name, (
-                f"{cfg.num_workers} workers x {per_worker} {name} = {need:g} {name}s, but the Ray "
+                f"{workers} workers x {per_worker} {name} = {need:g} {name}s, but the Ray "
                 f"cluster has {have.get(name, 0.0):g}"
             )
     return None
@@ -121,6 +123,15 @@ def check_resources(
         )
 
 
+def scaling_workers(cfg: TrainConfig) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: the stage's, or with `fewer_workers: continue` the elastic
+    range (min_workers, num_workers): Ray Train starts (and after a failure restarts) as many
+    workers as the cluster has room for, and grows the group when nodes join."""
+    if cfg.fewer_workers == "continue" and cfg.min_workers < cfg.num_workers:
+        return (cfg.min_workers, cfg.num_workers)
+    return cfg.num_workers
+
+
 def build_trainer(
     ctx: StepContext, cfg: TrainConfig, job: WorkerJob, callbacks: list[Any] | None = None
 ) -> TorchTrainer:
@@ -143,7 +154,7 @@ def build_trainer(
         train_loop_config={"job": job, "resume_path": str(newest) if newest else ""},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=scaling_workers(cfg), use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=RUN_NAME,

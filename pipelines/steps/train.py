@@ -32,6 +32,9 @@ from pipelines.steps._train_failures import read_events, summarize
 # Ray Train, torch, DeepSpeed and the training loop are imported where a stage runs: validating a
 # job file or a fully cached `owl run` reads `Config` only (tests/unit/test_cached_rerun.py).
 Config = TrainConfig
+# What to do when the cluster offers fewer workers is not part of the cache key: a stage started
+# with `wait` resumes its checkpoints under `--set stageN.fewer_workers=continue`.
+NOT_IN_KEY = ("fewer_workers", "min_workers")
 
 LOSS_PLOT = "loss_curve.png"
 
@@ -155,9 +158,11 @@ def _finish(
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(directory / EXPORT_DIR, model_dir)
         saved = torch.load(directory / "worker-rank0.pt", weights_only=False)
-        dropped: Counter = Counter()  # the streaming loader's counts, every rank's
+        streams: dict[int, dict] = {}  # each stream's loader state, once (workers may share one)
         for worker_file in sorted(directory.glob("worker-rank*.pt")):
-            loader_state = torch.load(worker_file, weights_only=False)["loader"]
+            streams.update(torch.load(worker_file, weights_only=False)["loader"]["streams"])
+        dropped: Counter = Counter()  # the streaming loader's counts, every stream's
+        for loader_state in streams.values():
             dropped.update(loader_state.get("dropped", {}))
     state: checkpoint.TrainState = saved["state"]
     manifest = Manifest(step=ctx.step)

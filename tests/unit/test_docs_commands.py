@@ -62,7 +62,14 @@ NOT_RUN = {
     "`owl audit dataset`: tests/unit/test_cli_errors.py",
     "owl logs <submission-id> --address http://HEAD:8265 --follow": "needs a cluster (a Ray head's "
     "dashboard); test_cluster runs infra/README.md's copy of this line with its id put in",
-}
+    "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1":
+    DEMO_RUN + "; tests/unit/test_fewer_workers.py plans it (--dry-run) and checks that it keeps "
+    "the training steps' cache keys (the resume), tests/integration/test_elastic_resume.py the "
+    "resume on fewer workers",
+    "owl run jobs/owl2-llama2-7b.yaml --set stage1.fewer_workers=continue --set stage1.min_workers=32":
+    "a 7B run on a GPU cluster; tests/unit/test_fewer_workers.py plans it (--dry-run) and checks "
+    "that it keeps the training steps' cache keys",
+}  # fmt: skip
 
 # A syntax line: an upper-case placeholder (JOB, NAME, DIGEST, SUBMISSION_ID, ...) or [optional].
 SYNOPSIS = re.compile(r"\b[A-Z][A-Z_]{2,}\b|\[")

@@ -13,7 +13,7 @@ from pipelines.jobspec import load_job
 
 
 def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
-    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, grad_clip=0.5)
+    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, grad_clip=0.5, num_workers=4)
     ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
     assert ds["bf16"]["enabled"] is False
     assert ds["train_batch_size"] == 3 * 2 * 4
@@ -23,6 +23,16 @@ def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
     assert ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98]
+
+
+@pytest.mark.parametrize(("world_size", "accum"), [(4, 2), (2, 4), (1, 8), (3, 3), (8, 1)])
+def test_fewer_workers_accumulate_more_and_keep_the_global_batch(world_size, accum) -> None:
+    """num_workers x grad_accum micro-batches per step, shared out (rounded up: a worker with
+    one fewer runs a zero-weight one, owl.data.step_stream)."""
+    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, num_workers=4)
+    ds = deepspeed_config(cfg, world_size=world_size, on_gpu=False)
+    assert ds["gradient_accumulation_steps"] == accum
+    assert ds["train_batch_size"] == 3 * accum * world_size
 
 
 def test_deepspeed_config_gpu_is_bf16_and_zero3_gathers_on_save() -> None:
@@ -105,6 +115,8 @@ def test_parsed_from_a_dict_rejects_unknown_and_converts_lists() -> None:
         ("zero_stage", 4, "zero_stage"),
         ("stage", 3, "stage must be 1 or 2"),
         ("vit_layer_decay", 0.0, "vit_layer_decay"),
+        ("fewer_workers", "shrink", "fewer_workers must be 'wait' or 'continue'"),
+        ("min_workers", 2, r"min_workers must be in \[1, num_workers\]"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:

@@ -1,0 +1,73 @@
+"""A stage resumed on another number of workers (owl.data.step_stream + DeepSpeed's universal
+checkpoint), on local processes (gloo, CPU), debug-tiny model, 40 optimizer steps:
+
+- ZeRO-2: a 2-worker run, a 1-worker run and the 2-worker run's step-20 checkpoint resumed on 1
+  worker train every step on the same samples, with losses equal within 1e-5 (relative);
+- ZeRO-3: a checkpoint resumed on another number of workers is refused (not supported yet).
+
+W' == W resumes stay bitwise (tests/integration/test_train_ray.py, test_resume.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from elastic_runs import run
+from test_train_ray import MODEL, _write_data
+
+from owl.data.loader import shards_from_manifest
+from owl.train.config import TrainConfig
+from owl.train.loop import WorkerJob
+
+pytestmark = pytest.mark.integration
+
+STEPS, HALF = 40, 20
+
+
+def _job(data, zero_stage: int) -> WorkerJob:
+    cfg = TrainConfig(
+        stage=1, trainable="all", lr=1e-3, warmup_steps=5, max_steps=STEPS, micro_batch_size=2,
+        grad_accum=1, max_length=64, zero_stage=zero_stage, checkpoint_every=HALF, log_every=1,
+        num_workers=2, seed=3,
+    )  # fmt: skip
+    shards = shards_from_manifest(data.manifest, data.dir)
+    return WorkerJob(train=cfg, model=MODEL, shards=shards, pad_id=MODEL.decoder.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_data(tmp_path_factory.mktemp("tokenized"), count=80)
+
+
+def _assert_same_training(run_a, run_b, first_step: int = 1) -> None:
+    """Same samples per step, losses within 1e-5 relative, from `first_step` on."""
+    (samples_a, loss_a, _), (samples_b, loss_b, _) = run_a, run_b
+    assert samples_a[first_step - 1 :] == samples_b[-len(samples_a[first_step - 1 :]) :]
+    losses_a = dict(loss_a)
+    resumed = [(s, v) for s, v in loss_b if s >= first_step]  # the curve before: restored
+    assert [s for s, _ in resumed] == list(range(first_step, STEPS + 1))
+    for step, value in resumed:
+        assert value == pytest.approx(losses_a[step], rel=1e-5, abs=0), step
+
+
+def test_zero2_two_workers_resumed_on_one(data, tmp_path) -> None:
+    job = _job(data, zero_stage=2)
+    two = run(job, 2, tmp_path / "two", port=29631)
+    one = run(job, 1, tmp_path / "one", port=29632)
+    assert len(two[0]) == STEPS and all(two[0])
+    assert one[0] == two[0]  # every step: the same sample references, whatever W
+    _assert_same_training(two, (one[0], one[1], 0.0))
+    checkpoint = tmp_path / "two" / "checkpoints" / f"step-{HALF:08d}"
+    resumed = run(job, 1, tmp_path / "resumed", resume=checkpoint, port=29633)
+    _assert_same_training(two, resumed, first_step=HALF + 1)
+    assert (checkpoint / "ds" / f"step-{HALF:08d}-universal").is_dir()
+
+
+def test_zero3_checkpoint_on_another_number_of_workers_is_refused(data, tmp_path) -> None:
+    """Not supported yet under ZeRO-3 (a 1 -> 2 universal load drifted 3.5e-5 from the
+    uninterrupted run at the second step after the resume): refused, saying what to do."""
+    job = _job(data, zero_stage=3)
+    job.train = job.train.replace(max_steps=2, checkpoint_every=1)
+    run(job, 1, tmp_path / "one", port=29641)
+    checkpoint = tmp_path / "one" / "checkpoints" / f"step-{1:08d}"
+    with pytest.raises(Exception, match="under zero_stage 3 a stage resumes only on its own"):
+        run(job, 2, tmp_path / "resumed", resume=checkpoint, port=29642)
