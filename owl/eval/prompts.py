@@ -6,9 +6,11 @@ shapes benchmarks use). Every row says where its text and budget come from; rows
 from the authors say why. docs/benchmarks.md prints this table.
 
 The user text is wrapped by `owl.data.templates` through `encode_prompt`, the template the model
-was trained with, and ends with `PROMPT_END`, so "USER: <|image|>{q} Answer the question using a
-single word or phrase. ASSISTANT: " (owl2) comes out token for token as the authors' scripts
-tokenize it (tests/unit/test_prompt_tokens.py). Decoding is greedy.
+was trained with, and, under a SentencePiece-style tokenizer (the authors'), ends with `PROMPT_END`,
+so "USER: <|image|>{q} Answer the question using a single word or phrase. ASSISTANT: " (owl2)
+comes out token for token as the authors' scripts tokenize it (tests/unit/test_prompt_tokens.py);
+under any other tokenizer (the demo's byte-level BPE) it ends as the training template does
+(`prompt_end`). Decoding is greedy.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ YES_NO_INSTRUCTION = "Please answer yes or no."
 # with "AI: "): the trailing space becomes one more token ("▁" under LLaMA's tokenizer) before the
 # reply. Chat (`owl chat`) ends at "ASSISTANT:" as the authors' own chat code does.
 PROMPT_END = " "
+
+
+def prompt_end(tokenizer: PreTrainedTokenizerBase) -> str:
+    """PROMPT_END for a SentencePiece-style tokenizer (words start with "▁": the authors' LLaMA
+    tokenizer and its kin), whose ids then equal the authors' scripts' token for token; "" for
+    any other kind (a byte-level BPE such as the demo's). There a lone space before the reply is
+    a token the model never saw in training (its replies' first word carries the space), and
+    appending it collapsed the demo's held-out VQA from 0.94 to 0.20: the prompt ends as the
+    training template does."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a b", add_special_tokens=False))
+    return PROMPT_END if any(p.startswith("\u2581") for p in pieces) else ""
+
 
 OWL2_EVAL = "X-PLUG/mPLUG-Owl: mPLUG-Owl2/mplug_owl2/evaluate/"
 OWL1_NOTE = "Owl1: same text in Owl1's template (the Owl1 release has no benchmark scripts)"
@@ -208,5 +222,5 @@ def prompt_ids(
         prompt_turns(record, placeholder, options, num_frames),
         variant=variant,
         num_visual_tokens=num_visual_tokens,
-        end=PROMPT_END,
+        end=prompt_end(tokenizer),
     )
