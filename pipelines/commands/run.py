@@ -394,6 +394,7 @@ def _enable_token_auth_if_configured() -> None:
 @contextlib.contextmanager
 def ray_errors(address: str, submission_id: str = "") -> Iterator[None]:
     """Ray Job Submission failures as one-line user errors that say what to check."""
+    import requests
     from ray.exceptions import AuthenticationError
 
     try:
@@ -409,7 +410,14 @@ def ray_errors(address: str, submission_id: str = "") -> Iterator[None]:
             f"the Ray cluster at {address} requires a token and none was sent: set "
             "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it (infra/README.md)"
         ) from None
-    except ConnectionError as exc:
+    except requests.exceptions.InvalidJSONError as exc:  # something else answers there
+        raise UserError(
+            f"{address} answered, but not as a Ray dashboard does ({_first_line(exc)}): is this "
+            "the cluster's dashboard address (http://HEAD:8265)?"
+        ) from None
+    # The client turns a refused first request into the builtin ConnectionError; a dashboard
+    # lost later (between list and submit, while --wait polls) raises requests' own errors.
+    except (ConnectionError, requests.exceptions.RequestException) as exc:
         raise UserError(
             f"cannot reach the Ray dashboard at {address} ({_first_line(exc)}): is the cluster "
             "up, and is this its dashboard address (http://HEAD:8265)?"

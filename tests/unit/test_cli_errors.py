@@ -5,10 +5,13 @@ site-packages)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,46 @@ def test_user_errors_are_one_line(tmp_path, finished_job, owl_here):
     assert "RAY_AUTH_TOKEN_PATH" in one_error_line(missing_token)
     # The real entry point, in a fresh interpreter: the same one line.
     assert "no such job file" in one_error_line(owl_here(["status", str(tmp_path / "nope.yaml")]))
+
+
+class _Dashboard(http.server.BaseHTTPRequestHandler):
+    """Answers Ray's version check, then drops every other request (a dashboard going away after
+    the client connected), or with `not_ray` answers a web page (something else at the address)."""
+
+    not_ray = False
+
+    def do_GET(self) -> None:
+        body = b"<html>sign in</html>" if self.not_ray else b'{"ray_version": "2.60.0"}'
+        if self.path.startswith("/api/version"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("not_ray", [False, True])
+def test_submit_to_a_lost_or_wrong_dashboard_is_one_line(finished_job, owl_here, not_ray):
+    handler = type("Handler", (_Dashboard,), {"not_ray": not_ray})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        job = str(finished_job / "job.yaml")
+        for args in (["submit", job], ["logs", "owl-x"], ["stop", "owl-x"]):
+            line = one_error_line(owl_here([*args, "--address", address], cwd=finished_job))
+            expected = "not as a Ray dashboard" if not_ray else "cannot reach the Ray dashboard"
+            assert expected in line and "(http://HEAD:8265)?" in line, (args, line)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 _TABLE = "tests.integration.fake_steps:TABLE"
