@@ -114,7 +114,7 @@ STEPS: dict[str, StepSpec] = {
         StepSpec(
             "download",
             "pipelines.steps.download",
-            "2",  # 2: images decoded and normalised, URLs percent-encoded, total deadline
+            "3",  # 2: images decoded and normalised, total deadline; 3: URLs kept as given
             {"shapes": Role("shapes", False)},
             resumable=True,
         ),

@@ -4,10 +4,12 @@
 a ValueError naming the file and the column), then yields normalised Arrow tables with the columns
 `url`, `caption` and the kept extra columns (scores such as `similarity`, `punsafe`, `pwatermark`).
 Rows without a URL are counted, not yielded. A URL list (a file or a folder of files) may be
-an object-store URI (`s3://bucket/urls/`, see `owl.data.uri`), read directly. URLs are
-percent-encoded (spaces, non-ASCII characters; an internationalised host name in IDNA), so that
-urllib fetches what was meant. Text that is not UTF-8, or a URL column that does not hold text,
-is a ValueError naming the file, the column and the first bad row: a retry cannot fix it.
+an object-store URI (`s3://bucket/urls/`, see `owl.data.uri`), read directly. URLs are kept
+exactly as the list has them (spaces, non-ASCII characters, surrounding blanks), so that every
+output row's `url` joins back to its input row; `fetch_url` is what the downloader asks for
+(trimmed, percent-encoded, an internationalised host name in IDNA). Text that is not UTF-8, or a
+URL column that does not hold text, is a ValueError naming the file, the column and the first
+bad row: a retry cannot fix it.
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ _SAFE_PATH = "/%:@!$&'()*+,;=~-._"
 _SAFE_QUERY = _SAFE_PATH + "?"
 
 
+def fetch_url(url: str) -> str:
+    """The URL to request for a URL list's `url` as given: without surrounding blanks, encoded."""
+    return encode_url(url.strip())
+
+
 def encode_url(url: str) -> str:
     """`url` with spaces and non-ASCII characters percent-encoded (UTF-8) and a non-ASCII host
     name in IDNA; a URL that needs neither is returned unchanged."""
@@ -214,17 +221,13 @@ def normalise(
     table: pa.Table, spec: UrlListSpec, extras: list[str], file: str = "URL list"
 ) -> tuple[pa.Table, int]:
     """(table with url, caption, extras; number of rows dropped for a missing URL)."""
-    url = pc.utf8_trim_whitespace(_text_column(table, spec.url_col, "url_col", file))
-    needs_encoding = pc.or_(pc.invert(pc.string_is_ascii(url)), pc.match_substring(url, " "))
-    if pc.any(needs_encoding).as_py():
-        urls = [encode_url(u) if u else u for u in url.to_pylist()]
-        url = pa.chunked_array([pa.array(urls, pa.string())])
+    url = _text_column(table, spec.url_col, "url_col", file)  # as given (encoded when fetched)
     caption = pc.fill_null(_text_column(table, spec.caption_col, "caption_col", file), "")
     columns = {"url": url, "caption": caption}
     for name in extras:
         columns[f"source_{name}" if name in RESERVED_COLUMNS else name] = table.column(name)
     out = pa.table(columns)
-    has_url = pc.fill_null(pc.greater(pc.utf8_length(url), 0), False)
+    has_url = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(url)), 0), False)
     kept = out.filter(has_url)
     return kept, out.num_rows - kept.num_rows
 

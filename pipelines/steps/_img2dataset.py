@@ -9,6 +9,8 @@
   download thread for as long as it likes. The same opener reads image URLs of the schemes
   urllib has no handler for (`s3://`, `gs://`, `hdfs://`, any fsspec protocol) through
   `owl.data.uri`, where img2dataset's urllib call would refuse them as an unknown URL type.
+  The opener requests `owl.data.url_lists.fetch_url(url)` (percent-encoded): the URL list's `url`
+  stays as given in every output.
 
 In its own module so that `pipelines.steps.download` imports (for its `Config`) without
 img2dataset, while the class still pickles by reference into download processes and Ray tasks.
@@ -37,6 +39,7 @@ from img2dataset.resizer import Resizer  # noqa: E402
 
 from owl.data import uri  # noqa: E402
 from owl.data.image import ImageProblem, checked_image_bytes  # noqa: E402
+from owl.data.url_lists import fetch_url  # noqa: E402
 
 
 class CheckedResizer(Resizer):
@@ -128,7 +131,7 @@ class _ObjectStoreHandler(urllib.request.BaseHandler):
     """Image URLs whose scheme urllib has no handler for, read through `owl.data.uri` (pyarrow's
     S3/GCS/HDFS filesystems, else fsspec's), whole, within the same total deadline (checked
     between 1 MiB reads). Like `file://` URLs they are URLs: percent-escapes in them are decoded
-    (the URL list's normalisation writes a space in a key as `%20`). A scheme no filesystem knows
+    (`_EncodingOpener` requests a space in a key as `%20`). A scheme no filesystem knows
     falls through to urllib's "unknown url type" (download.bad_url); a missing object is
     download.file_not_found."""
 
@@ -160,6 +163,20 @@ class _ObjectStoreHandler(urllib.request.BaseHandler):
         return urllib.response.addinfourl(body, email.message.Message(), req.full_url, 200)
 
 
+class _EncodingOpener:
+    """urllib's opener for img2dataset's `urlopen(Request(url))`, asking for `fetch_url(url)`:
+    http.client refuses a space and cannot send non-ASCII, while the row keeps `url` as given."""
+
+    def __init__(self, opener: urllib.request.OpenerDirector) -> None:
+        self.opener = opener
+
+    def open(self, request: urllib.request.Request | str, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(request, str):
+            request = urllib.request.Request(request)
+        request.full_url = fetch_url(request.full_url)
+        return self.opener.open(request, *args, **kwargs)
+
+
 class DeadlineDownloader(Downloader):
     """img2dataset's Downloader; each URL's fetch must finish within `timeout` seconds in total;
     object-store image URLs (`s3://...`) are read too (`_ObjectStoreHandler`).
@@ -168,11 +185,10 @@ class DeadlineDownloader(Downloader):
     urllib's process-wide default opener, through its public `install_opener`."""
 
     def __call__(self, row):  # noqa: ANN001, ANN204 (img2dataset's API)
-        urllib.request.install_opener(
-            urllib.request.build_opener(
-                _DeadlineHTTPHandler(self.timeout),
-                _DeadlineHTTPSHandler(self.timeout),
-                _ObjectStoreHandler(self.timeout),
-            )
+        opener = urllib.request.build_opener(
+            _DeadlineHTTPHandler(self.timeout),
+            _DeadlineHTTPSHandler(self.timeout),
+            _ObjectStoreHandler(self.timeout),
         )
+        urllib.request.install_opener(_EncodingOpener(opener))  # type: ignore[arg-type]
         return super().__call__(row)

@@ -73,7 +73,7 @@ ROUTES = {
     "/cmyk.jpg": bad_images.cmyk_jpeg(),
     "/exif.jpg": bad_images.sideways_jpeg(),
     "/trailing.jpg": bad_images.trailing_bytes_jpeg(),
-    # Fetched only if the URL list's spaces / non-ASCII characters are percent-encoded.
+    # Fetched only if the request percent-encodes the URL list's spaces / non-ASCII characters.
     "/with space.png": _png((0, 0, 250), noise_seed=11),
     "/caf\u00e9 \u6771.png": _png((250, 250, 0), noise_seed=12),
 }
@@ -254,7 +254,7 @@ def test_download_counts_every_failure_by_reason(steps):
 
 
 def test_filter_counts_every_rule_and_dedups_across_shards(steps):
-    _, _, data, filtered = steps
+    _, url_list, data, filtered = steps
     manifest = filtered.manifest
     assert manifest.dropped == FILTER_DROPS
     table = pa.concat_tables(pq.read_table(filtered.dir / f.path) for f in manifest.files)
@@ -270,7 +270,10 @@ def test_filter_counts_every_rule_and_dedups_across_shards(steps):
     ]
     assert table.num_rows == data.manifest.stats["num_images"] - sum(FILTER_DROPS.values())
     assert manifest.stats["num_out"] == table.num_rows
-    rows = {urllib.parse.unquote(r["url"].rsplit("/", 1)[1]): r for r in table.to_pylist()}
+    # Each row's url is its URL list row's, as given (not percent-encoded): they join back.
+    given = set(pq.read_table(url_list).column("url").to_pylist())
+    assert set(table.column("url").to_pylist()) <= given
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(
         ["changing.png", "good0.png", "good1.png", "good5.png", "local.png", "trailing.jpg"]
         + list(EXPECTED_COLOURS)

@@ -154,7 +154,7 @@ def test_download_step_reads_its_url_list_and_images_from_s3(s3, tmp_path) -> No
     import tarfile
 
     _put(s3, "img/0.png", _png(10))
-    _put(s3, "img/a b.png", _png(60))  # written `s3://owl/img/a%20b.png` by the normalisation
+    _put(s3, "img/a b.png", _png(60))  # requested as `s3://owl/img/a%20b.png`
     archive = tmp_path / "images.tar"
     with tarfile.open(archive, "w") as tar:
         info = tarfile.TarInfo("img/2.png")

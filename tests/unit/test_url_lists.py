@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, read_url_list
+from owl.data.url_lists import PRESETS, UrlListSpec, check_url_list, fetch_url, read_url_list
 
 ROWS = [
     {"URL": "http://a/1.jpg", "TEXT": "a cat", "similarity": 0.3, "width": 10},
@@ -91,3 +91,26 @@ def test_unreadable_or_absent_file_is_a_value_error(tmp_path):
         check_url_list(str(tmp_path), UrlListSpec("jsonl"))
     with pytest.raises(ValueError, match="input_format='xml'"):
         UrlListSpec("xml")
+
+
+def test_urls_are_kept_as_given_and_fetched_encoded(tmp_path):
+    """A URL's spaces, non-ASCII characters and surrounding blanks stay in `url` (every output
+    row joins back to its input row); only the request is encoded."""
+    given = [
+        "http://a/with space.jpg",
+        "http://a/caf\u00e9 \u00fc.jpg?q=\u00fc",
+        " http://a/padded.jpg\t",
+        "http://b\u00fccher.example/x.jpg",
+        "http://a/already%20encoded.jpg",
+    ]
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": given, "caption": ["c"] * len(given)}), path)
+    [(_, table, missing)] = list(read_url_list(str(path), UrlListSpec("parquet")))
+    assert missing == 0 and table.column("url").to_pylist() == given
+    assert [fetch_url(u) for u in given] == [
+        "http://a/with%20space.jpg",
+        "http://a/caf%C3%A9%20%C3%BC.jpg?q=%C3%BC",
+        "http://a/padded.jpg",
+        "http://xn--bcher-kva.example/x.jpg",
+        "http://a/already%20encoded.jpg",
+    ]
