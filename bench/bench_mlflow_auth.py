@@ -102,13 +102,13 @@ def measure(kind: str, repeats: int, counter: RequestCounter) -> dict:
     os.environ.update(credentials)
     try:
         job = parse_job(fake_job(f"bench-{kind}", tmp / "storage", mlflow_uri=uri), TABLE)
-        first = Runner(job, Reporter(quiet=True), table=TABLE).run()
+        first = Runner(job, Reporter(quiet=True)).run()
         assert first.ok, first.error
         times, requests_per_run = [], []
         for _ in range(repeats):
             before = counter.count
             started = time.perf_counter()
-            result = Runner(job, Reporter(quiet=True), table=TABLE).run()
+            result = Runner(job, Reporter(quiet=True)).run()
             times.append(time.perf_counter() - started)
             requests_per_run.append(counter.count - before)
             assert {s.state for s in result.steps} == {"cached"}

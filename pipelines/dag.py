@@ -10,6 +10,7 @@ Train or DeepSpeed being importable.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Iterable
@@ -189,6 +190,11 @@ STEPS: dict[str, StepSpec] = {
     ]
 }
 
+# Step kinds a job may run more than once: a section of another name with `kind: <step>` is one
+# more step of that kind, with the kind's inputs, keyed and recorded under its own name (e.g. a
+# second instruction source, `tokenize_text: {kind: tokenize_instructions, sources: [...]}`). No
+# step reads it by role: a training stage draws it through its `mix` (pipelines/jobspec.py).
+REPEATABLE_KINDS = ("tokenize_captions", "tokenize_instructions")
 # A training stage's extra input roles: one per step of the job its `mix` names
 # (`mix:tokenize_captions`), added to the stage's spec when the job is parsed (pipelines/jobspec.py).
 MIX_ROLE = "mix:"
@@ -209,6 +215,19 @@ def active_table() -> dict[str, StepSpec]:
         return getattr(importlib.import_module(module), attr or "STEPS")
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"OWL_STEPS_TABLE={ref!r}: cannot load it ({exc})") from exc
+
+
+def with_instances(table: dict[str, StepSpec], instances: dict[str, str]) -> dict[str, StepSpec]:
+    """`table` with one more step per `instances` entry (name -> kind): the kind's spec under that
+    name, placed after the kind (and after earlier instances of it), so the table stays a
+    topological order."""
+    out: dict[str, StepSpec] = {}
+    for name, spec in table.items():
+        out[name] = spec
+        for instance, kind in instances.items():
+            if kind == name:
+                out[instance] = dataclasses.replace(spec, name=instance)
+    return out
 
 
 def order(names: set[str] | list[str], table: dict[str, StepSpec] | None = None) -> list[str]:

@@ -13,7 +13,9 @@ download:                     # one section per step; fields of that step module
   resources: {num_workers: 4, cpus_per_worker: 1}
   retry: {max_retries: 3, backoff_s: 10}
 ```
-A step runs when its section is present (`shapes: {}` runs it with defaults). Errors name the field
+A step runs when its section is present (`shapes: {}` runs it with defaults). A section of
+another name with `kind:` is one more step of that kind (`tokenize_text: {kind:
+tokenize_instructions, sources: [...]}`: a second instruction source, drawn by a stage's `mix`). Errors name the field
 path (`stage1.lr: expected float, got str 'abc'`). `--set path=value` overrides any field before
 validation; the value is parsed as YAML (`--set stage1.max_steps=10 --set model.variant=owl1`).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +33,20 @@ import yaml
 
 from owl.configs import build_dataclass, coerce
 from owl.model.config import OwlConfig
-from pipelines.dag import MIX_ROLE, Role, StepSpec, active_table
+from pipelines.dag import (
+    MIX_ROLE,
+    REPEATABLE_KINDS,
+    Role,
+    StepSpec,
+    active_table,
+    with_instances,
+)
 from pipelines.step import Resources
 
 TOP_LEVEL_FIELDS = ("name", "storage", "mlflow_uri", "ray_address", "seed", "model")
-STEP_RESERVED = ("resources", "retry", "allow_empty")
+# `kind` makes a section of another name one more step of that kind (pipelines/dag.py).
+STEP_RESERVED = ("resources", "retry", "allow_empty", "kind")
+STEP_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Steps whose Config has these fields size themselves; their `resources` come from there.
 RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 # Storage URIs other than local paths need a POSIX mount today (locks, renames, resumable dirs).
@@ -183,10 +195,7 @@ def yaml_error(exc: yaml.YAMLError) -> str:
 def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> JobSpec:
     """Validate a raw job dict against the step table and the step modules' `Config` classes."""
     table = active_table() if table is None else table
-    allowed = list(TOP_LEVEL_FIELDS) + list(table)
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown job field(s) {unknown}; allowed: {allowed}")
+    table = with_instances(table, _instances(raw, table))
     name = coerce(raw.get("name", ""), str, "name")
     if not name:
         raise ValueError("name: required, a short job name (used for the MLflow experiment)")
@@ -217,6 +226,41 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
         steps=steps,
         raw=raw,
     )
+
+
+def _instances(raw: dict[str, Any], table: dict[str, StepSpec]) -> dict[str, str]:
+    """The job's steps of its own name: {name: kind} for every section that is no top-level field
+    and no step of the table, each with `kind:` naming a step kind a job may repeat."""
+    unknown = [k for k in raw if k not in TOP_LEVEL_FIELDS and k not in table]
+    untyped = sorted(k for k in unknown if not isinstance(raw[k], dict) or "kind" not in raw[k])
+    if untyped:
+        allowed = list(TOP_LEVEL_FIELDS) + list(table)
+        raise ValueError(
+            f"unknown job field(s) {untyped}; allowed: {allowed}, or a step of your own name "
+            f"with `kind:` one of {list(REPEATABLE_KINDS)} (e.g. a second instruction source)"
+        )
+    for name in table:
+        section = raw.get(name)
+        if isinstance(section, dict) and section.get("kind", name) != name:
+            raise ValueError(
+                f"{name}.kind: {section['kind']!r}; a step named after a kind is that kind: give "
+                "another step of a kind a name of its own"
+            )
+    instances = {}
+    for name in unknown:
+        kind = raw[name]["kind"]
+        if kind not in REPEATABLE_KINDS or kind not in table:
+            kinds = [k for k in REPEATABLE_KINDS if k in table]
+            raise ValueError(
+                f"{name}.kind: {kind!r} is not a step a job may repeat; one of {kinds}"
+            )
+        if not STEP_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name}: a step's name is lower-case letters, digits and _, starting with a "
+                "letter (it names the step's folder and its `mix` key)"
+            )
+        instances[name] = kind
+    return instances
 
 
 def parse_storage(value: str) -> Path:

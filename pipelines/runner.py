@@ -37,9 +37,7 @@ from pipelines.dag import (
     METRICS_FROM,
     REGISTER_FROM,
     StepSpec,
-    active_table,
     downstream,
-    order,
     upstream_of,
 )
 from pipelines.errors import error_summary
@@ -205,9 +203,9 @@ def step_key(
     return cache.cache_key(name, section.spec.version, config, model, digests, files)
 
 
-def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) -> list[str]:
+def select_steps(job: JobSpec, until: str | None) -> list[str]:
     """The job's steps, or with `until` that step and everything it depends on."""
-    present = order(job.steps, table)
+    present = list(job.steps)  # in DAG order, the job's own steps of a repeated kind included
     if until is None:
         return present
     if until not in job.steps:
@@ -216,10 +214,10 @@ def select_steps(job: JobSpec, until: str | None, table: dict[str, StepSpec]) ->
     for name in reversed(present):
         if name in needed:
             needed.update(upstream_of(job.steps[name].spec, job.steps).values())
-    return order(needed, table)
+    return [name for name in present if name in needed]
 
 
-def forced_steps(job: JobSpec, force: list[str], table: dict[str, StepSpec]) -> set[str]:
+def forced_steps(job: JobSpec, force: list[str]) -> set[str]:
     forced: set[str] = set()
     for name in force:
         if name not in job.steps:
@@ -227,7 +225,7 @@ def forced_steps(job: JobSpec, force: list[str], table: dict[str, StepSpec]) -> 
                 f"--force {name}: not a step of this job; its steps are {list(job.steps)}"
             )
         # The job's own specs: a stage's roles include the steps its `mix` names.
-        specs = {step: job.steps[step].spec for step in order(job.steps, table)}
+        specs = {step: section.spec for step, section in job.steps.items()}
         forced.update(downstream(name, list(job.steps), specs))
     return forced
 
@@ -252,16 +250,14 @@ def plan(
     job: JobSpec,
     force: list[str] | None = None,
     until: str | None = None,
-    table: dict[str, StepSpec] | None = None,
     estimate_memory: bool = True,
 ) -> list[PlannedStep]:
     """What `owl run` would do now: keys that can be known, which outputs are cached."""
-    table = active_table() if table is None else table
-    forced = forced_steps(job, force or [], table)
+    forced = forced_steps(job, force or [])
     manifests: dict[str, Manifest | None] = {}
     planned = []
-    names = select_steps(job, until, table)
-    check_environment(job, names, table)
+    names = select_steps(job, until)
+    check_environment(job, names)
     for name in names:
         section = job.steps[name]
         ups = upstream_of(section.spec, job.steps)
@@ -303,20 +299,20 @@ def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
     return memory
 
 
-def check_environment(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
+def check_environment(job: JobSpec, names: list[str]) -> None:
     """ValueError (one line) when this machine cannot run a selected step as configured: each
     step module may define `check_environment(config)` (e.g. evaluate: Java for captions)."""
     for name in names:
-        check = getattr(table[name].load_module(), "check_environment", None)
+        check = getattr(job.steps[name].spec.load_module(), "check_environment", None)
         if check is not None:
             check(job.steps[name].config)
 
 
-def check_memory(job: JobSpec, names: list[str], table: dict[str, StepSpec]) -> None:
+def check_memory(job: JobSpec, names: list[str]) -> None:
     """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib` (the plan
     is computed only for steps that set one)."""
     for name in names:
-        if table[name].trains and job.steps[name].config.gpu_memory_gib > 0:
+        if job.steps[name].spec.trains and job.steps[name].config.gpu_memory_gib > 0:
             memory_plan(job, name)
 
 
@@ -350,20 +346,19 @@ class RunResult:
 
 
 class Runner:
-    """Runs one execution of a job. `lineage` and `table` are injectable for tests."""
+    """Runs one execution of a job (its steps as the job was parsed: `parse_job(raw, table)` takes
+    a custom step table). `lineage` is injectable for tests."""
 
     def __init__(
         self,
         job: JobSpec,
         reporter: Reporter | None = None,
         lineage: LineageSink | None = None,
-        table: dict[str, StepSpec] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.job = job
         self.reporter = reporter or Reporter()
         self.lineage = lineage
-        self.table = active_table() if table is None else table
         self.sleep = sleep
         self.execution = ExecutionRecord(cache.new_execution_id(), job.name, "running", time.time())
         self.manifests: dict[str, Manifest] = {}
@@ -381,10 +376,10 @@ class Runner:
     def run(
         self, force: list[str] | None = None, until: str | None = None, verify: bool = False
     ) -> RunResult:
-        names = select_steps(self.job, until, self.table)
-        forced = forced_steps(self.job, force or [], self.table)
-        check_memory(self.job, names, self.table)  # before anything starts
-        check_environment(self.job, names, self.table)
+        names = select_steps(self.job, until)
+        forced = forced_steps(self.job, force or [])
+        check_memory(self.job, names)  # before anything starts
+        check_environment(self.job, names)
         check_inputs(self.job, names)
         self._read_by_computing = self._inputs_of_computing_steps(force, until)
         if self.lineage is None:
@@ -460,7 +455,7 @@ class Runner:
         """Steps whose committed output a step that computes in this run will read. Their hit
         checks every file's sha256, not only its size: a same-size corruption of a cached shard
         is caught before anything is computed from it (a fully cached re-run hashes nothing)."""
-        planned = plan(self.job, force, until, self.table, estimate_memory=False)
+        planned = plan(self.job, force, until, estimate_memory=False)
         computing = [p.name for p in planned if not p.cached]
         return {
             up
@@ -559,7 +554,7 @@ class Runner:
                 if manifest is None:
                     # --force starts a resumable step over instead of resuming it, in a folder
                     # beside the old output, which stays until the new one commits.
-                    keep = self.table[name].resumable and not forced
+                    keep = self.job.steps[name].spec.resumable and not forced
                     build_dir = out_dir
                     if forced and out_dir.exists():
                         build_dir = out_dir.with_name(f"{key}.force-{self.execution.execution_id}")
@@ -894,7 +889,7 @@ def _mixture(config: Any) -> dict[str, float]:
     return mixture_weights(getattr(config, "mix", None) or {}, getattr(config, "data_weight", 1.0))
 
 
-def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[str, Any]:
+def job_status(job: JobSpec) -> dict[str, Any]:
     """Per step of the job's current plan: state, duration, key, MLflow run id (from the newest
     record with that key); the newest registered model and evaluation metrics."""
     executions = cache.read_executions(job.storage, job.name)
@@ -903,7 +898,7 @@ def job_status(job: JobSpec, table: dict[str, StepSpec] | None = None) -> dict[s
         for record in cache.read_step_records(job.storage, execution.execution_id):
             latest[(record.step, record.key)] = record
     steps = []
-    for planned in plan(job, table=table, estimate_memory=False):
+    for planned in plan(job, estimate_memory=False):
         record = latest.get((planned.name, planned.key or ""))
         state = record.state if record else ("done" if planned.cached else "pending")
         if planned.cached and state in ("running", "failed", "interrupted"):

@@ -87,7 +87,6 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.dag import active_table
     from pipelines.runner import (
         Runner,
         check_environment,
@@ -103,9 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             planned = [p.to_dict() for p in plan(job, args.force, args.until)]
             _show_plan(job, planned, args.json)
             return 0
-        forced_steps(job, args.force, active_table())  # bad --force / --until: before any log
-        names = select_steps(job, args.until, active_table())
-        check_environment(job, names, active_table())  # e.g. Java for caption benchmarks
+        forced_steps(job, args.force)  # bad --force / --until: before any log
+        names = select_steps(job, args.until)
+        check_environment(job, names)  # e.g. Java for caption benchmarks
         check_inputs(job, names)  # before Ray starts
     except ValueError as exc:
         return _fail(str(exc))

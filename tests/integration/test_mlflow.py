@@ -77,7 +77,7 @@ def mlflow_server(tmp_path_factory):
 
 def run_job(uri: str, storage: Path):
     job = parse_job(fake_job("lineage-fake", storage, mlflow_uri=uri), TABLE)
-    return Runner(job, Reporter(quiet=True), table=TABLE).run()
+    return Runner(job, Reporter(quiet=True)).run()
 
 
 def test_lineage_is_recorded_and_auditable(mlflow_server, tmp_path, capfd):

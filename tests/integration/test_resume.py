@@ -79,7 +79,7 @@ def test_killed_driver_resumes_without_recomputing(tmp_path):
 
     # Same outputs as a run that was never interrupted.
     clean = parse_job(job_raw(tmp_path / "clean"), TABLE)
-    reference = Runner(clean, Reporter(quiet=True), NullLineage(), TABLE).run()
+    reference = Runner(clean, Reporter(quiet=True), NullLineage()).run()
     assert [s["key"] for s in result["steps"]] == [s.key for s in reference.steps]
     for step in ("stage1", "evaluate"):
         resumed = Manifest.read(storage / "steps" / step / records[step].key)

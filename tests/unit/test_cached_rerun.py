@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by m
 
 from owl.data.manifest import FileEntry, Manifest  # noqa: E402
 from pipelines import cache  # noqa: E402
-from pipelines.dag import STEPS, upstream_of  # noqa: E402
+from pipelines.dag import upstream_of  # noqa: E402
 from pipelines.jobspec import load_job, parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
 from pipelines.runner import Runner, select_steps, step_key  # noqa: E402
@@ -54,7 +54,7 @@ def _fake_committed_outputs(job) -> dict[str, Manifest]:
     """A committed output under the real key of every step of `job`, as a finished first run
     leaves them (one small file each): the next `owl run` finds every step cached."""
     manifests: dict[str, Manifest] = {}
-    for name in select_steps(job, None, STEPS):
+    for name in select_steps(job, None):
         spec = job.steps[name].spec
         ups = upstream_of(spec, job.steps)
         key = step_key(job, name, {role: manifests[up].digest for role, up in ups.items()})
@@ -115,8 +115,8 @@ def test_cached_rerun_of_the_demo_job_starts_no_ray_and_imports_no_torch(tmp_pat
 
 def test_a_hit_run_points_at_the_run_that_computed_the_output(tmp_path):
     job = parse_job(fake_job("hits", tmp_path), TABLE)
-    first = Runner(job, Reporter(quiet=True), table=TABLE).run()
-    second = Runner(job, Reporter(quiet=True), table=TABLE).run()
+    first = Runner(job, Reporter(quiet=True)).run()
+    second = Runner(job, Reporter(quiet=True)).run()
     assert first.ok and second.ok
     assert {s.state for s in first.steps} == {"done"} and {s.state for s in second.steps} == {
         "cached"

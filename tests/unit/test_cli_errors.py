@@ -81,7 +81,7 @@ def finished_job(tmp_path_factory):
     os.chdir(folder)
     try:
         job = parse_job(yaml.safe_load((folder / "job.yaml").read_text()), TABLE)
-        assert Runner(job, Reporter(quiet=True), table=TABLE).run().ok
+        assert Runner(job, Reporter(quiet=True)).run().ok
     finally:
         os.chdir(cwd)
     return folder
@@ -199,7 +199,7 @@ def test_chat_finds_the_tokenizer_of_a_training_step_folder(tmp_path):
 
 def test_the_runner_records_each_outputs_inputs(tmp_path):
     job = parse_job(fake_job("inputs", tmp_path), TABLE)
-    result = Runner(job, Reporter(quiet=True), table=TABLE).run()
+    result = Runner(job, Reporter(quiet=True)).run()
     keys = {s.step: s.key for s in result.steps}
     manifest = json.loads(
         (tmp_path / "steps" / "stage1" / keys["stage1"] / "manifest.json").read_text()

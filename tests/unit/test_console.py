@@ -32,7 +32,7 @@ def two_stage(storage: Path, **extra) -> dict:
 
 def run(raw: dict, until: str | None = None):
     job = parse_job(raw, TWO_STAGE_TABLE)
-    return job, Runner(job, Reporter(quiet=True), table=TWO_STAGE_TABLE).run(until=until)
+    return job, Runner(job, Reporter(quiet=True)).run(until=until)
 
 
 def test_only_the_jobs_final_model_moves_current(tmp_path, monkeypatch):
@@ -69,16 +69,16 @@ def test_tracking_uri_from_the_environment_wins_over_the_default(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     job = parse_job(two_stage(tmp_path / "storage"), TWO_STAGE_TABLE)
     assert job.mlflow_uri == f"sqlite:///{store}"
-    status = job_status(job, TWO_STAGE_TABLE)
+    status = job_status(job)
     assert status["mlflow_uri"] == f"sqlite:///{store}"
     assert status["mlflow_uri_from"] == "MLFLOW_TRACKING_URI"
     explicit = parse_job(two_stage(tmp_path, mlflow_uri="http://example:5000"), TWO_STAGE_TABLE)
     assert explicit.mlflow_uri == "http://example:5000"  # the job file's own still wins
-    assert job_status(explicit, TWO_STAGE_TABLE)["mlflow_uri_from"] == "job file"
+    assert job_status(explicit)["mlflow_uri_from"] == "job file"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     default = parse_job(two_stage(tmp_path / "storage"), TWO_STAGE_TABLE)
     assert default.mlflow_uri.endswith("/storage/mlflow.db")
-    assert job_status(default, TWO_STAGE_TABLE)["mlflow_uri_from"].startswith("default SQLite")
+    assert job_status(default)["mlflow_uri_from"].startswith("default SQLite")
 
 
 def test_captured_output_sends_fds_to_the_log_and_yields_the_terminal(tmp_path, capfd):

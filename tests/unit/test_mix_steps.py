@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_packing, as the
 from test_packing import mixed_samples, write_shards  # noqa: E402
 
 from owl.train.config import TrainConfig  # noqa: E402
-from pipelines.dag import STEPS, upstream_of  # noqa: E402
+from pipelines.dag import upstream_of  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.runner import forced_steps, select_steps, step_key  # noqa: E402
 from pipelines.step import StepInput  # noqa: E402
@@ -48,10 +48,10 @@ def test_force_and_until_follow_the_mix(tmp_path):
     """Stage 1 does not read tokenize_instructions, unless its mix names it."""
     plain = parse_job(demo(tmp_path))
     mixed = parse_job(demo(tmp_path, {"tokenize_instructions": 0.1}, stage="stage1"))
-    assert "stage1" in forced_steps(mixed, ["tokenize_instructions"], STEPS)
-    assert "stage1" not in forced_steps(plain, ["tokenize_instructions"], STEPS)
-    assert "tokenize_instructions" in select_steps(mixed, "stage1", STEPS)
-    assert "tokenize_instructions" not in select_steps(plain, "stage1", STEPS)
+    assert "stage1" in forced_steps(mixed, ["tokenize_instructions"])
+    assert "stage1" not in forced_steps(plain, ["tokenize_instructions"])
+    assert "tokenize_instructions" in select_steps(mixed, "stage1")
+    assert "tokenize_instructions" not in select_steps(plain, "stage1")
 
 
 @pytest.mark.parametrize(
@@ -123,3 +123,68 @@ def test_owl_status_shows_the_mixture(tmp_path, capsys):
     assert steps["stage1"]["mixture"] == {}
     assert cli.main(["status", str(job_file), "--set", "stage2.data_weight=3"]) == 0
     assert "mixture stage2: data 3 (75%), tokenize_captions 1 (25%)" in capsys.readouterr().out
+
+
+def with_text_step(tmp_path: Path, **section) -> dict:
+    """The demo job with a second tokenize_instructions step, `tokenize_text`, over a text-only
+    Alpaca file of its own, drawn 1:3 with stage 2's `data` input."""
+    text = tmp_path / "text.json"
+    if not text.exists():
+        text.write_text(json.dumps([{"instruction": "Say red.", "input": "", "output": "red"}]))
+    raw = demo(tmp_path, {"tokenize_text": 1.0})
+    raw["stage2"]["data_weight"] = 3.0
+    raw["tokenize_text"] = {
+        "kind": "tokenize_instructions",
+        "max_length": 256,
+        "sources": [{"format": "alpaca", "path": str(text)}],
+        **section,
+    }
+    return raw
+
+
+def test_a_second_step_of_a_kind_runs_under_its_own_name(tmp_path):
+    from pipelines.runner import input_files
+
+    job = parse_job(with_text_step(tmp_path))
+    names = list(job.steps)
+    assert names.index("tokenize_text") == names.index("tokenize_instructions") + 1
+    text, instructions = job.steps["tokenize_text"], job.steps["tokenize_instructions"]
+    assert text.spec.roles == instructions.spec.roles  # the kind's inputs
+    assert text.spec.module == instructions.spec.module and text.config.max_length == 256
+    ups = upstream_of(job.steps["stage2"].spec, job.steps)
+    assert ups["mix:tokenize_text"] == "tokenize_text"
+    # Its key is its own (its name, its config, its files): an edit to its source moves it ...
+    digests = {"tokenizer": "t"}
+    before = step_key(job, "tokenize_text", digests)
+    assert before != step_key(job, "tokenize_instructions", digests)
+    (tmp_path / "text.json").write_text("[]")
+    assert step_key(job, "tokenize_text", digests) != before
+    assert any(path.endswith("text.json") for path in input_files(job, "tokenize_text"))
+    # ... and the stage's key follows either dataset's output digest.
+    base = {role: f"digest-of-{up}" for role, up in ups.items()}
+    key = step_key(job, "stage2", base, {})
+    for role in ("data", "mix:tokenize_text"):
+        assert step_key(job, "stage2", {**base, role: "edited"}, {}) != key
+    assert "tokenize_text" in select_steps(job, "stage2")
+    assert "stage2" in forced_steps(job, ["tokenize_text"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tokenize_text": {"max_length": 256}}, r"unknown job field\(s\) \['tokenize_text'\]"),
+        ({"tokenize_text": {"kind": "stage2"}}, r"tokenize_text.kind: 'stage2' is not a step a job"),
+        ({"Text-2": {"kind": "tokenize_instructions"}}, r"Text-2: a step's name is lower-case"),
+        ({"tokenize_captions": {"kind": "tokenize_instructions"}}, r"tokenize_captions.kind: "),
+        ({"tokenize_text": {"kind": "tokenize_instructions", "max_length": "long"}},
+         r"tokenize_text.max_length: expected int"),
+    ],
+)  # fmt: skip
+def test_a_second_step_of_a_kind_names_the_field_it_gets_wrong(tmp_path, change, message):
+    raw = with_text_step(tmp_path)
+    del raw["tokenize_text"]
+    raw["stage2"]["mix"] = {}
+    for name, section in change.items():
+        raw[name] = {**raw.get(name, {}), **section}
+    with pytest.raises(ValueError, match=message):
+        parse_job(raw)

@@ -31,7 +31,7 @@ def job_raw(storage: Path, **sections: dict) -> dict:
 def run(raw: dict, sleeps: list[float] | None = None, **kwargs):
     job = parse_job(raw, TABLE)
     sleep = sleeps.append if sleeps is not None else (lambda s: None)
-    runner = Runner(job, Reporter(quiet=True), NullLineage(), TABLE, sleep=sleep)
+    runner = Runner(job, Reporter(quiet=True), NullLineage(), sleep=sleep)
     return job, runner.run(**kwargs)
 
 
@@ -102,7 +102,7 @@ def test_until_runs_only_what_the_step_needs(tmp_path):
     _, result = run(job_raw(tmp_path), until="filter")
     assert states(result) == {"download": "done", "filter": "done"}
     assert result.registered_model == {}
-    planned = {p.name: p for p in plan(parse_job(job_raw(tmp_path), TABLE), table=TABLE)}
+    planned = {p.name: p for p in plan(parse_job(job_raw(tmp_path), TABLE))}
     assert planned["filter"].cached and not planned["stage1"].cached
     assert planned["evaluate"].key is None  # its input is not computed yet
 
@@ -168,13 +168,13 @@ def test_hit_checks_sizes_and_verify_checks_digests(tmp_path):
 def test_resumable_step_keeps_checkpoints_others_are_emptied(tmp_path):
     raw = job_raw(tmp_path)
     job, _ = run(raw, until="download")
-    filter_key = {p.name: p.key for p in plan(job, table=TABLE)}["filter"]
+    filter_key = {p.name: p.key for p in plan(job)}["filter"]
     stray = cache.step_dir(job.storage, "filter", filter_key) / "stray.txt"
     stray.parent.mkdir(parents=True)
     stray.write_text("from a dead attempt")
     run(raw, until="filter")
     assert not stray.exists()
-    train_key = {p.name: p.key for p in plan(job, table=TABLE)}["stage1"]
+    train_key = {p.name: p.key for p in plan(job)}["stage1"]
     checkpoints = cache.step_dir(job.storage, "stage1", train_key) / "checkpoints"
     checkpoints.mkdir(parents=True)
     for step in (0, 1):  # an earlier attempt died after two steps
@@ -201,12 +201,12 @@ def test_uncommitted_output_is_never_read(tmp_path):
 
 def test_status_reports_states_and_registered_model(tmp_path):
     job, result = run(job_raw(tmp_path))
-    status = job_status(job, TABLE)
+    status = job_status(job)
     assert [s["state"] for s in status["steps"]] == ["done"] * 4
     assert [s["key"] for s in status["steps"]] == [s.key for s in result.steps]
     assert status["metrics"] == {"accuracy": 3.0}
     run(job_raw(tmp_path))
-    assert [s["state"] for s in job_status(job, TABLE)["steps"]] == ["cached"] * 4
+    assert [s["state"] for s in job_status(job)["steps"]] == ["cached"] * 4
 
 
 def test_two_concurrent_runs_compute_each_step_once(tmp_path):
@@ -259,7 +259,6 @@ def test_rich_progress_shows_live_steps_and_a_summary_table(tmp_path):
             job,
             RichReporter(Console(file=screen, force_terminal=True, width=120)),
             NullLineage(),
-            TABLE,
         ).run()
         screens.append(screen.getvalue())
     assert "stage1" in screens[0] and "final_loss=0.3633" in screens[0]
@@ -318,10 +317,10 @@ def test_unreadable_manifest_is_absent_with_a_warning_and_never_blocks(tmp_path,
     manifest_path = cache.step_dir(job.storage, "filter", first.steps[1].key) / "manifest.json"
     for damage in ("", '{"step": "filter", "files": [{"pa'):
         manifest_path.write_text(damage)
-        planned = {p.name: p for p in plan(job, table=TABLE, estimate_memory=False)}
+        planned = {p.name: p for p in plan(job, estimate_memory=False)}
         assert not planned["filter"].cached
         assert str(manifest_path) in planned["filter"].problems[0]
-        status = job_status(job, TABLE)
+        status = job_status(job)
         assert status["steps"][1]["problems"] == planned["filter"].problems
         _, again = run(raw)
         assert again.ok, again.error
@@ -332,7 +331,7 @@ def test_unreadable_manifest_is_absent_with_a_warning_and_never_blocks(tmp_path,
     record = next((job.storage / "executions").glob("*/execution.json"))
     record.write_text('{"execution_id": ')
     next((job.storage / "executions").glob("*/steps/filter.json")).write_text("")
-    assert [s["step"] for s in job_status(job, TABLE)["steps"]] == list(TABLE)
+    assert [s["step"] for s in job_status(job)["steps"]] == list(TABLE)
 
 
 def test_cli_status_and_dry_run_survive_an_empty_manifest(tmp_path, monkeypatch, capsys):
@@ -453,7 +452,7 @@ def test_a_retry_line_says_what_failed_without_started(tmp_path):
 
     screen = StringIO()
     job = parse_job(job_raw(tmp_path, download={"fail_times": 1}), TABLE)
-    result = Runner(job, Reporter(screen), NullLineage(), TABLE, sleep=lambda s: None).run()
+    result = Runner(job, Reporter(screen), NullLineage(), sleep=lambda s: None).run()
     assert result.ok
     lines = screen.getvalue().splitlines()
     assert "[owl] download: attempt 1 failed (ConnectionError: flaky source, attempt 1); retry in 0.5s" in lines  # fmt: skip
