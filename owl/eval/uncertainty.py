@@ -231,11 +231,28 @@ def _mme_units(pairs: Sequence[tuple[BenchmarkRecord, Mapping[str, Any]]]) -> Un
                  {c: 100.0 for c in num_images})  # fmt: skip
 
 
+CI_LOW, CI_HIGH = "_ci95_low", "_ci95_high"  # suffixes of a metric's interval bounds
+
+
 def intervals(units: Mapping[str, Units]) -> dict[str, float]:
     """ "<type>.<metric>_ci95_low" / "_ci95_high" per type, beside score()'s "<type>.<metric>"."""
     out = {}
     for record_type, u in units.items():
         low, high = interval(u)
-        out[f"{record_type}.{u.metric}_ci95_low"] = low
-        out[f"{record_type}.{u.metric}_ci95_high"] = high
+        out[f"{record_type}.{u.metric}{CI_LOW}"] = low
+        out[f"{record_type}.{u.metric}{CI_HIGH}"] = high
     return out
+
+
+def with_intervals(
+    metrics: Mapping[str, float],
+) -> list[tuple[str, float, tuple[float, float] | None]]:
+    """(name, value, its 95% interval or None) per metric, names sorted; the interval bounds are
+    not listed on their own (`owl status` and the model card show them beside their metric)."""
+    rows = []
+    for name, value in sorted(metrics.items()):
+        if name.endswith((CI_LOW, CI_HIGH)):
+            continue
+        bounds = metrics.get(name + CI_LOW), metrics.get(name + CI_HIGH)
+        rows.append((name, value, None if None in bounds else bounds))
+    return rows

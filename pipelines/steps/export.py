@@ -243,11 +243,18 @@ def _mixture_section(inputs: dict[str, StepInput]) -> str:
 
 
 def _evaluation_section(inputs: dict[str, StepInput]) -> str:
+    """One row per metric; a headline metric with its 95% bootstrap interval beside it."""
+    from owl.eval.uncertainty import with_intervals
+
     rows = []
     for role in ("evaluate", "evaluate_stage1"):
         if role in inputs:
-            stats = inputs[role].manifest.stats
-            rows += [(role, k, f"{v:.4g}") for k, v in sorted(stats.items()) if "seconds" not in k]
+            stats = {k: v for k, v in inputs[role].manifest.stats.items() if "seconds" not in k}
+            rows += [
+                (role, name, f"{value:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+                for name, value, ci in with_intervals(stats)
+            ]
     if not rows:
         return "No evaluation step in the job.\n"
-    return _table(rows, ("step", "metric", "value")) + "\n"
+    table = _table(rows, ("step", "metric", "value", "95% interval"))
+    return table + "\n\n95% intervals: percentile bootstrap over the items (docs/benchmarks.md).\n"

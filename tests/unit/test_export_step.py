@@ -57,7 +57,11 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
             info={"train_config": {"lr": 2e-5, "lora_r": 8},
                   "trainable_parameters": {"lora": {"trainable": 64, "total": 64}}},
         ),
-        "evaluate": _input(tmp_path, "evaluate", "run-ev", stats={"vqa.accuracy": 0.8125}),
+        "evaluate": _input(
+            tmp_path, "evaluate", "run-ev",
+            stats={"vqa.accuracy": 0.8125, "vqa.accuracy_ci95_low": 0.78125,
+                   "vqa.accuracy_ci95_high": 0.84375, "vqa.count": 500.0},
+        ),
         "captions": _input(tmp_path, "tokenize_captions", "run-tc", files=[shard]),
     }  # fmt: skip
 
@@ -92,6 +96,9 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
                  "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current",
                  "needs the `safetensors` package", "transformers 4.28.1"):  # fmt: skip
         assert fact in card, fact
+    # A headline metric with its 95% interval beside it; the bounds are not rows of their own.
+    assert "| evaluate | vqa.accuracy | 0.8125 | [0.7812, 0.8438] |" in card
+    assert "| evaluate | vqa.count | 500 |  |" in card and "_ci95_" not in card
     # Each step's run id links to its run in the MLflow UI's model-training view.
     link = (
         "[`run-s2`](http://mlflow:5000/#/experiments/7/runs/run-s2?workflowType=machine_learning)"
