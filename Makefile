@@ -63,13 +63,13 @@ setup: $(VENV)/.installed java
 java:
 	@command -v java >/dev/null 2>&1 || { echo "java not found: caption metrics need it; install a JRE (e.g. sudo apt-get install default-jre-headless)"; exit 1; }
 
-# The MLflow UI test (tests/integration/test_mlflow_ui.py) opens owl's links in headless
+# The MLflow UI test (tests/integration/test_mlflow.py (its UI test)) opens owl's links in headless
 # Chromium: installed with apt-get where that works (as root), else the test skips saying why.
 chromium:
 	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-headless-shell; } || \
-	echo "chromium not installed: tests/integration/test_mlflow_ui.py will skip (apt-get install chromium-headless-shell)"
+	echo "chromium not installed: tests/integration/test_mlflow.py (its UI test) will skip (apt-get install chromium-headless-shell)"
 
 demo: setup
 	$(BIN)/owl run jobs/demo.yaml --set storage=$(STORAGE)

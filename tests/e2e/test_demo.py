@@ -91,3 +91,23 @@ def test_rerun_is_fully_cached_and_status_agrees(demo):
     status = _owl("status", "jobs/demo.yaml", "--set", f"storage={storage}")
     assert {s["state"] for s in status["steps"]} <= {"done", "cached"}
     assert status["registered_model"]["name"] == "demo"
+
+
+def test_the_gpu_checks_job_summary_reads_the_demo(demo):
+    """bench/gpu_check.py's job part runs this job shrunk and reads its manifests with
+    job_summary; CI reads this run's instead of training a second, smaller demo
+    (tests/integration/test_gpu_check.py)."""
+    storage, _ = demo
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import _job_line, job_summary
+
+    summary = job_summary(storage, "cpu")
+    assert summary["ok"]
+    for stage, steps in (("stage1", 150), ("stage2", 1800)):
+        numbers = summary["stages"][stage]
+        assert numbers["steps"] == steps and numbers["loss_went_down"]
+        assert numbers["device"] == "cpu" and numbers["bf16"] is False  # on a GPU: cuda:0, True
+        assert numbers["tokens_per_s"] > 0
+    assert set(summary["evaluations"]) == {"evaluate_stage1", "evaluate"}
+    assert all(stats["eval.num_queries"] > 0 for stats in summary["evaluations"].values())
+    assert "stage2 loss" in _job_line(summary) and "evaluate:" in _job_line(summary)
