@@ -17,7 +17,9 @@
 
 Each part runs in its own process (its memory, process group and failure are its own) under a
 time limit. `--device cpu` runs the same parts at miniature sizes (debug-tiny / demo, gloo,
-fp32): CI runs it (tests/integration/test_gpu_check.py), so the script cannot rot.
+fp32): CI runs its train and generate parts (tests/integration/test_gpu_check.py), checks
+the job part's --set values with `owl run --dry-run` there and its summary against the demo's
+own run (tests/e2e/test_demo.py), so the script cannot rot.
 
     make gpu-check                                     # = python bench/gpu_check.py --out ...
     .venv/bin/python bench/gpu_check.py --device cpu --json [--peak-tflops 1]
