@@ -35,6 +35,10 @@ class TrainState:
     samples: int = 0
     elapsed_s: float = 0.0
     resumed_from_step: int = 0  # the step of the last checkpoint this run was restored from
+    # The log window open at this checkpoint (one between log steps): its counts summed over the
+    # ranks, its steps and seconds; None when the checkpoint is at a log step. A run resumed from
+    # here logs at the next log step what an uninterrupted run logs there.
+    window: dict[str, float] | None = None
     # Parameter elements rank 0 held once the model was built (before DeepSpeed): the whole model
     # under ZeRO-0/1/2, about 1/world_size of it under ZeRO-3 (built partitioned).
     parameters_held: int = 0

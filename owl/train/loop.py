@@ -31,7 +31,7 @@ from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
 from owl.train.loss import num_supervised, token_loss_sum
-from owl.train.metrics import Window, attention_pairs, train_flops
+from owl.train.metrics import WINDOW_COUNTS, Window, attention_pairs, train_flops
 from owl.train.stages import format_table, param_groups, select_for_stage
 
 EXPORT_DIR = "export"  # in the final checkpoint: the consolidated model folder (rank 0)
@@ -431,7 +431,7 @@ def _train(
 ) -> None:
     cfg = job.train
     engine.train()
-    window = Window()
+    window = Window.resumed(state.window, session.rank)
     while state.step < total_steps:
         counts = _train_step(engine, loader, job, session.world_size)
         state.step += 1
@@ -445,19 +445,27 @@ def _train(
             metrics = _window_metrics(engine, window, state, session.world_size)
             window = Window()
         if state.step % cfg.checkpoint_every == 0 or last:
+            state.window = _open_window(window, engine.device)
             _save_and_report(engine, loader, job, session, state, metrics or {}, export=last)
         elif metrics is not None:
             session.report(metrics, None)
+
+
+def _open_window(window: Window, device: torch.device) -> dict[str, float] | None:
+    """The open window's counts summed over ranks, its steps and seconds, for a checkpoint between
+    log steps (None at a log step). Collective: every rank's window has the same steps."""
+    if window.steps == 0:
+        return None
+    sums = _all_reduce_sum(window.counts(), device)
+    saved = dict(zip(WINDOW_COUNTS, sums))
+    return saved | {"steps": window.steps, "elapsed_s": time.perf_counter() - window.started}
 
 
 def _window_metrics(
     engine: Any, window: Window, state: TrainState, world_size: int
 ) -> dict[str, float]:
     """All-reduce the window's counts, compute rates, append to the curves."""
-    sums = _all_reduce_sum(
-        [window.loss_sum, window.supervised, window.tokens, window.samples, window.flops],
-        engine.device,
-    )
+    sums = _all_reduce_sum(window.counts(), engine.device)
     window.loss_sum, window.supervised, window.tokens, window.samples, window.flops = sums
     window.supervised, window.tokens, window.samples = map(int, sums[1:4])
     metrics = window.rates(world_size)

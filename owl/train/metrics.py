@@ -87,6 +87,9 @@ def attention_pairs(segment_ids: torch.Tensor) -> int:
     return pairs
 
 
+WINDOW_COUNTS = ("loss_sum", "supervised", "tokens", "samples", "flops")
+
+
 @dataclass
 class Window:
     """Counts since the last log line; `rates()` turns them into per-second numbers."""
@@ -98,6 +101,21 @@ class Window:
     tokens: int = 0
     samples: int = 0
     flops: float = 0.0
+
+    def counts(self) -> list[float]:
+        return [float(getattr(self, name)) for name in WINDOW_COUNTS]
+
+    @classmethod
+    def resumed(cls, saved: dict[str, float] | None, rank: int) -> Window:
+        """The window a checkpoint kept open (`saved`: counts summed over ranks, held by rank 0
+        alone so that the next all-reduce counts them once), or a new one."""
+        if not saved:
+            return cls()
+        window = cls(started=time.perf_counter() - saved["elapsed_s"], steps=int(saved["steps"]))
+        if rank == 0:
+            for name in WINDOW_COUNTS:
+                setattr(window, name, saved[name])
+        return window
 
     def rates(self, world_size: int) -> dict[str, float]:
         """Per-second numbers over the window; counts are already summed over ranks."""

@@ -81,12 +81,16 @@ def _worker(
         "restore_s": session.restore_s,
     }
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    if rank == 0:  # what the stage's manifest reports (curves, tokens, samples): rank 0's state
+        totals = {"curves": state.curves, "tokens": state.tokens, "samples": state.samples}
+        Path(out, "state.json").write_text(json.dumps(totals))
     dist.destroy_process_group()
 
 
 def run(job: WorkerJob, world_size: int, out: Path, *, resume: Path | None = None, port: int):
-    """Run `job` on `world_size` processes; checkpoints go to `out/checkpoints/step-N`. Returns
-    (per-step sample references of all ranks together, [(step, loss)], restore seconds)."""
+    """Run `job` on `world_size` processes; checkpoints go to `out/checkpoints/step-N`, rank 0's
+    final curves and counts to `out/state.json`. Returns (per-step sample references of all ranks
+    together, [(step, loss)], restore seconds)."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="elastic-") as tmp:
         args = (world_size, job, port, str(out), tmp, str(resume or ""))

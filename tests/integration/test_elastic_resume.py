@@ -3,12 +3,16 @@ checkpoint), on local processes (gloo, CPU), debug-tiny model, 40 optimizer step
 
 - ZeRO-2: a 2-worker run, a 1-worker run and the 2-worker run's step-20 checkpoint resumed on 1
   worker train every step on the same samples, with losses equal within 1e-5 (relative);
-- ZeRO-3: a checkpoint resumed on another number of workers is refused (not supported yet).
+- ZeRO-3: a checkpoint resumed on another number of workers is refused (not supported yet);
+- a checkpoint between two log steps resumed: the run logs the whole stage's curves, tokens and
+  samples as the uninterrupted run does (the open log window travels in the checkpoint).
 
 W' == W resumes stay bitwise (tests/integration/test_train_ray.py, test_resume.py).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from elastic_runs import run
@@ -23,12 +27,12 @@ pytestmark = pytest.mark.integration
 STEPS, HALF = 40, 20
 
 
-def _job(data, zero_stage: int) -> WorkerJob:
+def _job(data, zero_stage: int, **changes) -> WorkerJob:
     cfg = TrainConfig(
         stage=1, trainable="all", lr=1e-3, warmup_steps=5, max_steps=STEPS, micro_batch_size=2,
         grad_accum=1, max_length=64, zero_stage=zero_stage, checkpoint_every=HALF, log_every=1,
         num_workers=2, seed=3,
-    )  # fmt: skip
+    ).replace(**changes)  # fmt: skip
     shards = shards_from_manifest(data.manifest, data.dir)
     return WorkerJob(train=cfg, model=MODEL, shards=shards, pad_id=MODEL.decoder.pad_token_id)
 
@@ -71,3 +75,24 @@ def test_zero3_checkpoint_on_another_number_of_workers_is_refused(data, tmp_path
     checkpoint = tmp_path / "one" / "checkpoints" / f"step-{1:08d}"
     with pytest.raises(Exception, match="under zero_stage 3 a stage resumes only on its own"):
         run(job, 2, tmp_path / "resumed", resume=checkpoint, port=29642)
+
+
+def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> None:
+    """checkpoint_every 3, log_every 2: the step-3 checkpoint falls inside the window logged at
+    step 4. Resumed from it, the stage's loss curve (all its points: what MLflow's metric history
+    and the loss plot show), learning rate, tokens and samples are the uninterrupted run's; before
+    the window travelled in the checkpoint, step 4 logged step 4's loss alone and step 3's tokens
+    and samples were never counted."""
+    job = _job(data, 2, max_steps=6, checkpoint_every=3, log_every=2, num_workers=1)
+    run(job, 1, tmp_path / "full", port=29634)
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-00000003"
+    run(job, 1, tmp_path / "resumed", resume=checkpoint, port=29635)
+    full, resumed = (
+        json.loads((tmp_path / n / "state.json").read_text()) for n in ("full", "resumed")
+    )
+    assert [s for s, _ in resumed["curves"]["loss"]] == [s for s, _ in full["curves"]["loss"]]
+    assert [s for s, _ in full["curves"]["loss"]] == [2, 4, 6]
+    for name in ("loss", "lr"):
+        for (step, value), (_, expected) in zip(resumed["curves"][name], full["curves"][name]):
+            assert value == pytest.approx(expected, rel=1e-5, abs=0), (name, step)
+    assert (resumed["tokens"], resumed["samples"]) == (full["tokens"], full["samples"])
