@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-UNITS_DIR = "units"  # = pipelines.steps.evaluate.UNITS_DIR (not imported: it pulls in the step)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -39,6 +37,7 @@ def _units(ref: str, args: argparse.Namespace, scratch: Path) -> dict[str, dict[
     """Benchmark -> record type -> Units, from a folder or from MLflow."""
     import pyarrow.parquet as pq
 
+    from owl.eval.evaluate import UNITS_DIR
     from owl.eval.uncertainty import units_from_rows
 
     folder = Path(ref) / UNITS_DIR

@@ -45,25 +45,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "or official files as [name=]kind:path,path (e.g. vqav2:questions.json,annotations.json,"
         "images/); repeat for several (docs/benchmarks.md)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=None, help="first N records of each file")
+    _add_eval_options(parser)
     parser.add_argument(
         "--blank-images", action="store_true", help="replace every image by a blank one"
     )
-    parser.add_argument("--no-circular", action="store_true", help="ask each choice question once")
-    parser.add_argument(
-        "--num-frames", type=int, default=4, help="frames sampled uniformly from each video, "
-        "each an image slot (the number the model was trained with; default 4)",
-    )  # fmt: skip
-    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (starts a JVM)")
-    parser.add_argument(
-        "--caption-tokenizer", choices=("ptb", "approx"), default="ptb", help="ptb: COCO's "
-        "(needs Java); approx: no Java, metrics named *_approx",
-    )  # fmt: skip
-    parser.add_argument(
-        "--vqa-rule", choices=("vqav2", "vizwiz", "normalized"), default="vqav2",
-        help="VQA rule for records that name none (default: the official VQAv2 script)",
-    )  # fmt: skip
     parser.add_argument(
         "--predictions", default=None, help="folder to write <benchmark>.parquet to, the "
         "per-item scores to units/ (owl compare reads them) and submission files for splits "
@@ -74,6 +59,42 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "(default: a temporary folder)",
     )  # fmt: skip
     parser.set_defaults(func=_eval)
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of owl.eval.evaluate.EvalOptions (the evaluate step's options too),
+    named and explained by the field's metadata."""
+    from dataclasses import MISSING, fields
+
+    from owl.eval.evaluate import EvalOptions
+
+    for f in fields(EvalOptions):
+        meta = dict(f.metadata)
+        flag, help_text = meta.pop("flag"), meta.pop("help")
+        if f.default is True:  # `--no-X` turns it off
+            parser.add_argument(flag, dest=f.name, action="store_false", help=help_text)
+            continue
+        assert f.default is not MISSING, f"EvalOptions.{f.name} needs a default"
+        value_type = {"int": int, "int | None": int, "str": str}[str(f.type)]
+        parser.add_argument(
+            flag, dest=f.name, type=value_type, default=f.default, help=help_text, **meta
+        )
+
+
+def _eval_options(args: argparse.Namespace) -> Any:
+    """The EvalOptions of the parsed flags; a bad value is reported under its flag's name."""
+    from dataclasses import fields
+
+    from owl.eval.evaluate import EvalOptions
+
+    flags = {f.name: f.metadata["flag"] for f in fields(EvalOptions)}
+    try:
+        return EvalOptions(**{name: getattr(args, name) for name in flags})
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0].rstrip(":")
+        if name not in flags:
+            raise
+        raise ValueError(flags[name] + str(exc)[len(name) :]) from None
 
 
 def _register_bench(subparsers: argparse._SubParsersAction) -> None:
@@ -196,88 +217,47 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_in(args: argparse.Namespace, imported: str) -> int:
-    """`owl eval` with imported benchmarks written under `imported` (kept while it runs)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from owl.eval.benchmarks import benchmark_name
-    from owl.eval.generate import predict, prediction_rows, score
-    from owl.eval.metrics import JAVA_MISSING, java_available
-    from owl.eval.submissions import submission_format, write_submission
-    from owl.eval.uncertainty import headline_units, intervals, write_units
+    """`owl eval` with imported benchmarks written under `imported` (kept while it runs): the
+    model in this process, one evaluation through owl.eval.evaluate."""
+    from owl.eval.evaluate import EvalLayout, evaluate, load_benchmarks
+    from owl.eval.generate import predict
 
     try:
-        if args.num_frames < 1:
-            raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
-        loaded = _read_benchmarks(args.benchmark, args.limit, imported)
-        if (
-            args.caption_tokenizer == "ptb"
-            and any(r.type == "caption" for _, recs in loaded for r in recs)
-            and not java_available()
-        ):
-            raise ValueError(JAVA_MISSING)
+        options = _eval_options(args)
+        benchmarks = load_benchmarks(args.benchmark, options, imported)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, tokenizer = _load(args)
-    results: dict[str, dict[str, float]] = {}
-    submissions: dict[str, str] = {}
-    for path, records in loaded:
-        predictions = predict(
-            model, tokenizer, records, batch_size=args.batch_size,
-            blank_images=args.blank_images, circular=not args.no_circular,
-            num_frames=args.num_frames,
-        )  # fmt: skip
-        name = benchmark_name(path)
-        results[name] = score(
-            records, predictions, caption_meteor=not args.no_meteor,
-            caption_tokenizer=args.caption_tokenizer, vqa_rule=args.vqa_rule,
-        )  # fmt: skip
-        units = headline_units(
-            records, predictions, vqa_rule=args.vqa_rule, caption_tokenizer=args.caption_tokenizer
-        )
-        results[name].update(intervals(units))
-        fmt = submission_format(records)
-        if args.predictions:
-            out = Path(args.predictions) / f"{name}.parquet"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            rows = prediction_rows(records, predictions, args.vqa_rule)
-            pq.write_table(pa.Table.from_pylist(rows), out)
-            write_units(Path(args.predictions) / "units" / f"{name}.parquet", units)
-            if fmt is not None:
-                target = Path(args.predictions) / "submissions" / name
-                submissions[name] = str(write_submission(target, fmt, records, predictions))
-        elif fmt is not None:
-            print(f"note: {name} has no public answers; pass --predictions DIR to write its "
+
+    def predict_passes(passes: list[tuple[str, bool]]) -> list[list[dict[str, Any]]]:
+        return [
+            predict(
+                model, tokenizer, benchmarks[name].records, batch_size=options.batch_size,
+                blank_images=args.blank_images, circular=options.circular,
+                num_frames=options.num_frames,
+            )
+            for name, _ in passes
+        ]  # fmt: skip
+
+    root = Path(args.predictions) if args.predictions else None
+    results = evaluate(benchmarks, predict_passes, options, root and EvalLayout(root))
+    metrics = {r.name: r.metrics for r in results}
+    submissions = {r.name: str(root / r.submission) for r in results if root and r.submission}
+    for r in results:
+        if root is None and r.submission_format is not None:
+            print(f"note: {r.name} has no public answers; pass --predictions DIR to write its "
                   "submission file", file=sys.stderr)  # fmt: skip
     if args.json:
-        print(json.dumps({"model": args.model, "metrics": results, "submissions": submissions},
+        print(json.dumps({"model": args.model, "metrics": metrics, "submissions": submissions},
                          indent=2))  # fmt: skip
         return 0
-    for name, metrics in results.items():
-        for metric, value in metrics.items():
+    for name, values in metrics.items():
+        for metric, value in values.items():
             print(f"{name:<20} {metric:<36} {value:10.4f}")
     for name, path in submissions.items():
         print(f"{name:<20} submission file: {path}")
     return 0
-
-
-def _read_benchmarks(
-    entries: list[str], limit: int | None, imported: str
-) -> list[tuple[str, list[Any]]]:
-    """(file, records) per --benchmark; import specs are imported into `imported` first."""
-    from owl.eval.benchmarks import read_benchmark
-    from owl.eval.importers import import_benchmark, parse_spec
-
-    loaded = []
-    for entry in entries:
-        spec = parse_spec(entry)
-        path = entry
-        if spec is not None:
-            name, kind, paths = spec
-            path = str(import_benchmark(kind, paths, imported, name))
-        loaded.append((path, read_benchmark(path, limit)))
-    return loaded
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,18 +26,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from owl.data.manifest import Manifest
-from owl.data.video import DEFAULT_NUM_FRAMES
-from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord, benchmark_name, read_benchmark
-from owl.eval.importers import CAPTION_KINDS, import_benchmark, parse_spec
-from owl.eval.metrics import CAPTION_TOKENIZERS, JAVA_MISSING, VQA_RULES, java_available
-from owl.eval.submissions import submission_format, write_submission
+from owl.eval.benchmarks import BENCHMARK_TYPES, BenchmarkRecord
+from owl.eval.evaluate import Benchmark, EvalLayout, EvalOptions, check_specs_java
+from owl.eval.importers import parse_spec
 from pipelines.step import StepContext, StepInput, resolve_path
 
 # Ray, torch and transformers (through owl.eval.generate / prompts) are imported where the step
@@ -46,8 +40,6 @@ from pipelines.step import StepContext, StepInput, resolve_path
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 PREDICTIONS_DIR = "predictions"
-SUBMISSIONS_DIR = "submissions"
-UNITS_DIR = "units"  # per-item scores of each headline metric (owl compare pairs them)
 IMPORTED_DIR = "imported"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -59,11 +51,14 @@ def _shapes_benchmarks() -> list[str]:
 
 
 @dataclass
-class Config:
+class Config(EvalOptions):
+    """The evaluation options (owl.eval.evaluate.EvalOptions: batch_size, limit, circular,
+    caption_meteor, caption_tokenizer, vqa_rule, num_frames; shared with `owl eval`) and the
+    step's own below."""
+
     # Benchmark files (.jsonl / .parquet) or import specs (`vqav2:questions.json,images/`);
     # `@role/...` paths resolve inside an input's folder.
     benchmarks: list[str] = field(default_factory=_shapes_benchmarks)
-    batch_size: int = 16
     num_workers: int = 2  # Ray actors; each loads the model once
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # > 0: actors run on CUDA
@@ -71,39 +66,19 @@ class Config:
     max_new_tokens: dict[str, int] = field(default_factory=dict)
     # Also score every image benchmark with blank images: how much the answers use the image.
     blank_image_control: bool = True
-    limit: int | None = None  # first N records of each benchmark (None: all)
-    circular: bool = True  # ask multiple-choice questions once per rotation of the options
-    caption_meteor: bool = True  # METEOR starts a JVM (seconds); off for quick runs
-    # ptb: COCO's PTB tokenizer (needs Java; refused without it). approx: a simple tokenizer,
-    # metrics then named *_approx (CIDEr_approx, ...), never under the official names.
-    caption_tokenizer: str = "ptb"
-    # VQA records naming no rule of their own: vqav2 (the official script), vizwiz, normalized.
-    vqa_rule: str = "vqav2"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    # Frames sampled uniformly from each benchmark video, each an image slot (owl.data.video);
-    # the number the model was trained with (tokenize_instructions.num_frames).
-    num_frames: int = DEFAULT_NUM_FRAMES
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.benchmarks:
             raise ValueError("benchmarks: list at least one benchmark file")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("batch_size and num_workers must be >= 1")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         unknown = sorted(set(self.max_new_tokens) - set(BENCHMARK_TYPES))
         if unknown:
             raise ValueError(f"max_new_tokens: unknown type(s) {unknown}; use {BENCHMARK_TYPES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        if self.caption_tokenizer not in CAPTION_TOKENIZERS:
-            raise ValueError(
-                f"caption_tokenizer: {self.caption_tokenizer!r} is not one of {CAPTION_TOKENIZERS}"
-            )
-        if self.vqa_rule not in VQA_RULES:
-            raise ValueError(f"vqa_rule: {self.vqa_rule!r} is not one of {VQA_RULES}")
         for entry in self.benchmarks:
             parse_spec(entry)  # a malformed spec fails when the job file is read
 
@@ -145,111 +120,68 @@ def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest
     import ray
 
     from owl.data.tokenize import load_tokenizer
-    from owl.eval.generate import score
+    from owl.eval.evaluate import evaluate, load_benchmarks
     from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, max_new_tokens, style_of
-    from owl.eval.uncertainty import headline_units, intervals
 
     started = time.monotonic()
-    files = [_benchmark_file(ctx, entry, inputs) for entry in cfg.benchmarks]
-    benchmarks = {benchmark_name(path): read_benchmark(path, cfg.limit) for path in files}
-    if len(benchmarks) != len(cfg.benchmarks):
-        raise ValueError(
-            f"benchmarks: two share a name (file name without extension, or the spec's "
-            f"kind; name one `name=kind:...`): {cfg.benchmarks}"
-        )
-    _check_caption_tokenizer(cfg, benchmarks)
+    benchmarks = load_benchmarks(
+        cfg.benchmarks, cfg, ctx.out_dir / IMPORTED_DIR, resolve=lambda p: resolve_path(p, inputs),
+        progress=lambda message: ctx.progress(0, 1, message),
+    )  # fmt: skip
     workers = _start_workers(cfg, inputs)
-    passes = [(name, False) for name in benchmarks]
-    if cfg.blank_image_control:
-        passes += [
-            (name, True)
-            for name, recs in benchmarks.items()
-            if any(r.images or r.videos for r in recs)
-        ]
     try:
         # While the actors start and load the model, the driver encodes every prompt.
         tokenizer = load_tokenizer(inputs["tokenizer"].dir / TOKENIZER_DIR)
         encoded = _encode_all(cfg, tokenizer, _model_config(inputs), benchmarks)
         ray.get([worker.ready.remote() for worker in workers])
         loaded = time.monotonic()
-        ctx.progress(
-            0, len(passes), f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)"
-        )
-        predictions = _predict_all(ctx, cfg, workers, tokenizer, encoded, passes)
+
+        def predict(passes: list[tuple[str, bool]]) -> list[list[dict[str, Any]]]:
+            ctx.progress(
+                0, len(passes),
+                f"evaluating {len(benchmarks)} benchmark(s) on {len(workers)} worker(s)",
+            )  # fmt: skip
+            return _predict_all(ctx, cfg, workers, tokenizer, encoded, passes)
+
+        results = evaluate(
+            benchmarks, predict, cfg, EvalLayout(ctx.out_dir, PREDICTIONS_DIR),
+            blank_control=cfg.blank_image_control,
+        )  # fmt: skip
     finally:
         for worker in workers:
             ray.kill(worker)
 
     manifest = Manifest(step=ctx.step)
-    for (name, blank), preds in zip(passes, predictions):
-        records = benchmarks[name]
-        metrics = score(
-            records, preds, caption_meteor=cfg.caption_meteor and not blank,
-            caption_tokenizer=cfg.caption_tokenizer, vqa_rule=cfg.vqa_rule,
-        )  # fmt: skip
-        if not blank:
-            units = headline_units(
-                records, preds, vqa_rule=cfg.vqa_rule, caption_tokenizer=cfg.caption_tokenizer
-            )
-            metrics.update(intervals(units))
-            _write_units(ctx, manifest, name, units)
-        manifest.stats.update(_metric_names(name, records, metrics, blank))
-        rel = f"{PREDICTIONS_DIR}/{name}{'.blank' if blank else ''}.parquet"
-        _write_predictions(ctx.out_dir / rel, records, preds, cfg.vqa_rule)
-        manifest.add_file(ctx.out_dir, rel, rows=len(preds))
-        manifest.artifacts.append(rel)
-        fmt = None if blank else submission_format(records)
-        if fmt is not None:
-            path = write_submission(ctx.out_dir / SUBMISSIONS_DIR / name, fmt, records, preds)
-            sub_rel = str(path.relative_to(ctx.out_dir))
-            manifest.add_file(ctx.out_dir, sub_rel, rows=len(records))
-            manifest.artifacts.append(sub_rel)
-    manifest.stats["eval.num_queries"] = float(sum(len(p) for p in predictions))
+    for result in results:
+        manifest.stats.update(
+            _metric_names(result.name, result.records, result.metrics, result.blank)
+        )
+        for rel, rows in result.files:
+            manifest.add_file(ctx.out_dir, rel, rows=rows)
+            manifest.artifacts.append(rel)
+    manifest.stats["eval.num_queries"] = float(sum(len(r.predictions) for r in results))
     manifest.stats["eval.seconds"] = time.monotonic() - started
     # Generating and scoring alone, after every worker has loaded the model.
     manifest.stats["eval.generate_seconds"] = time.monotonic() - loaded
     manifest.info["benchmarks"] = {
-        name: {"path": path, "records": len(benchmarks[name])}
-        for name, path in zip(benchmarks, cfg.benchmarks)
+        name: {"path": b.entry, "records": len(b.records)} for name, b in benchmarks.items()
     }
     manifest.info["max_new_tokens"] = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens}
     # What each benchmark was asked with: prompt style -> generation budget.
     manifest.info["prompts"] = {
-        name: {style_of(r): max_new_tokens(r, cfg.max_new_tokens) for r in records}
-        for name, records in benchmarks.items()
+        name: {style_of(r): max_new_tokens(r, cfg.max_new_tokens) for r in b.records}
+        for name, b in benchmarks.items()
     }
     manifest.info["vqa_rule"] = cfg.vqa_rule
     manifest.info["caption_tokenizer"] = cfg.caption_tokenizer
-    ctx.progress(len(passes), len(passes), "scored")
+    ctx.progress(len(results), len(results), "scored")
     return manifest
 
 
-def _benchmark_file(ctx: StepContext, entry: str, inputs: dict[str, StepInput]) -> str:
-    """A benchmark file path; an import spec is imported into `imported/` first."""
-    spec = parse_spec(entry)
-    if spec is None:
-        return resolve_path(entry, inputs)
-    name, kind, paths = spec
-    ctx.progress(0, 1, f"importing {kind} from {len(paths)} path(s)")
-    resolved = [resolve_path(p, inputs) for p in paths]
-    return str(import_benchmark(kind, resolved, ctx.out_dir / IMPORTED_DIR, name))
-
-
-def _check_caption_tokenizer(cfg: Config, benchmarks: dict[str, list[BenchmarkRecord]]) -> None:
-    """Refuse before generating: caption metrics under the PTB tokenizer need Java."""
-    has_captions = any(r.type == "caption" for recs in benchmarks.values() for r in recs)
-    if has_captions and cfg.caption_tokenizer == "ptb" and not java_available():
-        raise ValueError(JAVA_MISSING)
-
-
 def check_environment(cfg: Config) -> None:
-    """At validation (`owl run`, `--dry-run`; pipelines.runner), before any step runs: caption
-    benchmarks imported from their official files (CAPTION_KINDS) need Java for the PTB
-    tokenizer. Benchmark files whose record types are known only once read (e.g. the demo's,
-    written by the shapes step) are checked when the step starts (`_check_caption_tokenizer`)."""
-    kinds = {spec[1] for spec in map(parse_spec, cfg.benchmarks) if spec is not None}
-    if cfg.caption_tokenizer == "ptb" and kinds & CAPTION_KINDS and not java_available():
-        raise ValueError(JAVA_MISSING)
+    """At validation (`owl run`, `--dry-run`; pipelines.runner), before any step runs: Java for
+    caption benchmarks imported from their official files (owl.eval.evaluate.check_specs_java)."""
+    check_specs_java(cfg.benchmarks, cfg)
 
 
 def _start_workers(cfg: Config, inputs: dict[str, StepInput]) -> list[Any]:
@@ -278,7 +210,7 @@ def _model_config(inputs: dict[str, StepInput]) -> Any:
 
 
 def _encode_all(
-    cfg: Config, tokenizer: Any, model_cfg: Any, benchmarks: dict[str, list[BenchmarkRecord]]
+    cfg: Config, tokenizer: Any, model_cfg: Any, benchmarks: dict[str, Benchmark]
 ) -> dict[str, tuple[list[Any], list[list[int]], list[int]]]:
     """Per benchmark: its queries in order, their prompt ids and budgets (the blank-image pass
     asks the same prompts)."""
@@ -286,10 +218,10 @@ def _encode_all(
 
     return {
         name: encode_queries(
-            tokenizer, records, model_cfg, max_new_tokens_by_type=dict(cfg.max_new_tokens),
+            tokenizer, b.records, model_cfg, max_new_tokens_by_type=dict(cfg.max_new_tokens),
             circular=cfg.circular, num_frames=cfg.num_frames,
         )
-        for name, records in benchmarks.items()
+        for name, b in benchmarks.items()
     }  # fmt: skip
 
 
@@ -356,26 +288,3 @@ def _metric_names(
         prefix = name if types == {name} else f"{name}.{record_type}"
         named[f"{prefix}.{'blank_' if blank else ''}{metric}"] = value
     return named
-
-
-def _write_units(ctx: StepContext, manifest: Manifest, name: str, units: dict[str, Any]) -> None:
-    """`units/<benchmark>.parquet`: the per-item scores of each headline metric."""
-    from owl.eval.uncertainty import write_units
-
-    rel = f"{UNITS_DIR}/{name}.parquet"
-    num_rows = write_units(ctx.out_dir / rel, units)
-    if num_rows:  # none for a split without public answers
-        manifest.add_file(ctx.out_dir, rel, rows=num_rows)
-        manifest.artifacts.append(rel)
-
-
-def _write_predictions(
-    path: Path,
-    records: Sequence[BenchmarkRecord],
-    predictions: Sequence[dict[str, Any]],
-    vqa_rule: str,
-) -> None:
-    from owl.eval.generate import prediction_rows
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(prediction_rows(records, predictions, vqa_rule)), path)

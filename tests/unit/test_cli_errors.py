@@ -97,6 +97,8 @@ def test_user_errors_are_one_line(tmp_path, finished_job, owl_here):
         ("stop", "owl-x"): "no Ray address",
         ("eval", "--model", str(tmp_path), "--benchmark", str(tmp_path / "vqa.jsonl")):
             "vqa.jsonl: benchmark file not found",
+        ("eval", "--model", str(tmp_path), "--benchmark", "b.jsonl", "--num-frames", "0"):
+            "--num-frames must be >= 1",  # owl.eval.evaluate.EvalOptions, named by its flag
         ("chat", "--model", str(tmp_path)): "no config.json",
         ("model", "summary", "nosuch"): "unknown model config",
         ("audit", "model", "errs@current"): "no MLflow tracking URI",
