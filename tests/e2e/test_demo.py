@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from owl.data.manifest import Manifest
+
 ROOT = Path(__file__).resolve().parents[2]
+JOBS = ROOT / "jobs"  # the job files the commands name (a scratch folder links to them)
+# The demo as README.md and docs/pipeline.md show it, run as written (with --json, to read its
+# result) in a scratch folder holding jobs/: the job's relative storage `runs/demo` lands there.
+DEMO_RUN = "owl run jobs/demo.yaml"
+# The docs' commands that need the finished demo: each is a fully cached run or an MLflow read
+# (seconds), run as written after it, `<digest-prefix>` filled in (tests/unit/test_docs_commands.py).
+UNTIL_STAGE1 = "owl run jobs/demo.yaml --until stage1"
+FEWER_WORKERS = "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1"  # fmt: skip
+AUDIT_MODEL = "owl audit model demo@current --job jobs/demo.yaml"
+AUDIT_DATASET = "owl audit dataset <digest-prefix> --job jobs/demo.yaml"
 # A guard against a hung run, not a time target (BENCHMARKS.md has the demo's measured times).
 # The demo's time follows the machine: the same commit trains 1.5-3x slower per step on some days
 # (BENCHMARKS.md, "The demo's time depends on the machine of the day"); ~25 min on the slow one.
@@ -36,11 +49,18 @@ def _owl(*args: str, cwd: Path = ROOT) -> dict:
     return json.loads(proc.stdout)
 
 
+def _documented(command: str, work: Path, **fill: str) -> dict:
+    for placeholder, value in fill.items():
+        command = command.replace(f"<{placeholder}>", value)
+    return _owl(*shlex.split(command)[1:], cwd=work)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("demo")
-    first = _owl("run", "jobs/demo.yaml", "--set", f"storage={storage}")
-    return storage, first
+    work = tmp_path_factory.mktemp("demo")
+    (work / "jobs").symlink_to(JOBS)
+    first = _documented(DEMO_RUN, work)
+    return work / "runs" / "demo", first
 
 
 def test_demo_runs_every_step_and_registers_the_model(demo):
@@ -111,3 +131,37 @@ def test_the_gpu_checks_job_summary_reads_the_demo(demo):
     assert set(summary["evaluations"]) == {"evaluate_stage1", "evaluate"}
     assert all(stats["eval.num_queries"] > 0 for stats in summary["evaluations"].values())
     assert "stage2 loss" in _job_line(summary) and "evaluate:" in _job_line(summary)
+
+
+def test_each_stage_prints_its_parameter_table_once(demo):
+    """The workers' trainable-parameter table reaches console.log once per stage (Ray Train's
+    print patch had each worker line there twice)."""
+    storage, first = demo
+    log = (storage / "executions" / first["execution_id"] / "console.log").read_text()
+    for stage in (1, 2):
+        assert log.count(f"trainable parameters (stage {stage}, owl2):") == 1, stage
+
+
+def test_documented_commands_after_the_demo_run_as_written(demo):
+    storage, first = demo
+    work = storage.parents[1]
+    keys = {s["step"]: s["key"] for s in first["steps"]}
+    until = _documented(UNTIL_STAGE1, work)
+    assert {s["step"]: s["state"] for s in until["steps"]} == {
+        s: "cached" for s in ("shapes", "download", "filter", "tokenizer", "tokenize_captions",
+                              "stage1")
+    }  # fmt: skip
+    # Where stage 2 may continue on fewer workers: the same keys, so every step is reused.
+    elastic = _documented(FEWER_WORKERS, work)
+    assert {s["step"]: (s["state"], s["key"]) for s in elastic["steps"]} == {
+        s: ("cached", k) for s, k in keys.items()
+    }
+    audit = _documented(AUDIT_MODEL, work)
+    assert audit["model"]["name"] == "demo"
+    chain = {entry["step"] for entry in audit["chain"]}
+    assert {"stage2", "stage1", "tokenize_captions", "download", "shapes"} <= chain
+    captions = storage / "steps" / "tokenize_captions" / keys["tokenize_captions"]
+    prefix = Manifest.read(captions).digest[:12]
+    dataset = _documented(AUDIT_DATASET, work, **{"digest-prefix": prefix})
+    assert {p["step"] for p in dataset["producers"]} == {"tokenize_captions"}
+    assert "stage1" in {c["step"] for c in dataset["consumers"]}

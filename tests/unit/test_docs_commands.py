@@ -36,6 +36,7 @@ DOC_RUN_BY = {
     "docs/model.md": "tests/unit/test_model_releases.py::test_documented_convert_commands_run_as_written",
 }  # fmt: skip
 
+DEMO_AFTER = "tests/e2e/test_demo.py::test_documented_commands_after_the_demo_run_as_written"
 # One command, run as written by that test (which reads the doc it comes from).
 RUN_BY = {
     "make demo": "tests/unit/test_makefile.py::test_make_demo_sets_up_then_runs_the_demo_job",
@@ -47,25 +48,24 @@ RUN_BY = {
         "tests/integration/test_cluster.py::test_infra_readme_token_setup_works_as_written",
     "owl logs owl-owl2-llama2-7b-<hash> --address http://HEAD:8265 --follow":
         "tests/integration/test_cluster.py::test_infra_readme_token_setup_works_as_written",
+    # The demo, in a scratch folder holding jobs/ (its storage runs/demo lands there), then the
+    # commands that need its finished run: cached runs and MLflow reads, seconds each.
+    "owl run jobs/demo.yaml": "tests/e2e/test_demo.py::test_demo_runs_every_step_and_registers_the_model",
+    "owl run jobs/demo.yaml --until stage1": DEMO_AFTER,
+    "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1":
+        DEMO_AFTER,
+    "owl audit model demo@current --job jobs/demo.yaml": DEMO_AFTER,
+    "owl audit dataset <digest-prefix> --job jobs/demo.yaml": DEMO_AFTER,
 }  # fmt: skip
 
-DEMO_RUN = "a whole demo run (minutes of training on 2 cores); tests/e2e/test_demo.py runs the demo"
 NOT_RUN = {
-    "owl run jobs/demo.yaml": DEMO_RUN + " itself, with --set storage=<tmp>",
-    "owl run jobs/demo.yaml --set model.variant=owl1": DEMO_RUN,
-    "owl run jobs/demo.yaml --until stage1": DEMO_RUN + " (tests/integration/test_terminal.py "
-    "runs `owl run` on light steps)",
-    "owl run jobs/demo.yaml --force stage2": DEMO_RUN + " (--force: tests/unit/test_runner.py)",
-    "owl audit model demo@current --job jobs/demo.yaml": "needs the demo's finished run in its "
-    "MLflow store; `owl audit model` on a small job: tests/integration/test_mlflow_auth.py",
-    "owl audit dataset <digest-prefix> --job jobs/demo.yaml": "needs the demo's finished run; "
-    "`owl audit dataset`: tests/unit/test_cli_errors.py",
+    "owl run jobs/demo.yaml --set model.variant=owl1": "a second whole demo run (Owl1 keys differ "
+    "from the first step on: minutes of training on 2 cores); Owl1 trains end to end in "
+    "tests/e2e/test_recipe_rehearsal.py (its recipe on tiny data)",
+    "owl run jobs/demo.yaml --force stage2": "recomputes stage 2 and what follows, most of the "
+    "demo's time; --force: tests/unit/test_runner.py",
     "owl logs <submission-id> --address http://HEAD:8265 --follow": "needs a cluster (a Ray head's "
     "dashboard); test_cluster runs infra/README.md's copy of this line with its id put in",
-    "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1":
-    DEMO_RUN + "; tests/unit/test_fewer_workers.py plans it (--dry-run) and checks that it keeps "
-    "the training steps' cache keys (the resume), tests/integration/test_elastic_resume.py the "
-    "resume on fewer workers",
     "owl run jobs/owl2-llama2-7b.yaml --set stage1.fewer_workers=continue --set stage1.min_workers=32":
     "a 7B run on a GPU cluster; tests/unit/test_fewer_workers.py plans it (--dry-run) and checks "
     "that it keeps the training steps' cache keys",
