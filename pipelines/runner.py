@@ -889,6 +889,14 @@ def _mixture(config: Any) -> dict[str, float]:
     return mixture_weights(getattr(config, "mix", None) or {}, getattr(config, "data_weight", 1.0))
 
 
+def _drawn(job: JobSpec, planned: PlannedStep) -> dict[str, int]:
+    """{dataset: samples trained on} from a committed training stage that mixes; {} otherwise."""
+    if not (planned.cached and planned.key and job.steps[planned.name].spec.trains):
+        return {}
+    manifest = Manifest.read(cache.step_dir(job.storage, planned.name, planned.key))
+    return {name: entry["drawn"] for name, entry in manifest.info.get("mixture", {}).items()}
+
+
 def job_status(job: JobSpec) -> dict[str, Any]:
     """Per step of the job's current plan: state, duration, key, MLflow run id (from the newest
     record with that key); the newest registered model and evaluation metrics."""
@@ -917,6 +925,8 @@ def job_status(job: JobSpec) -> dict[str, Any]:
                 "problems": planned.problems,
                 # a training stage drawing several datasets: {dataset: weight}, `data` first
                 "mixture": _mixture(job.steps[planned.name].config),
+                # ... and the samples of each it trained on, once it has run
+                "drawn": _drawn(job, planned),
             }
         )
     finished = [e for e in executions if e.state == "done"]

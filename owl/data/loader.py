@@ -377,7 +377,8 @@ class StreamingLoader(_Collating):
     Per-sample lengths come from the per-shard index (`owl.data.shards.index_path`) or, when the
     manifest lists none, from the shard's own columns. A shard's sha256 is checked the first time
     this worker opens it, before any of its rows is used. State: (epoch, buffer, row in buffer,
-    micro-batches done in the epoch), plus checks.
+    micro-batches done in the epoch), plus checks, the drop counts and `drawn`: the samples of each
+    dataset in the stream's micro-batches so far (exact across a resume).
     """
 
     def __init__(
@@ -428,6 +429,9 @@ class StreamingLoader(_Collating):
         self._per_epoch = self._estimate_batches()
         self._check_batches(sum(totals))
         self.epoch = self.buffer = self.row = self.done = 0
+        # Samples of each dataset in the micro-batches this stream has yielded or skipped (every
+        # micro-batch of a stream is trained by exactly one worker): part of the state.
+        self.drawn = [0] * len(datasets)
         self._buffer_key: tuple[int, int] | None = None
         self._counted: tuple[int, int] | None = None
         self._buffer_rows: list[list[tuple[int, int, int]]] = []
@@ -453,18 +457,23 @@ class StreamingLoader(_Collating):
         """(dataset, shard, row) of buffer `buffer` of `epoch`, in stream order (not shuffled).
         Buffers past the end of the first dataset's share wrap around to its start (fill)."""
         out: list[tuple] = []
+        taken = self._quota[0]  # samples of the first dataset in this buffer
         for d, quota in enumerate(self._quota):
             if d == 0:
                 share = self._share(0, epoch, rank)
                 start = buffer * quota
                 stop = min(start + quota, share.size) if buffer < self.buffers_per_epoch else None
                 positions = np.arange(start, stop if stop is not None else start + quota)
+                taken = len(positions)
                 positions = positions % share.size
                 e_of = np.full(len(positions), epoch)
             else:  # other datasets: an endless stream cycling through their own epochs
                 size = self._rows[d].sum() // self.world_size  # the smallest share
                 first = (epoch * self.buffers_per_epoch + buffer) * quota
-                positions_all = np.arange(first, first + quota)
+                # The last buffer of an epoch may hold less of the first dataset: the others
+                # give as much less, so every buffer keeps the weights' proportions.
+                count = quota if taken == self._quota[0] else round(quota * taken / self._quota[0])
+                positions_all = np.arange(first, first + count)
                 e_of, positions = positions_all // size, positions_all % size
             for e in np.unique(e_of):
                 share = self._share(d, int(e), rank)
@@ -586,6 +595,9 @@ class StreamingLoader(_Collating):
             self.row += len(take)
             if self.row >= len(rows):
                 self.buffer, self.row = self.buffer + 1, 0
+        for row in out:
+            for dataset, _, _ in row:
+                self.drawn[dataset] += 1
         self.done += 1
         if self.done == self._per_epoch:  # epoch end: skip what is left of this rank's share
             tail = len(self._rows_of(self.epoch, self.buffer)) - self.row
@@ -606,6 +618,7 @@ class StreamingLoader(_Collating):
             "done": self.done,
             **self._run_state(),
             "dropped": dict(self.dropped),  # counts so far (not needed to resume)
+            "drawn": list(self.drawn),  # samples per dataset so far, in `datasets` order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -615,6 +628,7 @@ class StreamingLoader(_Collating):
         self.epoch, self.buffer = int(state["epoch"]), int(state["buffer"])
         self.row, self.done = int(state["row"]), int(state["done"])
         self.dropped = Counter(state.get("dropped", {}))
+        self.drawn = list(state.get("drawn", [0] * len(self.datasets)))
         self._buffer_key = None  # replanned on the next batch
         self._counted = (self.epoch, self.buffer) if self.row else None
 

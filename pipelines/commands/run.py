@@ -209,7 +209,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if s["mixture"]:
             total = sum(s["mixture"].values())
             parts = [f"{name} {w:g} ({w / total:.0%})" for name, w in s["mixture"].items()]
-            console.print(f"mixture {s['step']}: {', '.join(parts)}")
+            line = f"mixture {s['step']}: {', '.join(parts)}"
+            if s["drawn"]:
+                drawn = sum(s["drawn"].values()) or 1
+                parts = [f"{name} {n:,} ({n / drawn:.0%})" for name, n in s["drawn"].items()]
+                line += f"; samples drawn: {', '.join(parts)}"
+            console.print(line)
     for s in status["steps"]:
         for problem in s.get("problems", []):
             console.print(f"warning: {s['step']}: {problem} (the next `owl run` recomputes it)")

@@ -225,20 +225,27 @@ def _training_section(inputs: dict[str, StepInput]) -> str:
 
 
 def _mixture_section(inputs: dict[str, StepInput]) -> str:
-    """The datasets each stage drew together (`mix`), with their weights and shares; "" when no
-    stage mixes."""
+    """The datasets each stage drew together (`mix`): weights and shares as configured, and the
+    samples of each the stage trained on (its manifest's `mixture`); "" when no stage mixes."""
     rows = []
     for role in ("stage1", "stage2"):
         if role not in inputs:
             continue
-        settings = inputs[role].manifest.info.get("train_config", {})
+        info = inputs[role].manifest.info
+        settings = info.get("train_config", {})
         weights = mixture_weights(settings.get("mix") or {}, settings.get("data_weight", 1.0))
-        total = sum(weights.values())
-        rows += [(role, name, f"{w:g}", f"{w / total:.1%}") for name, w in weights.items()]
+        drawn = {name: e["drawn"] for name, e in info.get("mixture", {}).items()}
+        total, drawn_total = sum(weights.values()), sum(drawn.values()) or 1
+        for name, weight in weights.items():
+            count = drawn.get(name)
+            counted = ("", "") if count is None else (f"{count:,}", f"{count / drawn_total:.1%}")
+            rows.append((role, name, f"{weight:g}", f"{weight / total:.1%}", *counted))
     if not rows:
         return ""
-    return "\nData mixture (each shuffle buffer draws from every dataset by weight):\n\n" + (
-        _table(rows, ("stage", "dataset", "weight", "share")) + "\n"
+    columns = ("stage", "dataset", "weight", "share", "samples drawn", "drawn share")
+    return (
+        "\nData mixture (each shuffle buffer draws from every dataset by weight; samples drawn: "
+        "those the stage trained on):\n\n" + _table(rows, columns) + "\n"
     )
 
 

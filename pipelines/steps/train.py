@@ -10,6 +10,7 @@ job and the final checkpoint into the stage's manifest (with its loss plot); the
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from owl.data.manifest import Manifest
-from owl.train.config import TrainConfig
+from owl.train.config import TrainConfig, mixture_weights
 from pipelines.dag import MIX_ROLE
 from pipelines.step import StepContext, StepInput, resolve_path
 from pipelines.steps._ray_train import (
@@ -95,7 +96,8 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         raise ValueError(cause) from exc  # e.g. a worker found a shard that does not match
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
-    manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started)
+    names = [d.name for d in datasets if d.shards]  # the loader's datasets, in its order
+    manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started, names)
     manifest.dropped = dropped or manifest.dropped
     # Workers lost and restarted by Ray Train on the way (nothing when none failed).
     failure_stats, failure_info = summarize(read_events(events_path(ctx)))
@@ -143,9 +145,15 @@ def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -
 
 
 def _finish(
-    ctx: StepContext, cfg: TrainConfig, result: Any, table: dict[str, dict[str, int]], wall_s: float
+    ctx: StepContext,
+    cfg: TrainConfig,
+    result: Any,
+    table: dict[str, dict[str, int]],
+    wall_s: float,
+    names: list[str],
 ) -> Manifest:
-    """Copy the exported model out of the final checkpoint and describe the stage."""
+    """Copy the exported model out of the final checkpoint and describe the stage (`names`: the
+    mixed datasets' names in the loader's order; [] when the stage does not mix)."""
     import torch
 
     from owl.train import checkpoint
@@ -162,8 +170,10 @@ def _finish(
         for worker_file in sorted(directory.glob("worker-rank*.pt")):
             streams.update(torch.load(worker_file, weights_only=False)["loader"]["streams"])
         dropped: Counter = Counter()  # the streaming loader's counts, every stream's
+        drawn: Counter = Counter()  # samples trained on per dataset: every stream's
         for loader_state in streams.values():
             dropped.update(loader_state.get("dropped", {}))
+            drawn.update(dict(enumerate(loader_state.get("drawn", []))))
     state: checkpoint.TrainState = saved["state"]
     manifest = Manifest(step=ctx.step)
     manifest.dropped = {k: v for k, v in sorted(dropped.items()) if v}
@@ -194,7 +204,23 @@ def _finish(
         "variant": ctx.model.variant,
         "deepspeed": state.engine,
     }
+    if names:
+        manifest.info["mixture"] = mixture_drawn(cfg, names, drawn)
+        for name, entry in manifest.info["mixture"].items():
+            manifest.stats[f"drawn.{metric_name(name)}"] = float(entry["drawn"])
     return manifest
+
+
+def mixture_drawn(cfg: TrainConfig, names: list[str], drawn: Counter) -> dict[str, dict]:
+    """{dataset: {weight, drawn}}: each mixed dataset's configured weight and the samples of it
+    the stage trained on (summed over the loader streams, exact across resumes)."""
+    weights = mixture_weights(cfg.mix, cfg.data_weight)
+    return {name: {"weight": weights[name], "drawn": int(drawn[i])} for i, name in enumerate(names)}
+
+
+def metric_name(name: str) -> str:
+    """A dataset name as MLflow accepts it in a metric key (a mix folder may be `@role/...`)."""
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
 
 
 def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], *, title: str) -> None:

@@ -100,3 +100,21 @@ def test_a_checkpoint_of_per_worker_loaders_still_resumes(shards) -> None:
         assert _steps(resumed, 4) == reference[2:]
     with pytest.raises(ValueError, match="resume it with num_workers=1"):
         _streams(shards, StreamingLoader, 1)[0].load_state_dict(old[:1])
+
+
+def test_samples_drawn_are_the_streams_whatever_the_workers(tmp_path, shards) -> None:
+    """Each stream counts every micro-batch of it, the ones its worker skips (another worker
+    trains them) included: per stream, the counts of any number of workers are the same."""
+    from owl.data.loader import Dataset
+
+    mix = [Dataset(shards, 3.0, "data"), Dataset(_write(tmp_path, "b", 40, 10, seed=7), 1.0, "b")]
+
+    def drawn(world_size: int) -> dict[int, list[int]]:
+        workers = _streams(mix, StreamingLoader, world_size)
+        _steps(workers, 9)
+        return {v: s["drawn"] for w in workers for v, s in w.state_dict()["streams"].items()}
+
+    reference = drawn(NUM_STREAMS)
+    assert all(min(counts) > 0 for counts in reference.values())
+    for world_size in (1, 4):
+        assert drawn(world_size) == reference, world_size

@@ -112,7 +112,7 @@ def test_resume_gives_the_exact_next_batches_across_buffers_and_epochs(shards, w
             next(loader)
         state = loader.state_dict()
         assert set(state) >= {"epoch", "buffer", "row", "done"}
-        assert all(isinstance(v, int) for k, v in state.items() if k != "dropped")
+        assert all(isinstance(v, int) for k, v in state.items() if k not in ("dropped", "drawn"))
         expected = [next(loader) for _ in range(per_epoch + 2)]  # into epoch 1 (and 2)
         resumed = StreamingLoader(shards, CFG, rank=world_size - 1, world_size=world_size)
         resumed.load_state_dict(state)
@@ -295,3 +295,32 @@ def test_dealing_blocks_balances_unalike_shards_and_resumes(tmp_path) -> None:
         assert torch.equal(next(resumed)["input_ids"], want["input_ids"])
     with pytest.raises(ValueError, match="deal_block_rows must be >= 0"):
         StreamingLoader(shards, LoaderConfig(**{**cfg.__dict__, "deal_block_rows": -1}))
+
+
+def test_samples_drawn_per_dataset_are_counted_exactly_and_resume(tmp_path, shards) -> None:
+    """`drawn` counts each dataset's samples in the micro-batches the stream gave; a loader
+    resumed from a state mid-buffer ends with the uninterrupted run's counts; the last buffer of
+    an epoch, short of the first dataset, takes proportionally fewer of the others."""
+    text = _write(tmp_path, "b", count=40, per_shard=10, seed=7)
+    mix = [Dataset(shards, weight=3.0), Dataset(text, weight=1.0)]
+    cfg = LoaderConfig(**{**CFG.__dict__, "shuffle_buffer": 20})
+    steps = 25  # past an epoch end
+
+    def run(loader: StreamingLoader, count: int) -> Counter:
+        return Counter(d for _ in range(count) for row in loader._next_rows() for d, _, _ in row)
+
+    loader = StreamingLoader(mix, cfg, rank=1, world_size=2)
+    seen = run(loader, steps)
+    assert loader.drawn == [seen[0], seen[1]] and min(loader.drawn) > 0
+    first = StreamingLoader(mix, cfg, rank=1, world_size=2)
+    run(first, 7)
+    resumed = StreamingLoader(mix, cfg, rank=1, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, steps - 7)
+    assert resumed.drawn == loader.drawn
+    # Epoch 0 of rank 1: its 48 samples of the first dataset in buffers of 15 (15, 15, 15, 3);
+    # the second gives 5 a buffer and round(5 * 3 / 15) = 1 to the last: 16 (it gave 20 before).
+    epoch = Counter(
+        d for b in range(loader.buffers_per_epoch) for d, _, _ in loader._buffer_samples(0, b)
+    )
+    assert (loader.buffers_per_epoch, epoch[0], epoch[1]) == (4, 48, 16)
