@@ -11,7 +11,8 @@ lengths, image size and resize mode, filter rules.
 Data, written once for both recipes: tiny Hugging Face CLIP and LLaMA folders saved by
 transformers (the LLaMA folder carries the tokenizer), a LAION-style parquet of http URLs served
 on loopback by this test, LLaVA-style JSON with multi-turn, multi-image and text-only samples,
-ShareGPT and Alpaca text instructions, and every benchmark of each recipe's evaluate section as
+ShareGPT and Alpaca text instructions (each recipe's stage 2 mixes the LLaVA-style data with them,
+a second tokenize step, as its job file declares), and every benchmark of each recipe's evaluate section as
 written, in its official schema, at the recipe's paths moved under the test's folder. The
 two `owl run`s go at the same time (each with its own local Ray), so CI pays for the slower one
 plus what they contend for, not for both in a row.
@@ -287,9 +288,9 @@ def _recipe_benchmarks(job: str, root: Path, official: dict[str, str]) -> list[s
 
 def _sets(data: dict, variant: str) -> dict:
     scale = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
-    sources = {  # the recipes' instruction mixes, in the formats they name
-        "owl2": [data["llava"]],
-        "owl1": [data["alpaca"], data["sharegpt"], data["llava"]],
+    text_sources = {  # the recipes' text-only instructions, in the formats they name
+        "owl2": [data["sharegpt"]],
+        "owl1": [data["alpaca"], data["sharegpt"]],
     }[variant]
     return {
         "storage": str(data["root"] / f"storage-{variant}"),
@@ -300,7 +301,9 @@ def _sets(data: dict, variant: str) -> dict:
         "download.processes_count": 1,
         "download.thread_count": 4,
         "tokenizer.path": data["llama"][variant],
-        "tokenize_instructions.sources": sources,
+        # stage 2 mixes two datasets (the recipe's weights): multimodal and text-only
+        "tokenize_instructions.sources": [data["llava"]],
+        "tokenize_text.sources": text_sources,
         "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
         # Owl2's stage 2 runs by the recipe's epochs and warmup_ratio; Owl1's (LoRA) by steps.
         "stage2": {**scale, **({} if variant == "owl2" else {"max_steps": 2})},
@@ -480,3 +483,47 @@ def test_export_and_audit_reach_the_url_list_and_pretrained_folders(recipes, var
     chain = json.dumps(run["audit"])
     assert "download" in chain and "stage1" in chain and "stage2" in chain
     assert "pretrained.clip" in chain and "pretrained.llama" in chain
+
+
+@pytest.mark.parametrize("variant", list(JOBS))
+def test_stage2_trains_from_the_recipes_two_dataset_mixture(recipes, variant) -> None:
+    """The job file's mixture: the multimodal `data` input and the text-only `tokenize_text`
+    step, with the recipe's weights; every sample trained on is counted to its dataset."""
+    recipe = yaml.safe_load((ROOT / JOBS[variant]).read_text())["stage2"]
+    _, stage2 = _manifest(recipes[variant], "stage2")
+    mixture = stage2["info"]["mixture"]
+    weights = {"data": recipe["data_weight"], **recipe["mix"]}
+    assert {name: entry["weight"] for name, entry in mixture.items()} == weights
+    drawn = {name: entry["drawn"] for name, entry in mixture.items()}
+    assert min(drawn.values()) > 0
+    assert sum(drawn.values()) == stage2["stats"]["samples"]
+    assert stage2["stats"]["drawn.tokenize_text"] == drawn["tokenize_text"]
+    if variant == "owl2":  # one epoch over `data`: the text share is the configured one
+        share = drawn["tokenize_text"] / sum(drawn.values())
+        assert abs(share - weights["tokenize_text"] / sum(weights.values())) < 0.02, drawn
+
+
+def test_an_edit_to_either_dataset_invalidates_stage2(recipes, data) -> None:
+    """Owl1's plan after its run: everything cached; with one byte more in either dataset's
+    source file, that tokenize step and stage 2 (and what follows) are to be computed again,
+    the other tokenize step stays cached."""
+    from pipelines.jobspec import load_job
+    from pipelines.runner import plan
+
+    sets = [a for a in _args(_sets(data, "owl1")) if a != "--set"]
+    cached = {
+        p.name: p.cached for p in plan(load_job(ROOT / JOBS["owl1"], sets), estimate_memory=False)
+    }
+    assert all(cached.values()), cached
+    for edited, other in (("llava", "tokenize_text"), ("sharegpt", "tokenize_instructions")):
+        path = Path(data[edited]["path"])
+        original = path.read_bytes()
+        try:
+            path.write_bytes(original + b" ")  # the same JSON, another content digest
+            job = load_job(ROOT / JOBS["owl1"], sets)
+            cached = {p.name: p.cached for p in plan(job, estimate_memory=False)}
+        finally:
+            path.write_bytes(original)
+        source = "tokenize_instructions" if edited == "llava" else "tokenize_text"
+        assert not cached[source] and not cached["stage2"] and not cached["export"], edited
+        assert cached[other] and cached["stage1"], edited

@@ -44,6 +44,8 @@ RUN_BY = {
     "make test-newest": "tests/unit/test_ci.py::test_make_test_newest_without_python_313_is_one_line",
     "owl run jobs/owl2-llama2-7b.yaml --dry-run --set stage2.gpu_memory_gib=16":
         "tests/unit/test_memory_plan.py::test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit",
+    "owl status jobs/owl1-llama-7b.yaml":
+        "tests/unit/test_mix_steps.py::test_the_documented_mixture_command_runs_as_written",
     "owl submit jobs/owl2-llama2-7b.yaml --address http://HEAD:8265 --set storage=/mnt/shared/owl2":
         "tests/integration/test_cluster.py::test_infra_readme_token_setup_works_as_written",
     "owl logs owl-owl2-llama2-7b-<hash> --address http://HEAD:8265 --follow":

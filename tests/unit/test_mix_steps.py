@@ -98,16 +98,19 @@ def test_the_model_card_shows_each_stage_mixture(tmp_path):
     from owl.data.manifest import Manifest
     from pipelines.steps.export import _mixture_section
 
-    def stage(mix: dict, data_weight: float) -> StepInput:
+    def stage(mix: dict, data_weight: float, drawn: dict | None = None) -> StepInput:
         manifest = Manifest(step="stage2")
         manifest.info = {"train_config": {"mix": mix, "data_weight": data_weight}}
+        if drawn:
+            manifest.info["mixture"] = {n: {"weight": 0, "drawn": c} for n, c in drawn.items()}
         return StepInput("stage2", tmp_path, manifest)
 
+    drawn = {"data": 2970, "tokenize_captions": 1030}
     card = _mixture_section(
-        {"stage1": stage({}, 1.0), "stage2": stage({"tokenize_captions": 1}, 3)}
+        {"stage1": stage({}, 1.0), "stage2": stage({"tokenize_captions": 1}, 3, drawn)}
     )
-    assert "| stage2 | data | 3 | 75.0% |" in card
-    assert "| stage2 | tokenize_captions | 1 | 25.0% |" in card
+    assert "| stage2 | data | 3 | 75.0% | 2,970 | 74.2% |" in card
+    assert "| stage2 | tokenize_captions | 1 | 25.0% | 1,030 | 25.8% |" in card
     assert "stage1" not in card
     assert _mixture_section({"stage1": stage({}, 1.0)}) == ""
 
@@ -188,3 +191,58 @@ def test_a_second_step_of_a_kind_names_the_field_it_gets_wrong(tmp_path, change,
         raw[name] = {**raw.get(name, {}), **section}
     with pytest.raises(ValueError, match=message):
         parse_job(raw)
+
+
+def test_owl_status_shows_the_samples_a_stage_drew(tmp_path, capsys, monkeypatch):
+    """Beside the configured weights, the samples of each dataset the committed stage trained on
+    (its manifest's `mixture`, as the training step writes it)."""
+    from owl.data.manifest import Manifest
+    from pipelines import cli, runner
+    from pipelines.cache import step_dir
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(with_text_step(tmp_path)))
+    manifest = Manifest(step="stage2")
+    manifest.info["mixture"] = {"data": {"weight": 3.0, "drawn": 2160},
+                                "tokenize_text": {"weight": 1.0, "drawn": 720}}  # fmt: skip
+    out = step_dir(tmp_path / "s", "stage2", "k")
+    out.mkdir(parents=True)
+    manifest.write(out)
+    plan = runner.plan
+
+    def stage2_committed(job, *args, **kwargs):
+        planned = plan(job, *args, **kwargs)
+        for p in planned:
+            if p.name == "stage2":
+                p.key, p.cached = "k", True
+        return planned
+
+    monkeypatch.setattr(runner, "plan", stage2_committed)
+    assert cli.main(["status", str(job_file), "--json"]) == 0
+    steps = {s["step"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
+    assert steps["stage2"]["drawn"] == {"data": 2160, "tokenize_text": 720}
+    assert steps["tokenize_text"]["drawn"] == steps["stage1"]["drawn"] == {}
+    assert cli.main(["status", str(job_file)]) == 0
+    assert (
+        "mixture stage2: data 3 (75%), tokenize_text 1 (25%); "
+        "samples drawn: data 2,160 (75%), tokenize_text 720 (25%)"
+    ) in capsys.readouterr().out
+
+
+def test_the_documented_mixture_command_runs_as_written(tmp_path, capsys, monkeypatch):
+    """docs/pipeline.md's `owl status` of a 7B recipe, run as written: it prints the line the doc
+    shows beside it (the recipe's stage-2 weights)."""
+    import re
+    import shlex
+
+    from pipelines import cli
+
+    doc = (ROOT / "docs" / "pipeline.md").read_text()
+    command, shown = re.search(
+        r"\n\s*(owl status jobs/owl1-llama-7b.yaml)\s+# (mixture .*)", doc
+    ).groups()
+    (tmp_path / "jobs").symlink_to(ROOT / "jobs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(shlex.split(command)[1:]) == 0
+    assert shown in capsys.readouterr().out
