@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from elastic_runs import run
 from test_train_ray import MODEL, _write_data
 
-from owl.data.loader import shards_from_manifest
+from owl.data.loader import Dataset, shards_from_manifest
 from owl.train.config import TrainConfig
 from owl.train.loop import WorkerJob
 
@@ -82,8 +83,15 @@ def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> No
     step 4. Resumed from it, the stage's loss curve (all its points: what MLflow's metric history
     and the loss plot show), learning rate, tokens and samples are the uninterrupted run's; before
     the window travelled in the checkpoint, step 4 logged step 4's loss alone and step 3's tokens
-    and samples were never counted."""
+    and samples were never counted. The stage mixes a second dataset 3:1: the samples it drew
+    of each (the loader state in the checkpoint) are the uninterrupted run's too."""
     job = _job(data, 2, max_steps=6, checkpoint_every=3, log_every=2, num_workers=1)
+    job.train = job.train.replace(mix={"extra": 1.0}, data_weight=3.0)
+    extra = _write_data(tmp_path / "extra", count=20)
+    job.datasets = [
+        Dataset(job.shards, 3.0, "data"),
+        Dataset(shards_from_manifest(extra.manifest, extra.dir), 1.0, "extra"),
+    ]
     run(job, 1, tmp_path / "full", port=29634)
     checkpoint = tmp_path / "full" / "checkpoints" / "step-00000003"
     run(job, 1, tmp_path / "resumed", resume=checkpoint, port=29635)
@@ -96,3 +104,12 @@ def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> No
         for (step, value), (_, expected) in zip(resumed["curves"][name], full["curves"][name]):
             assert value == pytest.approx(expected, rel=1e-5, abs=0), (name, step)
     assert (resumed["tokens"], resumed["samples"]) == (full["tokens"], full["samples"])
+    drawn = {
+        name: torch.load(
+            tmp_path / name / "checkpoints" / "step-00000006" / "worker-rank0.pt",
+            weights_only=False,
+        )["loader"]["streams"][0]["drawn"]
+        for name in ("full", "resumed")
+    }
+    assert drawn["resumed"] == drawn["full"] and min(drawn["full"]) > 0
+    assert sum(drawn["full"]) == full["samples"]
