@@ -9,6 +9,9 @@ For each step of the job, in DAG order:
    and commit its manifest last.
 Each step's execution is recorded under `<storage>/executions/<id>/` and in MLflow (a child run of
 the execution's parent run). After the last step the final model is registered in MLflow.
+
+Keys, plans and the checks made before anything starts: pipelines.plan; what lineage is recorded
+through: pipelines.sink; `owl status`: pipelines.status.
 """
 
 from __future__ import annotations
@@ -24,30 +27,31 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from filelock import Timeout
 
-from owl.configs import input_path_fields
 from owl.data.manifest import Manifest
-from owl.train.config import mixture_weights
 from pipelines import cache
 from pipelines.cache import ExecutionRecord, StepRecord
-from pipelines.dag import (
-    METRICS_FROM,
-    REGISTER_FROM,
-    StepSpec,
-    downstream,
-    upstream_of,
-)
+from pipelines.dag import METRICS_FROM, REGISTER_FROM, upstream_of
 from pipelines.errors import error_summary
 from pipelines.jobspec import JobSpec, StepSection
 from pipelines.mlflow_links import model_version_url, run_url, ui_base
+from pipelines.plan import (
+    check_environment,
+    check_inputs,
+    check_memory,
+    forced_steps,
+    input_files,
+    key_parts,
+    plan,
+    select_steps,
+    step_key,
+)
 from pipelines.progress import Reporter, StepSummary
+from pipelines.sink import LineageSink, mlflow_lineage
 from pipelines.step import StepContext, StepInput
-
-if TYPE_CHECKING:
-    from owl.train.memory import MemoryPlan
 
 # Errors that a retry cannot fix: bad configuration or code, not a flaky node or network.
 NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportError)
@@ -67,268 +71,6 @@ class StepFailed(RuntimeError):
         super().__init__(f"step {step} failed: {error}")
         self.step = step
         self.error = error
-
-
-class LineageSink(Protocol):
-    """What the runner records lineage through (`pipelines.lineage.Lineage`, or a no-op)."""
-
-    def start_pipeline(self, job_name: str, execution_id: str, params: dict[str, Any]) -> str: ...
-    def end_pipeline(self, ok: bool, metrics: dict[str, float]) -> None: ...
-    def start_step(
-        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
-    ) -> str: ...
-    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, Path, Manifest]]) -> None: ...
-    def finish_step(
-        self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
-    ) -> None: ...
-    def record_hit(
-        self,
-        step: str,
-        key: str,
-        version: str,
-        config: dict[str, Any],
-        inputs: dict[str, tuple[str, Path, Manifest]],
-        manifest: Manifest,
-        out_dir: Path,
-    ) -> str: ...
-    def register_model(
-        self,
-        name: str,
-        model_dir: Path,
-        run_id: str,
-        digest: str,
-        tags: dict[str, str],
-        alias: str = "current",
-    ) -> tuple[str, str]: ...
-    def end_interrupted(self, step_run_id: str, reason: str) -> None: ...
-
-
-class NullLineage:
-    """Records nothing: for `--dry-run` and for tests of the runner alone."""
-
-    def start_pipeline(self, job_name: str, execution_id: str, params: dict[str, Any]) -> str:
-        return ""
-
-    def end_pipeline(self, ok: bool, metrics: dict[str, float]) -> None:
-        pass
-
-    def start_step(
-        self, step: str, key: str, version: str, config: dict[str, Any], hit: bool
-    ) -> str:
-        return ""
-
-    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, Path, Manifest]]) -> None:
-        pass
-
-    def finish_step(
-        self, run_id: str, manifest: Manifest | None, out_dir: Path, hit: bool, error: str = ""
-    ) -> None:
-        pass
-
-    def record_hit(
-        self,
-        step: str,
-        key: str,
-        version: str,
-        config: dict[str, Any],
-        inputs: dict[str, tuple[str, Path, Manifest]],
-        manifest: Manifest,
-        out_dir: Path,
-    ) -> str:
-        return ""
-
-    def register_model(
-        self,
-        name: str,
-        model_dir: Path,
-        run_id: str,
-        digest: str,
-        tags: dict[str, str],
-        alias: str = "current",
-    ) -> tuple[str, str]:
-        return "", ""
-
-    def end_interrupted(self, step_run_id: str, reason: str) -> None:
-        pass
-
-
-def mlflow_lineage(job: JobSpec) -> LineageSink:
-    """The MLflow recorder for `job` (imports mlflow only here, through pipelines.lineage)."""
-    from pipelines.lineage import Lineage
-
-    job.storage.mkdir(parents=True, exist_ok=True)
-    # Two runs creating the same SQLite store at once would race on its schema migrations.
-    with cache.lock_for(job.storage, "mlflow", "store"):
-        return Lineage(job.mlflow_uri, job.name, job.mlflow_artifacts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys and plans
-
-
-def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, Any]:
-    """(config part, model part) of a step's cache key."""
-    model: dict[str, Any] = {}
-    if spec.uses_model:
-        model["owl"] = job.owl_config.to_dict()
-    if spec.uses_pretrained:
-        model["pretrained"] = dataclasses.asdict(job.model.pretrained)
-    if spec.uses_seed:
-        model["seed"] = job.seed
-    # Fields a step module names in NOT_IN_KEY change how it runs, never what it outputs (e.g.
-    # training's policy when the cluster offers fewer workers): setting one keeps the key, so a
-    # re-run with it resumes the same checkpoints.
-    skipped = getattr(spec.load_module(), "NOT_IN_KEY", ())
-    if not skipped:
-        return section.config, model
-    config = {k: v for k, v in cache.plain(section.config).items() if k not in skipped}
-    return config, model
-
-
-def input_files(job: JobSpec, name: str) -> dict[str, str]:
-    """Content digest of every local file or folder the step's key parts name (URL lists,
-    instruction files, image folders, benchmark files, pretrained folders)."""
-    section = job.steps[name]
-    config, model = key_parts(job, section.spec, section)
-    return cache.input_digests(job.storage, cache.input_paths(config, model))
-
-
-def step_key(
-    job: JobSpec, name: str, digests: dict[str, str], files: dict[str, str] | None = None
-) -> str:
-    """The step's cache key; `files` as `input_files` gives them (computed when not passed)."""
-    section = job.steps[name]
-    config, model = key_parts(job, section.spec, section)
-    files = input_files(job, name) if files is None else files
-    return cache.cache_key(name, section.spec.version, config, model, digests, files)
-
-
-def select_steps(job: JobSpec, until: str | None) -> list[str]:
-    """The job's steps, or with `until` that step and everything it depends on."""
-    present = list(job.steps)  # in DAG order, the job's own steps of a repeated kind included
-    if until is None:
-        return present
-    if until not in job.steps:
-        raise ValueError(f"--until {until}: not a step of this job; its steps are {present}")
-    needed = {until}
-    for name in reversed(present):
-        if name in needed:
-            needed.update(upstream_of(job.steps[name].spec, job.steps).values())
-    return [name for name in present if name in needed]
-
-
-def forced_steps(job: JobSpec, force: list[str]) -> set[str]:
-    forced: set[str] = set()
-    for name in force:
-        if name not in job.steps:
-            raise ValueError(
-                f"--force {name}: not a step of this job; its steps are {list(job.steps)}"
-            )
-        # The job's own specs: a stage's roles include the steps its `mix` names.
-        specs = {step: section.spec for step, section in job.steps.items()}
-        forced.update(downstream(name, list(job.steps), specs))
-    return forced
-
-
-@dataclass
-class PlannedStep:
-    name: str
-    key: str | None  # None: an upstream output is not computed yet, so the key is not known
-    cached: bool
-    forced: bool
-    resources: dict[str, float]
-    memory_gib: float | None = None  # training: planned GPU memory per worker (owl.train.memory)
-    memory: dict[str, Any] | None = None  # training: the plan's parts (MemoryPlan.to_dict)
-    # Why a committed output there is not used (an unreadable manifest, a missing file).
-    problems: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def plan(
-    job: JobSpec,
-    force: list[str] | None = None,
-    until: str | None = None,
-    estimate_memory: bool = True,
-) -> list[PlannedStep]:
-    """What `owl run` would do now: keys that can be known, which outputs are cached."""
-    forced = forced_steps(job, force or [])
-    manifests: dict[str, Manifest | None] = {}
-    planned = []
-    names = select_steps(job, until)
-    check_environment(job, names)
-    for name in names:
-        section = job.steps[name]
-        ups = upstream_of(section.spec, job.steps)
-        known = all(manifests.get(up) is not None for up in ups.values())
-        key = (
-            step_key(job, name, {role: manifests[up].digest for role, up in ups.items()})
-            if known
-            else None
-        )
-        manifest, problems = None, []
-        if key is not None and name not in forced:
-            manifest, problems = cache.find_committed(cache.step_dir(job.storage, name, key))
-        manifests[name] = manifest
-        memory = memory_plan(job, name) if estimate_memory and section.spec.trains else None
-        planned.append(
-            PlannedStep(
-                name=name,
-                key=key,
-                cached=manifest is not None,
-                forced=name in forced,
-                resources=dataclasses.asdict(section.resources),
-                memory_gib=None if memory is None else memory.gib()["total_gib"],
-                memory=None if memory is None else memory.to_dict(),
-                problems=problems,
-            )
-        )
-    return planned
-
-
-def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
-    """A training step's GPU memory plan per worker (`owl.train.memory`: the model on the meta
-    device, the stage's trainable selection, activations per micro-batch); ValueError (one line)
-    when it exceeds the step's `gpu_memory_gib` (> 0)."""
-    from owl.train.memory import check_fits, plan_memory
-
-    config = job.steps[name].config
-    memory = plan_memory(job.owl_config, config)
-    check_fits(name, memory, config.gpu_memory_gib)
-    return memory
-
-
-def check_environment(job: JobSpec, names: list[str]) -> None:
-    """ValueError (one line) when this machine cannot run a selected step as configured: each
-    step module may define `check_environment(config)` (e.g. evaluate: Java for captions)."""
-    for name in names:
-        check = getattr(job.steps[name].spec.load_module(), "check_environment", None)
-        if check is not None:
-            check(job.steps[name].config)
-
-
-def check_memory(job: JobSpec, names: list[str]) -> None:
-    """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib` (the plan
-    is computed only for steps that set one)."""
-    for name in names:
-        if job.steps[name].spec.trains and job.steps[name].config.gpu_memory_gib > 0:
-            memory_plan(job, name)
-
-
-def check_inputs(job: JobSpec, names: list[str]) -> None:
-    """ValueError (one line) when a URL list or instruction file the steps name is not there:
-    before Ray or MLflow start (`@role/...` outputs and URIs are checked where they are read)."""
-    for name in names:
-        for field_path, value in input_path_fields(job.steps[name].config, name):
-            if value.startswith("@") or "://" in value:
-                continue
-            if not os.path.exists(os.path.expanduser(value)):
-                raise ValueError(f"{field_path}: no such file or folder {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
 
 
 @dataclass
@@ -869,75 +611,3 @@ def _private_token_file() -> None:
 def _short_error(exc: BaseException) -> str:
     """What a step's record, its MLflow run and the failure line say: the cause first."""
     return error_summary(exc, limit=2000)
-
-
-# ---------------------------------------------------------------------------------------------
-# Status
-
-
-def tracking_source(job: JobSpec) -> str:
-    """Where the job's MLflow tracking URI comes from: the job file, the environment, or the
-    default SQLite store under storage."""
-    if job.raw.get("mlflow_uri"):
-        return "job file"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return "MLFLOW_TRACKING_URI"
-    return "default SQLite store under storage"
-
-
-def _mixture(config: Any) -> dict[str, float]:
-    return mixture_weights(getattr(config, "mix", None) or {}, getattr(config, "data_weight", 1.0))
-
-
-def _drawn(job: JobSpec, planned: PlannedStep) -> dict[str, int]:
-    """{dataset: samples trained on} from a committed training stage that mixes; {} otherwise."""
-    if not (planned.cached and planned.key and job.steps[planned.name].spec.trains):
-        return {}
-    manifest = Manifest.read(cache.step_dir(job.storage, planned.name, planned.key))
-    return {name: entry["drawn"] for name, entry in manifest.info.get("mixture", {}).items()}
-
-
-def job_status(job: JobSpec) -> dict[str, Any]:
-    """Per step of the job's current plan: state, duration, key, MLflow run id (from the newest
-    record with that key); the newest registered model and evaluation metrics."""
-    executions = cache.read_executions(job.storage, job.name)
-    latest: dict[tuple[str, str], StepRecord] = {}
-    for execution in executions:
-        for record in cache.read_step_records(job.storage, execution.execution_id):
-            latest[(record.step, record.key)] = record
-    steps = []
-    for planned in plan(job, estimate_memory=False):
-        record = latest.get((planned.name, planned.key or ""))
-        state = record.state if record else ("done" if planned.cached else "pending")
-        if planned.cached and state in ("running", "failed", "interrupted"):
-            state = "done"  # committed meanwhile (e.g. by a concurrent run)
-        steps.append(
-            {
-                "step": planned.name,
-                "state": state,
-                "cached": planned.cached,
-                "key": planned.key or "",
-                "duration_s": record.duration_s if record else 0.0,
-                "mlflow_run_id": record.mlflow_run_id if record else "",
-                "attempts": record.attempts if record else 0,
-                "error": record.error if record else "",
-                # e.g. an unreadable manifest: the next `owl run` recomputes that step
-                "problems": planned.problems,
-                # a training stage drawing several datasets: {dataset: weight}, `data` first
-                "mixture": _mixture(job.steps[planned.name].config),
-                # ... and the samples of each it trained on, once it has run
-                "drawn": _drawn(job, planned),
-            }
-        )
-    finished = [e for e in executions if e.state == "done"]
-    last = executions[-1] if executions else None
-    return {
-        "job": job.name,
-        "storage": str(job.storage),
-        "mlflow_uri": job.mlflow_uri,
-        "mlflow_uri_from": tracking_source(job),
-        "last_execution": dataclasses.asdict(last) if last else None,
-        "steps": steps,
-        "registered_model": finished[-1].registered_model if finished else {},
-        "metrics": finished[-1].metrics if finished else {},
-    }

@@ -87,14 +87,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.runner import (
-        Runner,
-        check_environment,
-        check_inputs,
-        forced_steps,
-        plan,
-        select_steps,
-    )
+    from pipelines.plan import check_environment, check_inputs, forced_steps, plan, select_steps
+    from pipelines.runner import Runner
 
     try:
         job = load_job(args.job, args.overrides)
@@ -185,7 +179,7 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.runner import job_status
+    from pipelines.status import job_status
 
     try:
         status = job_status(load_job(args.job, args.overrides))

@@ -22,7 +22,8 @@ from owl.data.manifest import Manifest  # noqa: E402
 from pipelines import cache  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import NullLineage, Runner  # noqa: E402
+from pipelines.runner import Runner  # noqa: E402
+from pipelines.sink import NullLineage  # noqa: E402
 from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 pytestmark = pytest.mark.integration

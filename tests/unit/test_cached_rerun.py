@@ -20,8 +20,9 @@ from owl.data.manifest import FileEntry, Manifest  # noqa: E402
 from pipelines import cache  # noqa: E402
 from pipelines.dag import upstream_of  # noqa: E402
 from pipelines.jobspec import load_job, parse_job  # noqa: E402
+from pipelines.plan import select_steps, step_key  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import Runner, select_steps, step_key  # noqa: E402
+from pipelines.runner import Runner  # noqa: E402
 from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "img2dataset", "albumentations")
@@ -75,7 +76,7 @@ def test_job_files_validate_without_heavy_imports():
         "import glob, json, sys\n"
         "from pipelines import cli\n"
         "from pipelines.jobspec import load_job\n"
-        "from pipelines.runner import plan\n"
+        "from pipelines.plan import plan\n"
         "cli.build_parser()\n"
         "for path in sorted(glob.glob('jobs/*.yaml')):\n"
         "    plan(load_job(path, ['storage=/nonexistent/owl-test']), estimate_memory=False)\n"

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by m
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.lineage import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG  # noqa: E402
 from pipelines.progress import Reporter, captured_output, training_message  # noqa: E402
-from pipelines.runner import Runner, job_status  # noqa: E402
+from pipelines.runner import Runner  # noqa: E402
+from pipelines.status import job_status  # noqa: E402
 from tests.integration.fake_steps import TWO_STAGE_TABLE, fake_job  # noqa: E402
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from owl.train.config import TrainConfig
 from pipelines import cli
+from pipelines.dag import upstream_of
 from pipelines.jobspec import load_job
-from pipelines.runner import step_key, upstream_of
+from pipelines.plan import step_key
 from pipelines.steps._ray_train import check_resources, scaling_workers
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ from transformers import CLIPVisionModel
 from owl.model import load_model
 from pipelines.jobspec import parse_job
 from pipelines.progress import Reporter
-from pipelines.runner import NullLineage, Runner
+from pipelines.runner import Runner
+from pipelines.sink import NullLineage
 from tests.unit import release_reference as ref
 from tests.unit import tiny_pretrained
 
@@ -143,7 +144,7 @@ def test_bad_folders_are_one_line_errors(tmp_path: Path, folders) -> None:
 
 def test_pretrained_folders_are_dataset_inputs_that_audit_reaches(tmp_path: Path, folders) -> None:
     from pipelines.lineage import audit_model
-    from pipelines.runner import mlflow_lineage
+    from pipelines.sink import mlflow_lineage
 
     job = _job(tmp_path / "s", {k: str(v) for k, v in folders.items()})
     lineage = mlflow_lineage(job)

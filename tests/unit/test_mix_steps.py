@@ -19,7 +19,7 @@ from test_packing import mixed_samples, write_shards  # noqa: E402
 from owl.train.config import TrainConfig  # noqa: E402
 from pipelines.dag import upstream_of  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.runner import forced_steps, select_steps, step_key  # noqa: E402
+from pipelines.plan import forced_steps, select_steps, step_key  # noqa: E402
 from pipelines.step import StepInput  # noqa: E402
 from pipelines.steps.train import mix_datasets  # noqa: E402
 
@@ -146,7 +146,7 @@ def with_text_step(tmp_path: Path, **section) -> dict:
 
 
 def test_a_second_step_of_a_kind_runs_under_its_own_name(tmp_path):
-    from pipelines.runner import input_files
+    from pipelines.plan import input_files
 
     job = parse_job(with_text_step(tmp_path))
     names = list(job.steps)
@@ -197,7 +197,7 @@ def test_owl_status_shows_the_samples_a_stage_drew(tmp_path, capsys, monkeypatch
     """Beside the configured weights, the samples of each dataset the committed stage trained on
     (its manifest's `mixture`, as the training step writes it)."""
     from owl.data.manifest import Manifest
-    from pipelines import cli, runner
+    from pipelines import cli, status
     from pipelines.cache import step_dir
 
     job_file = tmp_path / "job.yaml"
@@ -208,7 +208,7 @@ def test_owl_status_shows_the_samples_a_stage_drew(tmp_path, capsys, monkeypatch
     out = step_dir(tmp_path / "s", "stage2", "k")
     out.mkdir(parents=True)
     manifest.write(out)
-    plan = runner.plan
+    plan = status.plan
 
     def stage2_committed(job, *args, **kwargs):
         planned = plan(job, *args, **kwargs)
@@ -217,7 +217,7 @@ def test_owl_status_shows_the_samples_a_stage_drew(tmp_path, capsys, monkeypatch
                 p.key, p.cached = "k", True
         return planned
 
-    monkeypatch.setattr(runner, "plan", stage2_committed)
+    monkeypatch.setattr(status, "plan", stage2_committed)
     assert cli.main(["status", str(job_file), "--json"]) == 0
     steps = {s["step"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
     assert steps["stage2"]["drawn"] == {"data": 2160, "tokenize_text": 720}

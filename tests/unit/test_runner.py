@@ -18,8 +18,11 @@ sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by m
 from owl.data.manifest import Manifest  # noqa: E402
 from pipelines import cache  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
+from pipelines.plan import plan  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import NullLineage, Runner, job_status, plan  # noqa: E402
+from pipelines.runner import Runner  # noqa: E402
+from pipelines.sink import NullLineage  # noqa: E402
+from pipelines.status import job_status  # noqa: E402
 from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
 
