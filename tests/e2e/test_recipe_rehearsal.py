@@ -508,7 +508,7 @@ def test_an_edit_to_either_dataset_invalidates_stage2(recipes, data) -> None:
     source file, that tokenize step and stage 2 (and what follows) are to be computed again,
     the other tokenize step stays cached."""
     from pipelines.jobspec import load_job
-    from pipelines.runner import plan
+    from pipelines.plan import plan
 
     sets = [a for a in _args(_sets(data, "owl1")) if a != "--set"]
     cached = {
