@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines import cli  # noqa: E402
 from pipelines.commands.eval import resolve_model_dirs  # noqa: E402
-from pipelines.commands.run import code_runtime_env  # noqa: E402
 from pipelines.jobspec import parse_job  # noqa: E402
 from pipelines.progress import Reporter  # noqa: E402
+from pipelines.ray_jobs import code_runtime_env  # noqa: E402
 from pipelines.runner import Runner  # noqa: E402
 from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
 
@@ -214,14 +214,14 @@ def test_submit_from_an_installed_package_ships_only_owls_packages(tmp_path):
     assert from_checkout["working_dir"] == str(ROOT)
     site_packages = tmp_path / "site-packages"  # no pyproject.toml of owl there
     site_packages.mkdir()
-    import pipelines.commands.run as run_module
+    import pipelines.ray_jobs as ray_jobs
 
-    saved = run_module.PROJECT_ROOT
-    run_module.PROJECT_ROOT = site_packages
+    saved = ray_jobs.PROJECT_ROOT
+    ray_jobs.PROJECT_ROOT = site_packages
     try:
         installed = code_runtime_env(tmp_path / "storage")
     finally:
-        run_module.PROJECT_ROOT = saved
+        ray_jobs.PROJECT_ROOT = saved
     assert "working_dir" not in installed
     assert [Path(p).name for p in installed["py_modules"]] == ["owl", "pipelines"]
 

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
 
 from pipelines import cli  # noqa: E402
-from pipelines.commands.run import submission_base_id  # noqa: E402
 from pipelines.jobspec import apply_override, load_job, parse_job  # noqa: E402
+from pipelines.ray_jobs import submission_base_id  # noqa: E402
 from tests.integration.fake_steps import TABLE  # noqa: E402
 
 JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))
