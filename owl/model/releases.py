@@ -28,9 +28,22 @@ from pathlib import Path
 import torch
 
 from owl.model.config import OwlConfig
+from owl.model.hf_import import LLAMA_LAYER, layer_names, read_hf_state_dict
+from owl.model.lora import unmerged_adapter
 from owl.model.positions import sincos_1d, sincos_2d_with_cls
 from owl.model.registry import get_config
-from owl.model.weights import LLAMA_LAYER, layer_names
+from owl.model.release_files import write_release_files
+from owl.model.weights import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    load_model,
+    model_from_state_dict,
+    read_model_config,
+    read_safetensors_folder,
+    save_model,
+    write_pytorch_bin,
+    write_safetensors,
+)
 
 # Their config classes' defaults, used when a field is absent from a release's config.json.
 _VISION_EPS = 1e-6  # MplugOwlVisionConfig.layer_norm_eps, both releases
@@ -486,8 +499,6 @@ def convert_release(
 ) -> tuple[OwlConfig, dict[str, torch.Tensor]]:
     """Read a release folder; write our folder to `dst_dir` (unless None). Returns the config and
     our state dict. `progress` gets a line per phase (a 7B release takes minutes)."""
-    from owl.model.weights import model_from_state_dict, read_hf_state_dict, save_model
-
     layout = LAYOUTS[variant]
     src = Path(src_dir)
     if not src.is_dir():
@@ -520,17 +531,6 @@ def export_release(
     with, the tokenizer (`owl.model.release_files`). A folder whose LoRA adapter is kept apart
     (`merge_lora: false`) is written merged: the authors' code has no use for our peft adapter.
     Returns the names of the files written."""
-    from owl.model.lora import unmerged_adapter
-    from owl.model.release_files import write_release_files
-    from owl.model.weights import (
-        INDEX_FILE,
-        WEIGHTS_FILE,
-        read_model_config,
-        read_safetensors_folder,
-        write_pytorch_bin,
-        write_safetensors,
-    )
-
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights format {weights!r}: one of {WEIGHT_FORMATS}")
     model_dir = Path(model_dir)
@@ -541,8 +541,6 @@ def export_release(
     if unmerged_adapter(model_dir) is None:
         state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
     else:  # base weights + adapter (`merge_lora: false`): the release holds the trained model
-        from owl.model.weights import load_model
-
         state = load_model(model_dir).state_dict()
         if cfg.decoder.tie_embeddings:
             state.pop("decoder.lm_head.weight", None)
@@ -553,3 +551,17 @@ def export_release(
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     extras = write_release_files(cfg, config, dst, Path(tokenizer_dir) if tokenizer_dir else None)
     return sorted(p.name for p in dst.iterdir() if p.is_file() and p.name not in extras) + extras
+
+
+def convert_mplug_owl2(
+    src_dir: str | Path, dst_dir: str | Path, base: str = "owl2-llama2-7b"
+) -> OwlConfig:
+    """The authors' released Owl2 folder -> our folder (convert_release)."""
+    return convert_release(src_dir, dst_dir, "owl2", base)[0]
+
+
+def convert_mplug_owl(
+    src_dir: str | Path, dst_dir: str | Path, base: str = "owl1-llama-7b"
+) -> OwlConfig:
+    """The authors' released mPLUG-Owl (Owl1) folder -> our folder (convert_release)."""
+    return convert_release(src_dir, dst_dir, "owl1", base)[0]

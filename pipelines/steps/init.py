@@ -29,7 +29,8 @@ class Config:
 
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
-    from owl.model.weights import pretrained_model, save_model
+    from owl.model.pretrained import pretrained_model
+    from owl.model.weights import save_model
     from pipelines.cache import input_digests
 
     folders = {k: v for k, v in ctx.extra.get("pretrained", {}).items() if v}

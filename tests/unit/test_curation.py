@@ -51,8 +51,8 @@ def test_clip_folder_must_hold_both_towers(tmp_path, clip_folder):
 def test_init_reads_the_vision_tower_of_a_full_clip_model(clip_folder):
     from transformers import CLIPModel
 
+    from owl.model.hf_import import load_clip_vision
     from owl.model.registry import get_config
-    from owl.model.weights import load_clip_vision
 
     ours = load_clip_vision(get_config("debug-tiny"), clip_folder)  # text tower left out
     vision = CLIPModel.from_pretrained(clip_folder).vision_model

@@ -154,8 +154,8 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     from types import SimpleNamespace
 
     from owl.model import get_config
+    from owl.model.hf_import import read_hf_state_dict
     from owl.model.releases import LAYOUTS, export_release, to_release
-    from owl.model.weights import read_hf_state_dict
     from owl.train.config import TrainConfig
     from owl.train.loop import WorkerJob, _export
 

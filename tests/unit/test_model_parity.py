@@ -8,7 +8,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from owl import IMAGE_TOKEN_ID
 from owl.model import get_config
-from owl.model.weights import init_from_hf
+from owl.model.hf_import import init_from_hf
 
 VISION = {
     "image_size": 32,

@@ -11,8 +11,8 @@ import torch
 
 from owl import IMAGE_TOKEN_ID
 from owl.model import load_model
+from owl.model.hf_import import read_hf_state_dict
 from owl.model.releases import LAYOUTS
-from owl.model.weights import read_hf_state_dict
 from pipelines.cli import main as owl_cli
 from tests.unit import release_reference as ref
 
