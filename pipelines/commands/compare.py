@@ -42,10 +42,10 @@ def _units(ref: str, args: argparse.Namespace, scratch: Path) -> dict[str, dict[
 
     folder = Path(ref) / UNITS_DIR
     if not Path(ref).is_dir():
-        from pipelines import lineage
+        from pipelines import audit
         from pipelines.commands.run import _tracking_uri
 
-        folder = lineage.download_evaluation(_tracking_uri(args), ref, UNITS_DIR, scratch)
+        folder = audit.download_evaluation(_tracking_uri(args), ref, UNITS_DIR, scratch)
     elif not folder.is_dir():
         raise ValueError(f"{ref}: no {UNITS_DIR}/ folder: not an evaluate step's output")
     files = sorted(folder.glob("*.parquet"))

@@ -266,14 +266,14 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pipelines import lineage
+    from pipelines import audit
 
     try:
         uri = _tracking_uri(args)
         if args.audit_kind == "model":
-            report = lineage.audit_model(uri, args.ref)
+            report = audit.audit_model(uri, args.ref)
         else:
-            report = lineage.audit_dataset(uri, args.digest)
+            report = audit.audit_dataset(uri, args.digest)
     except ValueError as exc:
         return _fail(str(exc))
     if args.json:

@@ -143,7 +143,7 @@ def test_bad_folders_are_one_line_errors(tmp_path: Path, folders) -> None:
 
 
 def test_pretrained_folders_are_dataset_inputs_that_audit_reaches(tmp_path: Path, folders) -> None:
-    from pipelines.lineage import audit_model
+    from pipelines.audit import audit_model
     from pipelines.sink import mlflow_lineage
 
     job = _job(tmp_path / "s", {k: str(v) for k, v in folders.items()})
