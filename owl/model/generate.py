@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from owl.model.decoder import KVCache, TextStep
-from owl.model.model import positions_from_segments
+from owl.model.positions import positions_from_segments
 
 if TYPE_CHECKING:
     from owl.model.model import OwlModel

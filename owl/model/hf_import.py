@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from owl.model.abstractor import Abstractor
 from owl.model.config import OwlConfig
-from owl.model.model import OwlModel
+from owl.model.decoder import Decoder
+from owl.model.model import OwlModel, _init_weights
+from owl.model.vision import VisionEncoder
 from owl.model.weights import check_keys, meta_model, read_safetensors_folder
 
 
@@ -244,11 +247,6 @@ def init_from_hf(
 def model_with_fresh_rest(cfg: OwlConfig, loaded: dict[str, torch.Tensor]) -> OwlModel:
     """`loaded` assigned; every component (vision, abstractor, decoder) with a weight not in it is
     built fresh (from-scratch init) and then gets the loaded weights it has."""
-    from owl.model.abstractor import Abstractor
-    from owl.model.decoder import Decoder
-    from owl.model.model import _init_weights
-    from owl.model.vision import VisionEncoder
-
     model = meta_model(cfg)
     result = model.load_state_dict(loaded, strict=False, assign=True)
     assert not result.unexpected_keys, result.unexpected_keys  # name maps only emit our keys

@@ -18,16 +18,10 @@ from owl import IMAGE_TOKEN_ID
 from owl.model.abstractor import Abstractor
 from owl.model.config import OwlConfig
 from owl.model.decoder import Decoder, KVCache, SegmentLayout
+from owl.model.generate import generate as generate_tokens
+from owl.model.generate import stream as stream_tokens
+from owl.model.positions import positions_from_segments
 from owl.model.vision import VisionEncoder
-
-
-def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, T) that restart at 0 wherever the segment id changes (packing, padding)."""
-    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    start_index = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
-    return index - start_index
 
 
 def segment_mask(
@@ -189,15 +183,11 @@ class OwlModel(nn.Module):
         (n_i, 3, S, S) for sample i, n_i may be 0.
         Options (owl.model.generate.decode): max_new_tokens (required), temperature (0 = greedy),
         top_p, eos_token_id, seed, use_cache."""
-        from owl.model.generate import generate
-
-        return generate(self, input_ids, images, **options)
+        return generate_tokens(self, input_ids, images, **options)
 
     def stream(
         self, input_ids: list[int], images: torch.Tensor | None = None, **options: Any
     ) -> Iterator[int]:
         """Yield new tokens of one sample as they are produced (for chat); options as in
         `generate`."""
-        from owl.model.generate import stream
-
-        return stream(self, input_ids, images, **options)
+        return stream_tokens(self, input_ids, images, **options)

@@ -1,5 +1,6 @@
-"""Fixed sin-cos position embeddings (MAE convention): the Owl2 abstractor's query and key
-positions, and the from-scratch init of the ViT's learned positions."""
+"""Positions: the decoder's position ids from segment ids (restarting per packed sample), and fixed
+sin-cos position embeddings (MAE convention): the Owl2 abstractor's query and key positions, and
+the from-scratch init of the ViT's learned positions."""
 
 from __future__ import annotations
 
@@ -35,3 +36,12 @@ def sincos_2d_with_cls(dim: int, grid_size: int) -> torch.Tensor:
         [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1
     )  # (grid*grid, dim)
     return torch.cat([torch.zeros(1, dim), grid], dim=0)  # (1 + grid*grid, dim)
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) that restart at 0 wherever the segment id changes (packing, padding)."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_index = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
+    return index - start_index

@@ -10,6 +10,7 @@ import torch
 from owl.model.config import OwlConfig
 from owl.model.hf_import import load_clip_vision, load_llama, model_with_fresh_rest, read_hf_config
 from owl.model.model import OwlModel
+from owl.model.releases import convert_release
 from owl.model.weights import model_from_state_dict
 
 PRETRAINED_KINDS = ("clip", "llama", "owl2", "owl1")
@@ -77,8 +78,6 @@ def _clip_grid(directory: Path, cfg: OwlConfig) -> str:
 
 
 def _from_release(cfg: OwlConfig, kind: str, folder: str) -> tuple[OwlModel, dict[str, object]]:
-    from owl.model.releases import convert_release
-
     variant = "owl2" if kind == "owl2" else "owl1"
     if cfg.variant != variant:
         raise ValueError(

@@ -7,7 +7,8 @@ import torch
 
 from owl import IMAGE_TOKEN_ID
 from owl.model import build_model, get_config
-from owl.model.model import OwlModel, positions_from_segments
+from owl.model.model import OwlModel
+from owl.model.positions import positions_from_segments
 
 K = get_config("debug-tiny").num_visual_tokens
 

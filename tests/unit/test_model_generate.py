@@ -11,7 +11,8 @@ from owl.model import build_model, get_config, linear
 from owl.model.decoder import KVCache, TextStep
 from owl.model.generate import left_pad, sample_next
 from owl.model.lora import apply_lora, merge_lora
-from owl.model.model import OwlModel, positions_from_segments
+from owl.model.model import OwlModel
+from owl.model.positions import positions_from_segments
 
 NEW = 12
 
