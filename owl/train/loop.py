@@ -95,8 +95,16 @@ class Session(Protocol):
         ...
 
 
+# When this worker got ready, in seconds since the epoch (time.time()), sent with its first
+# report: after a worker failure the driver splits the recovery time by them
+# (pipelines/steps/_train_failures.py).
+STARTUP_TIMES = ("worker_start", "engine_ready", "restored")
+
+
 def run_training(job: WorkerJob, session: Session) -> TrainState:
-    """Train one stage to its last step, reporting metrics and checkpoints through `session`."""
+    """Train one stage to its last step, reporting metrics and checkpoints through `session`
+    (the first report also carries the `STARTUP_TIMES`)."""
+    startup = {"worker_start": time.time()}
     cfg = job.train
     _seed_everything(cfg.seed)
     model = _build_model(job, session)
@@ -109,6 +117,7 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
     loader = _build_loader(job, session)
     total_steps = total_optimizer_steps(cfg, loader)
     engine = _initialize_engine(model, cfg, total_steps, session.world_size)
+    startup["engine_ready"] = time.time()
     state = TrainState()
     with session.restore_dir() as directory:
         if directory is not None:
@@ -117,9 +126,13 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
             )
             loader.load_state_dict(loader_states)
             state.resumed_from_step = state.step
+    startup["restored"] = time.time()
     state.parameters_held = held
     state.engine = engine_summary(engine)
-    _train(engine, loader, job, session, state, total_steps, started_fresh=state.step == 0)
+    _train(
+        engine, loader, job, session, state, total_steps, started_fresh=state.step == 0,
+        startup=startup,
+    )  # fmt: skip
     return state
 
 
@@ -428,10 +441,12 @@ def _train(
     total_steps: int,
     *,
     started_fresh: bool,
+    startup: dict[str, float] | None = None,
 ) -> None:
     cfg = job.train
     engine.train()
     window = Window.resumed(state.window, session.rank)
+    unsent = dict(startup or {})  # goes out with this run's first report
     while state.step < total_steps:
         counts = _train_step(engine, loader, job, session.world_size)
         state.step += 1
@@ -444,7 +459,10 @@ def _train(
         if state.step % cfg.log_every == 0 or last:
             metrics = _window_metrics(engine, window, state, session.world_size)
             window = Window()
-        if state.step % cfg.checkpoint_every == 0 or last:
+        checkpointing = state.step % cfg.checkpoint_every == 0 or last
+        if metrics is not None or checkpointing:
+            metrics, unsent = {**(metrics or {}), **unsent}, {}
+        if checkpointing:
             state.window = _open_window(window, engine.device)
             _save_and_report(engine, loader, job, session, state, metrics or {}, export=last)
         elif metrics is not None:

@@ -1,8 +1,9 @@
 """What happened to a training stage's workers, for the driver and MLflow: a Ray Train callback
 (it runs in the controller) appends an event to a JSON file each time the workers fail (a worker
-raised, or its node died) and when training reports again afterwards ("recovered"); the driver
-shows each new event as a progress line and puts them in the stage's manifest (`info.train_events`
-and the stats `worker_failures` / `recovery_s`, which the runner logs to the stage's MLflow run).
+raised, or its node died) and when training reports again afterwards ("recovered", with the times
+rank 0 of the new workers got ready: `owl.train.loop.STARTUP_TIMES`); the driver shows each new
+event as a progress line and puts them in the stage's manifest (`info.train_events` and the stats
+`worker_failures` / `recovery_s`, which the runner logs to the stage's MLflow run).
 """
 
 from __future__ import annotations
@@ -39,13 +40,22 @@ def failure_callback(path: Path) -> Any:
             if metrics and metrics[0]:
                 self.step = float(metrics[0].get("step", self.step))
                 if self.events and self.events[-1]["event"] == "failure":
-                    self._add("recovered")
+                    ready = {k: float(metrics[0][k]) for k in STARTUP_LABELS if k in metrics[0]}
+                    self._add("recovered", startup=ready)
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Any]) -> None:
             ranks = sorted(worker_exceptions)
             self._add("failure", ranks=ranks, error=_first_line(worker_exceptions[ranks[0]]))
 
     return FailureEvents()
+
+
+# owl.train.loop.STARTUP_TIMES (not imported: this module runs without torch), as the line says them.
+STARTUP_LABELS = {
+    "worker_start": "training function",
+    "engine_ready": "DeepSpeed engine",
+    "restored": "checkpoint restored",
+}
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -65,8 +75,19 @@ def describe(event: dict[str, Any], events: list[dict[str, Any]], max_failures: 
             "allowed)"
         )
     failure = _failure_before(events, event)
-    after = f", {event['time'] - failure['time']:.0f}s after the failure" if failure else ""
-    return f"recovered: training again at step {event['step']:g}{after}"
+    if not failure:
+        return f"recovered: training again at step {event['step']:g}"
+    ready = event.get("startup", {})
+    split = ", ".join(
+        f"{label} +{ready[name] - failure['time']:.0f}s"
+        for name, label in STARTUP_LABELS.items()
+        if name in ready
+    )
+    return (
+        f"recovered: training again at step {event['step']:g}, "
+        f"{event['time'] - failure['time']:.0f}s after the failure"
+        + (f" ({split})" if split else "")
+    )
 
 
 def show_new(ctx: StepContext, path: Path, shown: int, max_failures: int) -> int:

@@ -159,6 +159,12 @@ class Cluster:
         self.cpus = cpus
         self.head_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        # Ray's state API (Ray Train's placement-group cleaner asks it every few seconds whether
+        # the controller lives) finds its cluster by scanning this machine's processes for GCS
+        # servers: here it found every other Ray cluster of the machine too, scanned all processes
+        # each time and logged "Found multiple active Ray instances" to the job's log hundreds of
+        # times. A real node runs one Ray instance; name ours.
+        self.env["RAY_API_SERVER_ADDRESS"] = self.address
         # Each node's private folders; short, under the real /tmp (Ray's socket paths < 108 bytes).
         self.disks = Path(tempfile.mkdtemp(prefix="owlnodes", dir="/tmp"))
         self.nodes: dict[int, Node] = {}

@@ -37,6 +37,31 @@ def test_a_failure_and_its_recovery_become_stats_and_lines() -> None:
     )
 
 
+def test_the_recovery_is_split_by_when_the_new_workers_got_ready(tmp_path: Path) -> None:
+    """The controller's callback keeps, with the first report after a failure, the times rank 0
+    got ready (owl.train.loop sends them with its first report); the line splits the recovery."""
+    from owl.train.loop import STARTUP_TIMES
+
+    assert tuple(_train_failures.STARTUP_LABELS) == STARTUP_TIMES
+    callback = _train_failures.failure_callback(tmp_path / "events.json")
+    callback.after_report(None, [{"step": 2.0}], None)  # before any failure: no event
+    callback.after_exception(None, {1: RuntimeError("node died\ntraceback")})
+    failed_at = _train_failures.read_events(tmp_path / "events.json")[0]["time"]
+    ready = {"worker_start": 52.0, "engine_ready": 60.5, "restored": 61.0}
+    callback.after_report(
+        None, [{"step": 3.0, "loss": 1.0, **{k: failed_at + v for k, v in ready.items()}}], None
+    )
+    callback.after_report(None, [{"step": 4.0}], None)  # recovered once
+    events = _train_failures.read_events(tmp_path / "events.json")
+    assert [e["event"] for e in events] == ["failure", "recovered"]
+    assert events[0]["step"] == 2.0 and events[0]["error"] == "node died"
+    assert {k: v - failed_at for k, v in events[1]["startup"].items()} == ready
+    line = _train_failures.describe(events[1], events, max_failures=3)
+    assert line.startswith("recovered: training again at step 3, ")
+    assert line.endswith("(training function +52s, DeepSpeed engine +60s, "
+                         "checkpoint restored +61s)")  # fmt: skip
+
+
 def test_nothing_failed_adds_nothing() -> None:
     assert _train_failures.summarize([]) == ({}, {})
     unrecovered = _train_failures.summarize(_events(FAILURE))
