@@ -192,6 +192,20 @@ def yaml_error(exc: yaml.YAMLError) -> str:
 # Validation
 
 
+def resolve_tracking_uri(job_uri: str, storage: Path | None) -> tuple[str, str]:
+    """(MLflow tracking URI, where it comes from): the job file's `mlflow_uri`, else the
+    environment's MLFLOW_TRACKING_URI (a Secret on the cluster), else the default SQLite store
+    under `storage`; ("", "") when none is set and there is no storage (a command given no job).
+    The one place MLFLOW_TRACKING_URI is read."""
+    if job_uri:
+        return job_uri, "job file"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    if storage is not None:
+        return f"sqlite:///{storage / 'mlflow.db'}", "default SQLite store under storage"
+    return "", ""
+
+
 def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> JobSpec:
     """Validate a raw job dict against the step table and the step modules' `Config` classes."""
     table = active_table() if table is None else table
@@ -200,10 +214,9 @@ def parse_job(raw: dict[str, Any], table: dict[str, StepSpec] | None = None) -> 
     if not name:
         raise ValueError("name: required, a short job name (used for the MLflow experiment)")
     storage = parse_storage(coerce(raw.get("storage", ""), str, "storage"))
-    mlflow_uri = coerce(raw.get("mlflow_uri") or "", str, "mlflow_uri")
-    # The environment (a Secret on the cluster) wins over the default store; the job's own wins.
-    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    mlflow_uri = mlflow_uri or f"sqlite:///{storage / 'mlflow.db'}"
+    mlflow_uri, _ = resolve_tracking_uri(
+        coerce(raw.get("mlflow_uri") or "", str, "mlflow_uri"), storage
+    )
     mlflow_artifacts = None  # a server keeps the artifacts where it was told to
     if mlflow_uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
         # A database store would put a new experiment's artifacts in ./mlruns of whatever

@@ -4,25 +4,20 @@ the newest registered model and evaluation metrics."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from owl.data.manifest import Manifest
 from owl.train.config import mixture_weights
 from pipelines import cache
 from pipelines.cache import StepRecord
-from pipelines.jobspec import JobSpec
+from pipelines.jobspec import JobSpec, resolve_tracking_uri
 from pipelines.plan import PlannedStep, plan
 
 
 def tracking_source(job: JobSpec) -> str:
     """Where the job's MLflow tracking URI comes from: the job file, the environment, or the
-    default SQLite store under storage."""
-    if job.raw.get("mlflow_uri"):
-        return "job file"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return "MLFLOW_TRACKING_URI"
-    return "default SQLite store under storage"
+    default SQLite store under storage (pipelines.jobspec.resolve_tracking_uri)."""
+    return resolve_tracking_uri(job.raw.get("mlflow_uri") or "", job.storage)[1]
 
 
 def _mixture(config: Any) -> dict[str, float]:

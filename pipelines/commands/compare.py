@@ -43,9 +43,9 @@ def _units(ref: str, args: argparse.Namespace, scratch: Path) -> dict[str, dict[
     folder = Path(ref) / UNITS_DIR
     if not Path(ref).is_dir():
         from pipelines import audit
-        from pipelines.commands.run import _tracking_uri
+        from pipelines.commands.run import tracking_uri_of
 
-        folder = audit.download_evaluation(_tracking_uri(args), ref, UNITS_DIR, scratch)
+        folder = audit.download_evaluation(tracking_uri_of(args), ref, UNITS_DIR, scratch)
     elif not folder.is_dir():
         raise ValueError(f"{ref}: no {UNITS_DIR}/ folder: not an evaluate step's output")
     files = sorted(folder.glob("*.parquet"))

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.jobspec import JobSpec, load_job
+from pipelines.jobspec import JobSpec, load_job, resolve_tracking_uri
 from pipelines.progress import captured_output, make_reporter
 from pipelines.ray_jobs import (
     job_state,
@@ -253,23 +253,26 @@ def _add_audit(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(func=cmd_audit)
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
+def tracking_uri_of(args: argparse.Namespace) -> str:
+    """The tracking URI a reading command (audit, compare) uses: --mlflow-uri, else its --job's
+    (pipelines.jobspec.resolve_tracking_uri), else MLFLOW_TRACKING_URI."""
     if args.mlflow_uri:
         return args.mlflow_uri
     if args.job:
         return load_job(args.job, args.overrides).mlflow_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    raise ValueError(
-        "no MLflow tracking URI: pass --mlflow-uri, --job JOB or set MLFLOW_TRACKING_URI"
-    )
+    uri, _ = resolve_tracking_uri("", None)
+    if not uri:
+        raise ValueError(
+            "no MLflow tracking URI: pass --mlflow-uri, --job JOB or set MLFLOW_TRACKING_URI"
+        )
+    return uri
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from pipelines import audit
 
     try:
-        uri = _tracking_uri(args)
+        uri = tracking_uri_of(args)
         if args.audit_kind == "model":
             report = audit.audit_model(uri, args.ref)
         else:
