@@ -109,8 +109,8 @@ class KVCache:
 class SegmentLayout:
     """Attention within segments of packed rows, computed per segment instead of under a mask.
 
-    Buys 1.03-1.11x per demo training step and 1.18x on long-tailed packed rows over SDPA under
-    the dense mask (BENCHMARKS.md); same outputs and gradients (tests/unit/test_segment_layout.py).
+    Faster than SDPA under the dense mask on packed rows (measured: BENCHMARKS.md, "The decoder's
+    forward paths"); same outputs and gradients (tests/unit/test_segment_layout.py).
 
     A packed row of T tokens under a (T, T) block-diagonal mask costs a dense T x T attention,
     most of it on pairs the mask throws away. Here every segment (sample) of the batch becomes
@@ -343,8 +343,8 @@ class Decoder(nn.Module):
 class TextStep:
     """One generated token per row through the decoder, for the cached decode loop.
 
-    Buys ~2x the tokens/s of `forward_cached` per token at demo size, batch 1 (1.7x at batch 8;
-    BENCHMARKS.md, "Model"), with the same logits and cache bit for bit at the sizes tested
+    More tokens/s than `forward_cached` (measured: BENCHMARKS.md, "The decoder's forward paths"),
+    with the same logits and cache bit for bit at the sizes tested
     (test_model_generate.py; where `Linear` takes oneDNN, past its size it rounds differently from
     F.linear).
     It computes what Decoder.forward computes for a text token appended to the cached sequence,
@@ -352,7 +352,7 @@ class TextStep:
     - text branch only: a generated token is never visual, so the MAM's visual norms and k/v
       copies are skipped (training forward passes still run both branches);
     - the weights are read once as plain tensors (shared storage, no copies): no module calls or
-      parameter dispatch per layer (the same step calling the modules is 1.25-1.7x slower);
+      parameter dispatch per layer (the same step calling the modules is slower: BENCHMARKS.md);
       activations stay (B, D), one token per row;
     - rotary tables for every position up to the cache's capacity are computed once;
     - keys/values are written in place into the preallocated cache;

@@ -2,11 +2,11 @@
 that is the faster of the two.
 
 Every linear layer of the model (vision encoder, abstractor, decoder) is this class. Which library
-is faster at the model's shapes depends on the CPU (BENCHMARKS.md, "Model"): on an AMD EPYC
-oneDNN's products made a demo training step ~1.4x faster than MKL's sgemm; on an Intel Xeon
-(AVX-512, AMX) MKL's made it 1.05-1.18x faster than oneDNN's. MKL is Intel's library, so on an
-Intel CPU `Linear` is F.linear (MKL), elsewhere oneDNN; the choice is made once per process
-(`PREFER_ONEDNN`), so a machine's numbers stay deterministic.
+is faster at the model's shapes depends on the CPU (measured on an AMD EPYC and an Intel Xeon:
+BENCHMARKS.md, "Model" and "Within 10 minutes"): oneDNN on the AMD, MKL on the Intel (AVX-512,
+AMX). MKL is Intel's library, so on an Intel CPU `Linear` is F.linear (MKL), elsewhere oneDNN;
+the choice is made once per process (`PREFER_ONEDNN`), so a machine's numbers stay
+deterministic.
 """
 
 from __future__ import annotations
