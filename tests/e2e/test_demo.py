@@ -165,3 +165,23 @@ def test_documented_commands_after_the_demo_run_as_written(demo):
     dataset = _documented(AUDIT_DATASET, work, **{"digest-prefix": prefix})
     assert {p["step"] for p in dataset["producers"]} == {"tokenize_captions"}
     assert "stage1" in {c["step"] for c in dataset["consumers"]}
+
+
+def test_compare_tells_the_stage2_model_from_the_stage1_model(demo):
+    """Issue 24: `owl compare` on the demo's two evaluations (stage 2's evaluate, stage 1's
+    evaluate_stage1) finds stage 2 significantly better on VQA; a model against itself differs by
+    0 on every benchmark."""
+    storage, result = demo
+    keys = {s["step"]: s["key"] for s in result["steps"]}
+    stage2 = str(storage / "steps" / "evaluate" / keys["evaluate"])
+    stage1 = str(storage / "steps" / "evaluate_stage1" / keys["evaluate_stage1"])
+    rows = {r["benchmark"]: r for r in _owl("compare", stage2, stage1)["comparisons"]}
+    print(json.dumps(rows["vqa"]))
+    # The items both scored: evaluate_stage1's `limit: 50` first items of the 500.
+    assert rows["vqa"]["count"] == 50 and rows["vqa"]["metric"] == "accuracy"
+    assert rows["vqa"]["difference"] == pytest.approx(rows["vqa"]["a"] - rows["vqa"]["b"])
+    assert 0 < rows["vqa"]["low"] <= rows["vqa"]["difference"] and rows["vqa"]["p_value"] < 0.01
+    itself = _owl("compare", stage2, stage2)["comparisons"]
+    assert {r["benchmark"] for r in itself} >= {"vqa", "caption", "multiple_choice", "text"}
+    for row in itself:
+        assert (row["difference"], row["low"], row["high"], row["p_value"]) == (0, 0, 0, 1), row
