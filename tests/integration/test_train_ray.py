@@ -6,6 +6,8 @@
 - interrupted at step k under ZeRO-3 (injected failure, no retries) and re-run: same weights as
   an uninterrupted ZeRO-3 run;
 - a worker process killed mid-run (ZeRO-2) is restarted by Ray Train from the last checkpoint;
+- `fewer_workers: continue` on a cluster with room for one of the two workers: the stage trains
+  on one worker (twice the accumulation) and its losses are the 2-worker run's;
 - bad input fails before anything starts.
 """
 
@@ -268,6 +270,23 @@ def test_killed_worker_is_restarted_from_last_checkpoint(
     lines = [m for _, _, m in PROGRESS[tmp_path]]
     assert any(m.startswith("workers failed after step ") for m in lines), lines
     assert any(m.startswith("recovered: training again at step") for m in lines), lines
+
+
+def test_fewer_workers_continue_trains_on_what_the_cluster_offers(
+    ray_cluster, reference, data, tmp_path
+) -> None:
+    """Two workers of 2 CPUs asked of the 2-CPU cluster: with `fewer_workers: continue,
+    min_workers: 1` Ray Train starts the one that fits, which consumes both sample streams
+    (accumulating twice as many micro-batches): the 2-worker reference run's losses. (Ray Train
+    sizes its elastic group by the cluster's CPUs, not by what other actors hold: busy CPUs
+    would not make it start fewer workers.)"""
+    cfg = BASE.replace(fewer_workers="continue", min_workers=1, cpus_per_worker=2.0)
+    manifest = _run(tmp_path, cfg, data)
+    engine = manifest.info["deepspeed"]
+    assert engine["gradient_accumulation_steps"] == 2 * BASE.grad_accum  # one worker ran
+    assert engine["train_batch_size"] == BASE.num_workers * BASE.grad_accum * BASE.micro_batch_size
+    assert manifest.stats["steps"] == 6 and "worker_failures" not in manifest.stats
+    assert _max_relative(_losses(reference[1]), _losses(manifest)) <= 1e-5
 
 
 def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
