@@ -319,7 +319,7 @@ def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> 
     clash = [f.name for f in dataclasses.fields(config_cls) if f.name in STEP_RESERVED]
     assert not clash, f"{spec.module}.Config fields {clash} clash with the runner's section keys"
     config = build_dataclass(config_cls, values, path)
-    spec = with_mix_roles(spec, config, present, path)
+    spec = with_eval_roles(with_mix_roles(spec, config, present, path), config, present)
     _check_role_paths(dataclasses.asdict(config), spec, present, path)
     retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
     resources = _resources(spec, config, section.get("resources"), path)
@@ -344,6 +344,24 @@ def with_mix_roles(spec: StepSpec, config: Any, present: list[str], path: str) -
             raise ValueError(f"{path}.mix.{name}: a step after {spec.name}; mix an earlier one")
     extra = {f"{MIX_ROLE}{name}": Role(name) for name in named}
     return dataclasses.replace(spec, roles={**spec.roles, **extra})
+
+
+def with_eval_roles(spec: StepSpec, config: Any, present: list[str]) -> StepSpec:
+    """`spec` with one more input role per earlier step of the job that the `@step/...` paths of
+    a training stage's `evaluate.benchmarks` name (`@shapes/benchmarks/vqa.jsonl`), while the
+    stage evaluates (`evaluate_every` > 0): the files it scores come from that step's output."""
+    if not getattr(config, "evaluate_every", 0):
+        return spec
+    from owl.eval.importers import parse_spec
+
+    paths = []
+    for entry in config.evaluate.benchmarks:
+        parsed = parse_spec(entry)
+        paths += parsed[2] if parsed else [entry]
+    named = {p[1:].partition("/")[0] for p in paths if p.startswith("@")} - set(spec.roles)
+    earlier = present[: present.index(spec.name)] if spec.name in present else []
+    extra = {name: Role(name) for name in sorted(named) if name in earlier}
+    return dataclasses.replace(spec, roles={**spec.roles, **extra}) if extra else spec
 
 
 def _resources(spec: StepSpec, config: Any, given: Any, path: str) -> Resources:

@@ -31,7 +31,15 @@ def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, 
     # Fields a step module names in NOT_IN_KEY change how it runs, never what it outputs (e.g.
     # training's policy when the cluster offers fewer workers): setting one keeps the key, so a
     # re-run with it resumes the same checkpoints.
-    skipped = getattr(spec.load_module(), "NOT_IN_KEY", ())
+    module = spec.load_module()
+    skipped = set(getattr(module, "NOT_IN_KEY", ()))
+    # Fields named in KEY_WHEN_SET enter the key only when set (not at their default): the keys
+    # of the steps that leave them alone stay those from before the field existed.
+    when_set = getattr(module, "KEY_WHEN_SET", ())
+    if when_set:
+        defaults = cache.plain(type(section.config)())
+        plain = cache.plain(section.config)
+        skipped.update(k for k in when_set if plain[k] == defaults[k])
     if not skipped:
         return section.config, model
     config = {k: v for k, v in cache.plain(section.config).items() if k not in skipped}

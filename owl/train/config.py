@@ -17,6 +17,37 @@ _NEVER = 1 << 30
 
 
 @dataclass(frozen=True)
+class EvaluateDuringTraining:
+    """What a stage with `evaluate_every` scores at each of those steps (docs/pipeline.md): the
+    benchmark files (or import specs, `@role/...` paths) and the Ray actors that score them,
+    beside the training workers. Scoring as the `evaluate` step does (owl.eval.evaluate), without
+    the blank-image pass and METEOR."""
+
+    benchmarks: tuple[str, ...] = ()
+    limit: int = 0  # first N items of each benchmark (0: all)
+    num_workers: int = 1  # Ray actors; each loads the checkpoint's model once
+    cpus_per_worker: float = 1.0  # 0: the actors take no CPU of the cluster's (share the cores)
+    gpus_per_worker: float = 0.0
+    batch_size: int = 16
+    vqa_rule: str = "vqav2"
+    caption_tokenizer: str = "ptb"
+
+    def __post_init__(self) -> None:
+        from owl.eval.importers import parse_spec
+        from owl.eval.metrics import CAPTION_TOKENIZERS, VQA_RULES
+
+        if self.vqa_rule not in VQA_RULES:
+            raise ValueError(f"evaluate.vqa_rule: {self.vqa_rule!r} is not one of {VQA_RULES}")
+        if self.caption_tokenizer not in CAPTION_TOKENIZERS:
+            raise ValueError(
+                f"evaluate.caption_tokenizer: {self.caption_tokenizer!r} is not one of "
+                f"{CAPTION_TOKENIZERS}"
+            )
+        for entry in self.benchmarks:
+            parse_spec(entry)  # a malformed import spec fails when the job file is read
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training stage. Steps are optimizer steps (after gradient accumulation)."""
 
@@ -92,6 +123,11 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 0
+    # Evaluation during training: every `evaluate_every` steps (a multiple of checkpoint_every;
+    # 0: never) the model of that step is scored on `evaluate.benchmarks` by Ray actors while
+    # training goes on; the metrics are curves of the stage (MLflow metrics at that step).
+    evaluate_every: int = 0
+    evaluate: EvaluateDuringTraining = dataclasses.field(default_factory=EvaluateDuringTraining)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -128,6 +164,23 @@ def _validate(cfg: TrainConfig) -> None:
         (not cfg.mix or cfg.loader == "streaming", "mix needs loader: streaming"),
         (all(w > 0 for w in [cfg.data_weight, *cfg.mix.values()]), "mix weights must be > 0"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
+        (cfg.evaluate_every >= 0, "evaluate_every must be >= 0 (0: no evaluation)"),
+        (
+            cfg.evaluate_every % cfg.checkpoint_every == 0,
+            f"evaluate_every ({cfg.evaluate_every}) must be a multiple of checkpoint_every "
+            f"({cfg.checkpoint_every}): each evaluated model is a checkpoint's",
+        ),
+        (
+            not cfg.evaluate_every or bool(cfg.evaluate.benchmarks),
+            "evaluate_every needs evaluate.benchmarks (benchmark files to score)",
+        ),
+        (cfg.evaluate.limit >= 0, "evaluate.limit must be >= 0 (0: every item)"),
+        (cfg.evaluate.num_workers >= 1, "evaluate.num_workers must be >= 1"),
+        (cfg.evaluate.batch_size >= 1, "evaluate.batch_size must be >= 1"),
+        (
+            cfg.evaluate.cpus_per_worker >= 0 and cfg.evaluate.gpus_per_worker >= 0,
+            "evaluate.cpus_per_worker and gpus_per_worker must be >= 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:

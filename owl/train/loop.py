@@ -78,6 +78,9 @@ class WorkerJob:
     # instead of `shards`, which is then the first dataset's).
     datasets: list[Dataset] = field(default_factory=list)
     fault: Fault | None = None  # tests only (FAULT_ENV)
+    # With `train.evaluate_every`: rank 0 writes the model of every such step to
+    # `<eval_dir>/step-N/model` (before that step's checkpoint) for the driver's evaluation.
+    eval_dir: str = ""
 
 
 class Session(Protocol):
@@ -462,6 +465,8 @@ def _train(
         checkpointing = state.step % cfg.checkpoint_every == 0 or last
         if metrics is not None or checkpointing:
             metrics, unsent = {**(metrics or {}), **unsent}, {}
+        if job.eval_dir and cfg.evaluate_every and state.step % cfg.evaluate_every == 0:
+            export_for_evaluation(engine, job, Path(job.eval_dir), state.step, rank=session.rank)
         if checkpointing:
             state.window = _open_window(window, engine.device)
             _save_and_report(engine, loader, job, session, state, metrics or {}, export=last)
@@ -517,7 +522,26 @@ def _save_and_report(
         session.report({**metrics, "step": state.step}, directory)
 
 
-def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
+def export_for_evaluation(engine: Any, job: WorkerJob, root: Path, step: int, *, rank: int) -> None:
+    """The model of this step as a `load_model` folder, `root/step-N/model`, written whole or not
+    at all (renamed into place), for the evaluation during training; training goes on untouched
+    (no random numbers drawn; LoRA adapters are merged into a copy). Collective under ZeRO-3."""
+    import shutil
+
+    target = root / checkpoint.step_dir_name(step) / "model"
+    if rank == 0 and target.is_dir():  # written before an interruption: the same weights
+        return
+    partial = target.with_name("model.partial")
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _export(engine, job, partial, rank=rank, keep_training=True)
+    if rank == 0:
+        partial.rename(target)
+
+
+def _export(
+    engine: Any, job: WorkerJob, directory: Path, *, rank: int, keep_training: bool = False
+) -> None:
     """Rank 0 writes the consolidated model folder.
 
     Under ZeRO-3 the weights are gathered module by module onto rank 0 only (DeepSpeed's
@@ -536,6 +560,8 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
     if not any("lora_" in n for n, _ in model.named_parameters()):
         save_model(model, directory)
         return
+    if keep_training and model is engine.module:  # merging below changes the model in place
+        model = _copy_on_cpu(model, job)
     from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora, write_lora_state
 
     save_adapter(model, directory / ADAPTER_DIR)
@@ -546,12 +572,22 @@ def _export(engine: Any, job: WorkerJob, directory: Path, *, rank: int) -> None:
 def _consolidated(engine: Any, job: WorkerJob) -> torch.nn.Module | None:
     """Rank 0: an unpartitioned copy of the ZeRO-3 model (same modules, LoRA wrappers included);
     other ranks: None. Collective."""
-    from owl.model.weights import meta_model
-
     state = engine._zero3_consolidated_16bit_state_dict()
     if state is None:
         return None
-    cfg = engine.module.cfg
+    return _model_from_state(state, engine.module.cfg, job)
+
+
+def _copy_on_cpu(model: torch.nn.Module, job: WorkerJob) -> torch.nn.Module:
+    """A copy of the (LoRA-wrapped) model on the CPU, its tensors copied."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return _model_from_state(state, model.cfg, job)
+
+
+def _model_from_state(state: dict[str, torch.Tensor], cfg: OwlConfig, job: WorkerJob) -> Any:
+    """The stage's model (with its LoRA wrappers when `state` has adapters) holding `state`."""
+    from owl.model.weights import meta_model
+
     model = meta_model(cfg)
     if any("lora_" in k for k in state):
         select_for_stage(model, cfg.variant, job.train)  # the same wrappers and trainable set

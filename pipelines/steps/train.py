@@ -36,6 +36,9 @@ Config = TrainConfig
 # What to do when the cluster offers fewer workers is not part of the cache key: a stage started
 # with `wait` resumes its checkpoints under `--set stageN.fewer_workers=continue`.
 NOT_IN_KEY = ("fewer_workers", "min_workers")
+# Evaluation during training adds curves to the stage's output, never changes its model: in the
+# key only when set, so the keys of stages that do not evaluate stay put.
+KEY_WHEN_SET = ("evaluate_every", "evaluate")
 
 LOSS_PLOT = "loss_curve.png"
 
@@ -84,20 +87,37 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         datasets=datasets,
         fault=Fault.from_env(),
     )
+    evaluator = None
+    if cfg.evaluate_every:  # reads the benchmarks and encodes the prompts: errors come now
+        from pipelines.steps._train_eval import TrainingEvaluator, eval_dir
+
+        evaluator = TrainingEvaluator(ctx, cfg, inputs)
+        job.eval_dir = str(eval_dir(ctx))
     resumed = _announce_resume(ctx, cfg)
     started = time.perf_counter()
     try:
+        if evaluator is not None:
+            evaluator.start()  # scores the models of evaluated steps while training goes on
         with training_progress(ctx, cfg) as callbacks:
             result = build_trainer(ctx, cfg, job, callbacks=callbacks).fit()
     except Exception as exc:
+        if evaluator is not None:
+            evaluator.stop(abort=True)
         cause = worker_value_error(exc)
         if cause is None:
             raise
         raise ValueError(cause) from exc  # e.g. a worker found a shard that does not match
+    trained = time.perf_counter()
+    eval_curves = evaluator.finish() if evaluator is not None else {}
+    eval_tail_s = time.perf_counter() - trained  # scoring left when training ended
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     names = [d.name for d in datasets if d.shards]  # the loader's datasets, in its order
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started, names)
+    if evaluator is not None:
+        manifest.curves.update(eval_curves)
+        manifest.stats["eval_during_training_s"] = evaluator.seconds
+        manifest.stats["eval_after_training_s"] = eval_tail_s
     manifest.dropped = dropped or manifest.dropped
     # Workers lost and restarted by Ray Train on the way (nothing when none failed).
     failure_stats, failure_info = summarize(read_events(events_path(ctx)))

@@ -8,13 +8,18 @@
 - a worker process killed mid-run (ZeRO-2) is restarted by Ray Train from the last checkpoint;
 - `fewer_workers: continue` on a cluster with room for one of the two workers: the stage trains
   on one worker (twice the accumulation) and its losses are the 2-worker run's;
-- bad input fails before anything starts.
+- bad input fails before anything starts;
+- with `evaluate_every`, the same losses and weights, each evaluated step's scores as curves,
+  and a benchmark already scored for a step (an interrupted evaluation) not asked again.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +32,14 @@ from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.model import OwlModel, get_config, load_model
-from owl.train.config import TrainConfig
+from owl.train.config import EvaluateDuringTraining, TrainConfig
 from owl.train.loop import FAULT_ENV
 from pipelines.step import StepContext, StepInput
 
 pytestmark = pytest.mark.integration
 
-MODEL = get_config("debug-tiny")
+# 300 ids: the evaluation tests' byte-level tokenizer (tests/unit/eval_helpers.py) fits.
+MODEL = get_config("debug-tiny", decoder={"vocab_size": 300})
 BASE = TrainConfig(
     stage=1,
     lr=1e-3,
@@ -94,9 +100,11 @@ def _write_data(directory: Path, count: int) -> StepInput:
 def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rtrn")  # its own session folder, removed after
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +115,7 @@ def data(tmp_path_factory) -> StepInput:
 PROGRESS: dict[Path, list[tuple[float, float | None, str]]] = {}
 
 
-def _run(out_dir: Path, cfg: TrainConfig, data: StepInput):
+def _run(out_dir: Path, cfg: TrainConfig, data: StepInput, **more: StepInput):
     from pipelines.steps import train
 
     reported = PROGRESS.setdefault(out_dir, [])
@@ -115,7 +123,7 @@ def _run(out_dir: Path, cfg: TrainConfig, data: StepInput):
         step="stage1", out_dir=out_dir, job_name="test", model=MODEL,
         progress=lambda done, total, message: reported.append((done, total, message)),
     )  # fmt: skip
-    return train.run(ctx, cfg, {"data": data})
+    return train.run(ctx, cfg, {"data": data, **more})
 
 
 def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -319,3 +327,41 @@ def test_restored_from_its_last_checkpoint_says_so(reference, data, capsys) -> N
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] == 6
     assert "stage1: resuming from step 6" in capsys.readouterr().out
     assert _max_diff(_weights(out), before) == 0.0
+
+
+def test_evaluation_during_training_keeps_the_losses_and_resumes_per_benchmark(
+    reference, data, tmp_path
+) -> None:
+    from tests.unit.eval_helpers import make_benchmarks, make_tokenizer
+
+    make_tokenizer(tmp_path / "tokenizer_step" / "tokenizer")
+    tokenizer = StepInput("tokenizer", tmp_path / "tokenizer_step", Manifest(step="tokenizer"))
+    files = make_benchmarks(tmp_path / "benchmarks", num_per_type=2)
+    cfg = BASE.replace(
+        evaluate_every=2,
+        evaluate=EvaluateDuringTraining(
+            benchmarks=(str(files["vqa"]), str(files["multiple_choice"])),
+            cpus_per_worker=0,  # the cluster's 2 CPUs are the training workers'
+            vqa_rule="normalized",
+        ),
+    )
+    out = tmp_path / "stage"
+    # An evaluation interrupted after scoring vqa at step 2: that score is kept, not re-run.
+    scored = out / "evaluations" / "step-00000002" / "vqa.json"
+    scored.parent.mkdir(parents=True)
+    scored.write_text('{"step": 2, "metrics": {"vqa.accuracy": 0.125, "vqa.count": 2}}')
+    manifest = _run(out, cfg, data, tokenizer=tokenizer)
+
+    ref_dir, ref = reference
+    assert _losses(manifest) == _losses(ref)  # the training numerics did not move
+    assert _max_diff(_weights(out), _weights(ref_dir)) == 0.0
+    vqa, choice = (
+        manifest.curves["eval.vqa.accuracy"],
+        manifest.curves["eval.multiple_choice.accuracy"],
+    )
+    assert [s for s, _ in vqa] == [2, 4, 6] and vqa[0] == (2, 0.125)
+    assert [s for s, _ in choice] == [2, 4, 6]
+    assert all(0.0 <= v <= 1.0 for _, v in vqa + choice)
+    assert json.loads(scored.read_text())["metrics"]["vqa.accuracy"] == 0.125
+    assert not list(out.glob("evaluations/step-*/model"))  # each removed once scored
+    assert manifest.stats["eval_during_training_s"] > 0

@@ -28,6 +28,8 @@ RUN_HERE = {
     "owl status jobs/demo.yaml --json",
     "owl status jobs/demo.yaml",
     "owl run jobs/owl2-llama2-7b.yaml --dry-run --set storage=/mnt/shared/owl2",
+    "owl run jobs/demo.yaml --dry-run --set stage2.evaluate_every=600 --set "
+    "\"stage2.evaluate.benchmarks=['@shapes/benchmarks/vqa.jsonl']\" --set stage2.evaluate.limit=100",
 }
 
 # Every `owl` line of these docs is run as written by that test, which reads the doc.
