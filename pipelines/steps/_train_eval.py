@@ -43,7 +43,7 @@ class TrainingEvaluator:
     ) -> None:
         from owl.data.tokenize import load_tokenizer
         from owl.eval.evaluate import load_benchmarks
-        from pipelines.steps import evaluate
+        from pipelines.steps import _eval_passes as evaluate
 
         if "tokenizer" not in inputs:
             raise ValueError(f"{ctx.step}.evaluate_every: needs the stage's `tokenizer` input")
@@ -62,7 +62,7 @@ class TrainingEvaluator:
             resolve=lambda path: resolve_path(path, inputs),
         )  # fmt: skip
         self.tokenizer = load_tokenizer(inputs["tokenizer"].dir / evaluate.TOKENIZER_DIR)
-        self.encoded = evaluate._encode_all(self.cfg, self.tokenizer, ctx.model, self.benchmarks)
+        self.encoded = evaluate.encode_all(self.cfg, self.tokenizer, ctx.model, self.benchmarks)
         self.seconds = 0.0  # spent evaluating (model loading, generation, scoring)
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -117,8 +117,8 @@ class TrainingEvaluator:
         import ray
 
         from owl.eval.evaluate import evaluate as evaluate_benchmarks
-        from pipelines.steps import evaluate
-        from pipelines.steps.evaluate import _metric_names, _predict_all
+        from pipelines.steps import _eval_passes as evaluate
+        from pipelines.steps._eval_passes import metric_names, predict_all
 
         step_dir = self.root / f"step-{step:08d}"
         started = time.monotonic()
@@ -126,7 +126,7 @@ class TrainingEvaluator:
         quiet = SimpleNamespace(progress=lambda *args: None)  # training owns the progress line
 
         def predict(passes: list[tuple[str, bool]]) -> list[list[dict[str, Any]]]:
-            return _predict_all(quiet, self.cfg, workers, self.tokenizer, self.encoded, passes)
+            return predict_all(quiet, self.cfg, workers, self.tokenizer, self.encoded, passes)
 
         try:
             for name in names:
@@ -135,7 +135,7 @@ class TrainingEvaluator:
                 (result,) = evaluate_benchmarks(
                     {name: self.benchmarks[name]}, predict, self.cfg, layout=None
                 )
-                named = _metric_names(name, result.records, result.metrics, blank=False)
+                named = metric_names(name, result.records, result.metrics, blank=False)
                 write_json_atomic(step_dir / f"{name}.json", {"step": step, "metrics": named})
         finally:
             for worker in workers:
@@ -150,7 +150,7 @@ class TrainingEvaluator:
     def _start_workers(self, model_dir: Path) -> list[Any]:
         import ray
 
-        from pipelines.steps.evaluate import EvalWorker
+        from pipelines.steps._eval_passes import EvalWorker
 
         cfg = self.cfg
         device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
