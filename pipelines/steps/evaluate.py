@@ -29,8 +29,7 @@ from typing import Any
 from owl.data.manifest import Manifest
 from owl.eval.evaluate import EvalLayout, check_specs_java
 from pipelines.step import StepContext, StepInput, resolve_path
-from pipelines.steps._eval_passes import (  # noqa: F401 (the step's names, defined there)
-    DTYPES,
+from pipelines.steps._eval_passes import (
     IMPORTED_DIR,
     MODEL_DIR,
     PREDICTIONS_DIR,
