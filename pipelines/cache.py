@@ -204,6 +204,15 @@ def remove_forced_builds(out_dir: Path) -> list[Path]:
     return left
 
 
+def swap_in(build_dir: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the committed `build_dir`: two renames, then the old one is removed."""
+    old = out_dir.with_name(f"{build_dir.name}.old")
+    if out_dir.exists():
+        out_dir.rename(old)
+    build_dir.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def find_committed(out_dir: Path, full: bool = False) -> tuple[Manifest | None, list[str]]:
     """(manifest, []) for a committed, verified output; (None, problems) otherwise.
 

@@ -93,7 +93,7 @@ class StepSection:
     config: Any
     resources: Resources
     retries: RetryPolicy
-    # A data step that keeps no sample fails unless this is set (see runner.OUTPUT_COUNTS).
+    # A data step that keeps no sample fails unless this is set (see pipelines.step.OUTPUT_COUNTS).
     allow_empty: bool = False
 
 

@@ -148,6 +148,17 @@ def plan(
     return planned
 
 
+def read_by_computing(job: JobSpec, force: list[str] | None, until: str | None) -> set[str]:
+    """Steps whose committed output a step that computes in this run will read. Their hit
+    checks every file's sha256, not only its size: a same-size corruption of a cached shard
+    is caught before anything is computed from it (a fully cached re-run hashes nothing)."""
+    planned = plan(job, force, until, estimate_memory=False)
+    computing = [p.name for p in planned if not p.cached]
+    return {
+        up for name in computing for up in upstream_of(job.steps[name].spec, job.steps).values()
+    }
+
+
 def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
     """A training step's GPU memory plan per worker (`owl.train.memory`: the model on the meta
     device, the stage's trainable selection, activations per micro-batch); ValueError (one line)

@@ -11,20 +11,18 @@ Each step's execution is recorded under `<storage>/executions/<id>/` and in MLfl
 the execution's parent run). After the last step the final model is registered in MLflow.
 
 Keys, plans and the checks made before anything starts: pipelines.plan; what lineage is recorded
-through: pipelines.sink; `owl status`: pipelines.status.
+through: pipelines.sink; the checks on what a step returned: pipelines.step; the Ray cluster:
+pipelines.ray_session; the registered model, metrics and MLflow links at the end:
+pipelines.registration; `owl status`: pipelines.status.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
-import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,12 @@ from typing import Any
 from filelock import Timeout
 
 from owl.data.manifest import Manifest
-from pipelines import cache
+from pipelines import cache, stop_signals
 from pipelines.cache import ExecutionRecord, StepRecord
-from pipelines.dag import METRICS_FROM, REGISTER_FROM, upstream_of
+from pipelines.dag import upstream_of
 from pipelines.errors import error_summary
 from pipelines.jobspec import JobSpec, StepSection
-from pipelines.mlflow_links import model_version_url, run_url, ui_base
+from pipelines.mlflow_links import ui_base
 from pipelines.plan import (
     check_environment,
     check_inputs,
@@ -45,25 +43,18 @@ from pipelines.plan import (
     forced_steps,
     input_files,
     key_parts,
-    plan,
+    read_by_computing,
     select_steps,
     step_key,
 )
 from pipelines.progress import Reporter, StepSummary
+from pipelines.ray_session import RaySession
+from pipelines.registration import execution_metrics, register_model, where_to_look
 from pipelines.sink import LineageSink, mlflow_lineage
-from pipelines.step import StepContext, StepInput
+from pipelines.step import StepContext, StepInput, check_not_empty, check_output
 
 # Errors that a retry cannot fix: bad configuration or code, not a flaky node or network.
 NON_TRANSIENT = (ValueError, TypeError, KeyError, NotImplementedError, ImportError)
-# The statistic in which a data step reports how many samples it wrote (download, filter,
-# tokenize_*): zero fails the step unless its section says `allow_empty: true`.
-OUTPUT_COUNTS = ("num_images", "num_out", "samples_out")
-# ... and the one saying how many came in, for the message.
-INPUT_COUNTS = ("num_urls", "num_in", "samples_in")
-
-
-class EmptyOutput(ValueError):
-    """A data step kept nothing: training on it would be training on nothing."""
 
 
 class StepFailed(RuntimeError):
@@ -108,8 +99,7 @@ class Runner:
         self.files: dict[str, dict[str, str]] = {}  # step -> input file digests in its key
         # Cached steps whose output a computing step reads: their files' sha256 is checked.
         self._read_by_computing: set[str] = set()
-        self._started_ray = False
-        self._reaper: subprocess.Popen | None = None  # see pipelines/reaper.py
+        self.ray = RaySession(job.ray_address, lambda: stop_signals.install(self._on_signal))
         self._result: RunResult | None = None
         self._current: StepRecord | None = None  # the step computing now (closed on interrupt)
         self._interrupted = ""
@@ -123,10 +113,10 @@ class Runner:
         check_memory(self.job, names)  # before anything starts
         check_environment(self.job, names)
         check_inputs(self.job, names)
-        self._read_by_computing = self._inputs_of_computing_steps(force, until)
+        self._read_by_computing = read_by_computing(self.job, force, until)
         if self.lineage is None:
             self.lineage = mlflow_lineage(self.job)
-        with self._termination_handled():
+        with stop_signals.handled(self._on_signal):
             return self._run(names, forced, verify)
 
     def _run(self, names: list[str], forced: set[str], verify: bool) -> RunResult:
@@ -141,8 +131,10 @@ class Runner:
         try:
             for name in names:
                 result.steps.append(self._run_step(name, name in forced, verify))
-            result.registered_model = self._register()
-            result.metrics = self._metrics()
+            result.registered_model, self._alias = register_model(
+                self.job, self.lineage, self.execution, self.manifests, self.run_ids
+            )
+            result.metrics = execution_metrics(self.manifests)
             result.ok = True
         except StepFailed as exc:
             result.error = str(exc)
@@ -153,36 +145,17 @@ class Runner:
             self.interrupt(_interrupt_reason(exc))
             raise
         finally:
-            self._shutdown_ray()
+            self.ray.shutdown()
         self._close(result, "done" if result.ok else "failed", result.error)
-        self.reporter.close(
-            result.steps, result.registered_model, self._alias, self._where_to_look(result)
+        links = where_to_look(
+            self.job,
+            self.lineage,
+            self.execution.mlflow_run_id,
+            result.registered_model,
+            self._alias,
         )
+        self.reporter.close(result.steps, result.registered_model, self._alias, links)
         return result
-
-    def _where_to_look(self, result: RunResult) -> list[str]:
-        """The commands / URLs that show this run and its model in MLflow."""
-        uri = self.job.mlflow_uri
-        if not self.execution.mlflow_run_id:
-            return []
-        experiment = getattr(self.lineage, "experiment_id", "")
-        model = result.registered_model
-        base = ui_base(uri)
-        run = run_url(base, experiment, self.execution.mlflow_run_id)
-        if uri.startswith(("http://", "https://")):
-            lines = [f"run: {run}"]
-            if model:
-                lines.append(f"model: {model_version_url(base, model['name'], model['version'])}")
-        else:
-            lines = [f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then {run}"]
-        if model:
-            ref = (
-                f"{model['name']}@{self._alias}"
-                if self._alias
-                else f"{model['name']}/{model['version']}"
-            )
-            lines.append(f"lineage: owl audit model {ref} --mlflow-uri {uri}")
-        return lines
 
     def _close(self, result: RunResult, state: str, error: str) -> None:
         self.execution.state = state  # type: ignore[assignment]
@@ -193,45 +166,14 @@ class Runner:
         cache.write_execution_record(self.job.storage, self.execution)
         self.lineage.end_pipeline(result.ok, result.metrics)
 
-    def _inputs_of_computing_steps(self, force: list[str] | None, until: str | None) -> set[str]:
-        """Steps whose committed output a step that computes in this run will read. Their hit
-        checks every file's sha256, not only its size: a same-size corruption of a cached shard
-        is caught before anything is computed from it (a fully cached re-run hashes nothing)."""
-        planned = plan(self.job, force, until, estimate_memory=False)
-        computing = [p.name for p in planned if not p.cached]
-        return {
-            up
-            for name in computing
-            for up in upstream_of(self.job.steps[name].spec, self.job.steps).values()
-        }
-
     # --- stop and kill --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _termination_handled(self) -> Iterator[None]:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         """SIGTERM (`owl stop`, `ray job stop`, `kill`) and SIGINT (Ctrl-C) close the records
         first (the step and the execution as interrupted, their MLflow runs KILLED), then unwind.
         Ray's driver has 3 s (RAY_JOB_STOP_WAIT_TIME_S) before SIGKILL, so nothing slow comes
         first."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self._install_handlers()
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _install_handlers(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        how = "stopped (owl stop, ray job stop or kill)" if signum == signal.SIGTERM else "Ctrl-C"
-        reason = f"{signal.Signals(signum).name}: {how}"
+        reason = stop_signals.reason(signum)
         if self._interrupted:  # a second signal while closing: stop now
             raise KeyboardInterrupt(reason)
         self.interrupt(reason)
@@ -386,7 +328,7 @@ class Runner:
             )
             manifest.write(build_dir)  # the commit marker, last
             if build_dir != out_dir:
-                _swap_in(build_dir, out_dir)
+                cache.swap_in(build_dir, out_dir)
         except BaseException as exc:
             if build_dir != out_dir:
                 shutil.rmtree(build_dir, ignore_errors=True)  # the old output stays as it was
@@ -425,13 +367,13 @@ class Runner:
             cache.prepare_dir(out_dir, keep=keep)
             try:
                 if section.spec.uses_ray:
-                    self._ensure_ray()
+                    self.ray.ensure()
                 manifest = module.run(
                     self._context(name, section, out_dir, attempt), section.config, inputs
                 )
-                _check_output(name, manifest, out_dir)
+                check_output(name, manifest, out_dir)
                 if not section.allow_empty:
-                    _check_not_empty(name, manifest)
+                    check_not_empty(name, manifest)
                 return manifest
             except NON_TRANSIENT:
                 raise
@@ -484,108 +426,6 @@ class Runner:
         record.duration_s = record.end - record.start
         cache.write_step_record(self.job.storage, record)
 
-    # --- Ray ------------------------------------------------------------------------------------
-
-    def _ensure_ray(self) -> None:
-        import ray  # imported only when a step computes: a cached re-run does not start Ray
-
-        if not ray.is_initialized():
-            context = ray.init(address=self.job.ray_address or None, log_to_driver=True)
-            self._started_ray = True
-            if not self.job.ray_address and not os.environ.get("RAY_ADDRESS"):
-                # A local cluster of our own: its helpers must not outlive a killed `owl run`.
-                from pipelines import reaper
-
-                self._reaper = reaper.start(context.address_info["session_dir"])
-            self._install_handlers()  # ray.init replaced the SIGTERM handler with sys.exit
-            _private_token_file()
-
-    def _shutdown_ray(self) -> None:
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
-        if self._reaper is not None:
-            self._reaper.terminate()
-            self._reaper.wait()
-            self._reaper = None
-
-    # --- after the last step --------------------------------------------------------------------
-
-    def _register(self) -> dict[str, str]:
-        """Register the newest model this run produced. Only the job's final model (its last
-        training stage) moves the alias; a partial run (`--until stage1`) registers a version
-        without touching it."""
-        final = next((s for s in REGISTER_FROM if s in self.manifests), None)
-        if final is None:
-            return {}
-        job_final = next((s for s in REGISTER_FROM if s in self.job.steps), None)
-        is_final = final == job_final
-        manifest = self.manifests[final]
-        tags = {
-            "owl.job": self.job.name,
-            "owl.pipeline_run_id": self.execution.mlflow_run_id,
-            "owl.execution_id": self.execution.execution_id,
-            "owl.model_step": final,
-        }
-        for step, m in self.manifests.items():
-            tags[f"owl.digest.{step}"] = m.digest
-            if step in REGISTER_FROM:
-                tags[f"owl.run.{step}"] = self.run_ids.get(step, "")
-        model_dir = cache.step_dir(self.job.storage, final, manifest.key) / "model"
-        # Concurrent runs of one job register the same output once (see Lineage.register_model).
-        with cache.lock_for(self.job.storage, "register", manifest.digest):
-            name, version = self.lineage.register_model(
-                self.job.name, model_dir, self.run_ids.get(final, ""), manifest.digest, tags,
-                alias="current" if is_final else "",
-            )  # fmt: skip
-        self._alias = "current" if name and is_final else ""
-        return {"name": name, "version": version} if name else {}
-
-    def _metrics(self) -> dict[str, float]:
-        """The final evaluation's metrics as they are, earlier evaluations' prefixed by step."""
-        sources = [s for s in METRICS_FROM if s in self.manifests]
-        metrics: dict[str, float] = {}
-        for rank, source in enumerate(sources):
-            prefix = "" if rank == 0 else f"{source}."
-            metrics.update({prefix + k: v for k, v in self.manifests[source].stats.items()})
-        return metrics
-
-
-def _check_output(name: str, manifest: Any, out_dir: Path) -> None:
-    if not isinstance(manifest, Manifest):
-        raise TypeError(f"step {name} returned {type(manifest).__name__}, expected a Manifest")
-    problems = manifest.verify(out_dir)
-    if problems:
-        raise RuntimeError(
-            f"step {name}: its manifest lists files that are not there: {problems[:5]}"
-        )
-
-
-def _check_not_empty(name: str, manifest: Manifest) -> None:
-    """Raise EmptyOutput when a data step reports that it kept no sample, saying why."""
-    count = next((k for k in OUTPUT_COUNTS if k in manifest.stats), None)
-    if count is None or manifest.stats[count] > 0:
-        return
-    given = next((k for k in INPUT_COUNTS if k in manifest.stats), None)
-    read = f" of {manifest.stats[given]:g} read ({given})" if given else ""
-    reasons = sorted(manifest.dropped.items(), key=lambda kv: -kv[1])
-    why = ", ".join(f"{k}={v}" for k, v in reasons) if reasons else "no input rows"
-    raise EmptyOutput(
-        f"step {name} kept no samples{read}; dropped by reason: {why}. Fix the inputs, or set "
-        f"`{name}: {{allow_empty: true}}` in the job to continue with an empty output"
-    )
-
-
-def _swap_in(build_dir: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the committed `build_dir`: two renames, then the old one is removed."""
-    old = out_dir.with_name(f"{build_dir.name}.old")
-    if out_dir.exists():
-        out_dir.rename(old)
-    build_dir.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
 
 def _lineage_inputs(inputs: dict[str, StepInput]) -> dict[str, tuple[str, Path, Manifest]]:
     return {role: (i.name, i.dir, i.manifest) for role, i in inputs.items()}
@@ -597,15 +437,6 @@ def _interrupt_reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "SIGINT: Ctrl-C"
     return _short_error(exc)
-
-
-def _private_token_file() -> None:
-    """Ray writes the token of a cluster it starts to ~/.ray/auth_token readable by everyone on
-    the machine; only its owner should read it."""
-    path = Path.home() / ".ray" / "auth_token"
-    with contextlib.suppress(OSError):
-        if path.is_file() and path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
 
 
 def _short_error(exc: BaseException) -> str:

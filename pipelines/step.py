@@ -29,6 +29,16 @@ from typing import Any
 from owl.data.manifest import Manifest
 from owl.model.config import OwlConfig
 
+# The statistic in which a data step reports how many samples it wrote (download, filter,
+# tokenize_*): zero fails the step unless its section says `allow_empty: true`.
+OUTPUT_COUNTS = ("num_images", "num_out", "samples_out")
+# ... and the one saying how many came in, for the message.
+INPUT_COUNTS = ("num_urls", "num_in", "samples_in")
+
+
+class EmptyOutput(ValueError):
+    """A data step kept nothing: training on it would be training on nothing."""
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -72,3 +82,29 @@ def resolve_path(path: str, inputs: dict[str, StepInput]) -> str:
             f"{path}: refers to input {role!r}, but this step's inputs are {sorted(inputs)}"
         )
     return str(inputs[role].dir / rel)
+
+
+def check_output(name: str, manifest: Any, out_dir: Path) -> None:
+    """What a step returned is a Manifest whose files are all under `out_dir`."""
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"step {name} returned {type(manifest).__name__}, expected a Manifest")
+    problems = manifest.verify(out_dir)
+    if problems:
+        raise RuntimeError(
+            f"step {name}: its manifest lists files that are not there: {problems[:5]}"
+        )
+
+
+def check_not_empty(name: str, manifest: Manifest) -> None:
+    """Raise EmptyOutput when a data step reports that it kept no sample, saying why."""
+    count = next((k for k in OUTPUT_COUNTS if k in manifest.stats), None)
+    if count is None or manifest.stats[count] > 0:
+        return
+    given = next((k for k in INPUT_COUNTS if k in manifest.stats), None)
+    read = f" of {manifest.stats[given]:g} read ({given})" if given else ""
+    reasons = sorted(manifest.dropped.items(), key=lambda kv: -kv[1])
+    why = ", ".join(f"{k}={v}" for k, v in reasons) if reasons else "no input rows"
+    raise EmptyOutput(
+        f"step {name} kept no samples{read}; dropped by reason: {why}. Fix the inputs, or set "
+        f"`{name}: {{allow_empty: true}}` in the job to continue with an empty output"
+    )

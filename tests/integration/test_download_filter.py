@@ -353,7 +353,7 @@ def test_text_a_retry_cannot_fix_names_file_column_and_row(tmp_path):
 
 
 def test_every_download_failing_fails_the_step_with_counts(tmp_path, server):
-    from pipelines.runner import EmptyOutput, _check_not_empty
+    from pipelines.step import EmptyOutput, check_not_empty
 
     path = tmp_path / "urls.parquet"
     urls = [f"{server}/missing{i}.png" for i in range(3)] + [f"{server}/html"]
@@ -363,8 +363,8 @@ def test_every_download_failing_fails_the_step_with_counts(tmp_path, server):
         r"download kept no samples of 4 read \(num_urls\); dropped by reason: download\.404=3"
     )
     with pytest.raises(EmptyOutput, match=expected + r", download\.not_an_image=1"):
-        _check_not_empty("download", data.manifest)
+        check_not_empty("download", data.manifest)
     pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": []}), path)
     empty = _download(tmp_path / "empty", path, "multiprocessing")
     with pytest.raises(EmptyOutput, match=r"of 0 read \(num_urls\); dropped by reason: no input"):
-        _check_not_empty("download", empty.manifest)
+        check_not_empty("download", empty.manifest)
