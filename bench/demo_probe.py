@@ -51,6 +51,7 @@ from owl.eval.generate import predict, sample_score, score
 from owl.eval.metrics import vqa_accuracy
 from owl.model import OwlModel, get_config
 from owl.model.config import OwlConfig
+from owl.model.variants import VARIANTS
 from owl.train.config import TrainConfig, lr_multiplier
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import lora_kwargs, param_groups, select_trainable
@@ -297,7 +298,7 @@ def stage_args(ns: argparse.Namespace, stage: int) -> StageArgs:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=("owl2", "owl1"), default="owl2")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="owl2")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--vision-pos-init", choices=("model", "normal-0.02", "clip"),
                         default="model",

@@ -27,12 +27,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from owl.configs import build_dataclass, coerce
 from owl.model.config import OwlConfig
+from owl.model.variants import VARIANTS, VariantName
 from pipelines.dag import (
     MIX_ROLE,
     REPEATABLE_KINDS,
@@ -66,21 +67,19 @@ class RetryPolicy:
     resource_wait_s: float = 300.0
 
 
-@dataclass(frozen=True)
-class PretrainedPaths:
-    """Folders of pretrained weights, read by the `init` step: Hugging Face CLIP / LLaMA folders,
-    or the authors' released mPLUG-Owl2 / mPLUG-Owl folder; empty = not used."""
-
-    clip: str = ""
-    llama: str = ""
-    owl2: str = ""
-    owl1: str = ""
+# Folders of pretrained weights, read by the `init` step: Hugging Face CLIP / LLaMA folders, or
+# the authors' released folder of a model variant (a field per variant); empty = not used.
+PretrainedPaths = dataclasses.make_dataclass(
+    "PretrainedPaths",
+    [("clip", str, ""), ("llama", str, ""), *((name, str, "") for name in VARIANTS)],
+    frozen=True,
+)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = "debug-tiny"
-    variant: Literal["owl1", "owl2"] | None = None
+    variant: VariantName | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     pretrained: PretrainedPaths = field(default_factory=PretrainedPaths)
 

@@ -1,4 +1,5 @@
-"""Conversation templates of mPLUG-Owl (owl1) and mPLUG-Owl2 (owl2) as lists of pieces.
+"""Conversations as lists of pieces, in the layout of a model variant's `Template` (the templates
+themselves are data of the variants, owl.model.variants).
 
 A template turns a conversation into an ordered list of `Piece`s: BOS, text, image slots and EOS,
 each marked supervised or not. Tokenization (`owl.data.tokenize`) encodes every piece on its own
@@ -14,23 +15,20 @@ Loss covers the assistant replies and their turn-end `</s>` only.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-# The same names as `owl.model.config.Variant` (not imported: templates must not pull in the model).
-Variant = Literal["owl1", "owl2"]
+from owl.model.variants import VARIANTS, Template, get_variant
+
 Role = Literal["user", "assistant"]
 PieceKind = Literal["bos", "text", "image", "eos"]
 
-# Both placeholder spellings are accepted in any variant's data; they render as the variant's own.
-PLACEHOLDERS = ("<|image|>", "<image>")
+# Every variant's placeholder spelling is accepted in any variant's data; each renders as the
+# variant's own.
+PLACEHOLDERS = tuple(dict.fromkeys(v.template.placeholder for v in VARIANTS.values()))
 PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
-
-OWL1_SYSTEM = (
-    "The following is a conversation between a curious human and AI assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 class DropSample(ValueError):
@@ -53,50 +51,12 @@ class Piece(NamedTuple):  # a NamedTuple: millions are built per tokenize step
     supervised: bool = False
 
 
-@dataclass(frozen=True)
-class Template:
-    variant: Variant
-    placeholder: str
-    system: str  # "" for none
-    system_sep: str  # between the system text and the first user turn
-    user_prefix: str  # starts every user turn
-    image_line: str  # owl1 puts each leading image on its own "Human:" line; "" = inline
-    assistant_prefix: str  # ends the prompt: generation starts right after it
-    reply_sep: str  # between the assistant prefix and the reply text (supervised)
-
-
-TEMPLATES: dict[str, Template] = {
-    "owl2": Template(
-        variant="owl2",
-        placeholder="<|image|>",
-        system="",
-        system_sep=" ",
-        user_prefix="USER: ",
-        image_line="",
-        assistant_prefix=" ASSISTANT:",
-        reply_sep=" ",
-    ),
-    "owl1": Template(
-        variant="owl1",
-        placeholder="<image>",
-        system=OWL1_SYSTEM,
-        system_sep="",
-        user_prefix="\nHuman: ",
-        image_line="\nHuman: <image>",
-        assistant_prefix="\nAI:",
-        reply_sep=" ",
-    ),
-}
-
-
 def get_template(variant: str, system: str | None = None) -> Template:
     """The template of `variant`; `system` replaces its default system prompt ("" removes it)."""
-    if variant not in TEMPLATES:
-        raise ValueError(f"unknown template variant {variant!r}; use one of {sorted(TEMPLATES)}")
-    template = TEMPLATES[variant]
+    template = get_variant(variant).template
     if system is None:
         return template
-    return Template(**{**template.__dict__, "system": system})
+    return dataclasses.replace(template, system=system)
 
 
 def count_placeholders(text: str) -> int:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from owl.configs import build_dataclass
+from owl.model.variants import ModelVariant, VariantName, get_variant
 
-Variant = Literal["owl1", "owl2"]
 ImageMode = Literal["pad", "resize"]
 
 
@@ -85,7 +85,7 @@ class OwlConfig:
     """The composed model: vision encoder -> abstractor -> decoder."""
 
     name: str
-    variant: Variant
+    variant: VariantName  # a name in owl.model.variants.VARIANTS
     vision: VisionConfig = field(default_factory=VisionConfig)
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -99,8 +99,13 @@ class OwlConfig:
         return self.abstractor.num_queries + 1
 
     @property
+    def variant_spec(self) -> ModelVariant:
+        """Everything that differs between the variants (owl.model.variants)."""
+        return get_variant(self.variant)
+
+    @property
     def image_placeholder(self) -> str:
-        return "<|image|>" if self.variant == "owl2" else "<image>"
+        return self.variant_spec.template.placeholder
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,16 +11,18 @@ from owl.model.config import OwlConfig
 from owl.model.hf_import import load_clip_vision, load_llama, model_with_fresh_rest, read_hf_config
 from owl.model.model import OwlModel
 from owl.model.releases import convert_release
+from owl.model.variants import VARIANTS
 from owl.model.weights import model_from_state_dict
 
-PRETRAINED_KINDS = ("clip", "llama", "owl2", "owl1")
+# Hugging Face folders, or an authors' release named by its variant.
+PRETRAINED_KINDS = ("clip", "llama", *VARIANTS)
 
 
 def pretrained_model(
     cfg: OwlConfig, folders: dict[str, str], seed: int = 0
 ) -> tuple[OwlModel, dict[str, object]]:
-    """The model a job starts from, given its pretrained folders {clip, llama, owl2, owl1} (empty
-    strings are unset): an authors' release (owl2 / owl1) converted as a whole, or CLIP and/or
+    """The model a job starts from, given its pretrained folders {clip, llama, <variant>} (empty
+    strings are unset): an authors' release (named by its variant) converted as a whole, or CLIP and/or
     LLaMA Hugging Face folders with the rest (always the abstractor) initialised fresh from `seed`.
     In fp32 whatever the folders hold (fp16 LLaMA, a bf16 release): one dtype, the one training
     keeps its master weights in. Returns the model and a description (source, what was loaded,
@@ -39,11 +41,11 @@ def _pretrained_model(
     unknown = sorted(set(given) - set(PRETRAINED_KINDS))
     if unknown:
         raise ValueError(f"model.pretrained: unknown folder kind(s) {unknown}")
-    releases = [k for k in ("owl2", "owl1") if k in given]
+    releases = [k for k in VARIANTS if k in given]
     if not given:
         raise ValueError(
-            "model.pretrained: no folder set; set clip and/or llama (Hugging Face folders) or owl2 "
-            "/ owl1 (the authors' release), or remove the init step"
+            "model.pretrained: no folder set; set clip and/or llama (Hugging Face folders) or "
+            f"{' / '.join(VARIANTS)} (the authors' release), or remove the init step"
         )
     if releases and len(given) > 1:
         raise ValueError(
@@ -78,12 +80,11 @@ def _clip_grid(directory: Path, cfg: OwlConfig) -> str:
 
 
 def _from_release(cfg: OwlConfig, kind: str, folder: str) -> tuple[OwlModel, dict[str, object]]:
-    variant = "owl2" if kind == "owl2" else "owl1"
-    if cfg.variant != variant:
+    if cfg.variant != kind:
         raise ValueError(
-            f"model.pretrained.{kind}: a {variant} release, but the job's model is {cfg.variant}"
+            f"model.pretrained.{kind}: a {kind} release, but the job's model is {cfg.variant}"
         )
-    release_cfg, state = convert_release(folder, None, variant)
+    release_cfg, state = convert_release(folder, None, kind)
     token_ids = ("pad_token_id",)  # the job's tokenizer decides
     wrong = {
         f"model.{section}.{name}": f"release {value} vs job {getattr(getattr(cfg, section), name)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig, VisionConfig
+from owl.model.variants import get_variant
 
 _CONFIGS: dict[str, OwlConfig] = {
     # Forward + backward in milliseconds on a CPU; grouped KV (2 kv heads for 4) to exercise it.
@@ -71,15 +72,6 @@ _CONFIGS: dict[str, OwlConfig] = {
     ),
 }
 
-# What switching variant changes (placeholder string and template follow `variant` itself).
-_VARIANT_FIELDS: dict[str, dict[str, Any]] = {
-    "owl1": {
-        "abstractor": {"positional_embeddings": False},
-        "decoder": {"modality_adaptive": False},
-    },
-    "owl2": {"abstractor": {"positional_embeddings": True}, "decoder": {"modality_adaptive": True}},
-}
-
 
 def list_configs() -> list[str]:
     return list(_CONFIGS)
@@ -92,8 +84,11 @@ def get_config(name: str, variant: str | None = None, **overrides: Any) -> OwlCo
     if name not in _CONFIGS:
         raise ValueError(f"unknown model config {name!r}; known: {', '.join(_CONFIGS)}")
     cfg = _CONFIGS[name]
-    if variant is not None:
-        if variant not in _VARIANT_FIELDS:
-            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(_VARIANT_FIELDS)}")
-        cfg = cfg.replace(variant=variant, **_VARIANT_FIELDS[variant])
+    if variant is not None:  # what switching variant changes in the architecture
+        spec = get_variant(variant)
+        cfg = cfg.replace(
+            variant=variant,
+            abstractor={"positional_embeddings": spec.abstractor_positions},
+            decoder={"modality_adaptive": spec.modality_adaptive},
+        )
     return cfg.replace(**overrides) if overrides else cfg

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from owl.data.image import CLIP_MEAN, CLIP_STD
@@ -33,21 +32,6 @@ from owl.model.config import OwlConfig
 
 BICUBIC = 3  # PIL.Image.BICUBIC, as CLIPImageProcessor's `resample`
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-
-
-@dataclass(frozen=True)
-class Loader:
-    """The authors' stack a release of one variant is made for."""
-
-    package: str
-    transformers: str
-    tokenizers: str
-
-
-LOADERS = {
-    "owl2": Loader("mplug_owl2", "4.31.0", "0.13.3"),
-    "owl1": Loader("mplug_owl", "4.28.1", "0.13.3"),
-}
 
 
 def preprocessor_config(cfg: OwlConfig) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from owl.model.lora import unmerged_adapter
 from owl.model.positions import sincos_1d, sincos_2d_with_cls
 from owl.model.registry import get_config
 from owl.model.release_files import write_release_files
+from owl.model.variants import ModelVariant, ReleaseLayout, get_variant
 from owl.model.weights import (
     INDEX_FILE,
     WEIGHTS_FILE,
@@ -56,41 +56,6 @@ _ABSTRACTOR_NORM_EPS = (
 LLAMA_BOS_ID, LLAMA_EOS_ID = 1, 2
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where one release puts each component."""
-
-    variant: str
-    decoder: str  # prefix of embed_tokens / layers / norm
-    lm_head: str
-    vision: str
-    abstractor: str
-    queries: str
-    multiway: bool  # Owl2's modality-adaptive k/v/norms as `.multiway.{0,1}`
-    positions: bool  # Owl2's abstractor sin-cos buffers
-
-
-OWL2 = Layout(
-    variant="owl2",
-    decoder="model.",
-    lm_head="lm_head.weight",
-    vision="model.vision_model.",
-    abstractor="model.visual_abstractor.",
-    queries="model.visual_abstractor.query_embeds",
-    multiway=True,
-    positions=True,
-)
-OWL1 = Layout(
-    variant="owl1",
-    decoder="language_model.model.",
-    lm_head="language_model.lm_head.weight",
-    vision="vision_model.",
-    abstractor="abstractor.",
-    queries="query_tokens",
-    multiway=False,
-    positions=False,
-)
-LAYOUTS = {"owl2": OWL2, "owl1": OWL1}
 WEIGHT_FORMATS = ("safetensors", "bin")
 
 _VIT_LAYER = {
@@ -123,10 +88,11 @@ _MODAL_KEYS = (
 )
 
 
-def name_map(cfg: OwlConfig, layout: Layout) -> dict[str, str]:
+def name_map(cfg: OwlConfig, variant: ModelVariant) -> dict[str, str]:
     """Their key -> our key for every tensor that maps one to one (up to a reshape).
 
     Not in the map: the fused ViT qkv (split per head) and the buffers (recomputed)."""
+    layout = variant.release
     names: dict[str, str] = {
         f"{layout.decoder}embed_tokens.weight": "decoder.embed_tokens.weight",
         f"{layout.decoder}norm.weight": "decoder.norm.weight",
@@ -159,12 +125,13 @@ def name_map(cfg: OwlConfig, layout: Layout) -> dict[str, str]:
     return names
 
 
-def _qkv_key(layout: Layout, layer: int, part: str) -> str:
+def _qkv_key(layout: ReleaseLayout, layer: int, part: str) -> str:
     return f"{layout.vision}encoder.layers.{layer}.self_attn.query_key_value.{part}"
 
 
-def expected_buffers(cfg: OwlConfig, layout: Layout) -> dict[str, torch.Tensor]:
+def expected_buffers(cfg: OwlConfig, variant: ModelVariant) -> dict[str, torch.Tensor]:
     """The persistent buffers their save_pretrained writes, as we recompute them (fp32)."""
+    layout = variant.release
     d = cfg.decoder
     exponent = torch.arange(0, d.head_dim, 2, dtype=torch.int64).float() / d.head_dim
     inv_freq = 1.0 / (d.rope_theta**exponent)
@@ -221,14 +188,15 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int)
 
 
 def from_release(
-    cfg: OwlConfig, state: dict[str, torch.Tensor], layout: Layout, source: str
+    cfg: OwlConfig, state: dict[str, torch.Tensor], variant: ModelVariant, source: str
 ) -> dict[str, torch.Tensor]:
     """Our state dict from a release state dict; unknown or missing keys are errors listing them."""
+    layout = variant.release
     state = dict(state)
-    check_buffers(state, expected_buffers(cfg, layout), source)
-    for key in expected_buffers(cfg, layout):
+    check_buffers(state, expected_buffers(cfg, variant), source)
+    for key in expected_buffers(cfg, variant):
         state.pop(key, None)
-    names = name_map(cfg, layout)
+    names = name_map(cfg, variant)
     ours: dict[str, torch.Tensor] = {}
     missing = []
     for j in range(cfg.vision.num_layers):
@@ -244,7 +212,7 @@ def from_release(
     unexpected = sorted(set(state) - set(names))
     if missing or unexpected:
         raise ValueError(
-            f"{source}: not the mPLUG-{layout.variant.capitalize()} release layout for this config; "
+            f"{source}: not the {variant.title} release layout for this config; "
             f"missing keys {missing[:20]}; unexpected keys {unexpected[:20]}"
         )
     for theirs, tensor in state.items():
@@ -258,13 +226,14 @@ def from_release(
 
 
 def to_release(
-    cfg: OwlConfig, ours: dict[str, torch.Tensor], layout: Layout
+    cfg: OwlConfig, ours: dict[str, torch.Tensor], variant: ModelVariant
 ) -> dict[str, torch.Tensor]:
     """The release state dict (parameters and buffers, as their save_pretrained writes them)."""
+    layout = variant.release
     ours = dict(ours)
     if cfg.decoder.tie_embeddings:
         ours.setdefault("decoder.lm_head.weight", ours["decoder.embed_tokens.weight"].clone())
-    reverse = {v: k for k, v in name_map(cfg, layout).items()}
+    reverse = {v: k for k, v in name_map(cfg, variant).items()}
     out: dict[str, torch.Tensor] = {}
     for j in range(cfg.vision.num_layers):
         for part in ("weight", "bias"):
@@ -272,7 +241,7 @@ def to_release(
             out[_qkv_key(layout, j, part)] = _fuse_qkv(q, k, v, cfg.vision.num_heads)
     for key, tensor in ours.items():
         if key not in reverse:
-            raise ValueError(f"{key}: no place for it in the mPLUG-{layout.variant} release layout")
+            raise ValueError(f"{key}: no place for it in the {variant.title} release layout")
         out[reverse[key]] = tensor
     width, hidden = cfg.vision.width, cfg.decoder.hidden
     cls_key, pos_key = (
@@ -283,7 +252,7 @@ def to_release(
     out[layout.queries] = out[layout.queries].reshape(1, -1, cfg.abstractor.width)
     out[f"{layout.abstractor}vit_eos"] = out[f"{layout.abstractor}vit_eos"].reshape(1, 1, hidden)
     dtype = out[layout.queries].dtype
-    out.update({k: v.to(dtype).clone() for k, v in expected_buffers(cfg, layout).items()})
+    out.update({k: v.to(dtype).clone() for k, v in expected_buffers(cfg, variant).items()})
     return out
 
 
@@ -295,28 +264,30 @@ def _count_layers(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
 
 
-def _sections(hf: dict, layout: Layout) -> tuple[dict, dict, dict]:
+def _sections(hf: dict, variant: ModelVariant) -> tuple[dict, dict, dict]:
     """(vision, abstractor, text) sections of a release config.json."""
-    if layout.variant == "owl2":
-        visual = hf.get("visual_config") or {}
-        return visual.get("visual_model") or {}, visual.get("visual_abstractor") or {}, hf
-    return (
-        hf.get("vision_config") or {},
-        hf.get("visual_abstractor_config") or {},
-        hf.get("text_config") or {},
-    )
+
+    def section(path: tuple[str, ...]) -> dict:
+        found = hf
+        for key in path:
+            found = found.get(key) or {}
+        return found
+
+    vision, abstractor, text = variant.release.sections
+    return section(vision), section(abstractor), section(text)
 
 
 def config_from_release(
-    hf: dict, state: dict[str, torch.Tensor], layout: Layout, base: OwlConfig
+    hf: dict, state: dict[str, torch.Tensor], variant: ModelVariant, base: OwlConfig
 ) -> OwlConfig:
     """Sizes from tensor shapes; head counts, eps and rope from their config.json, else their
     config classes' defaults (token ids and the rest from `base`)."""
-    vision_hf, abstractor_hf, text_hf = _sections(hf, layout)
+    layout = variant.release
+    vision_hf, abstractor_hf, text_hf = _sections(hf, variant)
     for key in (f"{layout.decoder}embed_tokens.weight", layout.queries):
         if key not in state:
             raise ValueError(
-                f"no {key}: not an mPLUG-{layout.variant.capitalize()} release "
+                f"no {key}: not an {variant.title} release "
                 f"(its keys start with {sorted({k.split('.')[0] for k in state})[:5]})"
             )
     embed = state[f"{layout.decoder}embed_tokens.weight"]
@@ -340,7 +311,7 @@ def config_from_release(
         raise ValueError(f"config.json {wrong}: not supported (the released models use "
                          f"{ {k: want for k, (_, want) in unsupported.items()} })")  # fmt: skip
     return base.replace(
-        variant=layout.variant,
+        variant=variant.name,
         vision={
             "image_size": round((num_positions - 1) ** 0.5) * patch.shape[-1],
             "patch_size": patch.shape[-1],
@@ -376,7 +347,7 @@ def config_from_release(
     )
 
 
-def _unhonoured_fields(cfg: OwlConfig, layout: Layout) -> dict[str, tuple[object, str]]:
+def _unhonoured_fields(cfg: OwlConfig, variant: ModelVariant) -> dict[str, tuple[object, str]]:
     """Field -> (value their code needs, why), for the fields of `cfg` their code would not honour.
 
     Both releases: the abstractor's query/key/post-attention LayerNorms are built without an eps
@@ -385,7 +356,7 @@ def _unhonoured_fields(cfg: OwlConfig, layout: Layout) -> dict[str, tuple[object
     abstractor's sin-cos positions, Owl1 neither. Owl1 runs on transformers 4.28.1's LlamaConfig,
     which has no `rope_theta` (its rotary base is 10000) and no `num_key_value_heads`; Owl2's own
     LlamaConfig has both."""
-    owl2 = layout.variant == "owl2"
+    layout = variant.release
     needs: dict[str, tuple[object, object, str]] = {
         "abstractor.norm_eps": (cfg.abstractor.norm_eps, _ABSTRACTOR_NORM_EPS,
                                 "their abstractor LayerNorms take no eps"),
@@ -393,35 +364,35 @@ def _unhonoured_fields(cfg: OwlConfig, layout: Layout) -> dict[str, tuple[object
                              "their abstractor norms queries and image features at one width, "
                              "vision.width"),
         "vision.num_channels": (cfg.vision.num_channels, 3, "their patch embedding takes RGB"),
-        "decoder.modality_adaptive": (cfg.decoder.modality_adaptive, owl2,
-                                      f"mPLUG-{layout.variant.capitalize()}'s decoder"),
-        "abstractor.positional_embeddings": (cfg.abstractor.positional_embeddings, owl2,
-                                             f"mPLUG-{layout.variant.capitalize()}'s abstractor"),
+        "decoder.modality_adaptive": (cfg.decoder.modality_adaptive, layout.multiway,
+                                      f"{variant.title}'s decoder"),
+        "abstractor.positional_embeddings": (cfg.abstractor.positional_embeddings,
+                                             layout.positions, f"{variant.title}'s abstractor"),
     }  # fmt: skip
-    if not owl2:
+    if layout.old_llama:
         old_llama = "transformers 4.28.1's LLaMA, which mPLUG-Owl runs on, has no such field"
         needs["decoder.rope_theta"] = (cfg.decoder.rope_theta, 10000.0, old_llama)
         needs["decoder.num_kv_heads"] = (cfg.decoder.num_kv_heads, cfg.decoder.num_heads, old_llama)
     return {name: (want, why) for name, (got, want, why) in needs.items() if got != want}
 
 
-def check_release_fields(cfg: OwlConfig, layout: Layout) -> None:
+def check_release_fields(cfg: OwlConfig, variant: ModelVariant) -> None:
     """Refuse a model that the authors' code would load wrongly (silently, or with a size error):
     the error names the first such field, its value and the value their code needs."""
-    wrong = _unhonoured_fields(cfg, layout)
+    wrong = _unhonoured_fields(cfg, variant)
     if wrong:
         name, (want, why) = next(iter(wrong.items()))
         section, field = name.split(".")
         got = getattr(getattr(cfg, section), field)
         raise ValueError(
-            f"model.{name} is {got}: the mPLUG-{layout.variant.capitalize()} release layout needs "
+            f"model.{name} is {got}: the {variant.title} release layout needs "
             f"{want} ({why}), so their code would not load this model faithfully"
         )
 
 
-def release_config(cfg: OwlConfig, layout: Layout) -> dict:
+def release_config(cfg: OwlConfig, variant: ModelVariant) -> dict:
     """A config.json their code reads (MPLUGOwl2Config / MplugOwlConfig `to_dict()` fields we set)."""
-    check_release_fields(cfg, layout)
+    check_release_fields(cfg, variant)
     v, a, d = cfg.vision, cfg.abstractor, cfg.decoder
     vision = {
         "hidden_size": v.width,
@@ -460,31 +431,8 @@ def release_config(cfg: OwlConfig, layout: Layout) -> dict:
         "eos_token_id": LLAMA_EOS_ID,
         "pad_token_id": d.pad_token_id,
     }
-    if layout.variant == "owl2":
-        abstractor.update(
-            num_learnable_queries=a.num_queries,
-            grid_size=v.image_size // v.patch_size,
-            use_cls_token=True,
-            add_v2t_pos_emb=False,
-        )
-        vision.update(use_cls_token=True, use_post_layernorm=True)
-        return {
-            **text,
-            "architectures": ["MPLUGOwl2LlamaForCausalLM"],
-            "model_type": "mplug_owl2",
-            "visual_config": {"visual_model": vision, "visual_abstractor": abstractor},
-            # Read by their builder (context length) and process_images (pad or stretch).
-            "max_sequence_length": d.max_positions,
-            "image_aspect_ratio": cfg.image_mode,
-        }
-    return {
-        "architectures": ["MplugOwlForConditionalGeneration"],
-        "model_type": "mplug-owl",
-        "vision_config": vision,
-        "visual_abstractor_config": abstractor,
-        "text_config": text,
-        "num_query_tokens": a.num_queries,
-    }
+    # The variant's own nesting and fields (owl.model.variants).
+    return variant.release.config_json(cfg, vision, abstractor, text)
 
 
 # ------------------------------------------------------------------------------- folders
@@ -499,19 +447,19 @@ def convert_release(
 ) -> tuple[OwlConfig, dict[str, torch.Tensor]]:
     """Read a release folder; write our folder to `dst_dir` (unless None). Returns the config and
     our state dict. `progress` gets a line per phase (a 7B release takes minutes)."""
-    layout = LAYOUTS[variant]
+    spec = get_variant(variant)
     src = Path(src_dir)
     if not src.is_dir():
         raise ValueError(f"{src}: no such folder")
     config_path = src / "config.json"
     if not config_path.exists():
-        raise ValueError(f"{src}: no config.json; is this the mPLUG-{variant} release folder?")
+        raise ValueError(f"{src}: no config.json; is this the {spec.title} release folder?")
     hf = json.loads(config_path.read_text())
     progress(f"reading {src}")
     state = read_hf_state_dict(src)
-    base_cfg = get_config(base or ("owl2-llama2-7b" if variant == "owl2" else "owl1-llama-7b"))
-    cfg = config_from_release(hf, state, layout, base_cfg)
-    ours = from_release(cfg, state, layout, str(src))
+    base_cfg = get_config(base or spec.release.base_size)
+    cfg = config_from_release(hf, state, spec, base_cfg)
+    ours = from_release(cfg, state, spec, str(src))
     if dst_dir is not None:
         progress(f"writing {dst_dir}")
         save_model(model_from_state_dict(cfg, ours, source=str(src)), dst_dir)
@@ -535,8 +483,7 @@ def export_release(
         raise ValueError(f"weights format {weights!r}: one of {WEIGHT_FORMATS}")
     model_dir = Path(model_dir)
     cfg = read_model_config(model_dir)
-    layout = LAYOUTS[cfg.variant]
-    config = release_config(cfg, layout)
+    config = release_config(cfg, cfg.variant_spec)
     progress(f"reading {model_dir}")
     if unmerged_adapter(model_dir) is None:
         state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
@@ -547,21 +494,7 @@ def export_release(
     dst = Path(dst_dir)
     progress(f"writing {dst}")
     write = write_safetensors if weights == "safetensors" else write_pytorch_bin
-    write(to_release(cfg, state, layout), dst)
+    write(to_release(cfg, state, cfg.variant_spec), dst)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     extras = write_release_files(cfg, config, dst, Path(tokenizer_dir) if tokenizer_dir else None)
     return sorted(p.name for p in dst.iterdir() if p.is_file() and p.name not in extras) + extras
-
-
-def convert_mplug_owl2(
-    src_dir: str | Path, dst_dir: str | Path, base: str = "owl2-llama2-7b"
-) -> OwlConfig:
-    """The authors' released Owl2 folder -> our folder (convert_release)."""
-    return convert_release(src_dir, dst_dir, "owl2", base)[0]
-
-
-def convert_mplug_owl(
-    src_dir: str | Path, dst_dir: str | Path, base: str = "owl1-llama-7b"
-) -> OwlConfig:
-    """The authors' released mPLUG-Owl (Owl1) folder -> our folder (convert_release)."""
-    return convert_release(src_dir, dst_dir, "owl1", base)[0]

@@ -1,11 +1,9 @@
-"""Which parameters train in which stage (as the papers describe), and the AdamW groups.
+"""Which parameters train in which stage, and the AdamW groups.
 
-| variant | stage | trainable                                                                  |
-|---------|-------|----------------------------------------------------------------------------|
-| owl1    | 1     | vision + abstractor; the LLM frozen                                        |
-| owl1    | 2     | LoRA adapters on the LLM (+ abstractor if asked); vision frozen            |
-| owl2    | 1     | vision + abstractor + the decoder's visual copies (`*_visual`: MAM norms, k, v) |
-| owl2    | 2     | everything                                                                 |
+Each variant names the groups it trains in stage 1 and stage 2, as its paper describes
+(`owl.model.variants`, `stage_groups`): Owl1 trains vision + abstractor, then LoRA adapters on
+the LLM; Owl2 vision + abstractor + the decoder's visual copies, then everything.
+`train_abstractor_in_stage2` adds the abstractor to a stage 2 that leaves it out.
 
 Groups, by parameter name: `vision.*`, `abstractor.*`, `lora` (names containing `lora_`),
 `decoder_visual` (decoder names containing `_visual`), `decoder_text` (the rest of `decoder.*`).
@@ -19,16 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from owl.model.variants import VARIANTS
 from owl.train.config import TrainConfig
 
 GROUPS = ("vision", "abstractor", "decoder_text", "decoder_visual", "lora")
-
-_TRAINABLE: dict[tuple[str, int], frozenset[str]] = {
-    ("owl1", 1): frozenset({"vision", "abstractor"}),
-    ("owl1", 2): frozenset({"lora"}),
-    ("owl2", 1): frozenset({"vision", "abstractor", "decoder_visual"}),
-    ("owl2", 2): frozenset({"vision", "abstractor", "decoder_text", "decoder_visual"}),
-}
 
 _VIT_BLOCK = re.compile(r"^vision\.layers\.(\d+)\.")
 
@@ -58,15 +50,15 @@ def param_group(name: str) -> str:
 def trainable_groups(
     variant: str, stage: int, *, train_abstractor_in_stage2: bool, trainable: str = "paper"
 ) -> frozenset[str]:
-    key = (variant, stage)
-    if key not in _TRAINABLE:
+    if variant not in VARIANTS or stage not in (1, 2):
         raise ValueError(
-            f"no training recipe for variant={variant!r} stage={stage}; use owl1/owl2, 1/2"
+            f"no training recipe for variant={variant!r} stage={stage}; "
+            f"use {'/'.join(VARIANTS)}, 1/2"
         )
     if trainable == "all":
         return frozenset(GROUPS) - {"lora"}
-    groups = _TRAINABLE[key]
-    if key == ("owl1", 2) and train_abstractor_in_stage2:
+    groups = VARIANTS[variant].stage_groups[stage - 1]
+    if stage == 2 and train_abstractor_in_stage2:
         groups = groups | {"abstractor"}
     return groups
 

@@ -1,5 +1,5 @@
 """`owl model summary NAME`; `owl convert mplug-owl2|mplug-owl SRC DST` (the authors' releases
-into our folder) and `owl convert to-release SRC DST` (our folder into their layout)."""
+into our folder: a subcommand per model variant) and `owl convert to-release SRC DST` (our folder into their layout)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from owl.model.variants import VARIANTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "summary", help="parameter counts per component (nothing is allocated)"
     )
     summary.add_argument("name", help="registry name, e.g. debug-tiny, demo, owl2-llama2-7b")
-    summary.add_argument("--variant", choices=["owl1", "owl2"], default=None)
+    summary.add_argument("--variant", choices=list(VARIANTS), default=None)
     summary.add_argument("--json", action="store_true", help="print JSON")
     summary.set_defaults(func=_summary)
 
@@ -24,18 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="the authors' released weights into our format, and back"
     )
     convert_sub = convert.add_subparsers(dest="convert_command", metavar="FORMAT")
-    releases = {
-        "mplug-owl2": ("owl2", "the authors' released mPLUG-Owl2 folder -> our folder"),
-        "mplug-owl": ("owl1", "the authors' released mPLUG-Owl (Owl1) folder -> our folder"),
-    }
-    for name, (variant, text) in releases.items():
-        release = convert_sub.add_parser(name, help=text)
+    commands = {}  # variants that share a release share its subcommand: the first converts it
+    for variant in VARIANTS.values():
+        commands.setdefault(variant.release.convert_command, variant)
+    for variant in commands.values():
+        release = convert_sub.add_parser(
+            variant.release.convert_command,
+            help=f"the authors' released {variant.title} folder ({variant.name}) -> our folder",
+        )
         release.add_argument(
             "src", help="their folder: config.json + pytorch_model*.bin or *.safetensors"
         )
         release.add_argument("dst", help="output folder (config.json + safetensors)")
         release.add_argument("--json", action="store_true", help="print JSON")
-        release.set_defaults(func=_convert_release, variant=variant)
+        release.set_defaults(func=_convert_release, variant=variant.name)
     back = convert_sub.add_parser(
         "to-release", help="our folder -> the authors' layout (their config.json + safetensors)"
     )

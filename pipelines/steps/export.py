@@ -117,7 +117,7 @@ def model_card(ctx: StepContext, inputs: dict[str, StepInput], stage: StepInput,
     params = summarize(model)["total_params"]
     parts = [
         f"# {ctx.job_name}\n",
-        f"mPLUG-{'Owl2' if model.variant == 'owl2' else 'Owl'} ({model.variant}), size "
+        f"{model.variant_spec.title} ({model.variant}), size "
         f"`{model.name}`, {params:,} parameters, {model.vision.image_size} px images, "
         f"{model.num_visual_tokens} visual tokens per image. Trained with owl (job `{ctx.job_name}`, "
         f"execution `{ctx.extra.get('execution_id', '')}`); the weights are from step "
@@ -164,11 +164,10 @@ def _files_section(out: Path) -> str:
 
 def _release_line(release: Path) -> str:
     """Which of the authors' stacks the release folder was checked against, and what it needs."""
-    from owl.model.release_files import LOADERS
+    from owl.model.variants import variant_of_release
 
     model_type = json.loads((release / "config.json").read_text())["model_type"]
-    variant = "owl2" if model_type == "mplug_owl2" else "owl1"
-    loader = LOADERS[variant]
+    loader = variant_of_release(model_type).release.loader
     files = sorted(p.name for p in release.iterdir())
     weights = "`pytorch_model*.bin`" if any(f.endswith(".bin") for f in files) else (
         "`model*.safetensors` (needs the `safetensors` package)")  # fmt: skip

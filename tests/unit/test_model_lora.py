@@ -155,7 +155,8 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
 
     from owl.model import get_config
     from owl.model.hf_import import read_hf_state_dict
-    from owl.model.releases import LAYOUTS, export_release, to_release
+    from owl.model.releases import export_release, to_release
+    from owl.model.variants import VARIANTS
     from owl.train.config import TrainConfig
     from owl.train.loop import WorkerJob, _export
 
@@ -176,7 +177,7 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     _export(engine, job, tmp_path / "export", rank=0)
     export_release(tmp_path / "export", tmp_path / "release")
     release = read_hf_state_dict(tmp_path / "release")
-    expected, before = (to_release(cfg, s, LAYOUTS["owl1"]) for s in (trained, base))
+    expected, before = (to_release(cfg, s, VARIANTS["owl1"]) for s in (trained, base))
     assert release.keys() == expected.keys()
     moved = [k for k in expected if not torch.equal(expected[k], before[k])]
     assert any("q_proj" in k for k in moved) and any("abstractor" in k for k in moved)

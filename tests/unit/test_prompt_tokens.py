@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from owl import IMAGE_TOKEN_ID
-from owl.data.templates import OWL1_SYSTEM
 from owl.data.tokenize import load_tokenizer
 from owl.eval.benchmarks import BenchmarkRecord
 from owl.eval.prompts import prompt_ids
+from owl.model.variants import OWL1_SYSTEM
 
 spm = pytest.importorskip("sentencepiece")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from owl.data.templates import (
-    OWL1_SYSTEM,
     DropSample,
     Turn,
     caption_pieces,
@@ -13,6 +12,7 @@ from owl.data.templates import (
     get_template,
     render,
 )
+from owl.model.variants import OWL1_SYSTEM
 
 TURNS = [
     Turn("user", "<image>\nWhat colour is the circle?"),
