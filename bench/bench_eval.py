@@ -36,7 +36,7 @@ from owl.data.tokenize import train_bpe_tokenizer
 from owl.eval.benchmarks import read_benchmark
 from owl.eval.generate import predict
 from owl.eval.prompts import prompt_ids
-from owl.model import build_model, get_config, save_model
+from owl.model import OwlModel, get_config, save_model
 
 WORDS = "What colour is the shape? Answer the question using a single word or phrase. red blue"
 
@@ -83,7 +83,7 @@ def _compare_step(args: argparse.Namespace) -> None:
         )
         cfg = get_config(args.model, decoder={"vocab_size": len(tokenizer)})
         torch.manual_seed(0)
-        model = build_model(cfg).eval()
+        model = OwlModel(cfg).eval()
         save_model(model, root / "train/model")
         bench = _benchmark(root / "bench", args.records)
         records = read_benchmark(bench)
@@ -133,7 +133,7 @@ def _compare_batch(args: argparse.Namespace) -> None:
         tokenizer = train_bpe_tokenizer([WORDS] * 50, vocab_size=300, out_dir=Path(tmp) / "tok")
         cfg = get_config(args.model, decoder={"vocab_size": len(tokenizer)})
         torch.manual_seed(0)
-        model = build_model(cfg).eval()
+        model = OwlModel(cfg).eval()
         records = read_benchmark(_benchmark(Path(tmp) / "bench", args.records))
         budgets = {"vqa": args.max_new_tokens}
         baseline, reference = None, None

@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import owl.model.generate as generate_module
 import owl.model.model as model_module
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
-from owl.model import build_model, get_config
+from owl.model import OwlModel, get_config
 from owl.model import linear as linear_module
 from owl.model.decoder import RMSNorm, TextStep
 from owl.model.linear import Linear
@@ -96,8 +96,8 @@ def bench_train_step(
     ids = torch.randint(0, get_config("demo").decoder.vocab_size, (batch, length))
     models = {
         "transformers LlamaForCausalLM": _hf_llama("demo").train(),
-        "owl decoder (owl1, no MAM)": build_model(get_config("demo", "owl1")).train(),
-        "owl decoder (owl2, MAM)": build_model(get_config("demo", "owl2")).train(),
+        "owl decoder (owl1, no MAM)": OwlModel(get_config("demo", "owl1")).train(),
+        "owl decoder (owl2, MAM)": OwlModel(get_config("demo", "owl2")).train(),
     }
     models["owl2, MAM norms as two norms + torch.where"] = _with_hooked_norms(
         models["owl decoder (owl2, MAM)"]
@@ -169,7 +169,7 @@ def bench_generation(
     take each token through `TextStep` (as `generate` does), through `forward_cached` (TextStep
     refused, as for a LoRA-wrapped decoder: what TextStep buys), or through `_ModuleStep`."""
     torch.manual_seed(0)
-    model = build_model("demo").eval()
+    model = OwlModel(get_config("demo")).eval()
     prompt = torch.randint(3, 512, (16,)).tolist()
     images = None
     if with_image:
@@ -260,7 +260,7 @@ def bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, flo
 
 def _bench_model_step(repeats: int) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
     torch.manual_seed(0)
-    model = build_model("demo").train()
+    model = OwlModel(get_config("demo")).train()
     variants = {
         "nn.Linear in vision + abstractor (baseline)": _with_nn_linear(
             model, ("vision", "abstractor")

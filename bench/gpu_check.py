@@ -295,13 +295,15 @@ def measure_generation(device: str, new_tokens: int) -> dict[str, Any]:
     import torch
 
     from owl import IMAGE_TOKEN_ID
-    from owl.model import build_model, get_config
+    from owl.model import OwlModel, get_config
 
     cuda = device == "cuda"
     name = "owl2-llama2-7b" if cuda else "debug-tiny"
     cfg = get_config(name)
     torch.manual_seed(0)
-    model = build_model(cfg, device=device, dtype=torch.bfloat16 if cuda else None).eval()
+    with torch.device(device):
+        model = OwlModel(cfg)
+    model = (model.to(torch.bfloat16) if cuda else model).eval()
     dtype = next(model.parameters()).dtype
     size = cfg.vision.image_size
     prompt = [1, *[IMAGE_TOKEN_ID] * cfg.num_visual_tokens, *range(10, 42)]

@@ -1,6 +1,7 @@
 """Hugging Face CLIP vision + LLaMA folders in: explicit name maps (ours <- theirs, the authors'
-releases reuse the LLaMA one), position interpolation, and a model whose missing components are
-built fresh. Any key left missing or unexpected is an error that lists it.
+releases reuse the LLaMA one) and position interpolation, giving state dicts in our names
+(owl.model.pretrained builds the model from them). Any key left missing or unexpected is an
+error that lists it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from owl.model.abstractor import Abstractor
 from owl.model.config import OwlConfig
-from owl.model.decoder import Decoder
-from owl.model.model import OwlModel, _init_weights
-from owl.model.vision import VisionEncoder
-from owl.model.weights import check_keys, meta_model, read_safetensors_folder
+from owl.model.weights import check_keys, read_safetensors_folder
 
 
 def read_hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -226,52 +223,3 @@ def visual_copies_from_text(state: dict[str, torch.Tensor]) -> dict[str, torch.T
         if match:
             copies[key.replace(match.group(1), match.group(1) + "_visual")] = tensor.clone()
     return copies
-
-
-def init_from_hf(
-    cfg: OwlConfig,
-    clip_vision_dir: str | Path | None = None,
-    llama_dir: str | Path | None = None,
-) -> OwlModel:
-    """A model whose ViT and/or decoder come from Hugging Face folders, the rest (always the
-    abstractor) freshly initialised. Built on the meta device: loaded weights are assigned, not
-    copied into a random model first, so a 7B model takes its size in memory once."""
-    loaded: dict[str, torch.Tensor] = {}
-    if clip_vision_dir is not None:
-        loaded.update(load_clip_vision(cfg, Path(clip_vision_dir)))
-    if llama_dir is not None:
-        loaded.update(load_llama(cfg, Path(llama_dir)))
-    return model_with_fresh_rest(cfg, loaded)
-
-
-def model_with_fresh_rest(cfg: OwlConfig, loaded: dict[str, torch.Tensor]) -> OwlModel:
-    """`loaded` assigned; every component (vision, abstractor, decoder) with a weight not in it is
-    built fresh (from-scratch init) and then gets the loaded weights it has."""
-    model = meta_model(cfg)
-    result = model.load_state_dict(loaded, strict=False, assign=True)
-    assert not result.unexpected_keys, result.unexpected_keys  # name maps only emit our keys
-    if cfg.decoder.tie_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    builders = {
-        "vision": lambda: VisionEncoder(cfg.vision, cfg.activation_checkpointing),
-        "abstractor": lambda: Abstractor(
-            cfg.abstractor, cfg.vision, cfg.decoder.hidden, cfg.activation_checkpointing
-        ),
-        "decoder": lambda: Decoder(cfg.decoder, cfg.activation_checkpointing),
-    }
-    for name, build in builders.items():
-        module = getattr(model, name)
-        if any(p.is_meta for p in module.parameters()):
-            kept = {
-                k: v
-                for k, v in module.state_dict().items()
-                if not v.is_meta and f"{name}.{k}" in loaded
-            }
-            fresh = build()
-            fresh.apply(_init_weights)
-            fresh.load_state_dict(kept, strict=False)
-            setattr(model, name, fresh)
-    if cfg.decoder.tie_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    model.abstractor.reset_positions(device="cpu")
-    return model

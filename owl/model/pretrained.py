@@ -1,5 +1,7 @@
-"""The model a job starts from (the init step): an authors' release converted as a whole, or
-Hugging Face CLIP and/or LLaMA folders with the rest initialised fresh."""
+"""A model from others' weights (what a job's init step starts from): an authors' release
+converted as a whole, or Hugging Face CLIP and/or LLaMA folders with the rest initialised fresh.
+Built on the meta device: loaded weights are assigned, not copied into a random model first, so
+a 7B model takes its size in memory once."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ from pathlib import Path
 
 import torch
 
+from owl.model.abstractor import Abstractor
 from owl.model.config import OwlConfig
-from owl.model.hf_import import load_clip_vision, load_llama, model_with_fresh_rest, read_hf_config
-from owl.model.model import OwlModel
+from owl.model.decoder import Decoder
+from owl.model.hf_import import load_clip_vision, load_llama, read_hf_config
+from owl.model.model import OwlModel, _init_weights
 from owl.model.releases import convert_release
 from owl.model.variants import VARIANTS
-from owl.model.weights import model_from_state_dict
+from owl.model.vision import VisionEncoder
+from owl.model.weights import meta_model, model_from_state_dict
 
 # Hugging Face folders, or an authors' release named by its variant.
 PRETRAINED_KINDS = ("clip", "llama", *VARIANTS)
@@ -21,9 +26,10 @@ PRETRAINED_KINDS = ("clip", "llama", *VARIANTS)
 def pretrained_model(
     cfg: OwlConfig, folders: dict[str, str], seed: int = 0
 ) -> tuple[OwlModel, dict[str, object]]:
-    """The model a job starts from, given its pretrained folders {clip, llama, <variant>} (empty
-    strings are unset): an authors' release (named by its variant) converted as a whole, or CLIP and/or
-    LLaMA Hugging Face folders with the rest (always the abstractor) initialised fresh from `seed`.
+    """A model from others' weights, given folders {clip, llama, <variant>} (a job's
+    `model.pretrained`; empty strings are unset): an authors' release (keyed by its variant)
+    converted as a whole, or CLIP and/or LLaMA Hugging Face folders with the rest (always the
+    abstractor) initialised fresh from `seed`.
     In fp32 whatever the folders hold (fp16 LLaMA, a bf16 release): one dtype, the one training
     keeps its master weights in. Returns the model and a description (source, what was loaded,
     position interpolation)."""
@@ -68,7 +74,7 @@ def _pretrained_model(
         loaded.update(load_llama(cfg, Path(llama)))
     else:
         info["fresh"].append("decoder")
-    return model_with_fresh_rest(cfg, loaded), info
+    return _with_fresh_rest(cfg, loaded), info
 
 
 def _clip_grid(directory: Path, cfg: OwlConfig) -> str:
@@ -98,3 +104,36 @@ def _from_release(cfg: OwlConfig, kind: str, folder: str) -> tuple[OwlModel, dic
             f"{wrong}; set model.name / model.overrides to the release's values"
         )
     return model_from_state_dict(cfg, state, source=folder), {"source": kind, "fresh": []}
+
+
+def _with_fresh_rest(cfg: OwlConfig, loaded: dict[str, torch.Tensor]) -> OwlModel:
+    """`loaded` assigned; every component (vision, abstractor, decoder) with a weight not in it is
+    built fresh (from-scratch init) and then gets the loaded weights it has."""
+    model = meta_model(cfg)
+    result = model.load_state_dict(loaded, strict=False, assign=True)
+    assert not result.unexpected_keys, result.unexpected_keys  # name maps only emit our keys
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    builders = {
+        "vision": lambda: VisionEncoder(cfg.vision, cfg.activation_checkpointing),
+        "abstractor": lambda: Abstractor(
+            cfg.abstractor, cfg.vision, cfg.decoder.hidden, cfg.activation_checkpointing
+        ),
+        "decoder": lambda: Decoder(cfg.decoder, cfg.activation_checkpointing),
+    }
+    for name, build in builders.items():
+        module = getattr(model, name)
+        if any(p.is_meta for p in module.parameters()):
+            kept = {
+                k: v
+                for k, v in module.state_dict().items()
+                if not v.is_meta and f"{name}.{k}" in loaded
+            }
+            fresh = build()
+            fresh.apply(_init_weights)
+            fresh.load_state_dict(kept, strict=False)
+            setattr(model, name, fresh)
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model.abstractor.reset_positions(device="cpu")
+    return model

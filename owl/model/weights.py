@@ -1,4 +1,6 @@
-"""Our weights folder format: build, save, load.
+"""Our weights folder format: save, load, and the plumbing under every way to get a model
+(`meta_model`: the structure without weights; `model_from_state_dict`: an exact state dict
+assigned into it). The ways themselves are listed in owl/model/__init__.py.
 
 Our format: `config.json` (OwlConfig.to_dict()) + `model.safetensors`, or numbered shards plus
 `model.safetensors.index.json` when the weights exceed 2 GB. External layouts come in through
@@ -19,7 +21,6 @@ from torch.overrides import TorchFunctionMode
 
 from owl.model.config import OwlConfig
 from owl.model.model import OwlModel
-from owl.model.registry import get_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -27,20 +28,9 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 
 
-def build_model(
-    cfg: OwlConfig | str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> OwlModel:
-    """A freshly initialised model from a config or a registry name."""
-    if isinstance(cfg, str):
-        cfg = get_config(cfg)
-    with torch.device(device):
-        model = OwlModel(cfg)
-    return model.to(dtype=dtype) if dtype is not None else model
-
-
 def meta_model(cfg: OwlConfig) -> OwlModel:
-    """The model's structure on the meta device, no init math run (`_SkipInit`): for shapes and
-    parameter counts, or to assign weights into. Building with init makes torch import
+    """The model's structure on the meta device, no init math run (`_SkipInit`): for shapes,
+    parameter counts and memory plans, or to assign weights into (`model_from_state_dict`). Building with init makes torch import
     torch._dynamo (BENCHMARKS.md, "Numbers moved out of the code")."""
     with torch.device("meta"), _SkipInit():
         return OwlModel(cfg)

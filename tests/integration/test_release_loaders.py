@@ -22,7 +22,7 @@ from PIL import Image
 
 from owl.data.image import CLIP_STD, preprocess_images
 from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
-from owl.model import build_model, get_config, save_model
+from owl.model import OwlModel, get_config, save_model
 from pipelines.cli import main as owl_cli
 
 pytestmark = pytest.mark.integration
@@ -87,7 +87,7 @@ def _model(tmp_path: Path, variant: str, vocab_size: int) -> Path:
     cfg = cfg.replace(
         decoder={"vocab_size": vocab_size, "num_kv_heads": cfg.decoder.num_heads}, image_mode="pad"
     )
-    save_model(build_model(cfg), tmp_path / "ours")
+    save_model(OwlModel(cfg), tmp_path / "ours")
     return tmp_path / "ours"
 
 

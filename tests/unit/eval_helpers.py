@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
-from owl.model import build_model, get_config, save_model
+from owl.model import OwlModel, get_config, save_model
 
 CORPUS = [
     "USER: What colour is the shape? ASSISTANT: red",
@@ -33,7 +33,7 @@ def make_model(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg = get_config("debug-tiny", decoder={"vocab_size": len(tokenizer)})
     torch.manual_seed(seed)
-    save_model(build_model(cfg), directory)
+    save_model(OwlModel(cfg), directory)
     tokenizer.save_pretrained(str(directory / "tokenizer"))
     return directory
 

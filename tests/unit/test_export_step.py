@@ -10,7 +10,7 @@ import torch
 
 from owl import IMAGE_TOKEN_ID
 from owl.data.manifest import FileEntry, Manifest
-from owl.model import build_model, get_config, load_model, save_model
+from owl.model import OwlModel, get_config, load_model, save_model
 from owl.model.lora import apply_lora, save_adapter
 from owl.model.releases import convert_release
 from pipelines.dag import REGISTER_FROM
@@ -30,16 +30,16 @@ def _input(tmp: Path, name: str, run_id: str, **fields) -> StepInput:
 @pytest.fixture
 def inputs(tmp_path: Path) -> dict[str, StepInput]:
     torch.manual_seed(0)
-    base = build_model(CFG)
+    base = OwlModel(CFG)
     save_model(base, tmp_path / "stage1" / "model")
-    lora = apply_lora(build_model(CFG))
+    lora = apply_lora(OwlModel(CFG))
     lora.load_state_dict(base.state_dict(), strict=False)
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.3)
     save_adapter(lora, tmp_path / "stage2" / "model" / "adapter")
-    save_model(build_model(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
+    save_model(OwlModel(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
     shard = FileEntry("shards/0.arrow", 10, "ab" * 32, rows=7, tokens=321)
     from owl.data.tokenize import train_bpe_tokenizer
 
@@ -113,7 +113,7 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
 
 def test_a_model_without_a_faithful_release_layout_says_how_to_skip_it(tmp_path, inputs) -> None:
     cfg = get_config("debug-tiny", "owl1")  # abstractor norm_eps 1e-6: not the authors' 1e-5
-    save_model(build_model(cfg), tmp_path / "stage2" / "model")
+    save_model(OwlModel(cfg), tmp_path / "stage2" / "model")
     ctx = StepContext("export", tmp_path / "out", "j", cfg)
     with pytest.raises(ValueError, match=r"release: false"):
         export.run(ctx, export.Config(), inputs)

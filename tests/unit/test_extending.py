@@ -71,7 +71,7 @@ import torch
 
 from owl.configs import build_dataclass
 from owl.data.templates import Turn, conversation_pieces, get_template, render
-from owl.model import build_model, get_config, load_model, save_model
+from owl.model import OwlModel, get_config, load_model, save_model
 from owl.model.releases import convert_release, export_release
 from owl.train.stages import trainable_groups
 from pipelines.cli import main
@@ -92,7 +92,7 @@ out = io.StringIO()
 with contextlib.redirect_stdout(out):
     assert main(["model", "summary", "debug-tiny", "--variant", "owl2_lora", "--json"]) == 0
 assert json.loads(out.getvalue())["variant"] == "owl2_lora"
-model = build_model(get_config("debug-tiny", "owl2_lora", abstractor={"norm_eps": 1e-5}))
+model = OwlModel(get_config("debug-tiny", "owl2_lora", abstractor={"norm_eps": 1e-5}))
 save_model(model, "ours")
 export_release("ours", "release")
 assert json.loads(Path("release/config.json").read_text())["model_type"] == "mplug_owl2"

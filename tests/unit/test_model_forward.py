@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model, get_config
-from owl.model.model import OwlModel
+from owl.model import OwlModel, get_config
 from owl.model.positions import positions_from_segments
 
 K = get_config("debug-tiny").num_visual_tokens
@@ -16,7 +15,7 @@ K = get_config("debug-tiny").num_visual_tokens
 @pytest.fixture(scope="module")
 def model() -> OwlModel:
     torch.manual_seed(0)
-    return build_model("debug-tiny").eval()
+    return OwlModel(get_config("debug-tiny")).eval()
 
 
 def _sample(num_text: int, num_images: int, seed: int) -> torch.Tensor:
@@ -97,7 +96,7 @@ def test_wrong_image_size_names_expected_and_got(model: OwlModel) -> None:
 
 def test_text_only_training_batch_still_reaches_every_parameter() -> None:
     """Same module sequence whatever the batch holds: ViT/abstractor run on an empty batch."""
-    model = build_model("debug-tiny").train()
+    model = OwlModel(get_config("debug-tiny")).train()
     model(torch.randint(0, 256, (2, 12))).sum().backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None]
     assert no_grad == []
@@ -105,7 +104,7 @@ def test_text_only_training_batch_still_reaches_every_parameter() -> None:
 
 
 def test_visual_copies_get_gradients_only_from_visual_tokens() -> None:
-    model = build_model("debug-tiny").train()
+    model = OwlModel(get_config("debug-tiny")).train()
     ids = _sample(6, 1, 8)[None]
     model(ids, torch.randn(1, 3, 32, 32)).sum().backward()
     grads = {n: p.grad.abs().sum().item() for n, p in model.named_parameters() if "_visual" in n}
@@ -120,8 +119,8 @@ def test_activation_checkpointing_gives_identical_gradients(variant: str) -> Non
     """Vision, abstractor and decoder layers are all checkpointed (each layer's forward runs again
     during backward), and every gradient equals the one without checkpointing."""
     torch.manual_seed(1)
-    plain = build_model(get_config("debug-tiny", variant)).train()
-    ckpt = build_model(plain.cfg.replace(activation_checkpointing=True)).train()
+    plain = OwlModel(get_config("debug-tiny", variant)).train()
+    ckpt = OwlModel(plain.cfg.replace(activation_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     ids, images = _sample(5, 1, 9)[None], torch.randn(1, 3, 32, 32)
     calls: dict[tuple[str, str], int] = {}
@@ -145,7 +144,7 @@ def test_activation_checkpointing_gives_identical_gradients(variant: str) -> Non
 
 
 def test_bf16_forward_backward_is_finite() -> None:
-    model = build_model("debug-tiny", dtype=torch.bfloat16).train()
+    model = OwlModel(get_config("debug-tiny")).to(torch.bfloat16).train()
     ids = torch.stack([_sample(5, 1, 10), _sample(5, 1, 11)])
     segments = torch.ones_like(ids)
     segments[1, -3:] = 0
@@ -160,7 +159,7 @@ def test_vit_positions_start_as_2d_sincos_at_the_scale_of_patch_features() -> No
     patches get similar embeddings, far ones different, and their size is that of the patch
     features, so the encoder knows where things are from step 0."""
     torch.manual_seed(0)
-    model = build_model("demo")
+    model = OwlModel(get_config("demo"))
     pos = model.vision.position_embedding.detach()  # (1 + 8 * 8, 64)
     assert torch.equal(pos[0], torch.zeros(64))
     grid = pos[1:].reshape(8, 8, 64)

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model, get_config, linear
+from owl.model import OwlModel, get_config, linear
 from owl.model.decoder import KVCache, TextStep
 from owl.model.generate import left_pad, sample_next
 from owl.model.lora import apply_lora, merge_lora
-from owl.model.model import OwlModel
 from owl.model.positions import positions_from_segments
 
 NEW = 12
@@ -20,7 +19,7 @@ NEW = 12
 @pytest.fixture(scope="module")
 def model() -> OwlModel:
     torch.manual_seed(0)
-    model = build_model("debug-tiny").eval()
+    model = OwlModel(get_config("debug-tiny")).eval()
     with torch.no_grad():  # larger weights than the init: distinct, non-repeating greedy picks
         for param in model.parameters():
             param.mul_(4.0)
@@ -103,7 +102,7 @@ def test_text_step_logits_equal_a_full_recompute(variant: str) -> None:
     """The lean decode step (text branch only, plain weights, GQA via SDPA) against the whole
     model recomputed on the sequence so far, after a left-padded prefill holding images."""
     torch.manual_seed(0)
-    model = build_model(get_config("debug-tiny", variant)).eval()
+    model = OwlModel(get_config("debug-tiny", variant)).eval()
     assert TextStep.supports(model.decoder)
     k = model.cfg.num_visual_tokens
     rows = [
@@ -143,7 +142,7 @@ def test_text_step_is_bit_identical_to_forward_cached(
     (demo) grouped KV heads, with either library under `Linear` (owl.model.linear)."""
     monkeypatch.setattr(linear, "PREFER_ONEDNN", prefer_onednn)
     torch.manual_seed(0)
-    model = build_model(get_config(name, variant)).eval()
+    model = OwlModel(get_config(name, variant)).eval()
     k, size, vocab = model.cfg.num_visual_tokens, model.cfg.vision.image_size, 256
     rows = [[1, *[IMAGE_TOKEN_ID] * k, 5, 6, 7], [1, 9, *[IMAGE_TOKEN_ID] * k, 4]]
     prompt = left_pad(model, rows, [torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)])
@@ -175,7 +174,7 @@ def test_text_step_refuses_wrapped_or_hooked_decoders() -> None:
     """TextStep reads weights directly, so it takes only plain modules without hooks: a hook
     (ZeRO-3 gathers parameters in one) or a LoRA wrapper sends generate to `forward_cached`."""
     torch.manual_seed(0)
-    model = build_model("debug-tiny").eval()
+    model = OwlModel(get_config("debug-tiny")).eval()
     assert TextStep.supports(model.decoder)
     hook = model.decoder.layers[1].post_attn_norm.register_forward_pre_hook(lambda *_: None)
     assert not TextStep.supports(model.decoder)
@@ -200,7 +199,7 @@ def test_cache_equals_no_cache_over_many_steps_with_images(model: OwlModel, prom
 
 def test_lora_wrapped_decoder_generates_through_the_general_cached_path() -> None:
     torch.manual_seed(0)
-    model = apply_lora(build_model("debug-tiny"), dropout=0.0).eval()
+    model = apply_lora(OwlModel(get_config("debug-tiny")), dropout=0.0).eval()
     with torch.no_grad():  # non-zero adapters, so the LoRA branch changes the logits
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model
+from owl.model import OwlModel, get_config
 from owl.model.lora import apply_lora, merge_lora
 
 
@@ -17,7 +17,7 @@ def _batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_default_lora_trains_exactly_decoder_q_and_v_adapters() -> None:
-    model = apply_lora(build_model("debug-tiny"))
+    model = apply_lora(OwlModel(get_config("debug-tiny")))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {
         f"decoder.layers.{i}.attn.{proj}.lora_{ab}.default.weight"
@@ -30,7 +30,7 @@ def test_default_lora_trains_exactly_decoder_q_and_v_adapters() -> None:
 
 def test_modules_to_save_are_trainable_in_place() -> None:
     model = apply_lora(
-        build_model("debug-tiny"), r=4, target_modules=("k_proj", "k_proj_visual"),
+        OwlModel(get_config("debug-tiny")), r=4, target_modules=("k_proj", "k_proj_visual"),
         modules_to_save=("abstractor",),
     )  # fmt: skip
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -43,15 +43,15 @@ def test_modules_to_save_are_trainable_in_place() -> None:
 
 def test_bad_lora_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="not decoder attention projections"):
-        apply_lora(build_model("debug-tiny"), target_modules=("fc1",))
+        apply_lora(OwlModel(get_config("debug-tiny")), target_modules=("fc1",))
     with pytest.raises(ValueError, match="not modules of the model"):
-        apply_lora(build_model("debug-tiny"), modules_to_save=("decoder.nope",))
+        apply_lora(OwlModel(get_config("debug-tiny")), modules_to_save=("decoder.nope",))
 
 
 def test_merged_model_has_plain_names_and_the_same_logits() -> None:
     torch.manual_seed(0)
-    plain_names = set(build_model("debug-tiny").state_dict())
-    model = apply_lora(build_model("debug-tiny")).eval()
+    plain_names = set(OwlModel(get_config("debug-tiny")).state_dict())
+    model = apply_lora(OwlModel(get_config("debug-tiny"))).eval()
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -75,8 +75,8 @@ def test_adapter_folder_is_peft_format_and_loads_with_the_same_logits(tmp_path) 
     from owl.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, trained_modules
 
     torch.manual_seed(0)
-    base_state = {k: v.clone() for k, v in build_model("debug-tiny").state_dict().items()}
-    model = build_model("debug-tiny")
+    base_state = {k: v.clone() for k, v in OwlModel(get_config("debug-tiny")).state_dict().items()}
+    model = OwlModel(get_config("debug-tiny"))
     model.load_state_dict(base_state)
     model = apply_lora(model, modules_to_save=("abstractor",)).eval()
     with torch.no_grad():  # "training": adapters and the abstractor move
@@ -89,13 +89,13 @@ def test_adapter_folder_is_peft_format_and_loads_with_the_same_logits(tmp_path) 
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 32)
     assert config["modules_to_save"] == ["abstractor"]
-    base = build_model("debug-tiny")
+    base = OwlModel(get_config("debug-tiny"))
     base.load_state_dict(base_state)
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     batch = _batch(model.cfg.num_visual_tokens)
     with torch.no_grad():
         expected, got = model(*batch), loaded(*batch)
-        untouched = build_model("debug-tiny")
+        untouched = OwlModel(get_config("debug-tiny"))
         untouched.load_state_dict(base_state)
         before = untouched.eval()(*batch)
     assert (expected - got).abs().max() <= 1e-5
@@ -116,8 +116,8 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     from owl.train.loop import WorkerJob, _export
 
     torch.manual_seed(1)
-    base_state = {k: v.clone() for k, v in build_model("debug-tiny").state_dict().items()}
-    model = build_model("debug-tiny")
+    base_state = {k: v.clone() for k, v in OwlModel(get_config("debug-tiny")).state_dict().items()}
+    model = OwlModel(get_config("debug-tiny"))
     model.load_state_dict(base_state)
     model = apply_lora(model).eval()
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=model.cfg, shards=[])
     _export(engine, job, tmp_path / "export", rank=0)
     exported = load_model(tmp_path / "export").eval()
-    base = build_model("debug-tiny")
+    base = OwlModel(get_config("debug-tiny"))
     base.load_state_dict(base_state)
     with torch.no_grad():
         folder = exported(*batch)
@@ -164,7 +164,7 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     cfg = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5})
     cfg = cfg.replace(decoder={"num_kv_heads": cfg.decoder.num_heads})
     torch.manual_seed(2)
-    model = build_model(cfg)
+    model = OwlModel(cfg)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     model = apply_lora(model, modules_to_save=("abstractor",)).eval()
     with torch.no_grad():

@@ -8,7 +8,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from owl import IMAGE_TOKEN_ID
 from owl.model import get_config
-from owl.model.hf_import import init_from_hf
+from owl.model.pretrained import pretrained_model
 
 VISION = {
     "image_size": 32,
@@ -67,7 +67,7 @@ def _cfg(variant: str):
 
 
 def test_decoder_matches_transformers_llama_with_grouped_kv(llama_dir) -> None:
-    ours = init_from_hf(_cfg("owl1"), llama_dir=llama_dir).eval()
+    ours = pretrained_model(_cfg("owl1"), {"llama": str(llama_dir)})[0].eval()
     theirs = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation="eager").eval()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_decoder_matches_transformers_llama_with_grouped_kv(llama_dir) -> None:
 
 
 def test_vit_matches_transformers_clip_vision(clip_dir) -> None:
-    ours = init_from_hf(_cfg("owl2"), clip_vision_dir=clip_dir).eval()
+    ours = pretrained_model(_cfg("owl2"), {"clip": str(clip_dir)})[0].eval()
     theirs = CLIPVisionModel.from_pretrained(clip_dir).eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -89,8 +89,9 @@ def test_vit_matches_transformers_clip_vision(clip_dir) -> None:
 
 def test_owl2_with_identical_branches_equals_plain_decoder(llama_dir, clip_dir) -> None:
     torch.manual_seed(3)
-    owl2 = init_from_hf(_cfg("owl2"), clip_vision_dir=clip_dir, llama_dir=llama_dir).eval()
-    owl1 = init_from_hf(_cfg("owl1"), clip_vision_dir=clip_dir, llama_dir=llama_dir).eval()
+    folders = {"clip": str(clip_dir), "llama": str(llama_dir)}
+    owl2 = pretrained_model(_cfg("owl2"), folders)[0].eval()
+    owl1 = pretrained_model(_cfg("owl1"), folders)[0].eval()
     # Same abstractor (random in both); positions differ between variants, so switch them off.
     owl1.abstractor.load_state_dict(owl2.abstractor.state_dict())
     owl2.abstractor.query_pos.zero_()
@@ -108,7 +109,7 @@ def test_owl2_with_identical_branches_equals_plain_decoder(llama_dir, clip_dir) 
 
 
 def test_visual_branch_changes_only_visual_positions(llama_dir) -> None:
-    model = init_from_hf(_cfg("owl2"), llama_dir=llama_dir).eval()
+    model = pretrained_model(_cfg("owl2"), {"llama": str(llama_dir)})[0].eval()
     k = model.cfg.num_visual_tokens
     ids = torch.randint(0, 128, (1, 2 * k))
     ids[0, k : 2 * k] = IMAGE_TOKEN_ID  # text first, image last: causal text is unaffected
@@ -124,7 +125,7 @@ def test_visual_branch_changes_only_visual_positions(llama_dir) -> None:
 def test_hf_config_mismatch_names_the_field(llama_dir) -> None:
     cfg = get_config("debug-tiny", "owl1", decoder={**DECODER, "ffn_dim": 100})
     with pytest.raises(ValueError, match="intermediate_size"):
-        init_from_hf(cfg, llama_dir=llama_dir)
+        pretrained_model(cfg, {"llama": str(llama_dir)})
 
 
 def test_clip_positions_are_interpolated_bicubic_to_a_bigger_grid(clip_dir) -> None:
@@ -135,7 +136,7 @@ def test_clip_positions_are_interpolated_bicubic_to_a_bigger_grid(clip_dir) -> N
     theirs = CLIPVisionModel.from_pretrained(clip_dir)
     positions = theirs.embeddings.position_embedding.weight.detach()  # (1 + 16, 32)
     cfg = _cfg("owl2").replace(vision={"image_size": 64})
-    ours = init_from_hf(cfg, clip_vision_dir=clip_dir)
+    ours = pretrained_model(cfg, {"clip": str(clip_dir)})[0]
     got = ours.vision.position_embedding.detach()
     assert got.shape == (1 + 64, 32)
     assert torch.equal(got[0], positions[0])
@@ -145,5 +146,5 @@ def test_clip_positions_are_interpolated_bicubic_to_a_bigger_grid(clip_dir) -> N
     assert torch.equal(
         ours.vision.layers[0].mlp.fc1.weight, theirs.encoder.layers[0].mlp.fc1.weight
     )
-    same = init_from_hf(_cfg("owl2"), clip_vision_dir=clip_dir)  # same grid: identity
+    same = pretrained_model(_cfg("owl2"), {"clip": str(clip_dir)})[0]  # same grid: identity
     assert torch.equal(same.vision.position_embedding, positions)

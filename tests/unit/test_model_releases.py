@@ -149,13 +149,13 @@ def test_export_to_the_release_layout_round_trips_exactly(tmp_path: Path, varian
 
 
 def test_release_layouts_name_every_parameter_of_our_model() -> None:
-    from owl.model import build_model, get_config
+    from owl.model import OwlModel, get_config
     from owl.model.releases import name_map
 
     for variant in ("owl2", "owl1"):
         layout = get_variant(variant)
         cfg = get_config("debug-tiny", variant)
-        ours = set(build_model(cfg).state_dict())
+        ours = set(OwlModel(cfg).state_dict())
         qkv = {k for k in ours if ".attn." in k and k.startswith("vision.") and "o_proj" not in k}
         assert set(name_map(cfg, layout).values()) == ours - qkv
 
@@ -214,11 +214,11 @@ def test_a_7b_release_layout_gives_exactly_the_recipe_model_config(name: str) ->
 
 
 def _save_tiny(path: Path, variant: str, **overrides) -> Path:
-    from owl.model import build_model, get_config, save_model
+    from owl.model import OwlModel, get_config, save_model
 
     cfg = get_config("debug-tiny", variant, abstractor={"norm_eps": 1e-5})
     cfg = cfg.replace(decoder={"num_kv_heads": cfg.decoder.num_heads})
-    save_model(build_model(cfg.replace(**overrides)), path)
+    save_model(OwlModel(cfg.replace(**overrides)), path)
     return path
 
 

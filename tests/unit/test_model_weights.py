@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model, get_config, load_model, save_model
+from owl.model import OwlModel, get_config, load_model, save_model
 from owl.model import weights as weights_module
-from owl.model.model import OwlModel
 
 
 def _batch(model: OwlModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +29,7 @@ def _logits(model: OwlModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.
 
 
 def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
-    model = build_model("debug-tiny")
+    model = OwlModel(get_config("debug-tiny"))
     batch = _batch(model)
     save_model(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
@@ -44,7 +43,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
 
 def test_large_models_are_sharded_with_an_index(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(weights_module, "MAX_SHARD_BYTES", 100_000)
-    model = build_model("debug-tiny")
+    model = OwlModel(get_config("debug-tiny"))
     save_model(model, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -56,7 +55,7 @@ def test_large_models_are_sharded_with_an_index(tmp_path: Path, monkeypatch) -> 
 
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
     cfg = get_config("debug-tiny", decoder={"tie_embeddings": True})
-    model = build_model(cfg)
+    model = OwlModel(cfg)
     save_model(model, tmp_path)
     loaded = load_model(tmp_path, dtype=torch.bfloat16)
     assert loaded.decoder.lm_head.weight is loaded.decoder.embed_tokens.weight
@@ -64,7 +63,7 @@ def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
-    save_model(build_model("debug-tiny"), tmp_path)
+    save_model(OwlModel(get_config("debug-tiny")), tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     state["decoder.extra.weight"] = state.pop("decoder.norm.weight")
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -74,7 +73,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
 
 
 def test_a_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path) -> None:
-    save_model(build_model("debug-tiny"), tmp_path)
+    save_model(OwlModel(get_config("debug-tiny")), tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     state["decoder.norm.weight"] = torch.ones(3)
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -91,7 +90,7 @@ def test_structure_only_builds_run_no_init_math(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    save_model(build_model("debug-tiny"), tmp_path / "m")
+    save_model(OwlModel(get_config("debug-tiny")), tmp_path / "m")
     code = f"""
 import sys
 from owl.model import get_config, load_model

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import owl.model.model as model_module
 from owl import IMAGE_TOKEN_ID
-from owl.model import build_model, get_config
+from owl.model import OwlModel, get_config
 from owl.model.decoder import SegmentLayout, _buckets
 from owl.model.model import segment_mask
 
@@ -89,7 +89,7 @@ def test_model_logits_and_gradients_equal_the_dense_mask(variant: str, monkeypat
     per-segment attention gives the real tokens' logits and every parameter's gradient of SDPA
     under the dense block-diagonal mask (the model's attention before `SegmentLayout`)."""
     torch.manual_seed(0)
-    model = build_model(get_config("debug-tiny", variant)).train()
+    model = OwlModel(get_config("debug-tiny", variant)).train()
     k = model.cfg.num_visual_tokens
     segments = _segments([[45, 8, 6], [k + 30, k + 2], [3]], 62)  # packed rows, padding
     ids = torch.randint(3, 256, segments.shape)

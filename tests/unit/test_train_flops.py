@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
-from owl.model import build_model, get_config
+from owl.model import OwlModel, get_config
 from owl.model import linear as linear_module
 from owl.train.loss import token_loss_sum
 from owl.train.metrics import attention_pairs, flop_terms, model_flops, train_flops
@@ -20,7 +20,7 @@ def _counted_step(variant: str, rows: int, length: int, images_per_row: int) -> 
     every token attends over its whole row), and the batch's counts."""
     torch.manual_seed(0)
     cfg = get_config("debug-tiny", variant)
-    model = build_model(cfg).train()
+    model = OwlModel(cfg).train()
     k = cfg.num_visual_tokens
     row = [1, *[IMAGE_TOKEN_ID] * k * images_per_row]
     row += torch.randint(3, cfg.decoder.vocab_size, (length - len(row),)).tolist()
