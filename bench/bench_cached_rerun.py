@@ -1,7 +1,7 @@
 """A fully cached re-run of a job against its first run: wall time of two `owl run` processes on
 a fresh storage folder. The target is a ratio <= 0.05.
 
-    python bench/bench_cached_rerun.py jobs/demo.yaml [--set stage1.max_steps=20 ...] [--storage DIR]
+    python bench/bench_cached_rerun.py jobs/demo.yaml [--set stage1.schedule.max_steps=20 ...] [--storage DIR]
 """
 
 from __future__ import annotations

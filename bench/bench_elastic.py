@@ -35,14 +35,18 @@ def measure(zero: int, model_name: str, tmp: Path, port: int) -> dict[str, float
     model = get_config(model_name)
     manifest = write_data(tmp / "data", model, count=64, max_length=128)
     shards = shards_from_manifest(manifest, tmp / "data")
-    cfg = TrainConfig(
-        stage=2, trainable="all", zero_stage=zero, lr=1e-4, max_steps=1, micro_batch_size=2,
-        max_length=128, checkpoint_every=1, log_every=1, num_workers=2, seed=0,
-    )  # fmt: skip
+    cfg = TrainConfig(stage=2, trainable="all", log_every=1, seed=0).replace(
+        memory={"zero_stage": zero},
+        optimizer={"lr": 1e-4},
+        schedule={"max_steps": 1},
+        batch={"micro_batch_size": 2, "max_length": 128},
+        checkpoint={"every": 1},
+        resources={"num_workers": 2},
+    )
     job = WorkerJob(train=cfg, model=model, shards=shards, pad_id=model.decoder.pad_token_id)
     run(job, 2, tmp / "first", port=port)
     saved = tmp / "first" / "checkpoints" / "step-00000001"
-    resumed = dataclasses.replace(job, train=cfg.replace(max_steps=2))
+    resumed = dataclasses.replace(job, train=cfg.replace(schedule={"max_steps": 2}))
     times = {}
     for world_size in (2, 1):
         copy = tmp / f"copy{world_size}"

@@ -98,8 +98,9 @@ def write_data(directory: Path, model: OwlConfig, count: int, max_length: int) -
 
 def make_loader(shards: list[ShardRef], model: OwlConfig, cfg: TrainConfig) -> ShardLoader:
     loader_cfg = LoaderConfig(
-        micro_batch_size=cfg.micro_batch_size, max_length=cfg.max_length, packing=cfg.packing,
-        max_images_per_row=cfg.max_images_per_row, packing_window=cfg.packing_window,
+        micro_batch_size=cfg.batch.micro_batch_size, max_length=cfg.batch.max_length,
+        packing=cfg.batch.packing, max_images_per_row=cfg.batch.max_images_per_row,
+        packing_window=cfg.batch.packing_window,
         seed=cfg.seed, pad_id=model.decoder.pad_token_id, image_size=model.vision.image_size,
         image_mode=model.image_mode,
     )  # fmt: skip
@@ -120,13 +121,16 @@ class BareLoop:
         self.model = model.train()
         select_for_stage(self.model, model.cfg.variant, cfg)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+            param_groups(self.model, cfg),
+            lr=cfg.optimizer.lr,
+            betas=cfg.optimizer.betas,
+            eps=cfg.optimizer.eps,
         )
         warmup = warmup_steps(cfg, total_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_multiplier(
-                s, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio
+                s, warmup=warmup, total=total_steps, min_ratio=cfg.schedule.min_lr_ratio
             ),
         )
         self.loader, self.cfg = loader, cfg
@@ -141,7 +145,7 @@ class BareLoop:
         count = num_supervised(batch["labels"], batch["segment_ids"])
         loss = token_loss_sum(logits, batch["labels"], batch["segment_ids"]) / max(count, 1)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,7 +213,7 @@ def bench_packing(
     modes = [(attention, packing) for attention in attentions for packing in (False, True)]
     loops, epoch = {}, {}
     for attention, packing in modes:
-        cfg = base.replace(packing=packing)
+        cfg = base.replace(batch={"packing": packing})
         torch.manual_seed(cfg.seed)
         loop = BareLoop(OwlModel(model_cfg), make_loader(shards, model_cfg, cfg), cfg, 1)
         loops[attention, packing], epoch[attention, packing] = (
@@ -291,7 +295,7 @@ def _overhead_worker(config: dict[str, Any]) -> None:
             super().report(metrics, checkpoint_dir)
             ours = tuple((now - then) / every for now, then in zip(_clock(), self.mark))
             step = int(metrics["step"])
-            if step < cfg.max_steps:  # the last window also saves and exports: not timed
+            if step < cfg.schedule.max_steps:  # the last window also saves and exports: not timed
                 times, _ = self.bare.run(every)
                 bare = tuple(sum(t[c] for t in times) / every for c in (0, 1))
                 self.windows.append((step, ours, bare))
@@ -299,7 +303,10 @@ def _overhead_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)
     bare = BareLoop(
-        load_model(job.init_model_dir), make_loader(job.shards, job.model, cfg), cfg, cfg.max_steps
+        load_model(job.init_model_dir),
+        make_loader(job.shards, job.model, cfg),
+        cfg,
+        cfg.schedule.max_steps,
     )
     session = InterleavedSession(bare)
     state = run_training(job, session)
@@ -321,7 +328,9 @@ def bench_overhead(
     every = base.log_every
     warmup, steps = -(-warmup // every) * every, -(-steps // every) * every  # whole windows
     cfg = base.replace(
-        max_steps=warmup + steps + every, checkpoint_every=10**6, num_workers=1, cpus_per_worker=1
+        schedule={"max_steps": warmup + steps + every},
+        checkpoint={"every": 10**6},
+        resources={"num_workers": 1, "cpus_per_worker": 1},
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -345,7 +354,7 @@ def bench_overhead(
         ray.shutdown()
     windows = out["windows"]
     print(
-        f"[overhead] ZeRO-{cfg.zero_stage}, {out['threads']} torch thread(s) in the worker, "
+        f"[overhead] ZeRO-{cfg.memory.zero_stage}, {out['threads']} torch thread(s) in the worker, "
         f"{warmup} warm-up steps, then {len(windows)} windows of {every} steps of each loop, "
         "alternating"
     )
@@ -404,11 +413,15 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     torch.set_num_threads(1)
     model_cfg = get_config(args.model)
-    base = TrainConfig(
-        stage=2, trainable="all", lr=1e-4, micro_batch_size=args.micro_batch_size,
-        max_length=args.max_length, max_images_per_row=8, log_every=args.log_every,
-        zero_stage=args.zero_stage,
-    )  # fmt: skip
+    base = TrainConfig(stage=2, trainable="all", log_every=args.log_every).replace(
+        optimizer={"lr": 1e-4},
+        batch={
+            "micro_batch_size": args.micro_batch_size,
+            "max_length": args.max_length,
+            "max_images_per_row": 8,
+        },
+        memory={"zero_stage": args.zero_stage},
+    )
     print(f"load average at start: {_load_avg()}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "packing"):

@@ -1,5 +1,5 @@
 """Cost of evaluation during training on the demo: stage 2 of jobs/demo.yaml without and with
-`evaluate_every`, in one invocation, on the same upstream outputs (computed by the first run,
+`evaluate.every`, in one invocation, on the same upstream outputs (computed by the first run,
 cached for the next); the ratio of the stage's wall time (its manifest's `wall_time_s`: Ray Train
 start to the last score) with evaluation to without (target <= 1.10). The runs alternate:
 baseline, evaluated, then with `--repeats 2` each again; stage 2 always trains (`--force
@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "shapes.num_caption_images=480", "shapes.num_instruction_images=960", "shapes.num_text=120",
-    "download.number_sample_per_shard=480", "stage1.max_steps=20", "stage1.checkpoint_every=20",
+    "download.number_sample_per_shard=480", "stage1.schedule.max_steps=20",
+    "stage1.checkpoint.every=20",
 ]  # fmt: skip
 
 
@@ -53,7 +54,7 @@ def owl_run(storage: Path, settings: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1800, help="stage 2 steps (demo: 1800)")
-    parser.add_argument("--every", type=int, default=600, help="evaluate_every (steps)")
+    parser.add_argument("--every", type=int, default=600, help="evaluate.every (steps)")
     parser.add_argument("--limit", type=int, default=100, help="VQA items scored each time")
     parser.add_argument("--eval-workers", type=int, default=1)
     parser.add_argument("--eval-cpus", type=float, default=0.0)
@@ -63,10 +64,10 @@ def main() -> None:
     args = parser.parse_args()
 
     storage = Path(args.storage or tempfile.mkdtemp(prefix="owl-bench-train-eval-"))
-    base = [f"stage2.max_steps={args.steps}", f"stage2.checkpoint_every={args.every}"]
+    base = [f"stage2.schedule.max_steps={args.steps}", f"stage2.checkpoint.every={args.every}"]
     base += SMALL if args.small else []
     evaluated = base + [
-        f"stage2.evaluate_every={args.every}",
+        f"stage2.evaluate.every={args.every}",
         "stage2.evaluate.benchmarks=['@shapes/benchmarks/vqa.jsonl']",
         f"stage2.evaluate.limit={args.limit}",
         f"stage2.evaluate.num_workers={args.eval_workers}",

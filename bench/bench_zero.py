@@ -89,11 +89,14 @@ def _worker(rank: int, world_size: int, job: Any, port: int, out: str) -> None:
 def run_stage(zero: int, model: OwlConfig, shards: list, args: argparse.Namespace, port: int):
     from owl.train.loop import WorkerJob
 
-    cfg = TrainConfig(
-        stage=2, trainable="all", zero_stage=zero, lr=1e-4, max_steps=args.steps,
-        micro_batch_size=1, max_length=args.max_length, checkpoint_every=args.steps,
-        log_every=1, num_workers=2, seed=0,
-    )  # fmt: skip
+    cfg = TrainConfig(stage=2, trainable="all", log_every=1, seed=0).replace(
+        memory={"zero_stage": zero},
+        optimizer={"lr": 1e-4},
+        schedule={"max_steps": args.steps},
+        batch={"micro_batch_size": 1, "max_length": args.max_length},
+        checkpoint={"every": args.steps},
+        resources={"num_workers": 2},
+    )
     job = WorkerJob(train=cfg, model=model, shards=shards, pad_id=model.decoder.pad_token_id)
     with tempfile.TemporaryDirectory(prefix="bench-zero-") as out:
         mp.spawn(_worker, args=(2, job, port, out), nprocs=2, join=True)

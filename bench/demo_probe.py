@@ -155,8 +155,15 @@ def set_trainable(model: OwlModel, stage: int, trainable: str, cfg: TrainConfig)
 
 def train_stage(model: OwlModel, corpus: Corpus, args: StageArgs, stage: int, seed: int) -> float:
     """Train `args.steps` steps; returns ms per step."""
-    cfg = TrainConfig(stage=stage, lr=args.lr, abstractor_lr=args.abstractor_lr,
-                      weight_decay=0.0, betas=(0.9, 0.98), max_steps=args.steps)  # fmt: skip
+    cfg = TrainConfig(stage=stage).replace(
+        optimizer={
+            "lr": args.lr,
+            "abstractor_lr": args.abstractor_lr,
+            "weight_decay": 0.0,
+            "betas": (0.9, 0.98),
+        },
+        schedule={"max_steps": args.steps},
+    )
     set_trainable(model, stage, args.trainable, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=cfg.betas)

@@ -64,12 +64,13 @@ def job_overrides(device: str, storage: Path) -> list[str]:
     for stage in ("stage1", "stage2"):
         steps = 40 if gpu else 6
         sets.update({
-            f"{stage}.max_steps": steps, f"{stage}.num_workers": 1,
-            f"{stage}.gpus_per_worker": 1 if gpu else 0, f"{stage}.log_every": 5 if gpu else 2,
-            f"{stage}.checkpoint_every": steps, f"{stage}.warmup_steps": 5 if gpu else 1,
+            f"{stage}.schedule.max_steps": steps, f"{stage}.resources.num_workers": 1,
+            f"{stage}.resources.gpus_per_worker": 1 if gpu else 0,
+            f"{stage}.log_every": 5 if gpu else 2, f"{stage}.checkpoint.every": steps,
+            f"{stage}.schedule.warmup_steps": 5 if gpu else 1,
         })  # fmt: skip
         if not gpu:
-            sets[f"{stage}.micro_batch_size"] = 4
+            sets[f"{stage}.batch.micro_batch_size"] = 4
     # Caption metrics tokenize with COCO's PTB tokenizer (Java); a GPU machine without Java
     # scores them with the approximate tokenizer (metrics named *_approx) instead of failing.
     tokenizer = "ptb" if shutil.which("java") else "approx"
@@ -146,15 +147,17 @@ def job_summary(storage: Path, device: str) -> dict[str, Any]:
 
 
 def recipe_stage2(**overrides: Any) -> Any:
-    """The Owl2-7B recipe's stage-2 `TrainConfig` (jobs/owl2-llama2-7b.yaml), with overrides."""
+    """The Owl2-7B recipe's stage-2 `TrainConfig` (jobs/owl2-llama2-7b.yaml), with overrides
+    (`TrainConfig.replace`'s: a section as a dict changes the fields it names)."""
     import yaml
 
+    from owl.configs import build_dataclass
     from owl.train.config import TrainConfig
 
     section = yaml.safe_load(RECIPE.read_text())["stage2"]
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
-    return TrainConfig(**{**fields, "stage": 2, **overrides})
+    fields = {k: v for k, v in section.items() if k in names}
+    return build_dataclass(TrainConfig, {**fields, "stage": 2}, "stage2").replace(**overrides)
 
 
 def train_shapes(device: str, layers: int, steps: int) -> tuple[Any, Any]:
@@ -164,9 +167,15 @@ def train_shapes(device: str, layers: int, steps: int) -> tuple[Any, Any]:
     CPU: debug-tiny with the recipe's stage-2 settings at a small micro-batch and length."""
     from owl.model import get_config
 
-    common = {"num_workers": 1, "max_steps": steps, "log_every": 1, "checkpoint_every": steps}
+    common = {
+        "resources": {"num_workers": 1},
+        "schedule": {"max_steps": steps},
+        "log_every": 1,
+        "checkpoint": {"every": steps},
+    }
     if device == "cpu":
-        cfg = recipe_stage2(**common, micro_batch_size=2, max_length=128, grad_accum=2)
+        batch = {"micro_batch_size": 2, "max_length": 128, "grad_accum": 2}
+        cfg = recipe_stage2(**common, batch=batch)
         return get_config("debug-tiny", decoder={"num_layers": layers or 2}), cfg
     cfg = recipe_stage2(**common)
     if layers:
@@ -213,10 +222,10 @@ def measure_train(
         torch.cuda.set_device(0)
     loop.init_single_process_group(backend="nccl" if cuda else "gloo")
     plan = plan_memory(model_cfg, cfg)
-    rows = (warmup + steps) * cfg.grad_accum * cfg.micro_batch_size
+    rows = (warmup + steps) * cfg.batch.grad_accum * cfg.batch.micro_batch_size
     with tempfile.TemporaryDirectory(prefix="gpu-check-data-") as tmp:
         # About 6 samples per row (median length max_length / 6), and spare ones.
-        manifest = write_data(Path(tmp), model_cfg, count=8 * rows, max_length=cfg.max_length)
+        manifest = write_data(Path(tmp), model_cfg, count=8 * rows, max_length=cfg.batch.max_length)
         shards = shards_from_manifest(manifest, Path(tmp))
         job = loop.WorkerJob(
             train=cfg, model=model_cfg, shards=shards, pad_id=model_cfg.decoder.pad_token_id
@@ -225,7 +234,7 @@ def measure_train(
         started = time.perf_counter()
         model = loop._build_model(job, session)
         loop.select_for_stage(model, model_cfg.variant, cfg)
-        engine = loop._initialize_engine(model, cfg, cfg.max_steps, 1)
+        engine = loop._initialize_engine(model, cfg, cfg.schedule.max_steps, 1)
         loader = loop._build_loader(job, session)
         setup_s = time.perf_counter() - started
         engine.train()

@@ -1,7 +1,8 @@
 """Typed dataclass configs from plain dicts (a job file's sections, a model's config.json): the
 one parser of every config. Each field is checked against its type hint (ints are accepted for
 floats, lists for tuples, nested dataclasses from dicts); an error names the field's path
-(`stage1.lr: expected float, got str 'abc'`). Plain Python: no torch, no Ray.
+(`stage1.optimizer.lr: expected float, got str 'abc'`); a key a class lists in its `MOVED`
+({old key: new place}) is refused with its new place. Plain Python: no torch, no Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
         raise ValueError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "MOVED", {})  # {old key: its new place}, a layout that changed
+    if any(k in moved for k in unknown):
+        raise ValueError(
+            "; ".join(f"{path}.{k} moved to {path}.{moved[k]}" for k in unknown if k in moved)
+        )
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
     hints = typing.get_type_hints(cls)

@@ -15,9 +15,9 @@ download:                     # one section per step; fields of that step module
 ```
 A step runs when its section is present (`shapes: {}` runs it with defaults). A section of
 another name with `kind:` is one more step of that kind (`tokenize_text: {kind:
-tokenize_instructions, sources: [...]}`: a second instruction source, drawn by a stage's `mix`). Errors name the field
-path (`stage1.lr: expected float, got str 'abc'`). `--set path=value` overrides any field before
-validation; the value is parsed as YAML (`--set stage1.max_steps=10 --set model.variant=owl1`).
+tokenize_instructions, sources: [...]}`: a second instruction source, drawn by a stage's `data.mix`). Errors name the field
+path (`stage1.optimizer.lr: expected float, got str 'abc'`). `--set path=value` overrides any field before
+validation; the value is parsed as YAML (`--set stage1.schedule.max_steps=10 --set model.variant=owl1`).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) to the raw job dict, in place."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ValueError(f"--set {item!r}: expected PATH=VALUE, e.g. stage1.max_steps=10")
+        raise ValueError(f"--set {item!r}: expected PATH=VALUE, e.g. stage1.schedule.max_steps=10")
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
@@ -309,38 +309,46 @@ def _parse_step(spec: StepSpec, section: dict[str, Any], present: list[str]) -> 
             raise ValueError(
                 f"{path}: needs step {r.upstream!r} (input {role!r}); add a `{r.upstream}:` section"
             )
-    values = {k: v for k, v in section.items() if k not in STEP_RESERVED}
+    config_cls = spec.load_module().Config
+    # A Config with a `resources` section of its own (training: workers and their policy) reads
+    # the step's `resources:` itself; the runner takes the step's resources from it.
+    owns_resources = "resources" in {f.name for f in dataclasses.fields(config_cls)}
+    reserved = [k for k in STEP_RESERVED if not (owns_resources and k == "resources")]
+    values = {k: v for k, v in section.items() if k not in reserved}
     for key, fixed in spec.fixed.items():
         if key in values and values[key] != fixed:
             raise ValueError(f"{path}.{key}: is fixed to {fixed!r} for this step")
         values[key] = fixed
-    config_cls = spec.load_module().Config
-    clash = [f.name for f in dataclasses.fields(config_cls) if f.name in STEP_RESERVED]
+    clash = [f.name for f in dataclasses.fields(config_cls) if f.name in reserved]
     assert not clash, f"{spec.module}.Config fields {clash} clash with the runner's section keys"
     config = build_dataclass(config_cls, values, path)
     spec = with_eval_roles(with_mix_roles(spec, config, present, path), config, present)
     _check_role_paths(dataclasses.asdict(config), spec, present, path)
     retries = build_dataclass(RetryPolicy, section.get("retry") or {}, f"{path}.retry")
-    resources = _resources(spec, config, section.get("resources"), path)
+    given = None if owns_resources else section.get("resources")
+    resources = _resources(spec, config, given, path)
     allow_empty = coerce(section.get("allow_empty", False), bool, f"{path}.allow_empty")
     return StepSection(spec, config, resources, retries, allow_empty)
 
 
 def with_mix_roles(spec: StepSpec, config: Any, present: list[str], path: str) -> StepSpec:
-    """`spec` with one more input role per step of the job its `mix` names (`mix:<step>`), so
-    that dataset's manifest digest is part of the stage's cache key like its `data` input's."""
-    mix = getattr(config, "mix", None) or {}
+    """`spec` with one more input role per step of the job a training stage's `data.mix` names
+    (`mix:<step>`), so that dataset's manifest digest is part of the stage's cache key like its
+    `data` input's."""
+    mix = config.data.mix if spec.trains else {}
     named = [name for name in mix if "/" not in name and not name.startswith("@")]
     if not named:
         return spec
     for name in named:
         if name not in present:
             raise ValueError(
-                f"{path}.mix.{name}: names no step of this job (its steps: {present}); give a "
+                f"{path}.data.mix.{name}: names no step of this job (its steps: {present}); give a "
                 "tokenize step of the job or a tokenize output folder"
             )
         if present.index(name) >= present.index(spec.name):
-            raise ValueError(f"{path}.mix.{name}: a step after {spec.name}; mix an earlier one")
+            raise ValueError(
+                f"{path}.data.mix.{name}: a step after {spec.name}; mix an earlier one"
+            )
     extra = {f"{MIX_ROLE}{name}": Role(name) for name in named}
     return dataclasses.replace(spec, roles={**spec.roles, **extra})
 
@@ -348,8 +356,8 @@ def with_mix_roles(spec: StepSpec, config: Any, present: list[str], path: str) -
 def with_eval_roles(spec: StepSpec, config: Any, present: list[str]) -> StepSpec:
     """`spec` with one more input role per earlier step of the job that the `@step/...` paths of
     a training stage's `evaluate.benchmarks` name (`@shapes/benchmarks/vqa.jsonl`), while the
-    stage evaluates (`evaluate_every` > 0): the files it scores come from that step's output."""
-    if not getattr(config, "evaluate_every", 0):
+    stage evaluates (`evaluate.every` > 0): the files it scores come from that step's output."""
+    if not spec.trains or not config.evaluate.every:
         return spec
     from owl.eval.importers import parse_spec
 
@@ -364,14 +372,16 @@ def with_eval_roles(spec: StepSpec, config: Any, present: list[str]) -> StepSpec
 
 
 def _resources(spec: StepSpec, config: Any, given: Any, path: str) -> Resources:
-    """From the step's own sizing fields if its Config has them, else the `resources` section."""
-    own = [f.name for f in dataclasses.fields(config) if f.name in RESOURCE_FIELDS]
+    """From the step's own sizing fields if its Config has them (at its top or in its own
+    `resources` section), else the `resources` section."""
+    sizing = getattr(config, "resources", config)
+    own = [f.name for f in dataclasses.fields(sizing) if f.name in RESOURCE_FIELDS]
     if own and given is not None:
         raise ValueError(
             f"{path}.resources: this step is sized by its own fields {own}; set those instead"
         )
     if own:
-        return dataclasses.replace(spec.resources, **{name: getattr(config, name) for name in own})
+        return dataclasses.replace(spec.resources, **{name: getattr(sizing, name) for name in own})
     if given is None:
         return spec.resources
     return build_dataclass(Resources, given, f"{path}.resources")

@@ -42,8 +42,18 @@ def key_parts(job: JobSpec, spec: StepSpec, section: StepSection) -> tuple[Any, 
         skipped.update(k for k in when_set if plain[k] == defaults[k])
     if not skipped:
         return section.config, model
-    config = {k: v for k, v in cache.plain(section.config).items() if k not in skipped}
-    return config, model
+    return _without(cache.plain(section.config), skipped), model
+
+
+def _without(config: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """`config` without the fields `paths` name (`a` or `a.b`: a field of section `a`)."""
+    kept = {}
+    for name, value in config.items():
+        if name in paths:
+            continue
+        inner = {p.partition(".")[2] for p in paths if p.startswith(f"{name}.")}
+        kept[name] = _without(value, inner) if inner else value
+    return kept
 
 
 def input_files(job: JobSpec, name: str) -> dict[str, str]:
@@ -162,12 +172,12 @@ def read_by_computing(job: JobSpec, force: list[str] | None, until: str | None) 
 def memory_plan(job: JobSpec, name: str) -> MemoryPlan:
     """A training step's GPU memory plan per worker (`owl.train.memory`: the model on the meta
     device, the stage's trainable selection, activations per micro-batch); ValueError (one line)
-    when it exceeds the step's `gpu_memory_gib` (> 0)."""
+    when it exceeds the step's `memory.gpu_memory_gib` (> 0)."""
     from owl.train.memory import check_fits, plan_memory
 
     config = job.steps[name].config
     memory = plan_memory(job.owl_config, config)
-    check_fits(name, memory, config.gpu_memory_gib)
+    check_fits(name, memory, config.memory.gpu_memory_gib)
     return memory
 
 
@@ -181,10 +191,10 @@ def check_environment(job: JobSpec, names: list[str]) -> None:
 
 
 def check_memory(job: JobSpec, names: list[str]) -> None:
-    """ValueError (one line) when a training step's plan exceeds its `gpu_memory_gib` (the plan
+    """ValueError (one line) when a training step's plan exceeds its `memory.gpu_memory_gib` (the plan
     is computed only for steps that set one)."""
     for name in names:
-        if job.steps[name].spec.trains and job.steps[name].config.gpu_memory_gib > 0:
+        if job.steps[name].spec.trains and job.steps[name].config.memory.gpu_memory_gib > 0:
             memory_plan(job, name)
 
 

@@ -10,7 +10,7 @@ from owl.data.manifest import Manifest
 from owl.train.config import mixture_weights
 from pipelines import cache
 from pipelines.cache import StepRecord
-from pipelines.jobspec import JobSpec, resolve_tracking_uri
+from pipelines.jobspec import JobSpec, StepSection, resolve_tracking_uri
 from pipelines.plan import PlannedStep, plan
 
 
@@ -20,8 +20,11 @@ def tracking_source(job: JobSpec) -> str:
     return resolve_tracking_uri(job.raw.get("mlflow_uri") or "", job.storage)[1]
 
 
-def _mixture(config: Any) -> dict[str, float]:
-    return mixture_weights(getattr(config, "mix", None) or {}, getattr(config, "data_weight", 1.0))
+def _mixture(section: StepSection) -> dict[str, float]:
+    """{dataset: weight} of a training stage that mixes ({} otherwise), its `data` input first."""
+    if not section.spec.trains:
+        return {}
+    return mixture_weights(section.config.data.mix, section.config.data.data_weight)
 
 
 def _drawn(job: JobSpec, planned: PlannedStep) -> dict[str, int]:
@@ -59,7 +62,7 @@ def job_status(job: JobSpec) -> dict[str, Any]:
                 # e.g. an unreadable manifest: the next `owl run` recomputes that step
                 "problems": planned.problems,
                 # a training stage drawing several datasets: {dataset: weight}, `data` first
-                "mixture": _mixture(job.steps[planned.name].config),
+                "mixture": _mixture(job.steps[planned.name]),
                 # ... and the samples of each it trained on, once it has run
                 "drawn": _drawn(job, planned),
             }

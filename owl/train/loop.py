@@ -74,11 +74,11 @@ class WorkerJob:
     # sha256 of the shards: the global loader checks every shard up front (the step does it once
     # and passes False); the streaming loader checks each shard where and when it first opens it.
     verify_shards: bool = True
-    # With `train.mix`: the stage's datasets and weights (the streaming loader reads these
+    # With `train.data.mix`: the stage's datasets and weights (the streaming loader reads these
     # instead of `shards`, which is then the first dataset's).
     datasets: list[Dataset] = field(default_factory=list)
     fault: Fault | None = None  # tests only (FAULT_ENV)
-    # With `train.evaluate_every`: rank 0 writes the model of every such step to
+    # With `train.evaluate.every`: rank 0 writes the model of every such step to
     # `<eval_dir>/step-N/model` (before that step's checkpoint) for the driver's evaluation.
     eval_dir: str = ""
 
@@ -172,14 +172,15 @@ def held_parameter_elements(model: torch.nn.Module) -> int:
 def total_optimizer_steps(
     cfg: TrainConfig, loader: ShardLoader | StreamingLoader | StepStream
 ) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    micro_batches = sum(loader.batches_per_epoch(e) for e in range(cfg.epochs))
-    steps = micro_batches // cfg.grad_accum
+    schedule, grad_accum = cfg.schedule, cfg.batch.grad_accum
+    if schedule.max_steps > 0:
+        return schedule.max_steps
+    micro_batches = sum(loader.batches_per_epoch(e) for e in range(schedule.epochs))
+    steps = micro_batches // grad_accum
     if steps == 0:
         raise ValueError(
-            f"{cfg.epochs} epoch(s) give {micro_batches} micro-batches per stream, fewer than "
-            f"grad_accum={cfg.grad_accum}: use more data or set max_steps"
+            f"{schedule.epochs} epoch(s) give {micro_batches} micro-batches per stream, fewer "
+            f"than batch.grad_accum={grad_accum}: use more data or set schedule.max_steps"
         )
     return steps
 
@@ -197,14 +198,16 @@ def _build_model(job: WorkerJob, session: Session | None = None) -> torch.nn.Mod
     never held by every rank."""
     from owl.model import OwlModel, load_model
 
-    if job.train.zero_stage == 3:
+    if job.train.memory.zero_stage == 3:
         return _build_partitioned(job, 0 if session is None else session.rank)
-    model_cfg = job.model.replace(activation_checkpointing=job.train.activation_checkpointing)
+    model_cfg = job.model.replace(
+        activation_checkpointing=job.train.memory.activation_checkpointing
+    )
     if not job.init_model_dir:
         return OwlModel(model_cfg)
     model = load_model(job.init_model_dir)
     _check_init_variant(job, model.cfg)
-    _set_activation_checkpointing(model, job.train.activation_checkpointing)
+    _set_activation_checkpointing(model, job.train.memory.activation_checkpointing)
     return model
 
 
@@ -226,7 +229,7 @@ def _build_partitioned(job: WorkerJob, rank: int) -> torch.nn.Module:
     if job.init_model_dir:
         cfg = read_model_config(job.init_model_dir)
         _check_init_variant(job, cfg)
-    cfg = cfg.replace(activation_checkpointing=job.train.activation_checkpointing)
+    cfg = cfg.replace(activation_checkpointing=job.train.memory.activation_checkpointing)
     ds_config = deepspeed_config(
         job.train, world_size=1, on_gpu=torch.cuda.is_available(), hidden=cfg.decoder.hidden
     )
@@ -290,16 +293,16 @@ def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None
 def loader_config(cfg: TrainConfig, model: OwlConfig, pad_id: int) -> LoaderConfig:
     """The loader settings of a training stage."""
     return LoaderConfig(
-        micro_batch_size=cfg.micro_batch_size,
-        max_length=cfg.max_length,
-        max_images_per_row=cfg.max_images_per_row,
-        packing=cfg.packing,
-        packing_window=cfg.packing_window,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        max_length=cfg.batch.max_length,
+        max_images_per_row=cfg.batch.max_images_per_row,
+        packing=cfg.batch.packing,
+        packing_window=cfg.batch.packing_window,
         seed=cfg.seed,
         pad_id=pad_id,
         image_size=model.vision.image_size,
         image_mode=model.image_mode,
-        shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_buffer=cfg.data.shuffle_buffer,
     )
 
 
@@ -312,8 +315,8 @@ def build_loader(
     world_size: int = 1,
     verify: bool = True,
 ) -> ShardLoader | StreamingLoader:
-    """The loader `cfg.loader` names, for one rank."""
-    kind = StreamingLoader if cfg.loader == "streaming" else ShardLoader
+    """The loader `cfg.data.loader` names, for one rank."""
+    kind = StreamingLoader if cfg.data.loader == "streaming" else ShardLoader
     return kind(shards, loader_cfg, rank=rank, world_size=world_size, verify=verify)
 
 
@@ -321,7 +324,7 @@ def _build_loader(job: WorkerJob, session: Session) -> StepStream:
     """This worker's share of the stage's sample stream: the loaders of the streams it reads
     (rank v of the stage's `num_workers`), whatever the number of workers running."""
     cfg = job.train
-    data = job.datasets or job.shards if cfg.loader == "streaming" else job.shards
+    data = job.datasets or job.shards if cfg.data.loader == "streaming" else job.shards
     loader_cfg = loader_config(cfg, job.model, job.pad_id)
 
     def make(stream: int, num_streams: int) -> ShardLoader | StreamingLoader:
@@ -331,8 +334,8 @@ def _build_loader(job: WorkerJob, session: Session) -> StepStream:
 
     return StepStream(
         make,
-        num_streams=cfg.num_workers,
-        grad_accum=cfg.grad_accum,
+        num_streams=cfg.resources.num_workers,
+        grad_accum=cfg.batch.grad_accum,
         rank=session.rank,
         world_size=session.world_size,
     )
@@ -350,7 +353,7 @@ def _initialize_engine(
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(
-                step, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio
+                step, warmup=warmup, total=total_steps, min_ratio=cfg.schedule.min_lr_ratio
             ),
         )
 
@@ -462,10 +465,10 @@ def _train(
         if state.step % cfg.log_every == 0 or last:
             metrics = _window_metrics(engine, window, state, session.world_size)
             window = Window()
-        checkpointing = state.step % cfg.checkpoint_every == 0 or last
+        checkpointing = state.step % cfg.checkpoint.every == 0 or last
         if metrics is not None or checkpointing:
             metrics, unsent = {**(metrics or {}), **unsent}, {}
-        if job.eval_dir and cfg.evaluate_every and state.step % cfg.evaluate_every == 0:
+        if job.eval_dir and cfg.evaluate.every and state.step % cfg.evaluate.every == 0:
             export_for_evaluation(engine, job, Path(job.eval_dir), state.step, rank=session.rank)
         if checkpointing:
             state.window = _open_window(window, engine.device)
@@ -548,8 +551,8 @@ def _export(
     consolidated state dict) and loaded into a copy built on the meta device: no rank but 0 ever
     holds the whole model. With LoRA the adapters go to `adapter/` in peft's format
     (`owl.model.lora.save_adapter`: `peft.PeftModel.from_pretrained` loads it on the stage's
-    starting model), and the folder holds the merged weights (`merge_lora`, in place: training is
-    over), or with `merge_lora: false` the base weights; `lora.json` says which (`load_model`
+    starting model), and the folder holds the merged weights (`lora.merge`, in place: training is
+    over), or with `lora.merge: false` the base weights; `lora.json` says which (`load_model`
     merges an unmerged adapter in memory).
     """
     from owl.model import save_model
@@ -565,8 +568,8 @@ def _export(
     from owl.model.lora import ADAPTER_DIR, merge_lora, save_adapter, unwrap_lora, write_lora_state
 
     save_adapter(model, directory / ADAPTER_DIR)
-    save_model(merge_lora(model) if job.train.merge_lora else unwrap_lora(model), directory)
-    write_lora_state(directory, merged=job.train.merge_lora)
+    save_model(merge_lora(model) if job.train.lora.merge else unwrap_lora(model), directory)
+    write_lora_state(directory, merged=job.train.lora.merge)
 
 
 def _consolidated(engine: Any, job: WorkerJob) -> torch.nn.Module | None:

@@ -110,9 +110,10 @@ def activation_bytes(
     checkpointing, the largest layer's activations that are live again while its backward runs
     (0 without). `dtype_bytes`: 2 for bf16 training, 4 for fp32."""
     dec, vis, abst = model_cfg.decoder, model_cfg.vision, model_cfg.abstractor
-    tokens = cfg.micro_batch_size * cfg.max_length
-    images_per_row = min(cfg.max_images_per_row, cfg.max_length // model_cfg.num_visual_tokens)
-    images = cfg.micro_batch_size * images_per_row
+    batch = cfg.batch
+    tokens = batch.micro_batch_size * batch.max_length
+    images_per_row = min(batch.max_images_per_row, batch.max_length // model_cfg.num_visual_tokens)
+    images = batch.micro_batch_size * images_per_row
     h, f = dec.hidden, dec.ffn_dim
     decoder_layer = 11 * h + 4 * f + (2 * h if dec.modality_adaptive else 0)  # per token
     vit_tokens = 1 + (vis.image_size // vis.patch_size) ** 2
@@ -124,7 +125,7 @@ def activation_bytes(
     # The logits (held by the loop until the backward) and the fp32 log-softmax the loss keeps
     # per vocabulary entry; the final norm (2 h) and lm_head's input (h).
     head_bytes = tokens * (dec.vocab_size * (dtype_bytes + 4) + 3 * h * dtype_bytes)
-    if not cfg.activation_checkpointing:
+    if not cfg.memory.activation_checkpointing:
         kept = (
             tokens * dec.num_layers * decoder_layer
             + images * vit_tokens * vis.num_layers * vit_layer
@@ -152,20 +153,24 @@ def plan_memory(model_cfg: Any, cfg: TrainConfig) -> MemoryPlan:
     model, _ = planned_model(model_cfg, cfg)
     total, trainable, largest = parameter_counts(model)
     weights, grads, optimizer, gathered = model_state_bytes(
-        total, trainable, largest, num_workers=cfg.num_workers, zero_stage=cfg.zero_stage
+        total,
+        trainable,
+        largest,
+        num_workers=cfg.resources.num_workers,
+        zero_stage=cfg.memory.zero_stage,
     )
     return MemoryPlan(
         total_params=total,
         trainable_params=trainable,
         largest_layer_params=largest,
-        num_workers=cfg.num_workers,
-        zero_stage=cfg.zero_stage,
+        num_workers=cfg.resources.num_workers,
+        zero_stage=cfg.memory.zero_stage,
         weights=weights,
         gradients=grads,
         optimizer=optimizer,
         gathered_layer=gathered,
         activations=sum(activation_bytes(model_cfg, cfg)),
-        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing=cfg.memory.activation_checkpointing,
     )
 
 
@@ -175,12 +180,12 @@ def check_fits(step: str, plan: MemoryPlan, gpu_memory_gib: float) -> None:
         return
     hints = []
     if plan.zero_stage < 3:
-        hints.append("zero_stage: 3")
+        hints.append("memory.zero_stage: 3")
     if not plan.activation_checkpointing:
-        hints.append("activation_checkpointing: true")
-    hints += ["a smaller micro_batch_size or max_length", "more num_workers"]
+        hints.append("memory.activation_checkpointing: true")
+    hints += ["a smaller batch.micro_batch_size or batch.max_length", "more resources.num_workers"]
     raise ValueError(
         f"{step}: the memory plan needs {plan.total / GIB:.1f} GiB per GPU (model states "
         f"{plan.model_states / GIB:.1f} + activations {plan.activations / GIB:.1f}) but "
-        f"gpu_memory_gib is {gpu_memory_gib:g}; try {', '.join(hints)}"
+        f"memory.gpu_memory_gib is {gpu_memory_gib:g}; try {', '.join(hints)}"
     )

@@ -28,10 +28,10 @@ _VIT_BLOCK = re.compile(r"^vision\.layers\.(\d+)\.")
 def lora_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """Keyword arguments of `owl.model.lora.apply_lora` from the training config."""
     return {
-        "r": cfg.lora_r,
-        "alpha": cfg.lora_alpha,
-        "dropout": cfg.lora_dropout,
-        "target_modules": tuple(cfg.lora_targets),
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+        "target_modules": tuple(cfg.lora.targets),
     }
 
 
@@ -140,15 +140,15 @@ def format_table(table: dict[str, dict[str, int]]) -> str:
 
 
 def lr_scale(name: str, cfg: TrainConfig, num_vit_layers: int) -> float:
-    """Learning-rate multiplier of one parameter relative to `cfg.lr`.
+    """Learning-rate multiplier of one parameter relative to `cfg.optimizer.lr`.
 
     ViT: block i of L gets `decay ** (L - i)`, the embeddings below block 0 `decay ** (L + 1)`,
     the final norm 1. Abstractor: `abstractor_lr / lr` when set.
     """
-    group = param_group(name)
-    if group == "abstractor" and cfg.abstractor_lr > 0:
-        return cfg.abstractor_lr / cfg.lr
-    if group != "vision" or cfg.vit_layer_decay == 1.0:
+    group, opt = param_group(name), cfg.optimizer
+    if group == "abstractor" and opt.abstractor_lr > 0:
+        return opt.abstractor_lr / opt.lr
+    if group != "vision" or opt.vit_layer_decay == 1.0:
         return 1.0
     block = _VIT_BLOCK.match(name)
     if block:
@@ -157,7 +157,7 @@ def lr_scale(name: str, cfg: TrainConfig, num_vit_layers: int) -> float:
         depth = 0
     else:  # patch/position/class embeddings and the pre-norm
         depth = num_vit_layers + 1
-    return cfg.vit_layer_decay**depth
+    return opt.vit_layer_decay**depth
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -174,8 +174,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = cfg.lr * lr_scale(name, cfg, num_vit_layers)
-        decay = cfg.weight_decay if len(shape(param)) >= 2 else 0.0
+        lr = cfg.optimizer.lr * lr_scale(name, cfg, num_vit_layers)
+        decay = cfg.optimizer.weight_decay if len(shape(param)) >= 2 else 0.0
         buckets.setdefault((lr, decay), []).append(param)
     if not buckets:
         raise ValueError("no trainable parameters: check the stage and variant")

@@ -89,9 +89,9 @@ def _shortfall(cfg: TrainConfig) -> tuple[str, str] | None:
     With `fewer_workers: continue` the job asks for `min_workers`."""
     import ray
 
-    have = ray.cluster_resources()
-    workers = cfg.min_workers if cfg.fewer_workers == "continue" else cfg.num_workers
-    for name, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
+    have, res = ray.cluster_resources(), cfg.resources
+    workers = res.min_workers if res.fewer_workers == "continue" else res.num_workers
+    for name, per_worker in (("CPU", res.cpus_per_worker), ("GPU", res.gpus_per_worker)):
         need = per_worker * workers
         if need > have.get(name, 0.0):
             return name, (
@@ -118,7 +118,8 @@ def check_resources(
     if short:
         waited = f" (waited {wait_s:g}s for it)" if wait_s else ""
         raise ValueError(
-            f"train: {short[1]}{waited}; lower num_workers or {short[0].lower()}s_per_worker, or "
+            f"train: {short[1]}{waited}; lower resources.num_workers or "
+            f"resources.{short[0].lower()}s_per_worker, or "
             "add nodes"
         )
 
@@ -127,9 +128,10 @@ def scaling_workers(cfg: TrainConfig) -> int | tuple[int, int]:
     """Ray Train's `num_workers`: the stage's, or with `fewer_workers: continue` the elastic
     range (min_workers, num_workers): Ray Train starts (and after a failure restarts) as many
     workers as the cluster has room for, and grows the group when nodes join."""
-    if cfg.fewer_workers == "continue" and cfg.min_workers < cfg.num_workers:
-        return (cfg.min_workers, cfg.num_workers)
-    return cfg.num_workers
+    res = cfg.resources
+    if res.fewer_workers == "continue" and res.min_workers < res.num_workers:
+        return (res.min_workers, res.num_workers)
+    return res.num_workers
 
 
 def build_trainer(
@@ -147,8 +149,9 @@ def build_trainer(
     storage = ctx.out_dir / "checkpoints"
     storage.mkdir(parents=True, exist_ok=True)
     newest = checkpoint.newest_checkpoint(storage)
-    use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    cpus, gpus = cfg.resources.cpus_per_worker, cfg.resources.gpus_per_worker
+    use_gpu = gpus > 0
+    resources = {"CPU": cpus} | ({"GPU": gpus} if use_gpu else {})
     return TorchTrainer(
         _worker,
         train_loop_config={"job": job, "resume_path": str(newest) if newest else ""},
@@ -160,9 +163,9 @@ def build_trainer(
             name=RUN_NAME,
             storage_path=str(storage),
             failure_config=FailureConfig(
-                max_failures=cfg.max_failures, controller_failure_limit=RESTART_TRIES
+                max_failures=cfg.resources.max_failures, controller_failure_limit=RESTART_TRIES
             ),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks or None,
         ),
     )
@@ -224,7 +227,7 @@ def training_progress(
     path, events = _progress_path(ctx), events_path(ctx)
     path.unlink(missing_ok=True)
     events.unlink(missing_ok=True)
-    total = cfg.max_steps if cfg.max_steps > 0 else None
+    total = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else None
     done = threading.Event()
 
     def watch() -> None:
@@ -239,7 +242,7 @@ def training_progress(
                     ctx.progress(metrics.get("step", 0.0), total, training_message(metrics, total))
             except (OSError, ValueError):
                 pass
-            shown = _train_failures.show_new(ctx, events, shown, cfg.max_failures)
+            shown = _train_failures.show_new(ctx, events, shown, cfg.resources.max_failures)
             if stop:
                 return
 

@@ -46,7 +46,7 @@ class TrainingEvaluator:
         from pipelines.steps import _eval_passes as evaluate
 
         if "tokenizer" not in inputs:
-            raise ValueError(f"{ctx.step}.evaluate_every: needs the stage's `tokenizer` input")
+            raise ValueError(f"{ctx.step}.evaluate.every: needs the stage's `tokenizer` input")
         self.ctx, self.root, self.poll_s = ctx, eval_dir(ctx), poll_s
         opts = cfg.evaluate
         # The `evaluate` step's settings for these benchmarks: one code path scores both.

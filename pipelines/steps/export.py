@@ -30,8 +30,12 @@ from pipelines.step import StepContext, StepInput
 OUT = "model"
 RELEASE = "release"
 CARD = "README.md"
-_TRAIN_SETTINGS = ("lr", "max_steps", "epochs", "micro_batch_size", "grad_accum", "max_length",
-                   "zero_stage", "trainable", "lora_r", "lora_alpha", "lora_targets")  # fmt: skip
+# A stage's settings the card shows (paths into its TrainConfig), by their last name; LoRA's
+# (shown only when the stage trained adapters) as `lora.r`.
+_TRAIN_SETTINGS = ("optimizer.lr", "schedule.max_steps", "schedule.epochs",
+                   "batch.micro_batch_size", "batch.grad_accum", "batch.max_length",
+                   "memory.zero_stage", "trainable", "lora.r", "lora.alpha",
+                   "lora.targets")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,12 @@ def _training_section(inputs: dict[str, StepInput]) -> str:
         stats = manifest.stats
         settings = manifest.info.get("train_config", {})
         lora = manifest.info.get("trainable_parameters", {}).get("lora", {}).get("trainable")
-        names = [k for k in _TRAIN_SETTINGS if lora or not k.startswith("lora_")]
-        chosen = ", ".join(f"{k}={settings[k]}" for k in names if k in settings)
+        chosen = ", ".join(
+            f"{_setting_label(path)}={value}"
+            for path in _TRAIN_SETTINGS
+            if (lora or not path.startswith("lora."))
+            and (value := _setting(settings, path)) is not None
+        )
         rows.append((role, f"{stats.get('steps', 0):.0f}", f"{stats.get('tokens', 0):,.0f}",
                      f"{stats.get('final_loss', float('nan')):.4f}", chosen))  # fmt: skip
     return (
@@ -221,6 +229,19 @@ def _training_section(inputs: dict[str, StepInput]) -> str:
         + "\n"
         + (_mixture_section(inputs))
     )
+
+
+def _setting(settings: dict[str, Any], path: str) -> Any:
+    """The value at `path` (`optimizer.lr`) of a stage's recorded config; None when absent."""
+    for part in path.split("."):
+        if not isinstance(settings, dict) or part not in settings:
+            return None
+        settings = settings[part]
+    return settings
+
+
+def _setting_label(path: str) -> str:
+    return path if path.startswith("lora.") else path.rpartition(".")[2]
 
 
 def _mixture_section(inputs: dict[str, StepInput]) -> str:
@@ -232,7 +253,8 @@ def _mixture_section(inputs: dict[str, StepInput]) -> str:
             continue
         info = inputs[role].manifest.info
         settings = info.get("train_config", {})
-        weights = mixture_weights(settings.get("mix") or {}, settings.get("data_weight", 1.0))
+        data = settings.get("data", {})
+        weights = mixture_weights(data.get("mix") or {}, data.get("data_weight", 1.0))
         drawn = {name: e["drawn"] for name, e in info.get("mixture", {}).items()}
         total, drawn_total = sum(weights.values()), sum(drawn.values()) or 1
         for name, weight in weights.items():

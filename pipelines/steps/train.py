@@ -34,11 +34,11 @@ from pipelines.steps._train_failures import read_events, summarize
 # job file or a fully cached `owl run` reads `Config` only (tests/unit/test_cached_rerun.py).
 Config = TrainConfig
 # What to do when the cluster offers fewer workers is not part of the cache key: a stage started
-# with `wait` resumes its checkpoints under `--set stageN.fewer_workers=continue`.
-NOT_IN_KEY = ("fewer_workers", "min_workers")
+# with `wait` resumes its checkpoints under `--set stageN.resources.fewer_workers=continue`.
+NOT_IN_KEY = ("resources.fewer_workers", "resources.min_workers")
 # Evaluation during training adds curves to the stage's output, never changes its model: in the
 # key only when set, so the keys of stages that do not evaluate stay put.
-KEY_WHEN_SET = ("evaluate_every", "evaluate")
+KEY_WHEN_SET = ("evaluate",)
 
 LOSS_PLOT = "loss_curve.png"
 
@@ -71,9 +71,11 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     # digests of the shards they open and count the drops (summed in `_finish`).
     pad_id = ctx.model.decoder.pad_token_id
     loader_cfg = loader_config(cfg, ctx.model, pad_id)
-    streaming = cfg.loader == "streaming"
+    streaming = cfg.data.loader == "streaming"
     datasets = mix_datasets(cfg, shards, inputs)
-    driver_loader = build_loader(cfg, datasets or shards, loader_cfg, world_size=cfg.num_workers)
+    driver_loader = build_loader(
+        cfg, datasets or shards, loader_cfg, world_size=cfg.resources.num_workers
+    )
     dropped = {} if streaming else dict(driver_loader.dropped)
     check_resources(cfg, ctx.extra.get("resource_wait_s", 0.0), ctx.progress)
     table = planned_model(ctx.model, cfg)[1]  # the workers' table, on the meta device (no memory)
@@ -88,7 +90,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         fault=Fault.from_env(),
     )
     evaluator = None
-    if cfg.evaluate_every:  # reads the benchmarks and encodes the prompts: errors come now
+    if cfg.evaluate.every:  # reads the benchmarks and encodes the prompts: errors come now
         from pipelines.steps._train_eval import TrainingEvaluator, eval_dir
 
         evaluator = TrainingEvaluator(ctx, cfg, inputs)
@@ -139,25 +141,25 @@ def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
         return 0
     step = int(newest.name.rpartition("-")[2])
     print(f"{ctx.step}: resuming from step {step} ({newest})", flush=True)
-    ctx.progress(step, cfg.max_steps or None, f"resuming from step {step}")
+    ctx.progress(step, cfg.schedule.max_steps or None, f"resuming from step {step}")
     return step
 
 
 def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -> list:
-    """`cfg.mix` as loader datasets, the `data` input first; [] without a mix. A mix key is a
+    """`cfg.data.mix` as loader datasets, the `data` input first; [] without a mix. A mix key is a
     step of the job (`tokenize_captions`: its output, an input of this stage under the role
     `mix:tokenize_captions`), an `@role/...` folder or a tokenize output folder."""
-    if not cfg.mix:
+    if not cfg.data.mix:
         return []
     from owl.data.loader import Dataset, shards_from_manifest
 
-    datasets = [Dataset(shards, cfg.data_weight, "data")]
-    for path, weight in cfg.mix.items():
+    datasets = [Dataset(shards, cfg.data.data_weight, "data")]
+    for path, weight in cfg.data.mix.items():
         step = inputs.get(f"{MIX_ROLE}{path}")  # a step of the job, by name (pipelines/jobspec.py)
         folder = step.dir if step is not None else Path(resolve_path(path, inputs))
         if not (folder / "manifest.json").is_file():
             raise ValueError(
-                f"train.mix: {path}: no manifest.json there; give a tokenize step's output folder"
+                f"train.data.mix: {path}: no manifest.json there; give a tokenize step's output folder"
             )
         manifest = Manifest.read(folder)
         datasets.append(Dataset(shards_from_manifest(manifest, folder), weight, path))
@@ -234,7 +236,7 @@ def _finish(
 def mixture_drawn(cfg: TrainConfig, names: list[str], drawn: Counter) -> dict[str, dict]:
     """{dataset: {weight, drawn}}: each mixed dataset's configured weight and the samples of it
     the stage trained on (summed over the loader streams, exact across resumes)."""
-    weights = mixture_weights(cfg.mix, cfg.data_weight)
+    weights = mixture_weights(cfg.data.mix, cfg.data.data_weight)
     return {name: {"weight": weights[name], "drawn": int(drawn[i])} for i, name in enumerate(names)}
 
 

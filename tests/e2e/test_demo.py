@@ -27,7 +27,7 @@ DEMO_RUN = "owl run jobs/demo.yaml"
 # The docs' commands that need the finished demo: each is a fully cached run or an MLflow read
 # (seconds), run as written after it, `<digest-prefix>` filled in (tests/unit/test_docs_commands.py).
 UNTIL_STAGE1 = "owl run jobs/demo.yaml --until stage1"
-FEWER_WORKERS = "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1"  # fmt: skip
+FEWER_WORKERS = "owl run jobs/demo.yaml --set stage2.resources.fewer_workers=continue --set stage2.resources.min_workers=1"  # fmt: skip
 AUDIT_MODEL = "owl audit model demo@current --job jobs/demo.yaml"
 AUDIT_DATASET = "owl audit dataset <digest-prefix> --job jobs/demo.yaml"
 # A guard against a hung run, not a time target (BENCHMARKS.md has the demo's measured times).

@@ -288,7 +288,11 @@ def _recipe_benchmarks(job: str, root: Path, official: dict[str, str]) -> list[s
 
 
 def _sets(data: dict, variant: str) -> dict:
-    scale = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
+    scale = {  # each key a field of the stage (`--set stage1.resources.num_workers=2`)
+        "resources.num_workers": 2,
+        "resources.cpus_per_worker": 1,
+        "resources.gpus_per_worker": 0,
+    }
     text_sources = {  # the recipes' text-only instructions, in the formats they name
         "owl2": [data["sharegpt"]],
         "owl1": [data["alpaca"], data["sharegpt"]],
@@ -305,9 +309,9 @@ def _sets(data: dict, variant: str) -> dict:
         # stage 2 mixes two datasets (the recipe's weights): multimodal and text-only
         "tokenize_instructions.sources": [data["llava"]],
         "tokenize_text.sources": text_sources,
-        "stage1": {**scale, "micro_batch_size": 2, "max_steps": 2},
+        "stage1": {**scale, "batch.micro_batch_size": 2, "schedule.max_steps": 2},
         # Owl2's stage 2 runs by the recipe's epochs and warmup_ratio; Owl1's (LoRA) by steps.
-        "stage2": {**scale, **({} if variant == "owl2" else {"max_steps": 2})},
+        "stage2": {**scale, **({} if variant == "owl2" else {"schedule.max_steps": 2})},
         "evaluate.benchmarks": data["benchmarks"][variant],
         "evaluate.num_workers": 1,
         "evaluate.gpus_per_worker": 0,
@@ -393,8 +397,8 @@ def test_the_recipes_own_benchmarks_are_evaluated(recipes, data, variant: str) -
 
 def test_owl2_stage2_runs_by_epochs_and_warmup_ratio(recipes) -> None:
     _, stage2 = _manifest(recipes["owl2"], "stage2")
-    config = stage2["info"]["train_config"]
-    assert (config["max_steps"], config["epochs"], config["warmup_ratio"]) == (0, 1, 0.03)
+    schedule = stage2["info"]["train_config"]["schedule"]
+    assert (schedule["max_steps"], schedule["epochs"], schedule["warmup_ratio"]) == (0, 1, 0.03)
     assert stage2["stats"]["steps"] >= 2  # one pass over the packed rows, in optimizer steps
 
 

@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 NUM_VIDEOS, NUM_EVAL_VIDEOS, NUM_FRAMES = 12, 6, 3
 SCALE = {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
-TRAIN = {**SCALE, "trainable": "all", "micro_batch_size": 2, "max_length": 128,
-         "checkpoint_every": 100, "zero_stage": 2, "log_every": 1}  # fmt: skip
+TRAIN = {"resources": SCALE, "trainable": "all", "batch": {"micro_batch_size": 2, "max_length": 128},
+         "checkpoint": {"every": 100}, "memory": {"zero_stage": 2}, "log_every": 1}  # fmt: skip
 
 
 def _job(storage: Path) -> dict:
@@ -66,8 +66,8 @@ def _job(storage: Path) -> dict:
             "num_frames": NUM_FRAMES,
             "sources": [videos],
         },  # fmt: skip
-        "stage1": {**TRAIN, "max_steps": 1},
-        "stage2": {**TRAIN, "max_steps": 3},
+        "stage1": {**TRAIN, "schedule": {"max_steps": 1}},
+        "stage2": {**TRAIN, "schedule": {"max_steps": 3}},
         "evaluate": {
             **SCALE,
             "benchmarks": ["@shapes/benchmarks/video_qa.jsonl"],

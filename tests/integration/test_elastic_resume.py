@@ -30,11 +30,18 @@ STEPS, HALF = 40, 20
 
 
 def _job(data, zero_stage: int, **changes) -> WorkerJob:
-    cfg = TrainConfig(
-        stage=1, trainable="all", lr=1e-3, warmup_steps=5, max_steps=STEPS, micro_batch_size=2,
-        grad_accum=1, max_length=64, zero_stage=zero_stage, checkpoint_every=HALF, log_every=1,
-        num_workers=2, seed=3,
-    ).replace(**changes)  # fmt: skip
+    cfg = (
+        TrainConfig(stage=1, trainable="all", log_every=1, seed=3)
+        .replace(
+            optimizer={"lr": 1e-3},
+            schedule={"warmup_steps": 5, "max_steps": STEPS},
+            batch={"micro_batch_size": 2, "grad_accum": 1, "max_length": 64},
+            memory={"zero_stage": zero_stage},
+            checkpoint={"every": HALF},
+            resources={"num_workers": 2},
+        )
+        .replace(**changes)
+    )
     shards = shards_from_manifest(data.manifest, data.dir)
     return WorkerJob(train=cfg, model=MODEL, shards=shards, pad_id=MODEL.decoder.pad_token_id)
 
@@ -77,7 +84,7 @@ def test_zero3_checkpoint_on_another_number_of_workers_is_refused(data, tmp_path
     """Not supported yet under ZeRO-3 (the optimizer state DeepSpeed's ZeRO-3 universal load
     restores is off: owl/train/checkpoint.py says what was measured): refused, saying what to do."""
     job = _job(data, zero_stage=3)
-    job.train = job.train.replace(max_steps=2, checkpoint_every=1)
+    job.train = job.train.replace(schedule={"max_steps": 2}, checkpoint={"every": 1})
     run(job, 1, tmp_path / "one", port=29641)
     checkpoint = tmp_path / "one" / "checkpoints" / f"step-{1:08d}"
     with pytest.raises(Exception, match="under zero_stage 3 a stage resumes only on its own"):
@@ -85,14 +92,21 @@ def test_zero3_checkpoint_on_another_number_of_workers_is_refused(data, tmp_path
 
 
 def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> None:
-    """checkpoint_every 3, log_every 2: the step-3 checkpoint falls inside the window logged at
+    """checkpoint.every 3, log_every 2: the step-3 checkpoint falls inside the window logged at
     step 4. Resumed from it, the stage's loss curve (all its points: what MLflow's metric history
     and the loss plot show), learning rate, tokens and samples are the uninterrupted run's; before
     the window travelled in the checkpoint, step 4 logged step 4's loss alone and step 3's tokens
     and samples were never counted. The stage mixes a second dataset 3:1: the samples it drew
     of each (the loader state in the checkpoint) are the uninterrupted run's too."""
-    job = _job(data, 2, max_steps=6, checkpoint_every=3, log_every=2, num_workers=1)
-    job.train = job.train.replace(mix={"extra": 1.0}, data_weight=3.0)
+    job = _job(
+        data,
+        2,
+        schedule={"max_steps": 6},
+        checkpoint={"every": 3},
+        log_every=2,
+        resources={"num_workers": 1},
+    )
+    job.train = job.train.replace(data={"mix": {"extra": 1.0}, "data_weight": 3.0})
     extra = _write_data(tmp_path / "extra", count=20)
     job.datasets = [
         Dataset(job.shards, 3.0, "data"),

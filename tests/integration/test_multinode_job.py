@@ -42,9 +42,10 @@ def small_demo(storage: Path, max_failures: int) -> dict:
     for step in ("tokenize_captions", "tokenize_instructions"):
         raw[step]["max_length"] = 64
     for stage, steps in (("stage1", 2), ("stage2", STAGE2_STEPS)):
-        raw[stage].update(max_steps=steps, checkpoint_every=CHECKPOINT_EVERY, micro_batch_size=2,
-                          max_length=64, warmup_steps=1)  # fmt: skip
-    raw["stage2"]["max_failures"] = max_failures
+        raw[stage]["schedule"].update(max_steps=steps, warmup_steps=1)
+        raw[stage]["checkpoint"].update(every=CHECKPOINT_EVERY)
+        raw[stage]["batch"].update(micro_batch_size=2, max_length=64)
+    raw["stage2"]["resources"]["max_failures"] = max_failures
     raw["evaluate"].update(limit=2, blank_image_control=False)
     return raw
 

@@ -9,7 +9,7 @@
 - `fewer_workers: continue` on a cluster with room for one of the two workers: the stage trains
   on one worker (twice the accumulation) and its losses are the 2-worker run's;
 - bad input fails before anything starts;
-- with `evaluate_every`, the same losses and weights, each evaluated step's scores as curves,
+- with `evaluate.every`, the same losses and weights, each evaluated step's scores as curves,
   and a benchmark already scored for a step (an interrupted evaluation) not asked again.
 """
 
@@ -40,19 +40,13 @@ pytestmark = pytest.mark.integration
 
 # 300 ids: the evaluation tests' byte-level tokenizer (tests/unit/eval_helpers.py) fits.
 MODEL = get_config("debug-tiny", decoder={"vocab_size": 300})
-BASE = TrainConfig(
-    stage=1,
-    lr=1e-3,
-    max_steps=6,
-    micro_batch_size=2,
-    grad_accum=2,
-    max_length=64,
-    zero_stage=2,
-    checkpoint_every=2,
-    log_every=1,
-    num_workers=2,
-    cpus_per_worker=1,
-    seed=3,
+BASE = TrainConfig(stage=1, log_every=1, seed=3).replace(
+    optimizer={"lr": 1e-3},
+    schedule={"max_steps": 6},
+    batch={"micro_batch_size": 2, "grad_accum": 2, "max_length": 64},
+    memory={"zero_stage": 2},
+    checkpoint={"every": 2},
+    resources={"num_workers": 2, "cpus_per_worker": 1},
 )
 
 
@@ -168,7 +162,7 @@ def _max_relative(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def zero3(ray_cluster, data, tmp_path_factory) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("zero3")
-    return out, _run(out, BASE.replace(zero_stage=3), data)
+    return out, _run(out, BASE.replace(memory={"zero_stage": 3}), data)
 
 
 def test_zero3_stage1_matches_zero2_and_is_built_partitioned(reference, zero3) -> None:
@@ -198,7 +192,7 @@ def test_zero3_interrupted_run_resumes_to_identical_weights(
     zero3, data, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "3:1:raise")
-    cfg = BASE.replace(zero_stage=3, max_failures=0)
+    cfg = BASE.replace(memory={"zero_stage": 3}, resources={"max_failures": 0})
     with pytest.raises(Exception, match="injected failure"):
         _run(tmp_path, cfg, data)
     assert not (tmp_path / "model").exists()
@@ -213,12 +207,14 @@ def test_zero3_stage2_matches_zero2(reference, data, tmp_path) -> None:
     from pipelines.steps import train
 
     init = StepInput(name="stage1", dir=reference[0], manifest=reference[1])
-    cfg = BASE.replace(stage=2, max_steps=4, checkpoint_every=4)
+    cfg = BASE.replace(stage=2, schedule={"max_steps": 4}, checkpoint={"every": 4})
     losses = {}
     for zero in (2, 3):
         out = tmp_path / f"zero{zero}"
         ctx = StepContext(step="stage2", out_dir=out, job_name="test", model=MODEL)
-        manifest = train.run(ctx, cfg.replace(zero_stage=zero), {"data": data, "init": init})
+        manifest = train.run(
+            ctx, cfg.replace(memory={"zero_stage": zero}), {"data": data, "init": init}
+        )
         losses[zero] = _losses(manifest)
     assert len(losses[3]) == 4
     assert _max_relative(losses[2], losses[3]) <= 1e-4
@@ -240,10 +236,19 @@ def test_owl1_lora_stage2_trains_only_adapters_and_abstractor(ray_cluster, data,
     start = OwlModel(owl1)
     save_model(start, tmp_path / "init" / "model")
     cfg = BASE.replace(
-        stage=2, max_steps=3, checkpoint_every=3, zero_stage=3, merge_lora=False,
-        lora_r=8, lora_alpha=32, lora_dropout=0.05, lora_targets=("q_proj", "v_proj"),
+        stage=2,
         train_abstractor_in_stage2=True,
-    )  # fmt: skip
+        schedule={"max_steps": 3},
+        checkpoint={"every": 3},
+        memory={"zero_stage": 3},
+        lora={
+            "merge": False,
+            "r": 8,
+            "alpha": 32,
+            "dropout": 0.05,
+            "targets": ("q_proj", "v_proj"),
+        },
+    )
     init = StepInput(name="stage1", dir=tmp_path / "init", manifest=Manifest(step="stage1"))
     ctx = StepContext(step="stage2", out_dir=tmp_path / "out", job_name="test", model=owl1)
     manifest = train.run(ctx, cfg, {"data": data, "init": init})
@@ -267,7 +272,7 @@ def test_killed_worker_is_restarted_from_last_checkpoint(
     # max_failures=2, not 1: Ray Train 2.60 can count one SIGKILL twice (the peer's gloo error,
     # then a stale health check of the torn-down group); seen under heavy CPU contention.
     monkeypatch.setenv(FAULT_ENV, "5:1:kill")
-    cfg = BASE.replace(max_failures=2)
+    cfg = BASE.replace(resources={"max_failures": 2})
     manifest = _run(tmp_path, cfg, data)
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] in (2, 4)
     assert _max_diff(_weights(tmp_path), _weights(reference[0])) <= 1e-6
@@ -288,7 +293,9 @@ def test_fewer_workers_continue_trains_on_what_the_cluster_offers(
     (accumulating twice as many micro-batches): the 2-worker reference run's losses. (Ray Train
     sizes its elastic group by the cluster's CPUs, not by what other actors hold: busy CPUs
     would not make it start fewer workers.)"""
-    cfg = BASE.replace(fewer_workers="continue", min_workers=1, cpus_per_worker=2.0)
+    cfg = BASE.replace(
+        resources={"fewer_workers": "continue", "min_workers": 1, "cpus_per_worker": 2.0}
+    )
     manifest = _run(tmp_path, cfg, data)
     engine = manifest.info["deepspeed"]
     assert engine["gradient_accumulation_steps"] == 2 * BASE.grad_accum  # one worker ran
@@ -302,9 +309,9 @@ def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
     with pytest.raises(ValueError, match="no tokenized shards"):
         _run(tmp_path / "a", BASE, empty)
     with pytest.raises(ValueError, match="3 CPUs, but the Ray cluster has 2"):
-        _run(tmp_path / "b", BASE.replace(num_workers=3), data)
+        _run(tmp_path / "b", BASE.replace(resources={"num_workers": 3}), data)
     with pytest.raises(ValueError, match="GPU"):
-        _run(tmp_path / "c", BASE.replace(gpus_per_worker=1.0), data)
+        _run(tmp_path / "c", BASE.replace(resources={"gpus_per_worker": 1.0}), data)
     broken = _write_data(tmp_path / "broken", count=8)
     victim = broken.dir / "shards" / "shard-00001.arrow"
     victim.write_bytes(victim.read_bytes()[:-8] + b"corrupt!")
@@ -313,7 +320,7 @@ def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
     # stops with the shard named (a one-line ValueError from the worker's), before a first step.
     for name, loader in (("d", "global"), ("e", "streaming")):
         with pytest.raises(ValueError, match=r"shard-00001\.arrow: sha256 does not match"):
-            _run(tmp_path / name, BASE.replace(loader=loader), broken)
+            _run(tmp_path / name, BASE.replace(data={"loader": loader}), broken)
         assert not list((tmp_path / name / "checkpoints").glob("**/step-*"))
     assert not (tmp_path / "b" / "checkpoints").exists()
 
@@ -338,8 +345,8 @@ def test_evaluation_during_training_keeps_the_losses_and_resumes_per_benchmark(
     tokenizer = StepInput("tokenizer", tmp_path / "tokenizer_step", Manifest(step="tokenizer"))
     files = make_benchmarks(tmp_path / "benchmarks", num_per_type=2)
     cfg = BASE.replace(
-        evaluate_every=2,
         evaluate=EvaluateDuringTraining(
+            every=2,
             benchmarks=(str(files["vqa"]), str(files["multiple_choice"])),
             cpus_per_worker=0,  # the cluster's 2 CPUs are the training workers'
             vqa_rule="normalized",

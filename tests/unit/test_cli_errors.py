@@ -252,3 +252,21 @@ def test_a_missing_input_file_is_an_error_before_anything_starts(tmp_path, monke
         == f"error: {field}: no such file or folder '/nope/{override.split('/nope/')[1].rstrip(']}').strip()}'"
     )
     assert not storage.exists()  # no execution record, no MLflow store, no Ray
+
+
+def test_an_old_flat_training_key_names_its_new_place(tmp_path, monkeypatch, capsys):
+    """TrainConfig is in sections (owl.train.config): a key of the flat layout, given by --set
+    or in a job file, is one line saying where it moved, before anything starts."""
+    monkeypatch.delenv("OWL_STEPS_TABLE", raising=False)
+    storage = tmp_path / "storage"
+    demo = str(ROOT / "jobs" / "demo.yaml")
+    args = ["run", demo, "--dry-run", "--set", f"storage={storage}", "--set", "stage1.lr=1e-3"]
+    line = one_error_line(Done(cli.main(args), *capsys.readouterr()))
+    assert line == "error: stage1.lr moved to stage1.optimizer.lr"
+    raw = yaml.safe_load(Path(demo).read_text())
+    raw["stage2"]["max_steps"] = raw["stage2"].pop("schedule")["max_steps"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    args = ["run", str(tmp_path / "old.yaml"), "--dry-run", "--set", f"storage={storage}"]
+    line = one_error_line(Done(cli.main(args), *capsys.readouterr()))
+    assert line == "error: stage2.max_steps moved to stage2.schedule.max_steps"
+    assert not storage.exists()

@@ -28,7 +28,7 @@ RUN_HERE = {
     "owl status jobs/demo.yaml --json",
     "owl status jobs/demo.yaml",
     "owl run jobs/owl2-llama2-7b.yaml --dry-run --set storage=/mnt/shared/owl2",
-    "owl run jobs/demo.yaml --dry-run --set stage2.evaluate_every=600 --set "
+    "owl run jobs/demo.yaml --dry-run --set stage2.evaluate.every=600 --set "
     "\"stage2.evaluate.benchmarks=['@shapes/benchmarks/vqa.jsonl']\" --set stage2.evaluate.limit=100",
 }
 
@@ -44,7 +44,7 @@ RUN_BY = {
     "make demo": "tests/unit/test_makefile.py::test_make_demo_sets_up_then_runs_the_demo_job",
     "make test": "tests/unit/test_makefile.py::test_make_test_lints_then_runs_the_whole_suite",
     "make test-newest": "tests/unit/test_ci.py::test_make_test_newest_without_python_313_is_one_line",
-    "owl run jobs/owl2-llama2-7b.yaml --dry-run --set stage2.gpu_memory_gib=16":
+    "owl run jobs/owl2-llama2-7b.yaml --dry-run --set stage2.memory.gpu_memory_gib=16":
         "tests/unit/test_memory_plan.py::test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit",
     "owl status jobs/owl1-llama-7b.yaml":
         "tests/unit/test_mix_steps.py::test_the_documented_mixture_command_runs_as_written",
@@ -56,7 +56,7 @@ RUN_BY = {
     # commands that need its finished run: cached runs and MLflow reads, seconds each.
     "owl run jobs/demo.yaml": "tests/e2e/test_demo.py::test_demo_runs_every_step_and_registers_the_model",
     "owl run jobs/demo.yaml --until stage1": DEMO_AFTER,
-    "owl run jobs/demo.yaml --set stage2.fewer_workers=continue --set stage2.min_workers=1":
+    "owl run jobs/demo.yaml --set stage2.resources.fewer_workers=continue --set stage2.resources.min_workers=1":
         DEMO_AFTER,
     "owl audit model demo@current --job jobs/demo.yaml": DEMO_AFTER,
     "owl audit dataset <digest-prefix> --job jobs/demo.yaml": DEMO_AFTER,
@@ -70,7 +70,7 @@ NOT_RUN = {
     "demo's time; --force: tests/unit/test_runner.py",
     "owl logs <submission-id> --address http://HEAD:8265 --follow": "needs a cluster (a Ray head's "
     "dashboard); test_cluster runs infra/README.md's copy of this line with its id put in",
-    "owl run jobs/owl2-llama2-7b.yaml --set stage1.fewer_workers=continue --set stage1.min_workers=32":
+    "owl run jobs/owl2-llama2-7b.yaml --set stage1.resources.fewer_workers=continue --set stage1.resources.min_workers=32":
     "a 7B run on a GPU cluster; tests/unit/test_fewer_workers.py plans it (--dry-run) and checks "
     "that it keeps the training steps' cache keys",
 }  # fmt: skip

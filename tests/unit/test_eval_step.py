@@ -176,7 +176,9 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
         expected, before = trained(*batch), base.eval()(*batch)
         expected_answers = [p["prediction"] for p in predict(trained, tokenizer, records)]
     engine = SimpleNamespace(module=trained, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=base.cfg, shards=[])
+    job = WorkerJob(
+        train=TrainConfig(stage=2).replace(lora={"merge": merge}), model=base.cfg, shards=[]
+    )
     _export(engine, job, tmp_path / "model", rank=0)
 
     worker = evaluate.EvalWorker(str(tmp_path / "model"), "cpu", "float32", 1)

@@ -50,11 +50,11 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
         "tokenizer": _input(tmp_path, "tokenizer", "run-tok"),
         "stage1": _input(
             tmp_path, "stage1", "run-s1", stats={"steps": 5.0, "final_loss": 2.5},
-            info={"train_config": {"lr": 1e-4, "lora_r": 8}},
+            info={"train_config": {"optimizer": {"lr": 1e-4}, "lora": {"r": 8}}},
         ),
         "stage2": _input(
             tmp_path, "stage2", "run-s2", stats={"steps": 3.0, "final_loss": 1.25},
-            info={"train_config": {"lr": 2e-5, "lora_r": 8},
+            info={"train_config": {"optimizer": {"lr": 2e-5}, "lora": {"r": 8}},
                   "trainable_parameters": {"lora": {"trainable": 64, "total": 64}}},
         ),
         "evaluate": _input(
@@ -93,7 +93,7 @@ def test_export_writes_our_folder_the_release_layout_and_a_card(tmp_path, inputs
     card = (out / "README.md").read_text()
     assert "| stage1 | 5 | 0 | 2.5000 | lr=0.0001 |" in card  # no LoRA there: no LoRA settings
     for fact in ("run-s1", "run-s2", "run-ev", "run-tc", "vqa.accuracy", "0.8125", "321",
-                 "lr=2e-05", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current",
+                 "lr=2e-05, lora.r=8", "peft.PeftModel.from_pretrained", "owl audit model rehearsal@current",
                  "needs the `safetensors` package", "transformers 4.28.1"):  # fmt: skip
         assert fact in card, fact
     # A headline metric with its 95% interval beside it; the bounds are not rows of their own.

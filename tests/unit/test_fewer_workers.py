@@ -21,23 +21,27 @@ DOCS = [ROOT / "docs" / "pipeline.md", ROOT / "infra" / "README.md"]
 
 
 def test_continue_asks_ray_train_for_an_elastic_range() -> None:
-    assert scaling_workers(TrainConfig(num_workers=8)) == 8
-    assert scaling_workers(TrainConfig(num_workers=8, min_workers=4)) == 8  # wait: fixed
-    cfg = TrainConfig(num_workers=8, fewer_workers="continue", min_workers=4)
+    assert scaling_workers(TrainConfig().replace(resources={"num_workers": 8})) == 8
+    assert (
+        scaling_workers(TrainConfig().replace(resources={"num_workers": 8, "min_workers": 4})) == 8
+    )  # wait: fixed
+    cfg = TrainConfig().replace(
+        resources={"num_workers": 8, "fewer_workers": "continue", "min_workers": 4}
+    )
     assert scaling_workers(cfg) == (4, 8)
-    assert scaling_workers(cfg.replace(min_workers=8)) == 8
+    assert scaling_workers(cfg.replace(resources={"min_workers": 8})) == 8
 
 
 def test_continue_needs_only_min_workers_resources(monkeypatch) -> None:
     import ray
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
-    cfg = TrainConfig(num_workers=4, cpus_per_worker=1)
+    cfg = TrainConfig().replace(resources={"num_workers": 4, "cpus_per_worker": 1})
     with pytest.raises(ValueError, match="4 workers x 1 CPU = 4 CPUs, but the Ray cluster has 3"):
         check_resources(cfg)
-    check_resources(cfg.replace(fewer_workers="continue", min_workers=3))
+    check_resources(cfg.replace(resources={"fewer_workers": "continue", "min_workers": 3}))
     with pytest.raises(ValueError, match="4 workers x 1 CPU = 4 CPUs, but the Ray cluster has 3"):
-        check_resources(cfg.replace(fewer_workers="continue", min_workers=4))
+        check_resources(cfg.replace(resources={"fewer_workers": "continue", "min_workers": 4}))
 
 
 def _documented() -> list[str]:
@@ -58,9 +62,9 @@ def test_documented_resume_on_fewer_workers_keeps_the_cache_keys(command, tmp_pa
     changed = load_job(argv[2], overrides + [f"storage={tmp_path}"])
     original = load_job(argv[2], [f"storage={tmp_path}"])
     stage = overrides[0].split(".")[0]
-    assert changed.steps[stage].config.fewer_workers == "continue"
-    assert original.steps[stage].config.fewer_workers == "wait"
+    assert changed.steps[stage].config.resources.fewer_workers == "continue"
+    assert original.steps[stage].config.resources.fewer_workers == "wait"
     digests = {role: "0" * 64 for role in upstream_of(changed.steps[stage].spec, changed.steps)}
     assert step_key(changed, stage, digests, {}) == step_key(original, stage, digests, {})
-    other = load_job(argv[2], [f"{stage}.num_workers=1", f"storage={tmp_path}"])
+    other = load_job(argv[2], [f"{stage}.resources.num_workers=1", f"storage={tmp_path}"])
     assert step_key(other, stage, digests, {}) != step_key(original, stage, digests, {})

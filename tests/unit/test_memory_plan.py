@@ -36,7 +36,9 @@ def test_model_states_equal_deepspeeds_estimate_when_everything_trains(workers) 
     """The cold estimators behind `estimate_zero{2,3}_model_states_mem_needs_all_cold`, no
     offload, on the 7B model's counts (built on the meta device)."""
     for zero in (2, 3):
-        cfg = TrainConfig(stage=2, trainable="all", zero_stage=zero, num_workers=workers)
+        cfg = TrainConfig(stage=2, trainable="all").replace(
+            memory={"zero_stage": zero}, resources={"num_workers": workers}
+        )
         plan = plan_memory(SEVEN_B, cfg)
         assert plan.trainable_params == plan.total_params > 8e9
         if zero == 2:
@@ -61,7 +63,7 @@ def test_parameter_counts_match_deepspeeds_on_a_real_model() -> None:
 
 
 def test_plan_honours_the_trainable_set() -> None:
-    paper = TrainConfig(stage=1, zero_stage=2, num_workers=8)
+    paper = TrainConfig(stage=1).replace(memory={"zero_stage": 2}, resources={"num_workers": 8})
     everything = paper.replace(trainable="all")
     p, a = plan_memory(SEVEN_B, paper), plan_memory(SEVEN_B, everything)
     _, table = planned_model(SEVEN_B, paper)
@@ -85,14 +87,17 @@ def _saved_bytes(model_cfg, cfg: TrainConfig) -> int:
     """Bytes of the distinct storages autograd saves in one training forward (+ the logits the
     loop holds), fp32 on CPU: rows packed full, the most images a row holds."""
     torch.manual_seed(0)
-    model = OwlModel(model_cfg.replace(activation_checkpointing=cfg.activation_checkpointing))
+    model = OwlModel(
+        model_cfg.replace(activation_checkpointing=cfg.memory.activation_checkpointing)
+    )
     model.train()
     slots = model_cfg.num_visual_tokens
-    per_row = min(cfg.max_images_per_row, cfg.max_length // slots)
-    ids = torch.randint(3, model_cfg.decoder.vocab_size, (cfg.micro_batch_size, cfg.max_length))
+    batch = cfg.batch
+    per_row = min(batch.max_images_per_row, batch.max_length // slots)
+    ids = torch.randint(3, model_cfg.decoder.vocab_size, (batch.micro_batch_size, batch.max_length))
     ids[:, : slots * per_row] = IMAGE_TOKEN_ID
     size = model_cfg.vision.image_size
-    images = torch.randn(cfg.micro_batch_size * per_row, 3, size, size)
+    images = torch.randn(batch.micro_batch_size * per_row, 3, size, size)
     segments = torch.ones_like(ids)
     storages: dict[int, int] = {}
     # Parameters are not activations, nor are views of them (F.linear saves `weight.t()`).
@@ -114,10 +119,10 @@ def _saved_bytes(model_cfg, cfg: TrainConfig) -> int:
 @pytest.mark.parametrize("name", ["debug-tiny", "demo"])
 def test_activations_agree_with_what_autograd_keeps(name, checkpointing) -> None:
     model_cfg = get_config(name)
-    cfg = TrainConfig(
-        micro_batch_size=2, max_length=128, max_images_per_row=2,
-        activation_checkpointing=checkpointing,
-    )  # fmt: skip
+    cfg = TrainConfig().replace(
+        batch={"micro_batch_size": 2, "max_length": 128, "max_images_per_row": 2},
+        memory={"activation_checkpointing": checkpointing},
+    )
     kept, recomputed = activation_bytes(model_cfg, cfg, dtype_bytes=4)
     measured = _saved_bytes(model_cfg, cfg)
     assert 0.8 <= kept / measured <= 1.2, (kept, measured)
@@ -125,16 +130,20 @@ def test_activations_agree_with_what_autograd_keeps(name, checkpointing) -> None
 
 
 def test_activation_checkpointing_shrinks_the_plan() -> None:
-    cfg = TrainConfig(stage=2, zero_stage=3, num_workers=8, micro_batch_size=2, max_length=2048)
+    cfg = TrainConfig(stage=2).replace(
+        memory={"zero_stage": 3},
+        resources={"num_workers": 8},
+        batch={"micro_batch_size": 2, "max_length": 2048},
+    )
     full = plan_memory(SEVEN_B, cfg)
-    ckpt = plan_memory(SEVEN_B, cfg.replace(activation_checkpointing=True))
+    ckpt = plan_memory(SEVEN_B, cfg.replace(memory={"activation_checkpointing": True}))
     assert ckpt.model_states == full.model_states
     assert ckpt.activations < 0.25 * full.activations
     # Text tokens scale with the row length; the images per row are capped (max_images_per_row).
-    text_only = cfg.replace(max_images_per_row=1)
+    text_only = cfg.replace(batch={"max_images_per_row": 1})
     short, longer = (
         plan_memory(SEVEN_B, text_only),
-        plan_memory(SEVEN_B, text_only.replace(max_length=4096)),
+        plan_memory(SEVEN_B, text_only.replace(batch={"max_length": 4096})),
     )
     assert 1.9 * short.activations < longer.activations < 2.1 * short.activations
 
@@ -153,7 +162,7 @@ def test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit(tmp_path, capf
     )
     # As docs/pipeline.md shows it, with the error line it documents.
     docs = (Path(__file__).parents[2] / "docs" / "pipeline.md").read_text().splitlines()
-    command = next(line for line in docs if "--set stage2.gpu_memory_gib=16" in line)
+    command = next(line for line in docs if "--set stage2.memory.gpu_memory_gib=16" in line)
     documented = docs[docs.index(command) + 1].removeprefix("# ")
     argv = shlex.split(command)
     assert argv[0] == "owl"
@@ -184,7 +193,7 @@ def test_recipes_fit_the_gpu_of_the_documented_node(recipe, tmp_path, capfd) -> 
     steps = {p["name"]: p for p in json.loads(capfd.readouterr().out)["steps"]}
     job = load_job(f"jobs/{recipe}.yaml", [f"storage={tmp_path}"])
     for stage in ("stage1", "stage2"):
-        gpu_gib = job.steps[stage].config.gpu_memory_gib
+        gpu_gib = job.steps[stage].config.memory.gpu_memory_gib
         assert 0.95 * GPU_GIB[instance] <= gpu_gib <= GPU_GIB[instance]
         assert steps[stage]["memory_gib"] <= gpu_gib
 

@@ -28,7 +28,7 @@ def demo(tmp_path: Path, mix: dict | None = None, stage: str = "stage2") -> dict
     raw = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
     raw["storage"] = str(tmp_path / "s")
     if mix is not None:
-        raw[stage]["mix"] = mix
+        raw[stage]["data"] = {"mix": mix}
     return raw
 
 
@@ -57,8 +57,8 @@ def test_force_and_until_follow_the_mix(tmp_path):
 @pytest.mark.parametrize(
     ("mix", "message"),
     [
-        ({"tokenize_caption": 1.0}, r"stage2.mix.tokenize_caption: names no step of this job"),
-        ({"evaluate": 1.0}, r"stage2.mix.evaluate: a step after stage2"),
+        ({"tokenize_caption": 1.0}, r"stage2.data.mix.tokenize_caption: names no step of this job"),
+        ({"evaluate": 1.0}, r"stage2.data.mix.evaluate: a step after stage2"),
     ],
 )
 def test_mix_names_an_earlier_step_of_the_job(tmp_path, mix, message):
@@ -75,7 +75,9 @@ def test_the_stage_reads_the_mixed_step_output(tmp_path):
         "data": StepInput("tokenize_instructions", data, data_manifest),
         "mix:tokenize_captions": StepInput("tokenize_captions", other, other_manifest),
     }
-    cfg = TrainConfig(stage=2, max_steps=1, mix={"tokenize_captions": 0.25}, data_weight=0.75)
+    cfg = TrainConfig(stage=2).replace(
+        schedule={"max_steps": 1}, data={"mix": {"tokenize_captions": 0.25}, "data_weight": 0.75}
+    )
     from owl.data.loader import shards_from_manifest
 
     datasets = mix_datasets(cfg, shards_from_manifest(data_manifest, data), inputs)
@@ -90,7 +92,9 @@ def test_a_mix_folder_given_by_path_is_content_keyed(tmp_path):
 
     folder = tmp_path / "tok-extra"
     folder.mkdir()
-    cfg = TrainConfig(stage=2, max_steps=1, mix={str(folder): 1.0, "@data/x": 1.0})
+    cfg = TrainConfig(stage=2).replace(
+        schedule={"max_steps": 1}, data={"mix": {str(folder): 1.0, "@data/x": 1.0}}
+    )
     assert input_paths(cfg) == [str(folder)]
 
 
@@ -100,7 +104,7 @@ def test_the_model_card_shows_each_stage_mixture(tmp_path):
 
     def stage(mix: dict, data_weight: float, drawn: dict | None = None) -> StepInput:
         manifest = Manifest(step="stage2")
-        manifest.info = {"train_config": {"mix": mix, "data_weight": data_weight}}
+        manifest.info = {"train_config": {"data": {"mix": mix, "data_weight": data_weight}}}
         if drawn:
             manifest.info["mixture"] = {n: {"weight": 0, "drawn": c} for n, c in drawn.items()}
         return StepInput("stage2", tmp_path, manifest)
@@ -120,11 +124,11 @@ def test_owl_status_shows_the_mixture(tmp_path, capsys):
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(demo(tmp_path, {"tokenize_captions": 1.0})))
-    assert cli.main(["status", str(job_file), "--set", "stage2.data_weight=3", "--json"]) == 0
+    assert cli.main(["status", str(job_file), "--set", "stage2.data.data_weight=3", "--json"]) == 0
     steps = {s["step"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
     assert steps["stage2"]["mixture"] == {"data": 3.0, "tokenize_captions": 1.0}
     assert steps["stage1"]["mixture"] == {}
-    assert cli.main(["status", str(job_file), "--set", "stage2.data_weight=3"]) == 0
+    assert cli.main(["status", str(job_file), "--set", "stage2.data.data_weight=3"]) == 0
     assert "mixture stage2: data 3 (75%), tokenize_captions 1 (25%)" in capsys.readouterr().out
 
 
@@ -135,7 +139,7 @@ def with_text_step(tmp_path: Path, **section) -> dict:
     if not text.exists():
         text.write_text(json.dumps([{"instruction": "Say red.", "input": "", "output": "red"}]))
     raw = demo(tmp_path, {"tokenize_text": 1.0})
-    raw["stage2"]["data_weight"] = 3.0
+    raw["stage2"]["data"]["data_weight"] = 3.0
     raw["tokenize_text"] = {
         "kind": "tokenize_instructions",
         "max_length": 256,
@@ -186,7 +190,7 @@ def test_a_second_step_of_a_kind_runs_under_its_own_name(tmp_path):
 def test_a_second_step_of_a_kind_names_the_field_it_gets_wrong(tmp_path, change, message):
     raw = with_text_step(tmp_path)
     del raw["tokenize_text"]
-    raw["stage2"]["mix"] = {}
+    raw["stage2"]["data"]["mix"] = {}
     for name, section in change.items():
         raw[name] = {**raw.get(name, {}), **section}
     with pytest.raises(ValueError, match=message):

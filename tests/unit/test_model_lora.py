@@ -128,7 +128,9 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     with torch.no_grad():
         expected = model(*batch)
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=merge), model=model.cfg, shards=[])
+    job = WorkerJob(
+        train=TrainConfig(stage=2).replace(lora={"merge": merge}), model=model.cfg, shards=[]
+    )
     _export(engine, job, tmp_path / "export", rank=0)
     exported = load_model(tmp_path / "export").eval()
     base = OwlModel(get_config("debug-tiny"))
@@ -173,7 +175,7 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
                 param.add_(torch.randn_like(param) * 0.3)
         trained = merge_lora(copy.deepcopy(model)).state_dict()
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(train=TrainConfig(stage=2, merge_lora=False), model=cfg, shards=[])
+    job = WorkerJob(train=TrainConfig(stage=2).replace(lora={"merge": False}), model=cfg, shards=[])
     _export(engine, job, tmp_path / "export", rank=0)
     export_release(tmp_path / "export", tmp_path / "release")
     release = read_hf_state_dict(tmp_path / "release")

@@ -74,7 +74,9 @@ def test_owl2_stage2_trains_everything() -> None:
 def test_param_groups_decay_matrices_only_and_layer_decay() -> None:
     model = _model("owl2")
     select_trainable(model, "owl2", 2)
-    cfg = TrainConfig(lr=1e-3, abstractor_lr=5e-4, vit_layer_decay=0.5, weight_decay=0.1)
+    cfg = TrainConfig().replace(
+        optimizer={"lr": 1e-3, "abstractor_lr": 5e-4, "vit_layer_decay": 0.5, "weight_decay": 0.1}
+    )
     groups = param_groups(model, cfg)
     ids = {id(p): n for n, p in model.named_parameters()}
     seen = {ids[id(p)]: g for g in groups for p in g["params"]}
@@ -91,7 +93,7 @@ def test_param_groups_decay_matrices_only_and_layer_decay() -> None:
 
 
 def test_layer_decay_is_deeper_for_earlier_blocks() -> None:
-    cfg = TrainConfig(vit_layer_decay=0.9)
+    cfg = TrainConfig().replace(optimizer={"vit_layer_decay": 0.9})
     scales = [lr_scale(f"vision.layers.{i}.mlp.fc1.weight", cfg, 24) for i in range(24)]
     assert scales == sorted(scales) and scales[-1] == pytest.approx(0.9)
 

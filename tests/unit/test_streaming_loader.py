@@ -209,7 +209,9 @@ def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
         manifest.add_file(other, Path(ref.index).relative_to(other).as_posix(), rows=ref.rows)
     manifest.write(other)
     inputs = {"extra": StepInput("extra", other, manifest)}
-    cfg = TrainConfig(loader="streaming", mix={"@extra": 1.0}, data_weight=4.0)
+    cfg = TrainConfig().replace(
+        data={"loader": "streaming", "mix": {"@extra": 1.0}, "data_weight": 4.0}
+    )
     datasets = mix_datasets(cfg, shards, inputs)
     assert [(len(d.shards), d.weight) for d in datasets] == [(10, 4.0), (3, 1.0)]
     loader = build_loader(cfg, datasets, LoaderConfig(**{**CFG.__dict__, "shuffle_buffer": 20}))
@@ -217,9 +219,13 @@ def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
     assert 3 < Counter(d for d, _, _ in refs)[0] / Counter(d for d, _, _ in refs)[1] < 5
     assert mix_datasets(TrainConfig(), shards, inputs) == []
     with pytest.raises(ValueError, match="mix needs loader: streaming"):
-        TrainConfig(loader="global", mix={"@extra": 1.0})
-    with pytest.raises(ValueError, match=r"train.mix: /nowhere: no manifest.json"):
-        mix_datasets(TrainConfig(loader="streaming", mix={"/nowhere": 1.0}), shards, inputs)
+        TrainConfig().replace(data={"loader": "global", "mix": {"@extra": 1.0}})
+    with pytest.raises(ValueError, match=r"train.data.mix: /nowhere: no manifest.json"):
+        mix_datasets(
+            TrainConfig().replace(data={"loader": "streaming", "mix": {"/nowhere": 1.0}}),
+            shards,
+            inputs,
+        )
 
 
 def test_drop_counts_survive_a_resume_without_double_counting(tmp_path) -> None:

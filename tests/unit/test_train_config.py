@@ -1,5 +1,5 @@
-"""TrainConfig validation, the papers' recipes (the 7B job files), the DeepSpeed config and the
-learning-rate schedule."""
+"""TrainConfig validation and its sections (old flat keys refused with their new place), the
+papers' recipes (the 7B job files), the DeepSpeed config and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ import pytest
 import torch
 
 from owl.configs import build_dataclass
-from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from owl.train.config import (
+    MOVED,
+    BatchConfig,
+    LoraConfig,
+    TrainConfig,
+    deepspeed_config,
+    lr_multiplier,
+    warmup_steps,
+)
 from owl.train.loop import FAULT_ENV, Fault
 from pipelines.jobspec import load_job
 
 
 def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
-    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, grad_clip=0.5, num_workers=4)
+    cfg = TrainConfig().replace(
+        batch={"micro_batch_size": 3, "grad_accum": 2},
+        memory={"zero_stage": 2},
+        optimizer={"grad_clip": 0.5},
+        resources={"num_workers": 4},
+    )
     ds = deepspeed_config(cfg, world_size=4, on_gpu=False)
     assert ds["bf16"]["enabled"] is False
     assert ds["train_batch_size"] == 3 * 2 * 4
@@ -29,14 +42,18 @@ def test_deepspeed_config_cpu_is_fp32_with_torch_adamw() -> None:
 def test_fewer_workers_accumulate_more_and_keep_the_global_batch(world_size, accum) -> None:
     """num_workers x grad_accum micro-batches per step, shared out (rounded up: a worker with
     one fewer runs a zero-weight one, owl.data.step_stream)."""
-    cfg = TrainConfig(micro_batch_size=3, grad_accum=2, num_workers=4)
+    cfg = TrainConfig(batch=BatchConfig(micro_batch_size=3, grad_accum=2)).replace(
+        resources={"num_workers": 4}
+    )
     ds = deepspeed_config(cfg, world_size=world_size, on_gpu=False)
     assert ds["gradient_accumulation_steps"] == accum
     assert ds["train_batch_size"] == 3 * accum * world_size
 
 
 def test_deepspeed_config_gpu_is_bf16_and_zero3_gathers_on_save() -> None:
-    ds = deepspeed_config(TrainConfig(zero_stage=3), world_size=1, on_gpu=True)
+    ds = deepspeed_config(
+        TrainConfig().replace(memory={"zero_stage": 3}), world_size=1, on_gpu=True
+    )
     assert ds["bf16"]["enabled"] is True
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
@@ -63,8 +80,9 @@ def test_schedule_warms_up_then_decays_to_min() -> None:
 
 
 def test_warmup_ratio_and_steps() -> None:
-    assert warmup_steps(TrainConfig(warmup_ratio=0.03), 1000) == 30
-    assert warmup_steps(TrainConfig(warmup_steps=50, warmup_ratio=0.5), 1000) == 50
+    assert warmup_steps(TrainConfig().replace(schedule={"warmup_ratio": 0.03}), 1000) == 30
+    both = {"warmup_steps": 50, "warmup_ratio": 0.5}
+    assert warmup_steps(TrainConfig().replace(schedule=both), 1000) == 50
 
 
 def test_lambda_lr_resumes_exactly() -> None:
@@ -97,56 +115,87 @@ def test_lambda_lr_resumes_exactly() -> None:
 
 
 def test_parsed_from_a_dict_rejects_unknown_and_converts_lists() -> None:
-    cfg = build_dataclass(
-        TrainConfig, {"lr": 3e-4, "betas": [0.9, 0.95], "lora_targets": ["q_proj"]}, "stage1"
-    )
-    assert cfg.betas == (0.9, 0.95) and cfg.lora_targets == ("q_proj",)
+    raw = {"optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]}, "lora": {"targets": ["q_proj"]}}
+    cfg = build_dataclass(TrainConfig, raw, "stage1")
+    assert cfg.optimizer.betas == (0.9, 0.95) and cfg.lora.targets == ("q_proj",)
     with pytest.raises(ValueError, match=r"stage1: unknown field.*learning_rate"):
         build_dataclass(TrainConfig, {"learning_rate": 1e-4}, "stage1")
-    with pytest.raises(ValueError, match=r"stage1.lr: expected float, got str"):
-        build_dataclass(TrainConfig, {"lr": "fast"}, "stage1")
-    with pytest.raises(ValueError, match=r"stage1: train: zero_stage must be"):
-        build_dataclass(TrainConfig, {"zero_stage": 4}, "stage1")
+    with pytest.raises(ValueError, match=r"stage1.optimizer: unknown field.*learning_rate"):
+        build_dataclass(TrainConfig, {"optimizer": {"learning_rate": 1e-4}}, "stage1")
+    with pytest.raises(ValueError, match=r"stage1.optimizer.lr: expected float, got str"):
+        build_dataclass(TrainConfig, {"optimizer": {"lr": "fast"}}, "stage1")
+    with pytest.raises(ValueError, match=r"^stage1.memory: zero_stage must be"):
+        build_dataclass(TrainConfig, {"memory": {"zero_stage": 4}}, "stage1")
+
+
+def test_old_flat_keys_are_refused_with_their_new_place() -> None:
+    with pytest.raises(ValueError) as caught:
+        build_dataclass(TrainConfig, {"lr": 1e-4, "stage": 1}, "stage1")
+    assert str(caught.value) == "stage1.lr moved to stage1.optimizer.lr"
+    with pytest.raises(ValueError) as caught:
+        build_dataclass(TrainConfig, {"lora_r": 4, "checkpoint_every": 5}, "stage2")
+    assert str(caught.value) == (
+        "stage2.checkpoint_every moved to stage2.checkpoint.every; "
+        "stage2.lora_r moved to stage2.lora.r"
+    )
+    # Every old key names a field that exists now.
+    for old, new in MOVED.items():
+        section, _, name = new.partition(".")
+        assert hasattr(getattr(TrainConfig(), section), name), (old, new)
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("raw", "message"),
     [
-        ("zero_stage", 4, "zero_stage"),
-        ("stage", 3, "stage must be 1 or 2"),
-        ("vit_layer_decay", 0.0, "vit_layer_decay"),
-        ("fewer_workers", "shrink", "fewer_workers must be 'wait' or 'continue'"),
-        ("min_workers", 2, r"min_workers must be in \[1, num_workers\]"),
+        ({"memory": {"zero_stage": 4}}, "stage1.memory: zero_stage must be 0, 1, 2 or 3"),
+        ({"stage": 3}, "stage1: stage must be 1 or 2"),
+        ({"optimizer": {"vit_layer_decay": 0.0}}, "stage1.optimizer: vit_layer_decay"),
+        (
+            {"resources": {"fewer_workers": "shrink"}},
+            "stage1.resources: fewer_workers must be 'wait' or 'continue'",
+        ),
+        ({"resources": {"min_workers": 2}}, r"min_workers must be in \[1, num_workers\]"),
+        ({"data": {"loader": "global", "mix": {"a": 1.0}}}, "stage1.data: mix needs loader"),
+        (
+            {"evaluate": {"every": 3, "benchmarks": ["b.jsonl"]}},
+            r"stage1: evaluate.every \(3\) must be a multiple of checkpoint.every \(100\)",
+        ),
     ],
 )
-def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
+def test_invalid_values_name_the_section_and_field(raw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**{field: value})
+        build_dataclass(TrainConfig, raw, "stage1")
+
+
+def test_replace_changes_only_the_named_fields_of_a_section() -> None:
+    base = TrainConfig().replace(optimizer={"lr": 3e-4, "weight_decay": 0.0})
+    changed = base.replace(optimizer={"lr": 1e-3}, stage=2)
+    assert (changed.optimizer.lr, changed.optimizer.weight_decay, changed.stage) == (1e-3, 0.0, 2)
+    assert base.optimizer.lr == 3e-4  # frozen: a copy
 
 
 def test_recipe_job_files_carry_the_paper_values(tmp_path) -> None:
     """The papers' recipes live in the 7B job files only (no copy in owl.train.config)."""
     owl1 = load_job("jobs/owl1-llama-7b.yaml", [f"storage={tmp_path}"]).steps
     stage1 = owl1["stage1"].config
-    assert (stage1.lr, stage1.betas, stage1.weight_decay, stage1.warmup_steps) == (
+    opt = stage1.optimizer
+    assert (opt.lr, opt.betas, opt.weight_decay, stage1.schedule.warmup_steps) == (
         1e-4,
         (0.9, 0.98),
         0.1,
         2000,
     )
-    assert stage1.max_steps == 50000
-    lora = owl1["stage2"].config
-    assert (lora.lr, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_targets) == (
+    assert stage1.schedule.max_steps == 50000
+    stage2 = owl1["stage2"].config
+    assert (stage2.optimizer.lr, stage2.lora) == (
         2e-5,
-        8,
-        32,
-        0.05,
-        ("q_proj", "v_proj"),
+        LoraConfig(r=8, alpha=32, dropout=0.05, targets=("q_proj", "v_proj")),
     )
     owl2 = load_job("jobs/owl2-llama2-7b.yaml", [f"storage={tmp_path}"]).steps
-    assert owl2["stage1"].config.max_steps == 40000
+    assert owl2["stage1"].config.schedule.max_steps == 40000
     stage2 = owl2["stage2"].config
-    assert stage2.zero_stage == 3 and stage2.warmup_ratio == 0.03 and stage2.vit_layer_decay < 1
+    assert stage2.memory.zero_stage == 3 and stage2.schedule.warmup_ratio == 0.03
+    assert stage2.optimizer.vit_layer_decay < 1
 
 
 def test_fault_injection_comes_from_the_environment_only(monkeypatch) -> None:

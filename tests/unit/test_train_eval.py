@@ -25,24 +25,25 @@ def _stage2(*overrides: str):
 def test_a_stage_without_evaluation_keeps_its_key_and_inputs() -> None:
     job, section = _stage2()
     config, _ = key_parts(job, section.spec, section)
-    assert "evaluate_every" not in config and "evaluate" not in config
+    assert "evaluate" not in config
     assert "shapes" not in section.spec.roles
 
-    job, section = _stage2("stage2.evaluate_every=600", VQA, "stage2.evaluate.limit=100")
+    job, section = _stage2("stage2.evaluate.every=600", VQA, "stage2.evaluate.limit=100")
     config, _ = key_parts(job, section.spec, section)
-    assert config["evaluate_every"] == 600 and config["evaluate"]["limit"] == 100
+    assert config["evaluate"]["every"] == 600 and config["evaluate"]["limit"] == 100
     assert section.spec.roles["shapes"].upstream == "shapes"  # the benchmark file's step
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stage2.evaluate_every=500", VQA], "must be a multiple of checkpoint_every (600)"),
-        (["stage2.evaluate_every=600"], "evaluate_every needs evaluate.benchmarks"),
-        (["stage2.evaluate_every=600", "stage2.evaluate.benchmarks=['@nowhere/vqa.jsonl']"],
+        (["stage2.evaluate.every=500", VQA],
+         "stage2: evaluate.every (500) must be a multiple of checkpoint.every (600)"),
+        (["stage2.evaluate.every=600"], "stage2.evaluate: every needs benchmarks"),
+        (["stage2.evaluate.every=600", "stage2.evaluate.benchmarks=['@nowhere/vqa.jsonl']"],
          "names input 'nowhere'"),
-        (["stage2.evaluate_every=600", VQA, "stage2.evaluate.vqa_rule=exact"],
-         "evaluate.vqa_rule: 'exact' is not one of"),
+        (["stage2.evaluate.every=600", VQA, "stage2.evaluate.vqa_rule=exact"],
+         "stage2.evaluate: vqa_rule: 'exact' is not one of"),
     ],
 )  # fmt: skip
 def test_evaluation_settings_errors_name_the_field(overrides: list[str], message: str) -> None:

@@ -81,7 +81,9 @@ def test_new_events_are_shown_once(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.startswith("stage2: workers failed after step 4")
 
 
-CFG = TrainConfig(max_steps=2, num_workers=2, cpus_per_worker=1.0)
+CFG = TrainConfig().replace(
+    schedule={"max_steps": 2}, resources={"num_workers": 2, "cpus_per_worker": 1.0}
+)
 
 
 def test_a_retry_waits_for_the_resources_to_come_back(monkeypatch) -> None:
@@ -97,10 +99,13 @@ def test_a_retry_waits_for_the_resources_to_come_back(monkeypatch) -> None:
 def test_the_wait_is_bounded_and_the_first_attempt_does_not_wait(monkeypatch) -> None:
     short = ("CPU", "2 workers x 1.0 CPU = 2 CPUs, but the Ray cluster has 1")
     monkeypatch.setattr(_ray_train, "_shortfall", lambda cfg: short)
-    message = r"has 1 \(waited 0.05s for it\); lower num_workers or cpus_per_worker, or add nodes"
+    message = (
+        r"has 1 \(waited 0.05s for it\); lower resources.num_workers or "
+        r"resources.cpus_per_worker, or add nodes"
+    )
     with pytest.raises(ValueError, match=message):
         _ray_train.check_resources(CFG, 0.05, poll_s=0.01)
-    with pytest.raises(ValueError, match=r"cluster has 1; lower num_workers"):
+    with pytest.raises(ValueError, match=r"cluster has 1; lower resources.num_workers"):
         _ray_train.check_resources(CFG)
 
 
@@ -119,6 +124,6 @@ def test_the_docs_node_loss_settings_are_a_valid_job() -> None:
     for step, section in yaml.safe_load(block).items():
         raw[step].update(section)
     job = parse_job(raw)
-    assert job.steps["stage2"].config.max_failures == 3
-    assert job.steps["stage2"].config.checkpoint_every == 200
+    assert job.steps["stage2"].config.resources.max_failures == 3
+    assert job.steps["stage2"].config.checkpoint.every == 200
     assert job.steps["stage2"].retries.resource_wait_s == 600
