@@ -193,9 +193,9 @@ STEPS: dict[str, StepSpec] = {
 # Step kinds a job may run more than once: a section of another name with `kind: <step>` is one
 # more step of that kind, with the kind's inputs, keyed and recorded under its own name (e.g. a
 # second instruction source, `tokenize_text: {kind: tokenize_instructions, sources: [...]}`). No
-# step reads it by role: a training stage draws it through its `mix` (pipelines/jobspec.py).
+# step reads it by role: a training stage draws it through its `data.mix` (pipelines/jobspec.py).
 REPEATABLE_KINDS = ("tokenize_captions", "tokenize_instructions")
-# A training stage's extra input roles: one per step of the job its `mix` names
+# A training stage's extra input roles: one per step of the job its `data.mix` names
 # (`mix:tokenize_captions`), added to the stage's spec when the job is parsed (pipelines/jobspec.py).
 MIX_ROLE = "mix:"
 # The step whose `model/` is registered at the end of a run, most final first.

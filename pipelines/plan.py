@@ -95,7 +95,7 @@ def forced_steps(job: JobSpec, force: list[str]) -> set[str]:
             raise ValueError(
                 f"--force {name}: not a step of this job; its steps are {list(job.steps)}"
             )
-        # The job's own specs: a stage's roles include the steps its `mix` names.
+        # The job's own specs: a stage's roles include the steps its `data.mix` names.
         specs = {step: section.spec for step, section in job.steps.items()}
         forced.update(downstream(name, list(job.steps), specs))
     return forced

@@ -12,8 +12,8 @@ folder)` gives the trained model's logits. Modules trained whole next to the ada
 when stage 2 trains it) go in as peft `modules_to_save`.
 
 A model folder with an adapter also holds `lora.json` ({"adapter": "adapter", "merged": bool}):
-whether its own weights already have the adapter folded in (`merge_lora: true`, the default) or are
-the base weights (`merge_lora: false`). `owl.model.load_model` reads it and, for base weights,
+whether its own weights already have the adapter folded in (`lora.merge: true`, the default) or are
+the base weights (`lora.merge: false`). `owl.model.load_model` reads it and, for base weights,
 merges the adapter in memory with peft (`merge_saved_adapter`), so evaluation, chat and the
 authors'-layout export get the trained model either way.
 """
@@ -148,7 +148,7 @@ def write_lora_state(model_dir: str | Path, merged: bool) -> None:
 
 def unmerged_adapter(model_dir: str | Path) -> Path | None:
     """The adapter folder to apply on top of `model_dir`'s weights when they are the base weights
-    (`merge_lora: false`); None when there is none or it is already merged."""
+    (`lora.merge: false`); None when there is none or it is already merged."""
     path = Path(model_dir) / LORA_STATE
     if not path.exists():
         return None

@@ -477,7 +477,7 @@ def export_release(
     "bin" for a stack without the safetensors package; sharded past 2 GB),
     preprocessor_config.json, generation_config.json and, given the folder the model was trained
     with, the tokenizer (`owl.model.release_files`). A folder whose LoRA adapter is kept apart
-    (`merge_lora: false`) is written merged: the authors' code has no use for our peft adapter.
+    (`lora.merge: false`) is written merged: the authors' code has no use for our peft adapter.
     Returns the names of the files written."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights format {weights!r}: one of {WEIGHT_FORMATS}")
@@ -487,7 +487,7 @@ def export_release(
     progress(f"reading {model_dir}")
     if unmerged_adapter(model_dir) is None:
         state = read_safetensors_folder(model_dir, WEIGHTS_FILE, INDEX_FILE)
-    else:  # base weights + adapter (`merge_lora: false`): the release holds the trained model
+    else:  # base weights + adapter (`lora.merge: false`): the release holds the trained model
         state = load_model(model_dir).state_dict()
         if cfg.decoder.tie_embeddings:
             state.pop("decoder.lm_head.weight", None)

@@ -143,7 +143,7 @@ def load_model(
 ) -> OwlModel:
     """Load a folder written by `save_model`. No random init: built on meta, weights assigned.
 
-    A LoRA stage's folder exported with `merge_lora: false` holds the base weights and the
+    A LoRA stage's folder exported with `lora.merge: false` holds the base weights and the
     adapter apart (`owl.model.lora.LORA_STATE`): the adapter is merged in memory, so the model
     returned is the trained one; `adapter=False` returns the base weights as stored."""
     directory = Path(directory)

@@ -43,7 +43,7 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH=VALUE",
-        help="override a job field, value parsed as YAML (repeatable): --set stage1.max_steps=10",
+        help="override a job field, value parsed as YAML (repeatable): --set stage1.schedule.max_steps=10",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 

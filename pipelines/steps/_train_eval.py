@@ -1,4 +1,4 @@
-"""Evaluation during training (not a step): a stage with `evaluate_every: N` scores the model of
+"""Evaluation during training (not a step): a stage with `evaluate.every: N` scores the model of
 every N-th step on `evaluate.benchmarks` while its workers keep training.
 
 Rank 0 writes the model of such a step to `evaluations/step-N/model/` (owl.train.loop,
