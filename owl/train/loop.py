@@ -30,6 +30,7 @@ from owl.model.config import OwlConfig
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from owl.train.deepspeed_cpu import skip_shm_comm
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.metrics import WINDOW_COUNTS, Window, attention_pairs, train_flops
 from owl.train.stages import format_table, param_groups, select_for_stage
@@ -108,6 +109,7 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
     """Train one stage to its last step, reporting metrics and checkpoints through `session`
     (the first report also carries the `STARTUP_TIMES`)."""
     startup = {"worker_start": time.time()}
+    skip_shm_comm()  # a C++ op training never uses (owl/train/deepspeed_cpu.py)
     cfg = job.train
     _seed_everything(cfg.seed)
     model = _build_model(job, session)

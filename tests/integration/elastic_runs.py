@@ -58,6 +58,8 @@ def _worker(
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    import deepspeed.comm
+
     from owl.train import loop
 
     session = _Session(
@@ -79,6 +81,8 @@ def _worker(
         "samples": [sum(micro[i : i + per_step], []) for i in range(0, len(micro), per_step)],
         "loss": state.curves["loss"],
         "restore_s": session.restore_s,
+        # DeepSpeed started without compiling its shm op (owl/train/deepspeed_cpu.py)
+        "shm_op": getattr(deepspeed.comm.comm.cdb, "shm_comm_op", None) is not None,
     }
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:  # what the stage's manifest reports (curves, tokens, samples): rank 0's state
@@ -96,6 +100,7 @@ def run(job: WorkerJob, world_size: int, out: Path, *, resume: Path | None = Non
         args = (world_size, job, port, str(out), tmp, str(resume or ""))
         mp.spawn(_worker, args=args, nprocs=world_size)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert not any(r["shm_op"] for r in ranks), "DeepSpeed built its shm op: skip_shm_comm?"
     samples = [sorted(sum(step, [])) for step in zip(*(r["samples"] for r in ranks))]
     loss = [tuple(p) for p in ranks[0]["loss"]]
     return samples, loss, max(r["restore_s"] for r in ranks)
