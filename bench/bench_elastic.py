@@ -4,8 +4,8 @@ same invocation). CPU, gloo, fp32, the `demo` model size with every parameter tr
 
 A 2-worker run saves a checkpoint after step 1; it is then resumed (one more step) on 2 workers
 (same W) and on 1 worker (W' != W, from a fresh copy, so the conversion is timed too). The time
-is the restore alone (`checkpoint.load`: conversion, DeepSpeed load, loader states), the slowest
-rank's, under ZeRO-2 (a ZeRO-3 stage resumes only on its own number of workers for now).
+is the restore alone (`checkpoint.load`: conversion, DeepSpeed load, owl's repair of the ZeRO-3
+load, loader states), the slowest rank's, under ZeRO-2 and under ZeRO-3.
 
     .venv/bin/python bench/bench_elastic.py [--model demo]
 """
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     args = parser.parse_args()
     print("zero  checkpoint  restore 2->2 (s)  restore 2->1 (s)  ratio")
-    for zero, port in ((2, 29700),):
+    for zero, port in ((2, 29700), (3, 29710)):
         with tempfile.TemporaryDirectory(prefix="bench-elastic-") as tmp:
             r = measure(zero, args.model, Path(tmp), port)
         print(

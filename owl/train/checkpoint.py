@@ -99,23 +99,8 @@ def load(
     saved = torch.load(own if own.exists() else files[0], weights_only=False)
     state: TrainState = saved["state"]
     tag = step_dir_name(state.step)
-    if len(files) != world_size and engine.zero_optimization_stage() == 3:
-        # Not trusted yet. Measured (tests/integration/test_elastic_resume.py's run, debug-tiny,
-        # 40 steps, resumed 1 -> 2 at step 20): the first step after the resume is exact (the
-        # parameters are restored), the drift starts with the first optimizer update after it
-        # (2.4e-5 relative at step 22) and grows (3.5e-3 by step 40), while uninterrupted 1- and
-        # 2-worker ZeRO-3 runs are bitwise equal: the optimizer state DeepSpeed's ZeRO-3
-        # universal load restores is off, not the summation order. Giving each parameter group
-        # back its own weight decay and lr (the load gives all of them the first group's) did
-        # not remove it. ZeRO-2 stays within 1e-7.
-        raise ValueError(
-            f"checkpoint {directory} was saved by {len(files)} workers and this run has "
-            f"{world_size}: under zero_stage 3 a stage resumes only on its own number of "
-            "workers (DeepSpeed's ZeRO-3 universal load restores the optimizer state off: the "
-            "losses drift from the first update after the resume); run it with "
-            "fewer_workers: wait"
-        )
-    if len(files) != world_size and engine.zero_optimization_stage() > 0:
+    universal = len(files) != world_size and engine.zero_optimization_stage() > 0
+    if universal:
         tag = universal_tag(directory, tag, rank=rank)
         engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
     try:
@@ -124,9 +109,50 @@ def load(
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise ValueError(f"checkpoint {directory}: DeepSpeed found no state for step {state.step}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine.optimizer, directory / DS_DIR / tag)
     set_rng_state(saved["rng"])
     loaders = [torch.load(f, weights_only=False)["loader"] for f in files]
     return state, loaders
+
+
+def _repair_zero3_universal_load(zero: Any, universal_dir: Path) -> None:
+    """Put right the two things DeepSpeed 0.19.8's ZeRO-3 universal load
+    (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`) gets
+    wrong; the moments and fp32 master weights it restores are exact (compared element by element
+    with the optimizer state an uninterrupted run on the new number of workers saved at that step:
+    equal bitwise, debug-tiny, 1 -> 2 workers).
+
+    1. It stores one and the same `step` tensor in the Adam state of every flat fp32 sub-group.
+       ZeRO-3 steps its sub-groups one at a time and torch's AdamW increments `step` in place, so
+       the shared count advanced once per sub-group per optimizer step: with 2 sub-groups the
+       first update after the resume used bias corrections for steps 21 and 22 instead of 21, and
+       the losses drifted from there (with repair 2 alone: 1.6e-5 relative at step 22, 2.4e-3 at
+       step 40, test_elastic_resume's runs resumed at step 20). Each sub-group gets its own copy
+       (all of them step together, so the count is the same).
+    2. It gives every parameter group the saved first group's hyper-parameters (so no weight
+       decay on the matrices when the first group is the vectors'; with repair 1 alone: 1.7e-4
+       relative by step 40): each group gets back its own, from the checkpoint's saved groups
+       (the file DeepSpeed read them from; memory-mapped, nothing else of it is read).
+    With both, those runs' losses are bitwise the uninterrupted run's.
+    """
+    for flat in zero.fp32_partitioned_groups_flat:
+        adam = zero.optimizer.state[flat]
+        if torch.is_tensor(adam.get("step")):
+            adam["step"] = adam["step"].clone()
+    saved = torch.load(
+        universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", mmap=True,
+        weights_only=False,
+    )["param_groups"]  # fmt: skip
+    groups = zero.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ValueError(
+            f"checkpoint {universal_dir.parent.parent} has {len(saved)} optimizer parameter "
+            f"groups and this stage {len(groups)}: resume it with the learning-rate and weight "
+            "decay settings it was saved with"
+        )
+    for group, hyper in zip(groups, saved):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
 
 
 def universal_tag(directory: Path, tag: str, *, rank: int) -> str:

@@ -1,10 +1,10 @@
 """A stage resumed on another number of workers (owl.data.step_stream + DeepSpeed's universal
 checkpoint), on local processes (gloo, CPU), debug-tiny model, 40 optimizer steps:
 
-- ZeRO-2: a 2-worker run, a 1-worker run, the 2-worker run's step-20 checkpoint resumed on 1
-  worker and the 1-worker run's resumed on 2 train every step on the same samples, with losses
-  equal within 1e-5 (relative) of the uninterrupted 2-worker run's;
-- ZeRO-3: a checkpoint resumed on another number of workers is refused (not supported yet);
+- ZeRO-2 and ZeRO-3: a 2-worker run's checkpoint resumed on 1 worker, and that run's resumed
+  on 2 again, train every step on the 2-worker run's samples, with its losses within 1e-5
+  (relative); that the sample stream itself is the same on any number of workers from step 1 is
+  tests/unit/test_step_stream.py's;
 - a checkpoint between two log steps resumed: the run logs the whole stage's curves, tokens and
   samples as the uninterrupted run does (the open log window travels in the checkpoint).
 
@@ -62,33 +62,28 @@ def _assert_same_training(run_a, run_b, first_step: int = 1) -> None:
         assert value == pytest.approx(losses_a[step], rel=1e-5, abs=0), step
 
 
-def test_zero2_resumed_on_fewer_and_on_more_workers(data, tmp_path) -> None:
-    job = _job(data, zero_stage=2)
-    two = run(job, 2, tmp_path / "two", port=29631)
-    one = run(job, 1, tmp_path / "one", port=29632)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resumed_on_fewer_then_on_more_workers(data, tmp_path, zero_stage: int) -> None:
+    """2 -> 1 -> 2 workers: the 2-worker run's step-10 checkpoint resumed on 1 worker, and that
+    run's step-20 checkpoint resumed on 2 again (its optimizer state re-partitioned twice):
+    every step trains on the 2-worker run's samples, with its losses within 1e-5 relative (in
+    fact bitwise here, both stages). Under ZeRO-3 this needs owl's repair of DeepSpeed 0.19.8's
+    ZeRO-3 universal load (owl/train/checkpoint.py `_repair_zero3_universal_load`): with only
+    one of its two repairs the losses drifted from the first update after the resume (up to
+    3.3e-3 or 1.7e-4 relative by step 40)."""
+    job = _job(data, zero_stage=zero_stage, checkpoint={"every": 10})
+    port = 29631 + 10 * zero_stage
+    two = run(job, 2, tmp_path / "two", port=port)
     assert len(two[0]) == STEPS and all(two[0])
-    assert one[0] == two[0]  # every step: the same sample references, whatever W
-    _assert_same_training(two, (one[0], one[1], 0.0))
-    checkpoint = tmp_path / "two" / "checkpoints" / f"step-{HALF:08d}"
-    resumed = run(job, 1, tmp_path / "resumed", resume=checkpoint, port=29633)
-    _assert_same_training(two, resumed, first_step=HALF + 1)
-    assert (checkpoint / "ds" / f"step-{HALF:08d}-universal").is_dir()
+    checkpoint = tmp_path / "two" / "checkpoints" / f"step-{10:08d}"
+    shrunk = run(job, 1, tmp_path / "shrunk", resume=checkpoint, port=port + 1)
+    _assert_same_training(two, shrunk, first_step=11)
+    assert (checkpoint / "ds" / f"step-{10:08d}-universal").is_dir()
     # 1 -> 2: the 1-worker run's optimizer state split over two workers.
-    checkpoint = tmp_path / "one" / "checkpoints" / f"step-{HALF:08d}"
-    grown = run(job, 2, tmp_path / "grown", resume=checkpoint, port=29634)
+    checkpoint = tmp_path / "shrunk" / "checkpoints" / f"step-{HALF:08d}"
+    grown = run(job, 2, tmp_path / "grown", resume=checkpoint, port=port + 2)
     _assert_same_training(two, grown, first_step=HALF + 1)
     assert (checkpoint / "ds" / f"step-{HALF:08d}-universal").is_dir()
-
-
-def test_zero3_checkpoint_on_another_number_of_workers_is_refused(data, tmp_path) -> None:
-    """Not supported yet under ZeRO-3 (the optimizer state DeepSpeed's ZeRO-3 universal load
-    restores is off: owl/train/checkpoint.py says what was measured): refused, saying what to do."""
-    job = _job(data, zero_stage=3)
-    job.train = job.train.replace(schedule={"max_steps": 2}, checkpoint={"every": 1})
-    run(job, 1, tmp_path / "one", port=29641)
-    checkpoint = tmp_path / "one" / "checkpoints" / f"step-{1:08d}"
-    with pytest.raises(Exception, match="under zero_stage 3 a stage resumes only on its own"):
-        run(job, 2, tmp_path / "resumed", resume=checkpoint, port=29642)
 
 
 def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> None:
