@@ -118,8 +118,7 @@ def test_the_gpu_checks_job_summary_reads_the_demo(demo):
     job_summary; CI reads this run's instead of training a second, smaller demo
     (tests/integration/test_gpu_check.py)."""
     storage, _ = demo
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_check import _job_line, job_summary
+    from bench.gpu_check import _job_line, job_summary
 
     summary = job_summary(storage, "cpu")
     assert summary["ok"]

@@ -6,7 +6,6 @@ The same outputs read from MLflow (an evaluate run id) give the same numbers."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,9 +14,7 @@ from PIL import Image
 
 from owl.data.manifest import Manifest
 from pipelines.cli import main
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from eval_helpers import make_model, make_tokenizer  # noqa: E402
+from tests.unit.eval_helpers import make_model, make_tokenizer
 
 QUESTIONS = [f"{w} {n}?" for w in ("red", "blue", "green", "square") for n in range(6)]
 

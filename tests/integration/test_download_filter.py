@@ -5,7 +5,6 @@ import io
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -23,9 +22,7 @@ from PIL import Image
 from pipelines.step import StepContext, StepInput
 from pipelines.steps import download
 from pipelines.steps import filter as filter_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.integration import bad_images  # noqa: E402
+from tests.integration import bad_images
 
 pytestmark = pytest.mark.integration
 

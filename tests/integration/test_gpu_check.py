@@ -58,8 +58,7 @@ def test_prints_one_table_of_every_part(check: tuple[dict, str]) -> None:
 def test_the_job_parts_settings_pass_validation(device: str, tmp_path: Path) -> None:
     """The job part's `--set` values shrink jobs/demo.yaml into a job `owl run` accepts (a
     renamed field or a step that moved would fail the check on its GPU day, not here)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_check import job_overrides
+    from bench.gpu_check import job_overrides
 
     storage = tmp_path / "storage"
     command = [sys.executable, "-m", "pipelines.cli", "run", "jobs/demo.yaml", "--dry-run"]

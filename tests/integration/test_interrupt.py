@@ -17,10 +17,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from tests.integration.fake_steps import fake_job
 
-from tests.integration.fake_steps import fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 

@@ -19,15 +19,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
-
-from pipelines import cli  # noqa: E402
-from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.lineage import DIGEST_CHARS  # noqa: E402
-from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import Runner  # noqa: E402
-from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
+from pipelines import cli
+from pipelines.jobspec import parse_job
+from pipelines.lineage import DIGEST_CHARS
+from pipelines.progress import Reporter
+from pipelines.runner import Runner
+from tests.integration.fake_steps import TABLE, fake_job
 
 pytestmark = pytest.mark.integration
 

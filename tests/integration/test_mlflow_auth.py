@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from pipelines import cli
+from tests.integration.fake_steps import fake_job
 
-from pipelines import cli  # noqa: E402
-from tests.integration.fake_steps import fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 ADMIN_PASSWORD = secrets.token_hex(12)

@@ -13,17 +13,16 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+from owl.data.manifest import FileEntry, Manifest
+from pipelines import cache
+from pipelines.dag import upstream_of
+from pipelines.jobspec import load_job, parse_job
+from pipelines.plan import select_steps, step_key
+from pipelines.progress import Reporter
+from pipelines.runner import Runner
+from tests.integration.fake_steps import TABLE, fake_job
 
-from owl.data.manifest import FileEntry, Manifest  # noqa: E402
-from pipelines import cache  # noqa: E402
-from pipelines.dag import upstream_of  # noqa: E402
-from pipelines.jobspec import load_job, parse_job  # noqa: E402
-from pipelines.plan import select_steps, step_key  # noqa: E402
-from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import Runner  # noqa: E402
-from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "img2dataset", "albumentations")
 

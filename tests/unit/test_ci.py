@@ -115,7 +115,6 @@ def test_make_test_newest_refuses_another_python(tmp_path):
 def test_the_checkout_guard_sees_what_tests_write_and_not_the_caches(tmp_path):
     """tests/conftest.py compares the checkout's untracked and ignored paths before and after
     the session (caches and virtual environments aside): a test that writes there fails it."""
-    sys.path.insert(0, str(ROOT))
     from tests.conftest import checkout_paths
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

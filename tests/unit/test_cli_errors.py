@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from pipelines import cli
+from pipelines.commands.eval import resolve_model_dirs
+from pipelines.jobspec import parse_job
+from pipelines.progress import Reporter
+from pipelines.ray_jobs import code_runtime_env
+from pipelines.runner import Runner
+from tests.integration.fake_steps import TABLE, fake_job
 
-from pipelines import cli  # noqa: E402
-from pipelines.commands.eval import resolve_model_dirs  # noqa: E402
-from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.progress import Reporter  # noqa: E402
-from pipelines.ray_jobs import code_runtime_env  # noqa: E402
-from pipelines.runner import Runner  # noqa: E402
-from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def owl(args: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:

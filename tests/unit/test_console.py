@@ -16,15 +16,14 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+from pipelines.jobspec import parse_job
+from pipelines.lineage import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from pipelines.progress import Reporter, captured_output, training_message
+from pipelines.runner import Runner
+from pipelines.status import job_status
+from tests.integration.fake_steps import TWO_STAGE_TABLE, fake_job
 
-from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.lineage import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG  # noqa: E402
-from pipelines.progress import Reporter, captured_output, training_message  # noqa: E402
-from pipelines.runner import Runner  # noqa: E402
-from pipelines.status import job_status  # noqa: E402
-from tests.integration.fake_steps import TWO_STAGE_TABLE, fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def two_stage(storage: Path, **extra) -> dict:

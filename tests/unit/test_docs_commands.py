@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from pipelines import cli
 
-from pipelines import cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DOC_FILES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")), "infra/README.md"]  # fmt: skip
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.bad_images` is imported by module path
-
-from owl.data.image import ImageProblem, checked_image_bytes, decode_image, to_pil  # noqa: E402
-from tests.integration import bad_images  # noqa: E402
+from owl.data.image import ImageProblem, checked_image_bytes, decode_image, to_pil
+from tests.integration import bad_images
 
 
 def _pixel(image: Image.Image, xy: tuple[int, int]) -> np.ndarray:

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+from pipelines import cli
+from pipelines.jobspec import apply_override, load_job, parse_job
+from pipelines.ray_jobs import submission_base_id
+from tests.integration.fake_steps import TABLE
 
-from pipelines import cli  # noqa: E402
-from pipelines.jobspec import apply_override, load_job, parse_job  # noqa: E402
-from pipelines.ray_jobs import submission_base_id  # noqa: E402
-from tests.integration.fake_steps import TABLE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))
 

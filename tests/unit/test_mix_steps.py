@@ -5,23 +5,20 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_packing import mixed_samples, write_shards
+
+from owl.train.config import TrainConfig
+from pipelines.dag import upstream_of
+from pipelines.jobspec import parse_job
+from pipelines.plan import forced_steps, select_steps, step_key
+from pipelines.step import StepInput
+from pipelines.steps.train import mix_datasets
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_packing, as the loader tests do
-
-from test_packing import mixed_samples, write_shards  # noqa: E402
-
-from owl.train.config import TrainConfig  # noqa: E402
-from pipelines.dag import upstream_of  # noqa: E402
-from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.plan import forced_steps, select_steps, step_key  # noqa: E402
-from pipelines.step import StepInput  # noqa: E402
-from pipelines.steps.train import mix_datasets  # noqa: E402
 
 
 def demo(tmp_path: Path, mix: dict | None = None, stage: str = "stage2") -> dict:

@@ -12,18 +12,17 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `tests.integration.fake_steps` is imported by module path
+from owl.data.manifest import Manifest
+from pipelines import cache
+from pipelines.jobspec import parse_job
+from pipelines.plan import plan
+from pipelines.progress import Reporter
+from pipelines.runner import Runner
+from pipelines.sink import NullLineage
+from pipelines.status import job_status
+from tests.integration.fake_steps import TABLE, fake_job
 
-from owl.data.manifest import Manifest  # noqa: E402
-from pipelines import cache  # noqa: E402
-from pipelines.jobspec import parse_job  # noqa: E402
-from pipelines.plan import plan  # noqa: E402
-from pipelines.progress import Reporter  # noqa: E402
-from pipelines.runner import Runner  # noqa: E402
-from pipelines.sink import NullLineage  # noqa: E402
-from pipelines.status import job_status  # noqa: E402
-from tests.integration.fake_steps import TABLE, fake_job  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def job_raw(storage: Path, **sections: dict) -> dict:

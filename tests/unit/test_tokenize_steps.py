@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,9 +20,7 @@ from owl.data.sources import SourceSpec
 from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
 from pipelines.step import Resources, StepContext, StepInput
 from pipelines.steps import _tokenized, tokenize_captions, tokenize_instructions, tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.integration import bad_images  # noqa: E402
+from tests.integration import bad_images
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
