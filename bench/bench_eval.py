@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from owl.data.manifest import Manifest
-from owl.data.tokenize import train_bpe_tokenizer
+from owl.data.tokenizer import train_bpe_tokenizer
 from owl.eval.benchmarks import read_benchmark
 from owl.eval.generate import predict
 from owl.eval.prompts import prompt_ids

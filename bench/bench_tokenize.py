@@ -169,7 +169,7 @@ def run_one(num_samples: int, repeats: int) -> dict[str, object]:
     import ray
 
     from owl.data.manifest import Manifest
-    from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+    from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
     from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
     from pipelines.step import Resources, StepContext, StepInput
     from pipelines.steps import tokenize_captions
@@ -324,7 +324,7 @@ def run_scale(out: Path, num_samples: int, raw_samples: int) -> dict[str, object
     import ray
 
     from owl.data.manifest import Manifest
-    from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+    from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
     from owl.model.config import AbstractorConfig, DecoderConfig, OwlConfig
     from pipelines.step import Resources, StepContext, StepInput
     from pipelines.steps import tokenize_captions

@@ -39,16 +39,17 @@ from owl.data.shapes import (
     WHERE,
     Scene,
     Shape,
-    ShapesConfig,
     qa_pairs,
-    write_shapes_dataset,
 )
+from owl.data.shapes_files import ShapesConfig, write_shapes_dataset
 from owl.data.sources import SourceSpec, read_source, record_texts
 from owl.data.templates import PLACEHOLDER_RE, DropSample
-from owl.data.tokenize import encode_captions, encode_conversations, train_bpe_tokenizer
+from owl.data.tokenize import encode_captions, encode_conversations
+from owl.data.tokenizer import train_bpe_tokenizer
 from owl.eval.benchmarks import BenchmarkRecord, read_benchmark
-from owl.eval.generate import predict, sample_score, score
+from owl.eval.generate import predict
 from owl.eval.metrics import vqa_accuracy
+from owl.eval.scoring import sample_score, score
 from owl.model import OwlModel, get_config
 from owl.model.config import OwlConfig
 from owl.model.variants import VARIANTS

@@ -1,4 +1,5 @@
-"""Tokenization of captions and conversations into (input_ids, labels), and the tokenizer itself.
+"""Tokenization of captions and conversations into (input_ids, labels); loading and training the
+tokenizer itself is owl.data.tokenizer.
 
 Every template piece (`owl.data.templates.Piece`) is encoded on its own and the results are
 concatenated: the label of each token is known from its piece, so the loss mask is exact by
@@ -22,15 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
 from owl.data.templates import (
@@ -43,7 +42,7 @@ from owl.data.templates import (
 )
 
 if TYPE_CHECKING:  # transformers (and torch behind it) is imported on use: Ray workers skip it
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
@@ -471,55 +470,3 @@ def encode_caption(
     if isinstance(result, DropSample):
         raise result
     return result
-
-
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """A Hugging Face tokenizer folder (LLaMA style: BOS, EOS, pad = unk when none is set)."""
-    path = Path(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
-        raise ValueError(
-            f"{path}: no tokenizer.json or tokenizer.model; expected a HF tokenizer folder"
-        )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    _encoder(tokenizer)  # validate now (fast tokenizer, BOS/EOS) rather than at first use
-    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
-        tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
-
-
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (<unk>=0, <s>=1, </s>=2, pad=<unk>) and save it as a HF folder.
-
-    Byte-level: every string is representable, so <unk> never appears in practice. No prefix
-    space is added: a piece's own spaces are what gets tokenized.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    num_specials = 3
-    if vocab_size < 256 + num_specials:
-        raise ValueError(f"vocab_size {vocab_size} is below 259 (256 bytes + 3 special tokens)")
-    backend = Tokenizer(models.BPE(unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[UNK, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=UNK,
-        add_bos_token=False,
-        add_eos_token=False,
-    )
-    tokenizer.save_pretrained(str(out_dir))
-    return tokenizer

@@ -11,7 +11,8 @@ from its fields' metadata (`cli_flag`).
     result = evaluate(benchmarks, predict, options, EvalLayout(out_dir))
 
 Plain Python at module level: the step imports `EvalOptions` when a job file is validated, so
-torch (through owl.eval.generate) is imported where predictions are scored.
+owl.eval.scoring, owl.eval.uncertainty (numpy) and pyarrow are imported where predictions are
+scored and written.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 from owl.data.video import DEFAULT_NUM_FRAMES
 from owl.eval.benchmarks import BenchmarkRecord, benchmark_name, read_benchmark
+from owl.eval.caption_metrics import JAVA_MISSING, java_available
 from owl.eval.importers import CAPTION_KINDS, import_benchmark, parse_spec
-from owl.eval.metrics import CAPTION_TOKENIZERS, JAVA_MISSING, VQA_RULES, java_available
+from owl.eval.metrics import CAPTION_TOKENIZERS, VQA_RULES
 
 Predictions = list[dict[str, Any]]
 # (benchmark name, blank images?) per pass -> each pass's predictions, in query order.
@@ -200,7 +202,7 @@ def evaluate(
     """Predict, score and (with a `layout`) write every benchmark: one pass each, and with
     `blank_control` a second pass with blank images for each benchmark that has images or videos
     (scored without METEOR and without intervals; the same records as the real pass)."""
-    from owl.eval.generate import score
+    from owl.eval.scoring import score
     from owl.eval.uncertainty import headline_units, intervals
 
     passes = [(name, False) for name in benchmarks]
@@ -246,7 +248,7 @@ def _write(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from owl.eval.generate import prediction_rows
+    from owl.eval.scoring import prediction_rows
     from owl.eval.submissions import write_submission
     from owl.eval.uncertainty import write_units
 

@@ -224,3 +224,33 @@ def prompt_ids(
         num_visual_tokens=num_visual_tokens,
         end=prompt_end(tokenizer),
     )
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt to generate from: a record, with its options rotated by `shift`."""
+
+    record: BenchmarkRecord
+    shift: int = 0
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self.record.options[self.shift :] + self.record.options[: self.shift]
+
+
+def _rotates(record: BenchmarkRecord, circular: bool) -> bool:
+    """Whether a multiple-choice record is asked once per rotation of its options: by default
+    when `circular`; rule "single" (ScienceQA, SEED, MMBench rows that come with their own
+    circular copies) never, rule "circular" always."""
+    if record.type != "multiple_choice" or record.rule == "single":
+        return False
+    return circular or record.rule == "circular"
+
+
+def expand_queries(records: Sequence[BenchmarkRecord], circular: bool = True) -> list[Query]:
+    """Queries in record order; multiple choice once per rotation when `circular`."""
+    queries = []
+    for record in records:
+        num_shifts = len(record.options) if _rotates(record, circular) else 1
+        queries.extend(Query(record, shift) for shift in range(num_shifts))
+    return queries

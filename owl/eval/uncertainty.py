@@ -1,7 +1,7 @@
 """How sure a headline metric is: per-item scores, bootstrap intervals and paired comparisons.
 
 Each benchmark type has one headline metric, written as a weighted sum of per-stratum means of
-per-unit values, so that it equals what `owl.eval.generate.score` reports:
+per-unit values, so that it equals what `owl.eval.scoring.score` reports:
 
 - vqa, text, yes_no (default and POPE): `accuracy`, a unit per record;
 - multiple_choice: `circular_accuracy` (a unit per question, 1 if every rotation asked is right)
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from owl.eval.benchmarks import BenchmarkRecord, is_unanswered
-from owl.eval.generate import choice_result, sample_score
-from owl.eval.metrics import APPROX_SUFFIX, MME_PERCEPTION, cider_per_image, parse_yes_no_mme
+from owl.eval.caption_metrics import APPROX_SUFFIX, cider_per_image
+from owl.eval.metrics import MME_PERCEPTION, parse_yes_no_mme
+from owl.eval.scoring import choice_result, sample_score
 
 NUM_RESAMPLES = 1000
 LEVEL = 0.95

@@ -193,7 +193,7 @@ def job_tokenizer(step_dir: Path) -> Path | None:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
-    from owl.data.tokenize import load_tokenizer
+    from owl.data.tokenizer import load_tokenizer
     from owl.model import load_model
 
     model_dir, tokenizer_dir = resolve_model_dirs(args.model, args.tokenizer)

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.data.shards import ShardWriter, images_column, make_flat_batch
-from owl.data.tokenize import EncodedBatch, EncoderSpec, load_tokenizer
+from owl.data.tokenize import EncodedBatch, EncoderSpec
+from owl.data.tokenizer import load_tokenizer
 from pipelines.step import StepContext, StepInput
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ class TrainingEvaluator:
     def __init__(
         self, ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput], poll_s: float = 2.0
     ) -> None:
-        from owl.data.tokenize import load_tokenizer
+        from owl.data.tokenizer import load_tokenizer
         from owl.eval.evaluate import load_benchmarks
         from pipelines.steps import _eval_passes as evaluate
 

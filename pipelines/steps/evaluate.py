@@ -48,7 +48,7 @@ from pipelines.steps._eval_passes import (
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     import ray
 
-    from owl.data.tokenize import load_tokenizer
+    from owl.data.tokenizer import load_tokenizer
     from owl.eval.evaluate import evaluate, load_benchmarks
     from owl.eval.prompts import DEFAULT_MAX_NEW_TOKENS, max_new_tokens, style_of
 

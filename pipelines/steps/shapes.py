@@ -5,7 +5,7 @@ real data path."""
 from __future__ import annotations
 
 from owl.data.manifest import Manifest
-from owl.data.shapes import ShapesConfig, write_shapes_dataset
+from owl.data.shapes_files import ShapesConfig, write_shapes_dataset
 from pipelines.step import StepContext, StepInput
 
 # The job's `shapes:` section is the library's config itself: one set of fields and defaults.

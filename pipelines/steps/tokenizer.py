@@ -66,7 +66,7 @@ def _copy_folder(src: str, out_dir: Path) -> None:
 
 def run(ctx: StepContext, cfg: Config, inputs: dict[str, StepInput]) -> Manifest:
     # transformers / tokenizers here, not at import: a job's validation reads `Config` only
-    from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+    from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     manifest = Manifest(step=ctx.step)
     out = ctx.out_dir / OUT

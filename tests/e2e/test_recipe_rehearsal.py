@@ -214,7 +214,7 @@ def _owl_all(commands: dict[str, list[str]], logs: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, object]:
     """Everything both recipes read, written once; the image server runs for the module."""
-    from owl.data.tokenize import train_bpe_tokenizer
+    from owl.data.tokenizer import train_bpe_tokenizer
     from tests.unit import official_files, tiny_pretrained
 
     root = tmp_path_factory.mktemp("recipes")

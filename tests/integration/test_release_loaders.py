@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from owl.data.image import CLIP_STD, preprocess_images
-from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from owl.model import OwlModel, get_config, save_model
 from pipelines.cli import main as owl_cli
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from owl.data.tokenize import load_tokenizer, train_bpe_tokenizer
+from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from owl.model import OwlModel, get_config, save_model
 
 CORPUS = [

@@ -11,7 +11,7 @@ import pytest
 
 from owl.eval.benchmarks import BenchmarkRecord
 from owl.eval.choice_matching import match_choice, vlmevalkit_letter
-from owl.eval.generate import score
+from owl.eval.scoring import score
 
 COLOURS = ("blue", "red", "green", "yellow")  # 2 x 18 = 36 characters: rule 4's length bound
 YES_NO = ("yes", "no")  # bound 10

@@ -11,7 +11,8 @@ from eval_helpers import make_benchmarks, make_model, make_tokenizer
 
 from owl.data.image import preprocess_images
 from owl.data.templates import Turn
-from owl.data.tokenize import encode_prompt, load_tokenizer
+from owl.data.tokenize import encode_prompt
+from owl.data.tokenizer import load_tokenizer
 from owl.model import load_model
 from pipelines.cli import main
 from pipelines.commands.eval import resolve_model_dirs

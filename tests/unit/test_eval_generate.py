@@ -12,10 +12,11 @@ from eval_helpers import make_benchmarks, make_model, make_tokenizer
 from torch import nn
 
 from owl import IMAGE_TOKEN_ID
-from owl.data.tokenize import load_tokenizer
+from owl.data.tokenizer import load_tokenizer
 from owl.eval.benchmarks import BenchmarkRecord, read_benchmark
-from owl.eval.generate import expand_queries, predict, sample_score, score
-from owl.eval.prompts import prompt_ids
+from owl.eval.generate import predict
+from owl.eval.prompts import expand_queries, prompt_ids
+from owl.eval.scoring import sample_score, score
 from owl.model import get_config, load_model
 
 

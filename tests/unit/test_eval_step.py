@@ -13,7 +13,7 @@ import ray
 from eval_helpers import make_benchmarks, make_model, make_tokenizer
 
 from owl.data.manifest import Manifest
-from owl.data.tokenize import load_tokenizer
+from owl.data.tokenizer import load_tokenizer
 from owl.eval.benchmarks import read_benchmark
 from owl.eval.generate import predict
 from owl.model import get_config, load_model

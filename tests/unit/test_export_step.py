@@ -41,7 +41,7 @@ def inputs(tmp_path: Path) -> dict[str, StepInput]:
     save_adapter(lora, tmp_path / "stage2" / "model" / "adapter")
     save_model(OwlModel(CFG), tmp_path / "stage2" / "model")  # stands for the merged weights
     shard = FileEntry("shards/0.arrow", 10, "ab" * 32, rows=7, tokens=321)
-    from owl.data.tokenize import train_bpe_tokenizer
+    from owl.data.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(
         iter(["a red circle", "a blue square"] * 20), 270, tmp_path / "tokenizer" / "tokenizer"

@@ -41,10 +41,11 @@ def test_each_section_names_existing_files_and_symbols() -> None:
 
 def test_a_kind_added_to_kinds_is_imported_by_spec(tmp_path: Path, monkeypatch) -> None:
     from owl.eval import importers
+    from owl.eval.importers.vqa import _vqa_record
 
     def import_toy(inputs):
         rows = json.loads(inputs.one_file("questions").read_text())
-        return [importers._vqa_record(str(r["id"]), "", r["q"], "vqav2", r["a"]) for r in rows]
+        return [_vqa_record(str(r["id"]), "", r["q"], "vqav2", r["a"]) for r in rows]
 
     monkeypatch.setitem(importers.KINDS, "toy", import_toy)
     questions = tmp_path / "toy.json"

@@ -14,8 +14,8 @@ from eval_helpers import make_model, make_tokenizer
 from official_files import _json, every_kind, write_all, write_mmbench, write_vqav2
 
 from owl.eval.benchmarks import read_benchmark
+from owl.eval.caption_metrics import java_available
 from owl.eval.importers import import_benchmark, parse_spec
-from owl.eval.metrics import java_available
 from owl.eval.submissions import submission_format, write_submission
 from pipelines.cli import main
 
@@ -124,7 +124,7 @@ def test_other_kinds_keep_official_ids(tmp_path: Path) -> None:
 def test_mmbench_is_scored_per_category_and_l2_category(tmp_path: Path) -> None:
     """VLMEvalKit reports MMBench per `category` and per `l2-category`, on circular hits: a
     question counts only if every copy of it is right."""
-    from owl.eval.generate import score
+    from owl.eval.scoring import score
 
     write_mmbench(tmp_path)
     records = read_benchmark(import_benchmark(

@@ -202,7 +202,7 @@ def test_caption_benchmarks_without_java_are_refused_at_validation(tmp_path, cap
     """The recipes score COCO / Flickr30k captions with the PTB tokenizer (Java): on a machine
     without Java, the dry run and the run itself refuse before any step, in one error line."""
     from owl.eval import evaluate  # the evaluation library both the step and `owl eval` call
-    from owl.eval.metrics import JAVA_MISSING
+    from owl.eval.caption_metrics import JAVA_MISSING
 
     monkeypatch.setattr(evaluate, "java_available", lambda: False)
     storage = tmp_path / "storage"

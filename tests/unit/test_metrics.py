@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from owl.eval.caption_metrics import caption_scores, java_available
 from owl.eval.metrics import (
     ChoiceResult,
     YesNoResult,
-    caption_scores,
-    java_available,
     multiple_choice_scores,
     normalize_answer,
     parse_choice,

@@ -172,7 +172,7 @@ def test_documented_convert_commands_run_as_written(tmp_path: Path, monkeypatch,
     for variant, folder in (("owl2", "mplug-owl2-llama2-7b"), ("owl1", "mplug-owl-llama-7b")):
         sizes = {**ref.SIZES, "kv_heads": ref.SIZES["heads"]}  # Owl1 releases: no grouped KV
         ref.write_release(*ref.make_release(variant, sizes), tmp_path / folder)
-    from owl.data.tokenize import train_bpe_tokenizer
+    from owl.data.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(iter(["a red circle", "a blue square"] * 20), 270, "tokenizer")
     for command in commands:
@@ -252,7 +252,7 @@ def test_owl2_keeps_rope_theta_and_grouped_kv_heads_its_config_class_honours(tmp
 
 def test_the_release_folder_holds_what_their_loaders_read(tmp_path: Path, capsys) -> None:
     from owl.data.image import CLIP_MEAN
-    from owl.data.tokenize import train_bpe_tokenizer
+    from owl.data.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(iter(["the red circle", "a blue square"] * 20), 270, tmp_path / "tok")
     ours = _save_tiny(tmp_path / "ours", "owl2", image_mode="resize")

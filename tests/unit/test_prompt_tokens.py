@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from owl import IMAGE_TOKEN_ID
-from owl.data.tokenize import load_tokenizer
+from owl.data.tokenizer import load_tokenizer
 from owl.eval.benchmarks import BenchmarkRecord
 from owl.eval.prompts import prompt_ids
 from owl.model.variants import OWL1_SYSTEM

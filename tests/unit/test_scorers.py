@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from owl.eval import metrics
+from owl.eval import caption_metrics
 from owl.eval.benchmarks import BenchmarkRecord
-from owl.eval.generate import score
+from owl.eval.caption_metrics import caption_scores
 from owl.eval.metrics import (
     MmeResult,
-    caption_scores,
     gqa_correct,
     mme_scores,
     parse_choice,
@@ -21,6 +20,7 @@ from owl.eval.metrics import (
     pope_scores,
     vqa_accuracy,
 )
+from owl.eval.scoring import score
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_mmbench_circular_copies_are_one_question() -> None:
 
 
 def test_caption_metrics_refuse_without_java_unless_approx(monkeypatch) -> None:
-    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.setattr(caption_metrics, "java_available", lambda: False)
     refs = {"1": ["a red circle on the left"], "2": ["a blue square"]}
     hyps = {"1": "a red circle", "2": "a blue square"}
     with pytest.raises(ValueError, match="apt-get install default-jre-headless"):
@@ -165,7 +165,7 @@ def test_caption_metrics_refuse_without_java_unless_approx(monkeypatch) -> None:
     assert approx["CIDEr_approx"] > 0 and "Bleu_4_approx" in approx
 
 
-@pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB tokenizer)")
+@pytest.mark.skipif(not caption_metrics.java_available(), reason="needs Java (PTB tokenizer)")
 def test_caption_metrics_with_ptb_keep_official_names() -> None:
     scores = caption_scores({"1": ["A red circle."]}, {"1": "a red circle"}, meteor=False)
     assert "CIDEr" in scores and not any(k.endswith("_approx") for k in scores)
@@ -177,7 +177,7 @@ def test_unanswered_split_is_counted_not_scored() -> None:
     assert scores == {"vqa.count": 1.0, "vqa.unanswered": 1.0}
 
 
-@pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB tokenizer)")
+@pytest.mark.skipif(not caption_metrics.java_available(), reason="needs Java (PTB tokenizer)")
 def test_caption_scores_equal_the_official_coco_pipeline(monkeypatch) -> None:
     """COCOEvalCap (COCO's own pipeline: pycocotools COCO + loadRes, PTB tokenizer, the toolkit's
     scorers) on the same captions gives the same Bleu/ROUGE_L/CIDEr as caption_scores. Its SPICE

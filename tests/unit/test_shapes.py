@@ -13,14 +13,13 @@ from owl.data.shapes import (
     WORLD_COLOURS,
     Scene,
     Shape,
-    ShapesConfig,
     captions,
     qa_pairs,
     render_scene,
     sample_scene,
     text_task,
-    write_shapes_dataset,
 )
+from owl.data.shapes_files import ShapesConfig, write_shapes_dataset
 
 SMALL = ShapesConfig(
     seed=3, num_caption_images=40, num_instruction_images=20, num_text=30, num_eval=8
@@ -235,7 +234,8 @@ def test_more_vqa_items_come_from_fresh_held_out_scenes_and_leave_training_as_it
 
 def test_extra_vqa_scenes_avoid_every_training_layout(tmp_path):
     """One-shape scenes with every layout but one in training: each extra item shows that one."""
-    from owl.data.shapes import SHAPES, _extra_vqa
+    from owl.data.shapes import SHAPES
+    from owl.data.shapes_files import _extra_vqa
 
     keep = Shape("circle", "red", "left")
     trained = {frozenset({Shape(k, c, p)}) for k in SHAPES for c in COLOURS for p in POSITIONS}

@@ -34,9 +34,8 @@ from owl.data.tokenize import (
     encode_conversation,
     encode_pieces_batch,
     encode_prompt,
-    load_tokenizer,
-    train_bpe_tokenizer,
 )
+from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 NUM_VISUAL = 5
 CORPUS = [

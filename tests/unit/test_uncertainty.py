@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from owl.eval.benchmarks import BenchmarkRecord
-from owl.eval.generate import score
 from owl.eval.metrics import MME_PERCEPTION
+from owl.eval.scoring import score
 from owl.eval.uncertainty import (
     Units,
     headline_units,

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 
 from owl import IMAGE_TOKEN_ID
 from owl.data.image import preprocess_images
-from owl.data.tokenize import EncoderSpec, load_tokenizer, train_bpe_tokenizer
+from owl.data.tokenize import EncoderSpec
+from owl.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from owl.data.video import (
     VideoProblem,
     encode_video,
