@@ -30,6 +30,7 @@ def measure(zero: int, model_name: str, tmp: Path, port: int) -> dict[str, float
     from owl.data.loader import shards_from_manifest
     from owl.model import get_config
     from owl.train.config import TrainConfig
+    from owl.train.data_plan import plan_data
     from owl.train.loop import WorkerJob
 
     model = get_config(model_name)
@@ -43,7 +44,7 @@ def measure(zero: int, model_name: str, tmp: Path, port: int) -> dict[str, float
         checkpoint={"every": 1},
         resources={"num_workers": 2},
     )
-    job = WorkerJob(train=cfg, model=model, shards=shards, pad_id=model.decoder.pad_token_id)
+    job = WorkerJob(train=cfg, model=model, data=plan_data(cfg, model, shards))
     run(job, 2, tmp / "first", port=port)
     saved = tmp / "first" / "checkpoints" / "step-00000001"
     resumed = dataclasses.replace(job, train=cfg.replace(schedule={"max_steps": 2}))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -41,11 +42,12 @@ import torch
 from PIL import Image
 
 from owl import IGNORE_INDEX, IMAGE_TOKEN_ID
-from owl.data.loader import LoaderConfig, ShardLoader, ShardRef, shards_from_manifest
+from owl.data.loader import ShardLoader, ShardRef, shards_from_manifest
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.model import OwlConfig, OwlModel, get_config, load_model, save_model
 from owl.train.config import TrainConfig, lr_multiplier, warmup_steps
+from owl.train.data_plan import plan_data
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.stages import param_groups, select_for_stage
 
@@ -97,14 +99,8 @@ def write_data(directory: Path, model: OwlConfig, count: int, max_length: int) -
 
 
 def make_loader(shards: list[ShardRef], model: OwlConfig, cfg: TrainConfig) -> ShardLoader:
-    loader_cfg = LoaderConfig(
-        micro_batch_size=cfg.batch.micro_batch_size, max_length=cfg.batch.max_length,
-        packing=cfg.batch.packing, max_images_per_row=cfg.batch.max_images_per_row,
-        packing_window=cfg.batch.packing_window,
-        seed=cfg.seed, pad_id=model.decoder.pad_token_id, image_size=model.vision.image_size,
-        image_mode=model.image_mode,
-    )  # fmt: skip
-    return ShardLoader(shards, loader_cfg)
+    """The global loader (one rank) with the stage's loader settings (owl.train.data_plan)."""
+    return ShardLoader(shards, plan_data(cfg, model, shards).loader_cfg)
 
 
 def _rewind(loader: ShardLoader) -> None:
@@ -304,7 +300,7 @@ def _overhead_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     bare = BareLoop(
         load_model(job.init_model_dir),
-        make_loader(job.shards, job.model, cfg),
+        make_loader(job.data.shards, job.model, cfg),
         cfg,
         cfg.schedule.max_steps,
     )
@@ -337,10 +333,10 @@ def bench_overhead(
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(cfg.seed)
             save_model(OwlModel(model_cfg), Path(tmp) / "init")
+            data = dataclasses.replace(plan_data(cfg, model_cfg, shards), verify_in_workers=False)
             job = WorkerJob(
-                train=cfg, model=model_cfg, shards=shards, init_model_dir=str(Path(tmp) / "init"),
-                pad_id=model_cfg.decoder.pad_token_id, verify_shards=False,
-            )  # fmt: skip
+                train=cfg, model=model_cfg, data=data, init_model_dir=str(Path(tmp) / "init")
+            )
             config = {"job": job, "warmup": warmup, "out": str(Path(tmp) / "timings.json")}
             TorchTrainer(
                 _overhead_worker,

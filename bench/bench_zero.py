@@ -87,6 +87,7 @@ def _worker(rank: int, world_size: int, job: Any, port: int, out: str) -> None:
 
 
 def run_stage(zero: int, model: OwlConfig, shards: list, args: argparse.Namespace, port: int):
+    from owl.train.data_plan import plan_data
     from owl.train.loop import WorkerJob
 
     cfg = TrainConfig(stage=2, trainable="all", log_every=1, seed=0).replace(
@@ -97,7 +98,7 @@ def run_stage(zero: int, model: OwlConfig, shards: list, args: argparse.Namespac
         checkpoint={"every": args.steps},
         resources={"num_workers": 2},
     )
-    job = WorkerJob(train=cfg, model=model, shards=shards, pad_id=model.decoder.pad_token_id)
+    job = WorkerJob(train=cfg, model=model, data=plan_data(cfg, model, shards))
     with tempfile.TemporaryDirectory(prefix="bench-zero-") as out:
         mp.spawn(_worker, args=(2, job, port, out), nprocs=2, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]

@@ -213,6 +213,7 @@ def measure_train(
     from bench.bench_train import write_data
     from owl.data.loader import shards_from_manifest
     from owl.train import loop
+    from owl.train.data_plan import plan_data
     from owl.train.memory import plan_memory
     from owl.train.metrics import flop_terms, peak_flops
 
@@ -227,15 +228,13 @@ def measure_train(
         # About 6 samples per row (median length max_length / 6), and spare ones.
         manifest = write_data(Path(tmp), model_cfg, count=8 * rows, max_length=cfg.batch.max_length)
         shards = shards_from_manifest(manifest, Path(tmp))
-        job = loop.WorkerJob(
-            train=cfg, model=model_cfg, shards=shards, pad_id=model_cfg.decoder.pad_token_id
-        )
+        job = loop.WorkerJob(train=cfg, model=model_cfg, data=plan_data(cfg, model_cfg, shards))
         session = loop.LocalSession(Path(tmp) / "checkpoints")
         started = time.perf_counter()
         model = loop._build_model(job, session)
         loop.select_for_stage(model, model_cfg.variant, cfg)
         engine = loop._initialize_engine(model, cfg, cfg.schedule.max_steps, 1)
-        loader = loop._build_loader(job, session)
+        loader = job.data.stream(session.rank, session.world_size)
         setup_s = time.perf_counter() - started
         engine.train()
         timed: list[dict[str, float]] = []

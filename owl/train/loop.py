@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from owl.data.loader import Dataset, LoaderConfig, ShardLoader, ShardRef, StreamingLoader
+from owl.data.loader import ShardLoader, StreamingLoader
 from owl.data.step_stream import StepStream
 from owl.model.config import OwlConfig
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig, deepspeed_config, lr_multiplier, warmup_steps
+from owl.train.data_plan import DataPlan
 from owl.train.deepspeed_cpu import skip_shm_comm
 from owl.train.loss import num_supervised, token_loss_sum
 from owl.train.metrics import WINDOW_COUNTS, Window, attention_pairs, train_flops
@@ -69,15 +70,8 @@ class WorkerJob:
 
     train: TrainConfig
     model: OwlConfig
-    shards: list[ShardRef]
+    data: DataPlan  # owl.train.data_plan.plan_data: what the stage reads and how
     init_model_dir: str = ""  # a folder `owl.model.load_model` reads; empty = fresh init
-    pad_id: int = 0
-    # sha256 of the shards: the global loader checks every shard up front (the step does it once
-    # and passes False); the streaming loader checks each shard where and when it first opens it.
-    verify_shards: bool = True
-    # With `train.data.mix`: the stage's datasets and weights (the streaming loader reads these
-    # instead of `shards`, which is then the first dataset's).
-    datasets: list[Dataset] = field(default_factory=list)
     fault: Fault | None = None  # tests only (FAULT_ENV)
     # With `train.evaluate.every`: rank 0 writes the model of every such step to
     # `<eval_dir>/step-N/model` (before that step's checkpoint) for the driver's evaluation.
@@ -119,7 +113,7 @@ def run_training(job: WorkerJob, session: Session) -> TrainState:
         print(
             f"trainable parameters (stage {cfg.stage}, {job.model.variant}):\n{format_table(table)}"
         )
-    loader = _build_loader(job, session)
+    loader = job.data.stream(session.rank, session.world_size)
     total_steps = total_optimizer_steps(cfg, loader)
     engine = _initialize_engine(model, cfg, total_steps, session.world_size)
     startup["engine_ready"] = time.time()
@@ -290,57 +284,6 @@ def _set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None
     for module in model.modules():
         if hasattr(module, "activation_checkpointing"):
             module.activation_checkpointing = enabled
-
-
-def loader_config(cfg: TrainConfig, model: OwlConfig, pad_id: int) -> LoaderConfig:
-    """The loader settings of a training stage."""
-    return LoaderConfig(
-        micro_batch_size=cfg.batch.micro_batch_size,
-        max_length=cfg.batch.max_length,
-        max_images_per_row=cfg.batch.max_images_per_row,
-        packing=cfg.batch.packing,
-        packing_window=cfg.batch.packing_window,
-        seed=cfg.seed,
-        pad_id=pad_id,
-        image_size=model.vision.image_size,
-        image_mode=model.image_mode,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
-
-
-def build_loader(
-    cfg: TrainConfig,
-    shards: list[ShardRef] | list[Dataset],
-    loader_cfg: LoaderConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    verify: bool = True,
-) -> ShardLoader | StreamingLoader:
-    """The loader `cfg.data.loader` names, for one rank."""
-    kind = StreamingLoader if cfg.data.loader == "streaming" else ShardLoader
-    return kind(shards, loader_cfg, rank=rank, world_size=world_size, verify=verify)
-
-
-def _build_loader(job: WorkerJob, session: Session) -> StepStream:
-    """This worker's share of the stage's sample stream: the loaders of the streams it reads
-    (rank v of the stage's `num_workers`), whatever the number of workers running."""
-    cfg = job.train
-    data = job.datasets or job.shards if cfg.data.loader == "streaming" else job.shards
-    loader_cfg = loader_config(cfg, job.model, job.pad_id)
-
-    def make(stream: int, num_streams: int) -> ShardLoader | StreamingLoader:
-        return build_loader(
-            cfg, data, loader_cfg, rank=stream, world_size=num_streams, verify=job.verify_shards
-        )
-
-    return StepStream(
-        make,
-        num_streams=cfg.resources.num_workers,
-        grad_accum=cfg.batch.grad_accum,
-        rank=session.rank,
-        world_size=session.world_size,
-    )
 
 
 def _initialize_engine(

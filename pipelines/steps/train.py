@@ -61,32 +61,25 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     if "data" not in inputs:
         raise ValueError("train: needs a `data` input (tokenized shards)")
     from owl.data.loader import shards_from_manifest
-    from owl.train.loop import Fault, WorkerJob, build_loader, loader_config
+    from owl.train.data_plan import plan_data
+    from owl.train.loop import Fault, WorkerJob
     from owl.train.stages import planned_model
 
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
-    # Build the loader once here: "enough data for every worker" is checked before any worker
-    # starts. The global loader also checks every digest here and counts its drops; the
-    # streaming one reads only the manifest and one shard's index here: the workers check the
-    # digests of the shards they open and count the drops (summed in `_finish`).
-    pad_id = ctx.model.decoder.pad_token_id
-    loader_cfg = loader_config(cfg, ctx.model, pad_id)
-    streaming = cfg.data.loader == "streaming"
-    datasets = mix_datasets(cfg, shards, inputs)
-    driver_loader = build_loader(
-        cfg, datasets or shards, loader_cfg, world_size=cfg.resources.num_workers
-    )
-    dropped = {} if streaming else dict(driver_loader.dropped)
+    data = plan_data(cfg, ctx.model, shards, mixed_shards(cfg, inputs))
+    # Checked once here: "enough data for every worker" before any worker starts. The global
+    # loader also checks every digest here and counts its drops; the streaming one reads only the
+    # manifest and one shard's index here: the workers check the digests of the shards they open
+    # and count the drops (summed in `_finish`).
+    driver_loader = data.driver_loader()
+    dropped = {} if data.kind == "streaming" else dict(driver_loader.dropped)
     check_resources(cfg, ctx.extra.get("resource_wait_s", 0.0), ctx.progress)
     table = planned_model(ctx.model, cfg)[1]  # the workers' table, on the meta device (no memory)
     job = WorkerJob(
         train=cfg,
         model=ctx.model,
-        shards=shards,
+        data=data,
         init_model_dir=_init_model_dir(cfg, inputs),
-        pad_id=pad_id,
-        verify_shards=streaming,  # global: verified above; workers read the same files
-        datasets=datasets,
         fault=Fault.from_env(),
     )
     evaluator = None
@@ -114,7 +107,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
     eval_tail_s = time.perf_counter() - trained  # scoring left when training ended
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
-    names = [d.name for d in datasets if d.shards]  # the loader's datasets, in its order
+    names = data.dataset_names()
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started, names)
     if evaluator is not None:
         manifest.curves.update(eval_curves)
@@ -145,25 +138,22 @@ def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
     return step
 
 
-def mix_datasets(cfg: TrainConfig, shards: list, inputs: dict[str, StepInput]) -> list:
-    """`cfg.data.mix` as loader datasets, the `data` input first; [] without a mix. A mix key is a
+def mixed_shards(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, list]:
+    """The shards of each `cfg.data.mix` dataset, by its key ({} without a mix): a mix key is a
     step of the job (`tokenize_captions`: its output, an input of this stage under the role
     `mix:tokenize_captions`), an `@role/...` folder or a tokenize output folder."""
-    if not cfg.data.mix:
-        return []
-    from owl.data.loader import Dataset, shards_from_manifest
+    from owl.data.loader import shards_from_manifest
 
-    datasets = [Dataset(shards, cfg.data.data_weight, "data")]
-    for path, weight in cfg.data.mix.items():
+    mixed = {}
+    for path in cfg.data.mix:
         step = inputs.get(f"{MIX_ROLE}{path}")  # a step of the job, by name (pipelines/jobspec.py)
         folder = step.dir if step is not None else Path(resolve_path(path, inputs))
         if not (folder / "manifest.json").is_file():
             raise ValueError(
                 f"train.data.mix: {path}: no manifest.json there; give a tokenize step's output folder"
             )
-        manifest = Manifest.read(folder)
-        datasets.append(Dataset(shards_from_manifest(manifest, folder), weight, path))
-    return datasets
+        mixed[path] = shards_from_manifest(Manifest.read(folder), folder)
+    return mixed
 
 
 def _finish(

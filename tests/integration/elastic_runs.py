@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from owl.train.data_plan import DataPlan
 from owl.train.loop import LocalSession, WorkerJob
 
 
@@ -66,14 +67,14 @@ def _worker(
         Path(out) / "checkpoints", Path(resume) if resume else None, rank, world_size
     )
     micro: list[list[str]] = []
-    build = loop._build_loader
+    build = DataPlan.stream
 
-    def recording(job: WorkerJob, session: Any) -> Any:
-        stream = build(job, session)
+    def recording(plan: DataPlan, rank: int, world_size: int) -> Any:
+        stream = build(plan, rank, world_size)
         _record_samples(stream, micro)
         return stream
 
-    loop._build_loader = recording  # this process only: it exits after the run
+    DataPlan.stream = recording  # this process only: it exits after the run
     state = loop.run_training(job, session)
     per_step = len(micro) // max(1, state.step - state.resumed_from_step)
     result = {

@@ -20,8 +20,9 @@ import torch
 from elastic_runs import run
 from test_train_ray import MODEL, _write_data
 
-from owl.data.loader import Dataset, shards_from_manifest
+from owl.data.loader import shards_from_manifest
 from owl.train.config import TrainConfig
+from owl.train.data_plan import plan_data
 from owl.train.loop import WorkerJob
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def _job(data, zero_stage: int, **changes) -> WorkerJob:
         .replace(**changes)
     )
     shards = shards_from_manifest(data.manifest, data.dir)
-    return WorkerJob(train=cfg, model=MODEL, shards=shards, pad_id=MODEL.decoder.pad_token_id)
+    return WorkerJob(train=cfg, model=MODEL, data=plan_data(cfg, MODEL, shards))
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +104,8 @@ def test_resumed_between_log_steps_reports_the_whole_stage(data, tmp_path) -> No
     )
     job.train = job.train.replace(data={"mix": {"extra": 1.0}, "data_weight": 3.0})
     extra = _write_data(tmp_path / "extra", count=20)
-    job.datasets = [
-        Dataset(job.shards, 3.0, "data"),
-        Dataset(shards_from_manifest(extra.manifest, extra.dir), 1.0, "extra"),
-    ]
+    mixed = {"extra": shards_from_manifest(extra.manifest, extra.dir)}
+    job.data = plan_data(job.train, MODEL, job.data.shards, mixed)
     run(job, 1, tmp_path / "full", port=29634)
     checkpoint = tmp_path / "full" / "checkpoints" / "step-00000003"
     run(job, 1, tmp_path / "resumed", resume=checkpoint, port=29635)

@@ -155,6 +155,7 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
     from owl import IMAGE_TOKEN_ID
     from owl.model.lora import apply_lora
     from owl.train.config import TrainConfig
+    from owl.train.data_plan import plan_data
     from owl.train.loop import WorkerJob, _export
 
     torch.manual_seed(0)
@@ -176,9 +177,8 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
         expected, before = trained(*batch), base.eval()(*batch)
         expected_answers = [p["prediction"] for p in predict(trained, tokenizer, records)]
     engine = SimpleNamespace(module=trained, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(
-        train=TrainConfig(stage=2).replace(lora={"merge": merge}), model=base.cfg, shards=[]
-    )
+    cfg = TrainConfig(stage=2).replace(lora={"merge": merge})
+    job = WorkerJob(train=cfg, model=base.cfg, data=plan_data(cfg, base.cfg, []))
     _export(engine, job, tmp_path / "model", rank=0)
 
     worker = evaluate.EvalWorker(str(tmp_path / "model"), "cpu", "float32", 1)

@@ -16,7 +16,7 @@ from pipelines.dag import upstream_of
 from pipelines.jobspec import parse_job
 from pipelines.plan import forced_steps, select_steps, step_key
 from pipelines.step import StepInput
-from pipelines.steps.train import mix_datasets
+from pipelines.steps.train import mixed_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,9 +76,12 @@ def test_the_stage_reads_the_mixed_step_output(tmp_path):
         schedule={"max_steps": 1}, data={"mix": {"tokenize_captions": 0.25}, "data_weight": 0.75}
     )
     from owl.data.loader import shards_from_manifest
+    from owl.model import get_config
+    from owl.train.data_plan import plan_data
 
-    datasets = mix_datasets(cfg, shards_from_manifest(data_manifest, data), inputs)
-    assert [(d.name, d.weight, sum(s.rows for s in d.shards)) for d in datasets] == [
+    shards = shards_from_manifest(data_manifest, data)
+    plan = plan_data(cfg, get_config("debug-tiny"), shards, mixed_shards(cfg, inputs))
+    assert [(d.name, d.weight, sum(s.rows for s in d.shards)) for d in plan.datasets] == [
         ("data", 0.75, 12),
         ("tokenize_captions", 0.25, 8),
     ]

@@ -113,6 +113,7 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     from owl.model import load_model
     from owl.model.lora import LORA_STATE
     from owl.train.config import TrainConfig
+    from owl.train.data_plan import plan_data
     from owl.train.loop import WorkerJob, _export
 
     torch.manual_seed(1)
@@ -128,9 +129,8 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     with torch.no_grad():
         expected = model(*batch)
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(
-        train=TrainConfig(stage=2).replace(lora={"merge": merge}), model=model.cfg, shards=[]
-    )
+    cfg = TrainConfig(stage=2).replace(lora={"merge": merge})
+    job = WorkerJob(train=cfg, model=model.cfg, data=plan_data(cfg, model.cfg, []))
     _export(engine, job, tmp_path / "export", rank=0)
     exported = load_model(tmp_path / "export").eval()
     base = OwlModel(get_config("debug-tiny"))
@@ -160,6 +160,7 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     from owl.model.releases import export_release, to_release
     from owl.model.variants import VARIANTS
     from owl.train.config import TrainConfig
+    from owl.train.data_plan import plan_data
     from owl.train.loop import WorkerJob, _export
 
     # A release-faithful eps, and no grouped KV heads (Owl1's transformers 4.28.1 has none).
@@ -175,7 +176,8 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
                 param.add_(torch.randn_like(param) * 0.3)
         trained = merge_lora(copy.deepcopy(model)).state_dict()
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
-    job = WorkerJob(train=TrainConfig(stage=2).replace(lora={"merge": False}), model=cfg, shards=[])
+    train = TrainConfig(stage=2).replace(lora={"merge": False})
+    job = WorkerJob(train=train, model=cfg, data=plan_data(train, cfg, []))
     _export(engine, job, tmp_path / "export", rank=0)
     export_release(tmp_path / "export", tmp_path / "release")
     release = read_hf_state_dict(tmp_path / "release")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -196,10 +197,11 @@ def test_drops_are_counted_and_shards_without_index_work(tmp_path) -> None:
 
 
 def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
+    from owl.model import get_config
     from owl.train.config import TrainConfig
-    from owl.train.loop import build_loader
+    from owl.train.data_plan import plan_data
     from pipelines.step import StepInput
-    from pipelines.steps.train import mix_datasets
+    from pipelines.steps.train import mixed_shards
 
     other = tmp_path / "other"
     text = _write(tmp_path, "other", count=30, per_shard=10, seed=3)
@@ -212,19 +214,20 @@ def test_a_stage_mixes_datasets_named_in_its_config(tmp_path, shards) -> None:
     cfg = TrainConfig().replace(
         data={"loader": "streaming", "mix": {"@extra": 1.0}, "data_weight": 4.0}
     )
-    datasets = mix_datasets(cfg, shards, inputs)
-    assert [(len(d.shards), d.weight) for d in datasets] == [(10, 4.0), (3, 1.0)]
-    loader = build_loader(cfg, datasets, LoaderConfig(**{**CFG.__dict__, "shuffle_buffer": 20}))
+    plan = plan_data(cfg, get_config("debug-tiny"), shards, mixed_shards(cfg, inputs))
+    assert [(len(d.shards), d.weight) for d in plan.datasets] == [(10, 4.0), (3, 1.0)]
+    assert plan.dataset_names() == ["data", "@extra"]
+    # The plan's datasets, read with this file's loader settings (a smaller shuffle buffer).
+    plan = dataclasses.replace(plan, loader_cfg=dataclasses.replace(CFG, shuffle_buffer=20))
+    loader = plan.driver_loader()
     refs = [ref for batch in _epoch(loader) for row in batch for ref in row]
     assert 3 < Counter(d for d, _, _ in refs)[0] / Counter(d for d, _, _ in refs)[1] < 5
-    assert mix_datasets(TrainConfig(), shards, inputs) == []
+    assert plan_data(TrainConfig(), get_config("debug-tiny"), shards).datasets == []
     with pytest.raises(ValueError, match="mix needs loader: streaming"):
         TrainConfig().replace(data={"loader": "global", "mix": {"@extra": 1.0}})
     with pytest.raises(ValueError, match=r"train.data.mix: /nowhere: no manifest.json"):
-        mix_datasets(
-            TrainConfig().replace(data={"loader": "streaming", "mix": {"/nowhere": 1.0}}),
-            shards,
-            inputs,
+        mixed_shards(
+            TrainConfig().replace(data={"loader": "streaming", "mix": {"/nowhere": 1.0}}), inputs
         )
 
 
