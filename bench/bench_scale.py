@@ -13,7 +13,7 @@ first buffer's indexes; wall and CPU time: the CPU time is what a loaded machine
 time to the first micro-batch (its first shard's sha256 + a buffer planned), micro-batches/s
 over `--batches` collated batches (images decoded and resized, as training gets them), the
 shards it opened, and its peak RSS (VmHWM; also the peak after imports, before the loader).
-The earlier whole-dataset loader (`ShardLoader`, train.loader=global) runs as the baseline at
+The earlier whole-dataset loader (`ShardLoader`, data.loader=global) runs as the baseline at
 `--baseline-sizes` in the same invocation.
 
     .venv/bin/python bench/bench_scale.py --out /tmp/owl-bench-scale --sizes 1M,5M,20M

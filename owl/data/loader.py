@@ -624,7 +624,9 @@ class StreamingLoader(_Collating):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_run_state(state)
         if "buffer" not in state:
-            raise ValueError("loader state was saved by the other loader (train.loader differs)")
+            raise ValueError(
+                "loader state was saved by the other loader (the stage's data.loader differs)"
+            )
         self.epoch, self.buffer = int(state["epoch"]), int(state["buffer"])
         self.row, self.done = int(state["row"]), int(state["done"])
         self.dropped = Counter(state.get("dropped", {}))
