@@ -31,7 +31,7 @@ def measure(zero: int, model_name: str, tmp: Path, port: int) -> dict[str, float
     from owl.model import get_config
     from owl.train.config import TrainConfig
     from owl.train.data_plan import plan_data
-    from owl.train.loop import WorkerJob
+    from owl.train.job import WorkerJob
 
     model = get_config(model_name)
     manifest = write_data(tmp / "data", model, count=64, max_length=128)

@@ -319,7 +319,7 @@ def bench_overhead(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from owl.train.loop import WorkerJob
+    from owl.train.job import WorkerJob
 
     every = base.log_every
     warmup, steps = -(-warmup // every) * every, -(-steps // every) * every  # whole windows

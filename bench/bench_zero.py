@@ -88,7 +88,7 @@ def _worker(rank: int, world_size: int, job: Any, port: int, out: str) -> None:
 
 def run_stage(zero: int, model: OwlConfig, shards: list, args: argparse.Namespace, port: int):
     from owl.train.data_plan import plan_data
-    from owl.train.loop import WorkerJob
+    from owl.train.job import WorkerJob
 
     cfg = TrainConfig(stage=2, trainable="all", log_every=1, seed=0).replace(
         memory={"zero_stage": zero},

@@ -212,28 +212,31 @@ def measure_train(
 
     from bench.bench_train import write_data
     from owl.data.loader import shards_from_manifest
+    from owl.train import engine as engine_setup
     from owl.train import loop
     from owl.train.data_plan import plan_data
+    from owl.train.job import LocalSession, WorkerJob, init_single_process_group
     from owl.train.memory import plan_memory
     from owl.train.metrics import flop_terms, peak_flops
+    from owl.train.stages import select_for_stage
 
     model_cfg, cfg = train_shapes(device, layers, warmup + steps)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.set_device(0)
-    loop.init_single_process_group(backend="nccl" if cuda else "gloo")
+    init_single_process_group(backend="nccl" if cuda else "gloo")
     plan = plan_memory(model_cfg, cfg)
     rows = (warmup + steps) * cfg.batch.grad_accum * cfg.batch.micro_batch_size
     with tempfile.TemporaryDirectory(prefix="gpu-check-data-") as tmp:
         # About 6 samples per row (median length max_length / 6), and spare ones.
         manifest = write_data(Path(tmp), model_cfg, count=8 * rows, max_length=cfg.batch.max_length)
         shards = shards_from_manifest(manifest, Path(tmp))
-        job = loop.WorkerJob(train=cfg, model=model_cfg, data=plan_data(cfg, model_cfg, shards))
-        session = loop.LocalSession(Path(tmp) / "checkpoints")
+        job = WorkerJob(train=cfg, model=model_cfg, data=plan_data(cfg, model_cfg, shards))
+        session = LocalSession(Path(tmp) / "checkpoints")
         started = time.perf_counter()
-        model = loop._build_model(job, session)
-        loop.select_for_stage(model, model_cfg.variant, cfg)
-        engine = loop._initialize_engine(model, cfg, cfg.schedule.max_steps, 1)
+        model = engine_setup.starting_model(job, session)
+        select_for_stage(model, model_cfg.variant, cfg)
+        engine = engine_setup.initialize_engine(model, cfg, cfg.schedule.max_steps, 1)
         loader = job.data.stream(session.rank, session.world_size)
         setup_s = time.perf_counter() - started
         engine.train()
@@ -264,7 +267,7 @@ def measure_train(
                 "grad_accum",
             )
         },  # fmt: skip
-        "engine": loop.engine_summary(engine),
+        "engine": engine_setup.engine_summary(engine),
         "setup_s": setup_s,
         "steps": [
             {k: c[k] for k in ("loss", "tokens", "images", "attention_pairs", "flops", "time_s")}

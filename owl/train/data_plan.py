@@ -8,7 +8,7 @@ the stage's sample stream (`resources.num_workers` streams x `batch.grad_accum` 
 optimizer step, owl.data.step_stream). The train step builds the plan on the driver and checks
 it there (`driver_loader`: enough data for every stream; the global loader also checks every
 digest and counts its drops); each worker builds its share of the stream from the same plan
-(`stream`). Plain data, picklable: it travels to the workers in `owl.train.loop.WorkerJob`.
+(`stream`). Plain data, picklable: it travels to the workers in `owl.train.job.WorkerJob`.
 """
 
 from __future__ import annotations

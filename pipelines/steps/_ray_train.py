@@ -21,7 +21,7 @@ from pipelines.step import StepContext
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-    from owl.train.loop import WorkerJob
+    from owl.train.job import WorkerJob
 
 RUN_NAME = "train"
 # After a worker failure Ray Train starts the workers again once the cluster has their resources,
@@ -31,7 +31,7 @@ RESTART_TRIES = 5
 
 
 class RaySession:
-    """`owl.train.loop.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
+    """`owl.train.job.Session` on Ray Train: rank info, report, and the checkpoint to restore."""
 
     def __init__(self, resume_path: str) -> None:
         import ray.train

@@ -1,7 +1,7 @@
 """Evaluation during training (not a step): a stage with `evaluate.every: N` scores the model of
 every N-th step on `evaluate.benchmarks` while its workers keep training.
 
-Rank 0 writes the model of such a step to `evaluations/step-N/model/` (owl.train.loop,
+Rank 0 writes the model of such a step to `evaluations/step-N/model/` (owl.train.export,
 `export_for_evaluation`) before that step's checkpoint; a driver thread here finds it, starts
 `evaluate.num_workers` Ray actors on it (the `evaluate` step's `EvalWorker`, beside the training
 workers, with their own resources), scores each benchmark as the `evaluate` step does (no

@@ -62,7 +62,7 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         raise ValueError("train: needs a `data` input (tokenized shards)")
     from owl.data.loader import shards_from_manifest
     from owl.train.data_plan import plan_data
-    from owl.train.loop import Fault, WorkerJob
+    from owl.train.job import Fault, WorkerJob
     from owl.train.stages import planned_model
 
     shards = shards_from_manifest(inputs["data"].manifest, inputs["data"].dir)
@@ -169,7 +169,7 @@ def _finish(
     import torch
 
     from owl.train import checkpoint
-    from owl.train.loop import EXPORT_DIR
+    from owl.train.export import EXPORT_DIR
     from owl.train.stages import format_table
 
     model_dir = ctx.out_dir / "model"

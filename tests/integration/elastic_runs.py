@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from owl.train.data_plan import DataPlan
-from owl.train.loop import LocalSession, WorkerJob
+from owl.train.job import LocalSession, WorkerJob
 
 
 class _Session(LocalSession):

@@ -23,7 +23,7 @@ from test_train_ray import MODEL, _write_data
 from owl.data.loader import shards_from_manifest
 from owl.train.config import TrainConfig
 from owl.train.data_plan import plan_data
-from owl.train.loop import WorkerJob
+from owl.train.job import WorkerJob
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.model import OwlModel, get_config, load_model
 from owl.train.config import EvaluateDuringTraining, TrainConfig
-from owl.train.loop import FAULT_ENV
+from owl.train.job import FAULT_ENV
 from pipelines.step import StepContext, StepInput
 
 pytestmark = pytest.mark.integration

@@ -156,7 +156,8 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
     from owl.model.lora import apply_lora
     from owl.train.config import TrainConfig
     from owl.train.data_plan import plan_data
-    from owl.train.loop import WorkerJob, _export
+    from owl.train.export import export_model
+    from owl.train.job import WorkerJob
 
     torch.manual_seed(0)
     tokenizer_dir = step_inputs["tokenizer"].dir / "tokenizer"
@@ -179,7 +180,7 @@ def test_evaluation_scores_the_trained_lora_model_merged_or_not(
     engine = SimpleNamespace(module=trained, zero_optimization_stage=lambda: 2)
     cfg = TrainConfig(stage=2).replace(lora={"merge": merge})
     job = WorkerJob(train=cfg, model=base.cfg, data=plan_data(cfg, base.cfg, []))
-    _export(engine, job, tmp_path / "model", rank=0)
+    export_model(engine, job, tmp_path / "model", rank=0)
 
     worker = evaluate.EvalWorker(str(tmp_path / "model"), "cpu", "float32", 1)
     with torch.no_grad():

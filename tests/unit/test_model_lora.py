@@ -114,7 +114,8 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     from owl.model.lora import LORA_STATE
     from owl.train.config import TrainConfig
     from owl.train.data_plan import plan_data
-    from owl.train.loop import WorkerJob, _export
+    from owl.train.export import export_model
+    from owl.train.job import WorkerJob
 
     torch.manual_seed(1)
     base_state = {k: v.clone() for k, v in OwlModel(get_config("debug-tiny")).state_dict().items()}
@@ -131,7 +132,7 @@ def test_training_export_of_a_lora_stage_writes_the_peft_adapter(tmp_path, merge
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
     cfg = TrainConfig(stage=2).replace(lora={"merge": merge})
     job = WorkerJob(train=cfg, model=model.cfg, data=plan_data(cfg, model.cfg, []))
-    _export(engine, job, tmp_path / "export", rank=0)
+    export_model(engine, job, tmp_path / "export", rank=0)
     exported = load_model(tmp_path / "export").eval()
     base = OwlModel(get_config("debug-tiny"))
     base.load_state_dict(base_state)
@@ -161,7 +162,8 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     from owl.model.variants import VARIANTS
     from owl.train.config import TrainConfig
     from owl.train.data_plan import plan_data
-    from owl.train.loop import WorkerJob, _export
+    from owl.train.export import export_model
+    from owl.train.job import WorkerJob
 
     # A release-faithful eps, and no grouped KV heads (Owl1's transformers 4.28.1 has none).
     cfg = get_config("debug-tiny", "owl1", abstractor={"norm_eps": 1e-5})
@@ -178,7 +180,7 @@ def test_release_export_of_an_unmerged_lora_folder_holds_the_trained_weights(tmp
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
     train = TrainConfig(stage=2).replace(lora={"merge": False})
     job = WorkerJob(train=train, model=cfg, data=plan_data(train, cfg, []))
-    _export(engine, job, tmp_path / "export", rank=0)
+    export_model(engine, job, tmp_path / "export", rank=0)
     export_release(tmp_path / "export", tmp_path / "release")
     release = read_hf_state_dict(tmp_path / "release")
     expected, before = (to_release(cfg, s, VARIANTS["owl1"]) for s in (trained, base))

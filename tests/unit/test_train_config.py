@@ -16,7 +16,7 @@ from owl.train.config import (
     lr_multiplier,
     warmup_steps,
 )
-from owl.train.loop import FAULT_ENV, Fault
+from owl.train.job import FAULT_ENV, Fault
 from pipelines.jobspec import load_job
 
 
