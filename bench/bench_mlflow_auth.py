@@ -16,13 +16,11 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 def start(kind: str, tmp: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     """A server of `kind` on loopback; (process, uri, client credentials)."""
-    from tests.integration.test_mlflow_auth import deployment_auth_ini, free_port
+    from tests.integration.servers import start_mlflow
+    from tests.integration.test_mlflow_auth import deployment_auth_ini
 
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp / "artifacts"),
-    ]  # fmt: skip
-    env = dict(os.environ)
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = {}
     credentials: dict[str, str] = {}
     if kind.startswith("auth"):
         ini = deployment_auth_ini(tmp / "auth.db")
@@ -48,29 +41,15 @@ def start(kind: str, tmp: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
             ini = "\n".join(line for line in ini.splitlines() if "auth_cache_ttl" not in line)
         (tmp / "basic_auth.ini").write_text(ini)
         password = secrets.token_hex(12)
-        command += ["--app-name", "basic-auth"]
+        args = ("--app-name", "basic-auth")
         env.update(
             MLFLOW_AUTH_CONFIG_PATH=str(tmp / "basic_auth.ini"),
             MLFLOW_AUTH_ADMIN_PASSWORD=password,
             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
         )
         credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, uri, credentials
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{kind} server did not start: {(tmp / 'server.log').read_text()}")
-        time.sleep(1)
+    proc, uri = start_mlflow(tmp, args, env, wait_s=600)
+    return proc, uri, credentials
 
 
 class RequestCounter:
@@ -95,6 +74,7 @@ def measure(kind: str, repeats: int, counter: RequestCounter) -> dict:
     from pipelines.progress import Reporter
     from pipelines.runner import Runner
     from tests.integration.fake_steps import TABLE, fake_job
+    from tests.integration.servers import stop
 
     tmp = Path(tempfile.mkdtemp(prefix=f"owl-bench-mlflow-{kind}-"))
     proc, uri, credentials = start(kind, tmp)
@@ -128,12 +108,7 @@ def measure(kind: str, repeats: int, counter: RequestCounter) -> dict:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -66,3 +66,21 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.ensure_newline()
             reporter.write_sep("=", message, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- a local Ray cluster for the tests of one module -----------------------------------------
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local Ray cluster for the module, in a session folder of its own (removed after):
+    test sessions running side by side on one machine never share one. A module that needs it in
+    every test says `pytestmark = pytest.mark.usefixtures("local_ray")`."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

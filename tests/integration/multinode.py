@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlparse
+
+from tests.integration.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # The environment's real folder (the checkout's `.venv` may be a link into a folder we hide).
@@ -40,12 +41,6 @@ TORCH_EXTENSIONS = Path(
     os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
 ).resolve()
 IMAGE = sorted({VENV, Path(sys.base_prefix).resolve(), TORCH_EXTENSIONS})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def source_folders() -> list[Path]:

@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import os
 import socket
 import struct
 import threading
@@ -16,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipelines.step import StepContext, StepInput
@@ -24,7 +22,7 @@ from pipelines.steps import download
 from pipelines.steps import filter as filter_step
 from tests.integration import bad_images
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 def _png(colour, size=32, noise_seed=None) -> bytes:
@@ -138,14 +136,6 @@ def server():
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _closed_port() -> int:

@@ -4,10 +4,7 @@ known: the near-copies are planted (and their hash distances checked here with i
 CLIP scores are computed here with transformers' CLIPModel, one sample at a time."""
 
 import io
-import os
-import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import imagehash
@@ -15,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image, ImageEnhance
 
 from owl.data.manifest import Manifest
@@ -23,6 +19,8 @@ from pipelines.step import StepContext, StepInput
 from pipelines.steps import filter as filter_step
 from tests.unit.curation_fixtures import pattern_png, reference_scores
 from tests.unit.tiny_pretrained import save_clip_model
+
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 RADIUS = 4
 WORDS = [
@@ -113,16 +111,6 @@ def _download_output(root: Path, samples: dict[str, tuple[bytes, str]]) -> StepI
         manifest.add_file(root, f"shards/{stem}.tar", rows=6)
         manifest.add_file(root, f"shards/{stem}.parquet", rows=6)
     return StepInput("download", root, manifest)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rcur")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

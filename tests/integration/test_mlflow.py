@@ -4,15 +4,9 @@ artifacts and the registered model, read back through MlflowClient; `owl audit` 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,51 +19,18 @@ from pipelines.lineage import DIGEST_CHARS
 from pipelines.progress import Reporter
 from pipelines.runner import Runner
 from tests.integration.fake_steps import TABLE, fake_job
+from tests.integration.servers import start_mlflow, stop
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    proc, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), wait_s=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(tmp / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(1)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a loaded machine: its job consumers are slow to stop
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+        stop(proc)
 
 
 def run_job(uri: str, storage: Path):

@@ -8,14 +8,7 @@ say so (not "no such version")."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,17 +16,12 @@ import yaml
 
 from pipelines import cli
 from tests.integration.fake_steps import fake_job
+from tests.integration.servers import start_mlflow, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 ADMIN_PASSWORD = secrets.token_hex(12)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deployment_auth_ini(database: Path) -> str:
@@ -47,40 +35,13 @@ def deployment_auth_ini(database: Path) -> str:
     )
 
 
-def start_server(tmp: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp / "artifacts"),
-    ]  # fmt: skip
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed with the process)
-    env = {**os.environ, **extra_env}
-    proc = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400  # a loaded 2-core CI machine: it can take minutes
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, uri
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()}")
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-auth")
     (tmp / "basic_auth.ini").write_text(deployment_auth_ini(tmp / "auth.db"))
-    proc, uri = start_server(
+    proc, uri = start_mlflow(
         tmp,
+        ("--app-name", "basic-auth"),
         {
             "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "basic_auth.ini"),
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -90,12 +51,7 @@ def auth_server(tmp_path_factory):
     try:
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop(proc)
 
 
 def create_user(uri: str, monkeypatch) -> tuple[str, str]:

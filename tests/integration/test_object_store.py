@@ -24,21 +24,16 @@ from owl.data.url_lists import UrlListSpec, read_url_list
 from pipelines.step import StepContext
 from pipelines.steps import download
 from pipelines.steps.tokenize_instructions import _read_image
+from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 boto3 = pytest.importorskip("boto3")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

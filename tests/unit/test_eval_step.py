@@ -4,12 +4,10 @@ whole and in order, equal to a single in-process run; metrics and tables are wri
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from eval_helpers import make_benchmarks, make_model, make_tokenizer
 
 from owl.data.manifest import Manifest
@@ -19,14 +17,6 @@ from owl.eval.generate import predict
 from owl.model import get_config, load_model
 from pipelines.step import StepContext, StepInput
 from pipelines.steps import evaluate
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +22,7 @@ from pipelines.steps import _tokenized, tokenize_captions, tokenize_instructions
 from tests.integration import bad_images
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("local_ray")]
 
 MODEL = OwlConfig(
     name="test",
@@ -31,14 +30,6 @@ MODEL = OwlConfig(
     abstractor=AbstractorConfig(num_queries=3),
     decoder=DecoderConfig(max_positions=64),
 )  # 4 visual tokens per image
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> object:
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _png(colour: str) -> bytes:
