@@ -109,6 +109,9 @@ def run(ctx: StepContext, cfg: TrainConfig, inputs: dict[str, StepInput]) -> Man
         raise RuntimeError(f"train: Ray Train finished without a checkpoint ({result.error})")
     names = data.dataset_names()
     manifest = _finish(ctx, cfg, result, table, time.perf_counter() - started, names)
+    if names:  # each mixed dataset's step, rows, tokens, shards and digest (the model card's)
+        for name, summary in mixed_summaries(cfg, inputs).items():
+            manifest.info["mixture"].get(name, {}).update(summary)
     if evaluator is not None:
         manifest.curves.update(eval_curves)
         manifest.stats["eval_during_training_s"] = evaluator.seconds
@@ -154,6 +157,29 @@ def mixed_shards(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, li
             )
         mixed[path] = shards_from_manifest(Manifest.read(folder), folder)
     return mixed
+
+
+def mixed_summaries(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, dict]:
+    """{dataset: {step, rows, tokens, shards, digest}} of a mixing stage's datasets: its `data`
+    input and each `cfg.data.mix` entry, read from their manifests ({} without a mix)."""
+    if not cfg.data.mix:
+        return {}
+    found = {"data": inputs["data"]}
+    for path in cfg.data.mix:
+        step = inputs.get(f"{MIX_ROLE}{path}")
+        folder = step.dir if step is not None else Path(resolve_path(path, inputs))
+        found[path] = StepInput(step.name if step else path, folder, Manifest.read(folder))
+    summaries = {}
+    for name, given in found.items():
+        shards = given.manifest.shards()
+        summaries[name] = {
+            "step": given.name,
+            "rows": sum(f.rows or 0 for f in shards),
+            "tokens": sum(f.tokens or 0 for f in shards),
+            "shards": len(shards),
+            "digest": given.manifest.digest,
+        }
+    return summaries
 
 
 def _finish(

@@ -417,7 +417,7 @@ def test_stage1_freezes_the_language_model_and_trains_the_vision_side(recipes, v
     else:
         assert not visual  # Owl1 has no modality-adaptive module
     engine = _manifest(run, "stage1")[1]["info"]["deepspeed"]
-    accum = yaml.safe_load((ROOT / JOBS[variant]).read_text())["stage1"]["grad_accum"]
+    accum = yaml.safe_load((ROOT / JOBS[variant]).read_text())["stage1"]["batch"]["grad_accum"]
     assert accum == 8  # the recipes' stage-1 accumulation (Owl2's micro 16 x 8 fits a 40 GB A100)
     assert engine["zero_stage"] == 2 and engine["gradient_accumulation_steps"] == accum
 
@@ -497,7 +497,7 @@ def test_stage2_trains_from_the_recipes_two_dataset_mixture(recipes, variant) ->
     recipe = yaml.safe_load((ROOT / JOBS[variant]).read_text())["stage2"]
     _, stage2 = _manifest(recipes[variant], "stage2")
     mixture = stage2["info"]["mixture"]
-    weights = {"data": recipe["data_weight"], **recipe["mix"]}
+    weights = {"data": recipe["data"]["data_weight"], **recipe["data"]["mix"]}
     assert {name: entry["weight"] for name, entry in mixture.items()} == weights
     drawn = {name: entry["drawn"] for name, entry in mixture.items()}
     assert min(drawn.values()) > 0
@@ -506,6 +506,11 @@ def test_stage2_trains_from_the_recipes_two_dataset_mixture(recipes, variant) ->
     if variant == "owl2":  # one epoch over `data`: the text share is the configured one
         share = drawn["tokenize_text"] / sum(drawn.values())
         assert abs(share - weights["tokenize_text"] / sum(weights.values())) < 0.02, drawn
+    # The card's data table has the text-only step with its counts (as stage 2 recorded them).
+    export_dir, _ = _manifest(recipes[variant], "export")
+    text = mixture["tokenize_text"]
+    row = f"| stage2 mix: tokenize_text | tokenize_text | {text['rows']:,} | {text['tokens']:,} |"
+    assert text["rows"] > 0 and row in (export_dir / "model" / "README.md").read_text()
 
 
 def test_an_edit_to_either_dataset_invalidates_stage2(recipes, data) -> None:

@@ -87,6 +87,39 @@ def test_the_stage_reads_the_mixed_step_output(tmp_path):
     ]
 
 
+def test_the_model_card_lists_each_mixed_dataset_with_its_counts(tmp_path):
+    """A mixed step that no other step reads (tokenize_text) is a row of the card's data table:
+    its step, rows, tokens, shards and digest, as the stage recorded them (mixed_summaries)."""
+    from owl.data.manifest import Manifest
+    from pipelines.steps.export import _data_section
+    from pipelines.steps.train import mixed_summaries
+
+    data, text = tmp_path / "data", tmp_path / "text"
+    data_manifest = write_shards(data, mixed_samples(12), per_shard=6)
+    text_manifest = write_shards(text, mixed_samples(8), per_shard=4)
+    text_manifest.write(text)
+    inputs = {
+        "data": StepInput("tokenize_instructions", data, data_manifest),
+        "mix:tokenize_text": StepInput("tokenize_text", text, text_manifest),
+    }
+    cfg = TrainConfig(stage=2).replace(data={"mix": {"tokenize_text": 1.0}})
+    summaries = mixed_summaries(cfg, inputs)
+    assert summaries["tokenize_text"]["step"] == "tokenize_text"
+    assert summaries["tokenize_text"]["rows"] == 8 and summaries["tokenize_text"]["shards"] == 2
+    assert summaries["tokenize_text"]["digest"] == text_manifest.digest
+    assert mixed_summaries(TrainConfig(stage=2), inputs) == {}
+
+    stage2 = Manifest(step="stage2")
+    stage2.info = {"mixture": {n: {"weight": 1.0, "drawn": 5, **e} for n, e in summaries.items()}}
+    card = _data_section({
+        "instructions": inputs["data"], "stage2": StepInput("stage2", tmp_path, stage2),
+    })  # fmt: skip
+    tokens = summaries["tokenize_text"]["tokens"]
+    row = f"| stage2 mix: tokenize_text | tokenize_text | 8 | {tokens:,} | 2 | `{text_manifest.digest[:16]}` |"
+    assert row in card, card
+    assert card.count("tokenize_instructions") == 1  # the instructions input, listed once
+
+
 def test_a_mix_folder_given_by_path_is_content_keyed(tmp_path):
     from pipelines.cache import input_paths
 
