@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from owl.data.loader import LoaderConfig, ShardRef, StreamingLoader  # noqa: E402
+from owl.data.loader import LoaderConfig, ShardRef  # noqa: E402
+from owl.data.streaming import StreamingLoader  # noqa: E402
 
 
 def synthetic_indexes(folder: Path, seed: int = 0) -> list[Path]:

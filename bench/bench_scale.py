@@ -7,7 +7,7 @@ PNG per sample (the same bytes for every sample, to keep the disk use down: ~0.4
 The largest size is written once; the smaller sizes are the manifests of its first shards.
 
 Then, per size, `--ranks` processes start at once, each one rank of the streaming loader
-(`owl.data.loader.StreamingLoader`, the digests checked lazily as in training) and report:
+(`owl.data.streaming.StreamingLoader`, the digests checked lazily as in training) and report:
 start-up (manifest read -> shard refs -> constructor: shard permutation, calibration from the
 first buffer's indexes; wall and CPU time: the CPU time is what a loaded machine does not blur),
 time to the first micro-batch (its first shard's sha256 + a buffer planned), micro-batches/s
@@ -150,8 +150,9 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build the loader, draw batches, print one JSON line."""
     import torch
 
-    from owl.data.loader import LoaderConfig, ShardLoader, StreamingLoader, shards_from_manifest
+    from owl.data.loader import LoaderConfig, ShardLoader, shards_from_manifest
     from owl.data.manifest import Manifest
+    from owl.data.streaming import StreamingLoader
 
     torch.set_num_threads(1)
     rss_imports = _peak_rss_mb()

@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from owl.data.loader import ShardLoader, StreamingLoader
+from owl.data.loader import ShardLoader
+from owl.data.streaming import StreamingLoader
 
 Loader = ShardLoader | StreamingLoader
 

@@ -103,7 +103,7 @@ class BatchConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """How the stage reads its data. `loader: streaming` deals shards to workers and reads each
-    worker's shards in shuffle buffers of `shuffle_buffer` samples (owl.data.loader
+    worker's shards in shuffle buffers of `shuffle_buffer` samples (owl.data.streaming
     .StreamingLoader); `global` plans the whole dataset on every worker (ShardLoader). See
     docs/pipeline.md. Mixing (streaming only): more tokenized datasets drawn together with the
     stage's `data` input, {folder: weight}; a folder is a tokenize step's output (with its

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from owl.data.loader import Dataset, LoaderConfig, ShardLoader, ShardRef, StreamingLoader
+from owl.data.loader import LoaderConfig, ShardLoader, ShardRef
 from owl.data.step_stream import StepStream
+from owl.data.streaming import Dataset, StreamingLoader
 from owl.model.config import OwlConfig
 from owl.train.config import TrainConfig
 

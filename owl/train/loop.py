@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from owl.data.loader import ShardLoader, StreamingLoader
+from owl.data.loader import ShardLoader
 from owl.data.step_stream import StepStream
+from owl.data.streaming import StreamingLoader
 from owl.train import checkpoint
 from owl.train.checkpoint import TrainState
 from owl.train.config import TrainConfig

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from test_streaming_loader import CFG, _write
 
-from owl.data.loader import ShardLoader, StreamingLoader
+from owl.data.loader import ShardLoader
 from owl.data.step_stream import StepStream
+from owl.data.streaming import StreamingLoader
 
 NUM_STREAMS, ACCUM = 2, 3
 
@@ -105,7 +106,7 @@ def test_a_checkpoint_of_per_worker_loaders_still_resumes(shards) -> None:
 def test_samples_drawn_are_the_streams_whatever_the_workers(tmp_path, shards) -> None:
     """Each stream counts every micro-batch of it, the ones its worker skips (another worker
     trains them) included: per stream, the counts of any number of workers are the same."""
-    from owl.data.loader import Dataset
+    from owl.data.streaming import Dataset
 
     mix = [Dataset(shards, 3.0, "data"), Dataset(_write(tmp_path, "b", 40, 10, seed=7), 1.0, "b")]
 

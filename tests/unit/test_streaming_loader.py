@@ -12,10 +12,11 @@ import pytest
 import torch
 from test_packing import make_sample, mixed_samples, write_shards
 
-from owl.data.loader import Dataset, LoaderConfig, StreamingLoader, shards_from_manifest
+from owl.data.loader import LoaderConfig, shards_from_manifest
 from owl.data.manifest import Manifest
 from owl.data.schema import TOKENIZED_SCHEMA
 from owl.data.shards import ShardWriter, read_index
+from owl.data.streaming import Dataset, StreamingLoader
 
 CFG = LoaderConfig(micro_batch_size=2, max_length=64, image_size=16, shuffle_buffer=10)
 
