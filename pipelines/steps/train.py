@@ -141,13 +141,12 @@ def _announce_resume(ctx: StepContext, cfg: TrainConfig) -> int:
     return step
 
 
-def mixed_shards(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, list]:
-    """The shards of each `cfg.data.mix` dataset, by its key ({} without a mix): a mix key is a
-    step of the job (`tokenize_captions`: its output, an input of this stage under the role
-    `mix:tokenize_captions`), an `@role/...` folder or a tokenize output folder."""
-    from owl.data.loader import shards_from_manifest
-
-    mixed = {}
+def mixed_inputs(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, StepInput]:
+    """Each `cfg.data.mix` dataset by its key ({} without a mix): its step's name, folder and
+    manifest. A mix key is a step of the job (`tokenize_captions`: its output, an input of this
+    stage under the role `mix:tokenize_captions`), an `@role/...` folder or a tokenize output
+    folder."""
+    found = {}
     for path in cfg.data.mix:
         step = inputs.get(f"{MIX_ROLE}{path}")  # a step of the job, by name (pipelines/jobspec.py)
         folder = step.dir if step is not None else Path(resolve_path(path, inputs))
@@ -155,8 +154,18 @@ def mixed_shards(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, li
             raise ValueError(
                 f"train.data.mix: {path}: no manifest.json there; give a tokenize step's output folder"
             )
-        mixed[path] = shards_from_manifest(Manifest.read(folder), folder)
-    return mixed
+        found[path] = StepInput(step.name if step else path, folder, Manifest.read(folder))
+    return found
+
+
+def mixed_shards(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, list]:
+    """The shards of each `cfg.data.mix` dataset, by its key ({} without a mix): what the data
+    plan (owl.train.data_plan.plan_data) mixes with the `data` input."""
+    from owl.data.loader import shards_from_manifest
+
+    return {
+        k: shards_from_manifest(i.manifest, i.dir) for k, i in mixed_inputs(cfg, inputs).items()
+    }
 
 
 def mixed_summaries(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str, dict]:
@@ -164,11 +173,7 @@ def mixed_summaries(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str,
     input and each `cfg.data.mix` entry, read from their manifests ({} without a mix)."""
     if not cfg.data.mix:
         return {}
-    found = {"data": inputs["data"]}
-    for path in cfg.data.mix:
-        step = inputs.get(f"{MIX_ROLE}{path}")
-        folder = step.dir if step is not None else Path(resolve_path(path, inputs))
-        found[path] = StepInput(step.name if step else path, folder, Manifest.read(folder))
+    found = {"data": inputs["data"], **mixed_inputs(cfg, inputs)}
     summaries = {}
     for name, given in found.items():
         shards = given.manifest.shards()
