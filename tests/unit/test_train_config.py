@@ -206,3 +206,19 @@ def test_fault_injection_comes_from_the_environment_only(monkeypatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "5:1:explode")
     with pytest.raises(ValueError, match=FAULT_ENV):
         Fault.from_env()
+
+
+def test_the_docs_sections_example_is_the_demo_stage_1(tmp_path) -> None:
+    """docs/pipeline.md's YAML block under "Training stages" is a valid stage section: the demo's
+    stage 1 as the job file has it (same values in the same sections)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    docs = (root / "docs" / "pipeline.md").read_text()
+    block = re.search(r"## Training stages.*?```yaml\n(.*?)```", docs, re.S).group(1)
+    documented = build_dataclass(TrainConfig, yaml.safe_load(block)["stage1"], "stage1")
+    demo = load_job("jobs/demo.yaml", [f"storage={tmp_path}"]).steps["stage1"].config
+    assert documented == demo
