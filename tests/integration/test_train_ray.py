@@ -9,8 +9,13 @@
 - `fewer_workers: continue` on a cluster with room for one of the two workers: the stage trains
   on one worker (twice the accumulation) and its losses are the 2-worker run's;
 - bad input fails before anything starts;
-- with `evaluate.every`, the same losses and weights, each evaluated step's scores as curves,
-  and a benchmark already scored for a step (an interrupted evaluation) not asked again.
+- with `evaluate.every`, each evaluated step's scores as curves, and a benchmark already scored
+  for a step (an interrupted evaluation) not asked again.
+
+The reference run (ZeRO-2, 2 workers) evaluates during training; the killed-worker run, which
+does not, must end on its weights and losses bit for bit: that one comparison shows both that a
+restart from a checkpoint and the evaluation leave the numerics alone (one Ray Train run fewer
+than a separate run per guarantee).
 """
 
 from __future__ import annotations
@@ -130,9 +135,39 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, data, tmp_path_factory) -> tuple[Path, Manifest]:
+def evaluating(tmp_path_factory) -> tuple[TrainConfig, StepInput]:
+    """BASE evaluating every 2 steps on a vqa and a multiple-choice benchmark, and the
+    tokenizer input that evaluation needs."""
+    from tests.unit.eval_helpers import make_benchmarks, make_tokenizer
+
+    root = tmp_path_factory.mktemp("evaluation")
+    make_tokenizer(root / "tokenizer_step" / "tokenizer")
+    tokenizer = StepInput("tokenizer", root / "tokenizer_step", Manifest(step="tokenizer"))
+    files = make_benchmarks(root / "benchmarks", num_per_type=2)
+    cfg = BASE.replace(
+        evaluate=EvaluateDuringTraining(
+            every=2,
+            benchmarks=(str(files["vqa"]), str(files["multiple_choice"])),
+            cpus_per_worker=0,  # the cluster's 2 CPUs are the training workers'
+            vqa_rule="normalized",
+        ),
+    )
+    return cfg, tokenizer
+
+
+# An evaluation interrupted after scoring vqa at step 2 (written before the reference run
+# starts): that score is kept, not asked again.
+PRESCORED = Path("evaluations") / "step-00000002" / "vqa.json"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, data, evaluating, tmp_path_factory) -> tuple[Path, Manifest]:
+    """BASE with evaluation during training (see the module docstring)."""
+    cfg, tokenizer = evaluating
     out = tmp_path_factory.mktemp("uninterrupted")
-    return out, _run(out, BASE, data)
+    (out / PRESCORED).parent.mkdir(parents=True)
+    (out / PRESCORED).write_text('{"step": 2, "metrics": {"vqa.accuracy": 0.125, "vqa.count": 2}}')
+    return out, _run(out, cfg, data, tokenizer=tokenizer)
 
 
 def test_uninterrupted_run_exports_model_and_metrics(reference) -> None:
@@ -173,7 +208,7 @@ def test_zero3_stage1_matches_zero2_and_is_built_partitioned(reference, zero3) -
     assert (
         manifest.info["deepspeed"]["zero_stage"] == 3 and ref.info["deepspeed"]["zero_stage"] == 2
     )
-    assert manifest.info["deepspeed"]["gradient_accumulation_steps"] == BASE.grad_accum
+    assert manifest.info["deepspeed"]["gradient_accumulation_steps"] == BASE.batch.grad_accum
     # Built partitioned: rank 0 held about half the parameters (2 workers), ZeRO-2 all of them.
     total = sum(g["total"] for g in manifest.info["trainable_parameters"].values())
     assert ref.stats["parameters_held_rank0"] == total
@@ -275,7 +310,10 @@ def test_killed_worker_is_restarted_from_last_checkpoint(
     cfg = BASE.replace(resources={"max_failures": 2})
     manifest = _run(tmp_path, cfg, data)
     assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] in (2, 4)
-    assert _max_diff(_weights(tmp_path), _weights(reference[0])) <= 1e-6
+    # Bit for bit the reference's, which evaluated during training and was never interrupted.
+    assert dict(manifest.curves["loss"]) == dict(reference[1].curves["loss"])
+    assert _max_diff(_weights(tmp_path), _weights(reference[0])) == 0.0
+    assert not any(name.startswith("eval.") for name in manifest.curves)
     # The failure and the recovery are in the manifest (the stage's MLflow metrics) and the log.
     assert manifest.stats["worker_failures"] in (1, 2) and manifest.stats["recovery_s"] > 0
     events = [e["event"] for e in manifest.info["train_events"]]
@@ -298,8 +336,11 @@ def test_fewer_workers_continue_trains_on_what_the_cluster_offers(
     )
     manifest = _run(tmp_path, cfg, data)
     engine = manifest.info["deepspeed"]
-    assert engine["gradient_accumulation_steps"] == 2 * BASE.grad_accum  # one worker ran
-    assert engine["train_batch_size"] == BASE.num_workers * BASE.grad_accum * BASE.micro_batch_size
+    assert engine["gradient_accumulation_steps"] == 2 * BASE.batch.grad_accum  # one worker ran
+    batch = BASE.batch
+    assert engine["train_batch_size"] == (
+        BASE.resources.num_workers * batch.grad_accum * batch.micro_batch_size
+    )
     assert manifest.stats["steps"] == 6 and "worker_failures" not in manifest.stats
     assert _max_relative(_losses(reference[1]), _losses(manifest)) <= 1e-5
 
@@ -325,43 +366,11 @@ def test_bad_inputs_fail_before_start(ray_cluster, data, tmp_path) -> None:
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
-def test_restored_from_its_last_checkpoint_says_so(reference, data, capsys) -> None:
-    """A driver killed after the final checkpoint but before the manifest: the re-run restores
-    the last step, trains nothing, and its manifest and log say where it resumed from."""
-    out, first = reference
-    before = _weights(out)
-    manifest = _run(out, BASE, data)
-    assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] == 6
-    assert "stage1: resuming from step 6" in capsys.readouterr().out
-    assert _max_diff(_weights(out), before) == 0.0
-
-
-def test_evaluation_during_training_keeps_the_losses_and_resumes_per_benchmark(
-    reference, data, tmp_path
-) -> None:
-    from tests.unit.eval_helpers import make_benchmarks, make_tokenizer
-
-    make_tokenizer(tmp_path / "tokenizer_step" / "tokenizer")
-    tokenizer = StepInput("tokenizer", tmp_path / "tokenizer_step", Manifest(step="tokenizer"))
-    files = make_benchmarks(tmp_path / "benchmarks", num_per_type=2)
-    cfg = BASE.replace(
-        evaluate=EvaluateDuringTraining(
-            every=2,
-            benchmarks=(str(files["vqa"]), str(files["multiple_choice"])),
-            cpus_per_worker=0,  # the cluster's 2 CPUs are the training workers'
-            vqa_rule="normalized",
-        ),
-    )
-    out = tmp_path / "stage"
-    # An evaluation interrupted after scoring vqa at step 2: that score is kept, not re-run.
-    scored = out / "evaluations" / "step-00000002" / "vqa.json"
-    scored.parent.mkdir(parents=True)
-    scored.write_text('{"step": 2, "metrics": {"vqa.accuracy": 0.125, "vqa.count": 2}}')
-    manifest = _run(out, cfg, data, tokenizer=tokenizer)
-
-    ref_dir, ref = reference
-    assert _losses(manifest) == _losses(ref)  # the training numerics did not move
-    assert _max_diff(_weights(out), _weights(ref_dir)) == 0.0
+def test_evaluation_during_training_scores_every_evaluated_step_once(reference) -> None:
+    """The reference run's evaluations: a curve per benchmark at steps 2, 4 and 6, the
+    pre-scored vqa at step 2 kept as it was, each step's model removed once scored. That the
+    evaluation left the losses and weights alone: test_killed_worker_... (bitwise)."""
+    out, manifest = reference
     vqa, choice = (
         manifest.curves["eval.vqa.accuracy"],
         manifest.curves["eval.multiple_choice.accuracy"],
@@ -369,6 +378,22 @@ def test_evaluation_during_training_keeps_the_losses_and_resumes_per_benchmark(
     assert [s for s, _ in vqa] == [2, 4, 6] and vqa[0] == (2, 0.125)
     assert [s for s, _ in choice] == [2, 4, 6]
     assert all(0.0 <= v <= 1.0 for _, v in vqa + choice)
-    assert json.loads(scored.read_text())["metrics"]["vqa.accuracy"] == 0.125
+    assert json.loads((out / PRESCORED).read_text())["metrics"]["vqa.accuracy"] == 0.125
     assert not list(out.glob("evaluations/step-*/model"))  # each removed once scored
     assert manifest.stats["eval_during_training_s"] > 0
+
+
+def test_restored_from_its_last_checkpoint_says_so(reference, data, evaluating, capsys) -> None:
+    """A driver killed after the final checkpoint but before the manifest: the re-run (the same
+    config) restores the last step, trains nothing, scores nothing again, and its manifest and
+    log say where it resumed from."""
+    out, first = reference
+    before = _weights(out)
+    scored = {p: p.stat().st_mtime_ns for p in out.glob("evaluations/step-*/*.json")}
+    assert len(scored) == 6  # 2 benchmarks x steps 2, 4, 6
+    cfg, tokenizer = evaluating
+    manifest = _run(out, cfg, data, tokenizer=tokenizer)
+    assert manifest.stats["steps"] == 6 and manifest.stats["resumed_from_step"] == 6
+    assert "stage1: resuming from step 6" in capsys.readouterr().out
+    assert _max_diff(_weights(out), before) == 0.0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("evaluations/step-*/*.json")} == scored
