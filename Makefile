@@ -28,7 +28,7 @@ UV_INSTALL = $(BIN_NEWEST)/uv pip install -q --system-certs --python $(BIN_NEWES
 # owl.egg-info into the checkout, so they take turns (flock, where there is one).
 TURN := $(if $(shell command -v flock),flock pyproject.toml)
 
-.PHONY: setup java chromium demo test setup-newest test-newest lint format bench gpu-check clean-demo
+.PHONY: setup java chromium demo test test-slow setup-newest test-newest lint format bench gpu-check clean-demo
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	@test -n "$(PY)" || { echo "error: no Python 3.10 to 3.13 on PATH: install one (e.g. python3.11) or run make PY=/path/to/python3.11"; exit 1; }
@@ -80,6 +80,12 @@ lint: setup
 
 test: setup chromium lint
 	$(BIN)/pytest -q
+
+# The slow tests (@pytest.mark.slow), which `make test` and a plain `pytest` leave out (pyproject's
+# addopts: -m "not slow"). Each says in its docstring which test of the default run proves the
+# same guarantee; run them when changing what they cover (ZeRO-3 stage 2, LoRA under ZeRO-3).
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 format: setup
 	$(BIN)/ruff format .

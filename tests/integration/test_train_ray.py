@@ -237,8 +237,14 @@ def test_zero3_interrupted_run_resumes_to_identical_weights(
     assert _max_diff(_weights(tmp_path), _weights(zero3[0])) <= 1e-6
 
 
+@pytest.mark.slow
 def test_zero3_stage2_matches_zero2(reference, data, tmp_path) -> None:
-    """Stage 2 (everything trains), both from the stage-1 model: ZeRO-3 reads it partitioned."""
+    """Stage 2 (everything trains), both from the stage-1 model: ZeRO-3 reads it partitioned.
+
+    Slow (`make test-slow`, two Ray Train runs): by default, ZeRO-3 against ZeRO-2 is proven in
+    stage 1 (test_zero3_stage1_matches_zero2_and_is_built_partitioned) and a ZeRO-3 stage 2 that
+    reads its stage-1 model partitioned and trains everything by the Owl2 recipe's rehearsal
+    (tests/e2e/test_recipe_rehearsal.py, test_owl2_stage2_runs_zero3_with_layerwise_decay_...)."""
     from pipelines.steps import train
 
     init = StepInput(name="stage1", dir=reference[0], manifest=reference[1])
@@ -255,11 +261,18 @@ def test_zero3_stage2_matches_zero2(reference, data, tmp_path) -> None:
     assert _max_relative(losses[2], losses[3]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_owl1_lora_stage2_trains_only_adapters_and_abstractor(ray_cluster, data, tmp_path) -> None:
     """Owl1's stage 2 as its recipe says (LoRA r/alpha/dropout on q/v, the abstractor trained),
     here under ZeRO-3 so the adapters are partitioned too: the exported base weights are the
     starting model's bit for bit except the abstractor, the adapters moved, and peft loads the
-    adapter folder on the starting model."""
+    adapter folder on the starting model.
+
+    Slow (`make test-slow`): by default the recipe's own LoRA stage 2 (ZeRO-2, adapters merged)
+    is proven by tests/e2e/test_recipe_rehearsal.py's
+    test_owl1_stage2_lora_changes_only_adapters_and_the_abstractor (only the abstractor and q/v
+    change, the peft adapter on the stage-1 model gives the exported model's logits); what only
+    this test adds is ZeRO-3 with LoRA and the unmerged export."""
     from peft import PeftModel
 
     from owl.model import save_model

@@ -42,6 +42,7 @@ RUN_BY = {
     "make demo": "tests/unit/test_makefile.py::test_make_demo_sets_up_then_runs_the_demo_job",
     "make test": "tests/unit/test_makefile.py::test_make_test_lints_then_runs_the_whole_suite",
     "make test-newest": "tests/unit/test_ci.py::test_make_test_newest_without_python_313_is_one_line",
+    "make test-slow": "tests/unit/test_makefile.py::test_make_test_slow_runs_only_the_slow_tests",
     "owl run jobs/owl2-llama2-7b.yaml --dry-run --set stage2.memory.gpu_memory_gib=16":
         "tests/unit/test_memory_plan.py::test_dry_run_shows_the_plan_and_refuses_one_that_does_not_fit",
     "owl status jobs/owl1-llama-7b.yaml":

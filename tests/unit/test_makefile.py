@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,21 @@ def test_make_test_lints_then_runs_the_whole_suite(tmp_path: Path) -> None:
     ]
     assert lines[-3:] == tail
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_test_slow_runs_only_the_slow_tests(tmp_path: Path) -> None:
+    """`make test` leaves the `slow` tests out (pyproject's addopts), `make test-slow` runs them."""
+    venv = tmp_path / "venv"
+    assert _dry_run("test-slow", f"VENV={venv}")[-1] == f"{venv}/bin/pytest -q -m slow"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"""^addopts = "[^"\n]*-m 'not slow'""", pyproject, re.MULTILINE)
+    assert '"slow: ' in pyproject  # the marker is declared
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow",
+         "tests/integration/test_train_ray.py"],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "test_train_ray.py::test_zero3_stage2_matches_zero2" in collected, collected
 
 
 def test_make_gpu_check_runs_the_gpu_check_script(tmp_path: Path) -> None:
