@@ -35,8 +35,7 @@ VENV = Path(sys.prefix).resolve()
 PYTHON = VENV / "bin" / "python"
 # What every node sees as an image would have it: the environment, the interpreter it was made
 # from (which may live under the home folder, e.g. pyenv's), and the compiled torch extensions
-# (DeepSpeed's CPU communication op, which an image builds once; without it each fresh node
-# would spend minutes compiling it).
+# folder an image would carry (training builds none since owl/train/deepspeed_cpu.py).
 TORCH_EXTENSIONS = Path(
     os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
 ).resolve()
