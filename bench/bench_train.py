@@ -398,7 +398,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="overhead: untimed first steps")
     parser.add_argument("--steps", type=int, default=100, help="overhead: timed steps of each loop")
     parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--zero-stage", type=int, default=TrainConfig.zero_stage)
+    parser.add_argument("--zero-stage", type=int, default=TrainConfig().memory.zero_stage)
     parser.add_argument("--only", choices=("packing", "overhead"), default=None)
     parser.add_argument(
         "--dense-mask",

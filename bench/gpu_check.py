@@ -172,6 +172,7 @@ def train_shapes(device: str, layers: int, steps: int) -> tuple[Any, Any]:
         "schedule": {"max_steps": steps},
         "log_every": 1,
         "checkpoint": {"every": steps},
+        "data": {"mix": {}},  # the step trains on synthetic rows, not the recipe's text mixture
     }
     if device == "cpu":
         batch = {"micro_batch_size": 2, "max_length": 128, "grad_accum": 2}
@@ -257,16 +258,13 @@ def measure_train(
     return {
         "model": {"name": model_cfg.name, "decoder_layers": model_cfg.decoder.num_layers},
         "train_config": {
-            k: getattr(cfg, k)
-            for k in (
-                "trainable",
-                "zero_stage",
-                "activation_checkpointing",
-                "micro_batch_size",
-                "max_length",
-                "grad_accum",
-            )
-        },  # fmt: skip
+            "trainable": cfg.trainable,
+            "zero_stage": cfg.memory.zero_stage,
+            "activation_checkpointing": cfg.memory.activation_checkpointing,
+            "micro_batch_size": cfg.batch.micro_batch_size,
+            "max_length": cfg.batch.max_length,
+            "grad_accum": cfg.batch.grad_accum,
+        },
         "engine": engine_setup.engine_summary(engine),
         "setup_s": setup_s,
         "steps": [
