@@ -87,6 +87,17 @@ class Manifest:
         twice."""
         return [f for f in self.files if f.rows is not None]
 
+    def data_summary(self) -> dict[str, Any]:
+        """{rows, tokens, shards, digest} of the data files (`shards`): what the model card and a
+        mixing stage's record list for a dataset."""
+        shards = self.shards()
+        return {
+            "rows": sum(f.rows or 0 for f in shards),
+            "tokens": sum(f.tokens or 0 for f in shards),
+            "shards": len(shards),
+            "digest": self.digest,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["digest"] = self.digest

@@ -193,24 +193,23 @@ def _init_section(inputs: dict[str, StepInput]) -> str:
 
 
 def _data_section(inputs: dict[str, StepInput]) -> str:
-    rows = []
-    for role in ("captions", "instructions"):
-        if role in inputs:
-            manifest = inputs[role].manifest
-            shards = manifest.shards()
-            rows_count = sum(f.rows or 0 for f in shards)
-            tokens = sum(f.tokens or 0 for f in shards)
-            rows.append((role, inputs[role].name, f"{rows_count:,}", f"{tokens:,}",
-                         len(shards), f"`{manifest.digest[:16]}`"))  # fmt: skip
-    listed = {row[1] for row in rows}
+    def row(label: str, step: str, summary: dict[str, Any]) -> tuple:
+        return (label, step, f"{summary['rows']:,}", f"{summary['tokens']:,}", summary["shards"],
+                f"`{summary['digest'][:16]}`")  # fmt: skip
+
+    rows = [
+        row(role, inputs[role].name, inputs[role].manifest.data_summary())
+        for role in ("captions", "instructions")
+        if role in inputs
+    ]
+    listed = {r[1] for r in rows}
     for role in ("stage1", "stage2"):  # datasets a stage mixed in (`data.mix`), as it recorded them
         mixture = inputs[role].manifest.info.get("mixture", {}) if role in inputs else {}
         for name, entry in mixture.items():
             if "step" not in entry or entry["step"] in listed:
                 continue
             listed.add(entry["step"])
-            rows.append((f"{role} mix: {name}", entry["step"], f"{entry['rows']:,}",
-                         f"{entry['tokens']:,}", entry["shards"], f"`{entry['digest'][:16]}`"))  # fmt: skip
+            rows.append(row(f"{role} mix: {name}", entry["step"], entry))
     if not rows:
         return "Not recorded (the tokenize steps are not inputs of this export).\n"
     return _table(rows, ("data", "step", "rows", "tokens", "shards", "digest")) + "\n"

@@ -174,17 +174,9 @@ def mixed_summaries(cfg: TrainConfig, inputs: dict[str, StepInput]) -> dict[str,
     if not cfg.data.mix:
         return {}
     found = {"data": inputs["data"], **mixed_inputs(cfg, inputs)}
-    summaries = {}
-    for name, given in found.items():
-        shards = given.manifest.shards()
-        summaries[name] = {
-            "step": given.name,
-            "rows": sum(f.rows or 0 for f in shards),
-            "tokens": sum(f.tokens or 0 for f in shards),
-            "shards": len(shards),
-            "digest": given.manifest.digest,
-        }
-    return summaries
+    return {
+        name: {"step": given.name, **given.manifest.data_summary()} for name, given in found.items()
+    }
 
 
 def _finish(
